@@ -1,0 +1,16 @@
+//! ELA control plane, free of I/O (paper §3.2, §3.3).
+//!
+//! Everything here takes input and a clock reading and returns what to do;
+//! the binary's control thread owns the sockets and timers.
+//!
+//! - [`addr`]: overlay address assignment and the conflict rule (§3.2).
+//! - [`router`]: the route table the dataplane reads and its lookup (§3.3).
+//! - [`membership`]: SWIM membership (foca) plus join and address claims.
+//! - [`msg`]: control messages carried inside authenticated control packets.
+
+pub mod addr;
+pub mod membership;
+pub mod msg;
+pub mod router;
+
+pub use router::{NextHop, Role, RouteTable};

@@ -1,0 +1,595 @@
+//! Group membership: SWIM (foca) plus the ELA join and the §3.2 address
+//! claims, as an I/O-free machine.
+//!
+//! `handle_*` in, `poll_*` out; the caller owns sockets and the clock.
+//! Every member's [`NodeIdentity`] carries what the others need to route
+//! to it (overlay ↔ underlay, role) and its claim on its overlay address,
+//! so SWIM's gossip disseminates the CN list for free.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::num::NonZeroU32;
+use std::time::{Duration, Instant};
+
+use foca::{Config, Foca, Identity, Notification, PostcardCodec, Runtime, Timer};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::addr::{self, Claim};
+use crate::router::{CoreNode, Role, RouteTable};
+
+/// What identifies one running node to the others.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NodeIdentity {
+    /// Random per process start: the session the dataplane keys on.
+    pub node_id: u64,
+    pub overlay: Ipv4Addr,
+    /// Where its UDP listens (CN); for an EN, where it was seen from.
+    pub underlay: SocketAddr,
+    pub role: Role,
+    /// When it claimed `overlay` (ms since the UNIX epoch, its clock).
+    pub claimed_ms: u64,
+    /// When this process started; a restarted node on the same underlay
+    /// supersedes its predecessor at once instead of waiting for SWIM.
+    pub started_ms: u64,
+    /// Bumped on every identity change (rename, rejoin).
+    pub gen: u32,
+}
+
+impl NodeIdentity {
+    pub fn new(
+        node_id: u64,
+        overlay: Ipv4Addr,
+        underlay: SocketAddr,
+        role: Role,
+        now_ms: u64,
+    ) -> NodeIdentity {
+        NodeIdentity {
+            node_id,
+            overlay,
+            underlay,
+            role,
+            claimed_ms: now_ms,
+            started_ms: now_ms,
+            gen: 0,
+        }
+    }
+
+    pub fn claim(&self) -> Claim {
+        Claim {
+            claimed_ms: self.claimed_ms,
+            node_id: self.node_id,
+        }
+    }
+}
+
+/// foca's notion of "the same node": a CN is its underlay endpoint; an EN,
+/// whose underlay is whatever NAT mapping it came through, its session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeAddr {
+    Underlay(SocketAddr),
+    Session(u64),
+}
+
+impl Identity for NodeIdentity {
+    type Addr = NodeAddr;
+
+    fn renew(&self) -> Option<Self> {
+        Some(NodeIdentity {
+            gen: self.gen.wrapping_add(1),
+            ..self.clone()
+        })
+    }
+
+    fn addr(&self) -> NodeAddr {
+        match self.role {
+            Role::Core => NodeAddr::Underlay(self.underlay),
+            Role::Edge => NodeAddr::Session(self.node_id),
+        }
+    }
+
+    fn win_addr_conflict(&self, adversary: &Self) -> bool {
+        (self.started_ms, self.gen, self.node_id)
+            > (adversary.started_ms, adversary.gen, adversary.node_id)
+    }
+}
+
+/// A message for the caller to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    pub to: NodeIdentity,
+    pub payload: Vec<u8>,
+}
+
+/// What changed, for the caller to act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The member list changed: rebuild and swap the route table.
+    MembersChanged,
+    /// §3.2: another member won our address; the caller must pick a new
+    /// one (see [`Membership::taken`]) and call [`Membership::move_to`].
+    AddressLost,
+    /// foca gave up on us (e.g. partitioned and declared down by all).
+    Defunct,
+}
+
+#[derive(Default)]
+struct Outbox {
+    transmits: VecDeque<Transmit>,
+    timers: Vec<(Duration, Timer<NodeIdentity>)>,
+    notes: Vec<Notification<NodeIdentity>>,
+}
+
+impl Runtime<NodeIdentity> for Outbox {
+    fn notify(&mut self, n: Notification<NodeIdentity>) {
+        self.notes.push(n);
+    }
+
+    fn send_to(&mut self, to: NodeIdentity, data: &[u8]) {
+        self.transmits.push_back(Transmit {
+            to,
+            payload: data.to_vec(),
+        });
+    }
+
+    fn submit_after(&mut self, event: Timer<NodeIdentity>, after: Duration) {
+        self.timers.push((after, event));
+    }
+}
+
+/// SWIM timings. Probing every 500 ms with 200 ms to answer detects a dead
+/// CN in about a second and a half on a LAN (issue: ENs watch their CN
+/// links directly for faster failover); gossip every 100 ms spreads joins
+/// and leaves to every member within a couple of seconds.
+pub fn swim_config(expected_members: u32) -> Config {
+    let mut c = Config::new_lan(NonZeroU32::new(expected_members.max(4)).expect("max(4) > 0"));
+    c.probe_period = Duration::from_millis(500);
+    c.probe_rtt = Duration::from_millis(200);
+    c.suspect_to_down_after = Duration::from_millis(1000);
+    c.remove_down_after = Duration::from_secs(30);
+    if let Some(g) = c.periodic_gossip.as_mut() {
+        g.frequency = Duration::from_millis(100);
+    }
+    if let Some(a) = c.periodic_announce.as_mut() {
+        // Heals partitions: a node that lost everyone finds its way back.
+        a.frequency = Duration::from_secs(10);
+    }
+    c
+}
+
+pub struct Membership {
+    foca: Foca<NodeIdentity, PostcardCodec, StdRng, foca::NoCustomBroadcast>,
+    out: Outbox,
+    timers: Vec<(Instant, Timer<NodeIdentity>)>,
+    events: VecDeque<Event>,
+    /// Bootstrap members to keep announcing to until someone answers.
+    seeds: Vec<NodeIdentity>,
+}
+
+impl Membership {
+    pub fn new(identity: NodeIdentity, config: Config, seed: u64) -> Membership {
+        Membership {
+            foca: Foca::new(identity, config, StdRng::seed_from_u64(seed), PostcardCodec),
+            out: Outbox::default(),
+            timers: Vec::new(),
+            events: VecDeque::new(),
+            seeds: Vec::new(),
+        }
+    }
+
+    pub fn identity(&self) -> &NodeIdentity {
+        self.foca.identity()
+    }
+
+    /// Joins through `seeds` (members learnt from a JoinReply).
+    pub fn join(&mut self, now: Instant, seeds: Vec<NodeIdentity>) {
+        self.seeds = seeds;
+        for s in self.seeds.clone() {
+            let _ = self.foca.announce(s, &mut self.out);
+        }
+        self.settle(now);
+    }
+
+    /// Feeds a SWIM payload received from the network.
+    pub fn handle_swim(&mut self, now: Instant, data: &[u8]) {
+        // Garbage is foca's error to report and ours to ignore: the packet
+        // already authenticated, so it is a bug or a version skew, not an
+        // attack, and SWIM tolerates loss.
+        let _ = self.foca.handle_data(data, &mut self.out);
+        self.settle(now);
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let mut due = Vec::new();
+        self.timers.retain(|(at, t)| {
+            if *at <= now {
+                due.push((*at, t.clone()));
+                false
+            } else {
+                true
+            }
+        });
+        due.sort_by_key(|(at, _)| *at);
+        for (_, t) in due {
+            let _ = self.foca.handle_timer(t, &mut self.out);
+        }
+        if self.foca.num_members() == 0 && !self.seeds.is_empty() {
+            // Nobody answered yet (the seed may have been slow): keep
+            // announcing; foca's periodic announce only targets members.
+            for s in self.seeds.clone() {
+                let _ = self.foca.announce(s, &mut self.out);
+            }
+        }
+        self.settle(now);
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.iter().map(|(at, _)| *at).min()
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.out.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Leaves gracefully: tells a few members we are down; gossip does
+    /// the rest.
+    pub fn leave(&mut self, now: Instant) {
+        let _ = self.foca.leave_cluster(&mut self.out);
+        self.settle(now);
+    }
+
+    /// Every active member, this node included.
+    pub fn members(&self) -> Vec<NodeIdentity> {
+        let mut v: Vec<NodeIdentity> = self.foca.iter_members().map(|m| m.id().clone()).collect();
+        v.push(self.foca.identity().clone());
+        v
+    }
+
+    /// Overlay addresses held by others (for choosing a new one).
+    pub fn taken(&self) -> BTreeSet<Ipv4Addr> {
+        self.foca.iter_members().map(|m| m.id().overlay).collect()
+    }
+
+    /// §3.2: after losing a claim, take `addr` (claimed now).
+    pub fn move_to(&mut self, now: Instant, now_ms: u64, addr: Ipv4Addr) {
+        let mut id = self.foca.identity().clone();
+        id.overlay = addr;
+        id.claimed_ms = now_ms;
+        id.gen = id.gen.wrapping_add(1);
+        let _ = self.foca.change_identity(id, &mut self.out);
+        self.events.push_back(Event::MembersChanged);
+        self.settle(now);
+    }
+
+    /// A member listening on a wildcard address learnt where it is
+    /// reached; republish the identity.
+    pub fn set_underlay(&mut self, now: Instant, underlay: SocketAddr) {
+        let mut id = self.foca.identity().clone();
+        id.underlay = underlay;
+        id.gen = id.gen.wrapping_add(1);
+        let _ = self.foca.change_identity(id, &mut self.out);
+        self.events.push_back(Event::MembersChanged);
+        self.settle(now);
+    }
+
+    /// Turns foca's output into timers and events.
+    fn settle(&mut self, now: Instant) {
+        for (after, t) in self.out.timers.drain(..) {
+            self.timers.push((now + after, t));
+        }
+        let mut changed = false;
+        for n in self.out.notes.drain(..) {
+            match n {
+                Notification::MemberUp(_)
+                | Notification::MemberDown(_)
+                | Notification::Rename(_, _) => changed = true,
+                Notification::Defunct => self.events.push_back(Event::Defunct),
+                Notification::Rejoin(_) => changed = true,
+                Notification::Active | Notification::Idle => {}
+            }
+        }
+        if changed {
+            self.events.push_back(Event::MembersChanged);
+            if self.lost_address() {
+                self.events.push_back(Event::AddressLost);
+            }
+        }
+    }
+
+    /// True if another active member holds our overlay address with a
+    /// better claim (§3.2 conflict rule, same answer on every node).
+    pub fn lost_address(&self) -> bool {
+        let me = self.foca.identity();
+        self.foca.iter_members().any(|m| {
+            let o = m.id();
+            o.node_id != me.node_id
+                && o.overlay == me.overlay
+                && addr::keeps_address(&o.claim(), &me.claim())
+        })
+    }
+}
+
+/// The members as the router sees them: one holder per overlay address,
+/// chosen by the §3.2 claim rule, so every node builds the same table.
+pub fn resolve(members: &[NodeIdentity]) -> Vec<NodeIdentity> {
+    let mut by_addr: BTreeMap<Ipv4Addr, &NodeIdentity> = BTreeMap::new();
+    for m in members {
+        match by_addr.get(&m.overlay) {
+            Some(cur) if !addr::keeps_address(&m.claim(), &cur.claim()) => {}
+            _ => {
+                by_addr.insert(m.overlay, m);
+            }
+        }
+    }
+    by_addr.into_values().cloned().collect()
+}
+
+/// Builds a CN's route table from the membership (§3.3).
+pub fn core_routes(me: &NodeIdentity, members: &[NodeIdentity], generation: u64) -> RouteTable {
+    let resolved = resolve(members);
+    let cns: Vec<CoreNode> = resolved
+        .iter()
+        .filter(|m| m.role == Role::Core)
+        .map(|m| CoreNode {
+            overlay: m.overlay,
+            underlay: m.underlay,
+            node_id: m.node_id,
+        })
+        .collect();
+    let ids: Vec<(Ipv4Addr, u64)> = resolved.iter().map(|m| (m.overlay, m.node_id)).collect();
+    RouteTable::new_core(me.overlay, me.node_id, cns, Vec::new(), ids, generation)
+}
+
+/// Orders identities for display: by overlay address.
+pub fn display_order(a: &NodeIdentity, b: &NodeIdentity) -> Ordering {
+    u32::from(a.overlay).cmp(&u32::from(b.overlay))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::NextHop;
+    use std::collections::HashMap;
+
+    /// N machines trading messages through a queue, clock stepped by hand.
+    struct Sim {
+        nodes: Vec<Membership>,
+        now: Instant,
+        t0: Instant,
+        net: VecDeque<(usize, Vec<u8>)>,
+        down: BTreeSet<usize>,
+    }
+
+    fn ip(n: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, 0, n)
+    }
+
+    fn ua(n: usize) -> SocketAddr {
+        SocketAddr::from(([172, 31, 0, n as u8], 7000))
+    }
+
+    impl Sim {
+        fn new() -> Sim {
+            let now = Instant::now();
+            Sim {
+                nodes: Vec::new(),
+                now,
+                t0: now,
+                net: VecDeque::new(),
+                down: BTreeSet::new(),
+            }
+        }
+
+        fn now_ms(&self) -> u64 {
+            1_700_000_000_000 + (self.now - self.t0).as_millis() as u64
+        }
+
+        fn add(&mut self, overlay: Ipv4Addr, seed_with: Option<usize>) -> usize {
+            let i = self.nodes.len();
+            let id = NodeIdentity::new(
+                1000 + i as u64,
+                overlay,
+                ua(i + 1),
+                Role::Core,
+                self.now_ms(),
+            );
+            let mut m = Membership::new(id, swim_config(8), i as u64);
+            if let Some(s) = seed_with {
+                let seed = self.nodes[s].identity().clone();
+                m.join(self.now, vec![seed]);
+            }
+            self.nodes.push(m);
+            i
+        }
+
+        fn index_of(&self, to: &NodeIdentity) -> Option<usize> {
+            self.nodes
+                .iter()
+                .position(|n| n.identity().underlay == to.underlay)
+        }
+
+        /// Advances the clock by `ms` in 10 ms steps, delivering messages.
+        fn run(&mut self, ms: u64) {
+            for _ in 0..ms / 10 {
+                self.now += Duration::from_millis(10);
+                for i in 0..self.nodes.len() {
+                    if self.down.contains(&i) {
+                        continue;
+                    }
+                    self.nodes[i].handle_timeout(self.now);
+                    while let Some(t) = self.nodes[i].poll_transmit() {
+                        if let Some(j) = self.index_of(&t.to) {
+                            self.net.push_back((j, t.payload));
+                        }
+                    }
+                    while let Some(e) = self.nodes[i].poll_event() {
+                        if e == Event::AddressLost && self.nodes[i].lost_address() {
+                            let taken = self.nodes[i].taken();
+                            let mut rng = StdRng::seed_from_u64(i as u64);
+                            let net = "10.0.0.0/24".parse().unwrap();
+                            let a = addr::choose(net, None, &taken, &mut rng).unwrap();
+                            let ms = self.now_ms();
+                            self.nodes[i].move_to(self.now, ms, a);
+                        }
+                    }
+                }
+                while let Some((j, p)) = self.net.pop_front() {
+                    if !self.down.contains(&j) {
+                        self.nodes[j].handle_swim(self.now, &p);
+                    }
+                }
+            }
+        }
+
+        fn views(&self) -> Vec<BTreeMap<Ipv4Addr, u64>> {
+            (0..self.nodes.len())
+                .filter(|i| !self.down.contains(i))
+                .map(|i| {
+                    resolve(&self.nodes[i].members())
+                        .into_iter()
+                        .map(|m| (m.overlay, m.node_id))
+                        .collect()
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn joins_propagate_within_two_seconds() {
+        let mut sim = Sim::new();
+        sim.add(ip(1), None);
+        for k in 2..=6 {
+            // Each joins through a different, already-joined member.
+            sim.add(ip(k), Some((k as usize - 2) / 2));
+            sim.run(50);
+        }
+        sim.run(2000);
+        for v in sim.views() {
+            assert_eq!(v.len(), 6, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn graceful_leave_is_propagated() {
+        let mut sim = Sim::new();
+        sim.add(ip(1), None);
+        for k in 2..=4 {
+            sim.add(ip(k), Some(0));
+        }
+        sim.run(2000);
+        let now = sim.now;
+        sim.nodes[3].leave(now);
+        while let Some(t) = sim.nodes[3].poll_transmit() {
+            if let Some(j) = sim.index_of(&t.to) {
+                sim.net.push_back((j, t.payload));
+            }
+        }
+        sim.down.insert(3);
+        sim.run(2000);
+        for v in sim.views() {
+            assert_eq!(v.len(), 3, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn crash_is_detected() {
+        let mut sim = Sim::new();
+        sim.add(ip(1), None);
+        for k in 2..=4 {
+            sim.add(ip(k), Some(0));
+        }
+        sim.run(2000);
+        sim.down.insert(2);
+        sim.run(6000);
+        for v in sim.views() {
+            assert_eq!(v.len(), 3, "{v:?}");
+            assert!(!v.contains_key(&ip(3)));
+        }
+    }
+
+    #[test]
+    fn simultaneous_claims_end_with_one_holder() {
+        let mut sim = Sim::new();
+        sim.add(ip(1), None);
+        // Both claim .50 before either has heard of the other.
+        let a = sim.add(ip(50), Some(0));
+        let b = sim.add(ip(50), Some(0));
+        sim.run(3000);
+        let views = sim.views();
+        for v in &views {
+            assert_eq!(v, &views[0], "views differ");
+            assert_eq!(v.len(), 3, "{v:?}");
+        }
+        let holders: Vec<_> = [a, b]
+            .into_iter()
+            .filter(|&i| sim.nodes[i].identity().overlay == ip(50))
+            .collect();
+        assert_eq!(holders.len(), 1);
+        // The earlier claim (or smaller id on a tie) kept it.
+        let winner = if addr::keeps_address(
+            &sim.nodes[a].identity().claim(),
+            &sim.nodes[b].identity().claim(),
+        ) || sim.nodes[b].identity().overlay != ip(50)
+        {
+            a
+        } else {
+            b
+        };
+        assert_eq!(sim.nodes[winner].identity().overlay, ip(50));
+    }
+
+    #[test]
+    fn routes_follow_membership() {
+        let mut sim = Sim::new();
+        sim.add(ip(10), None);
+        sim.add(ip(20), Some(0));
+        sim.add(ip(30), Some(0));
+        sim.run(2000);
+        let me = sim.nodes[0].identity().clone();
+        let t = core_routes(&me, &sim.nodes[0].members(), 1);
+        assert_eq!(t.lookup(ip(10)), NextHop::Npd);
+        assert_eq!(t.lookup(ip(20)), NextHop::Core(ua(2)));
+        assert_eq!(t.lookup(ip(30)), NextHop::Core(ua(3)));
+        // §3.3 step 3: .25 is nobody; nearest smaller CN is .20.
+        assert_eq!(t.lookup(ip(25)), NextHop::Core(ua(2)));
+        // .15: nearest smaller is ourselves → abandon.
+        assert_eq!(t.lookup(ip(15)), NextHop::Abandon);
+        let ids: HashMap<_, _> = sim
+            .nodes
+            .iter()
+            .map(|n| (n.identity().overlay, n.identity().node_id))
+            .collect();
+        for (a, id) in ids {
+            assert_eq!(t.node_id_of(a), Some(id));
+        }
+    }
+
+    #[test]
+    fn restarted_node_supersedes_its_predecessor() {
+        let mut sim = Sim::new();
+        sim.add(ip(1), None);
+        sim.add(ip(2), Some(0));
+        sim.run(1500);
+        // Node 1 crashes and restarts on the same underlay, new session.
+        sim.down.insert(1);
+        sim.run(100);
+        let now_ms = sim.now_ms();
+        let mut id = NodeIdentity::new(77, ip(2), ua(2), Role::Core, now_ms);
+        id.started_ms = now_ms;
+        let mut m = Membership::new(id, swim_config(8), 99);
+        let seed = sim.nodes[0].identity().clone();
+        m.join(sim.now, vec![seed]);
+        sim.nodes[1] = m;
+        sim.down.remove(&1);
+        sim.run(1000);
+        for v in sim.views() {
+            assert_eq!(v.get(&ip(2)), Some(&77), "{v:?}");
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! The NPD (paper §4.1): a multi-queue TUN interface, one queue per core.
+
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, RawFd};
+
+use tun_rs::{DeviceBuilder, SyncDevice};
+
+use super::IoError;
+
+pub struct Npd {
+    name: String,
+    queues: Vec<SyncDevice>,
+}
+
+impl Npd {
+    /// Creates `name` with `queues` queues, the overlay address and prefix
+    /// route, and `mtu`, and brings it up. The interface disappears when
+    /// the last queue is closed (on drop).
+    pub fn create(
+        name: &str,
+        addr: Ipv4Addr,
+        prefix: u8,
+        mtu: u16,
+        queues: usize,
+    ) -> Result<Npd, IoError> {
+        let first = DeviceBuilder::new()
+            .name(name)
+            .ipv4(addr, prefix, None)
+            .mtu(mtu)
+            .multi_queue(true)
+            .build_sync()
+            .map_err(|source| IoError::CreateTun {
+                name: name.to_string(),
+                source,
+            })?;
+        let cfg = |source| IoError::ConfigureTun {
+            name: name.to_string(),
+            source,
+        };
+        let mut qs = vec![first];
+        for _ in 1..queues {
+            let q = qs[0].try_clone().map_err(cfg)?;
+            qs.push(q);
+        }
+        for q in &qs {
+            q.set_nonblocking(true).map_err(cfg)?;
+        }
+        // The overlay is IPv4 (as in the paper); without this the kernel
+        // sends router solicitations into the TUN that we would only drop.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        Ok(Npd {
+            name: name.to_string(),
+            queues: qs,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn queue_fds(&self) -> Vec<RawFd> {
+        self.queues.iter().map(|q| q.as_raw_fd()).collect()
+    }
+
+    /// §3.2: moves the node to a new overlay address (after losing a
+    /// simultaneous claim).
+    pub fn set_addr(&self, addr: Ipv4Addr, prefix: u8) -> Result<(), IoError> {
+        self.queues[0]
+            .set_network_address(addr, prefix, None)
+            .map_err(|source| IoError::ConfigureTun {
+                name: self.name.clone(),
+                source,
+            })
+    }
+}

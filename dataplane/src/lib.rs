@@ -1,0 +1,16 @@
+//! ELA dataplane: moves IP packets between the NPD (TUN) and other nodes.
+//!
+//! Flow on each pinned core: TUN read → route (one route-table load per
+//! batch) → Blowfish-CTR encrypt + HMAC → UDP send; and UDP receive →
+//! authenticate → replay check → decrypt → TUN write, or forward unchanged
+//! to the next hop when the packet is for someone else.
+//!
+//! Pure parts ([`wire`], [`crypto`], [`replay`]) have no I/O; file
+//! descriptors live only in [`io`].
+
+pub mod crypto;
+pub mod forwarder;
+pub mod io;
+pub mod replay;
+pub mod stats;
+pub mod wire;

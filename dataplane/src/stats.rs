@@ -1,0 +1,226 @@
+//! Per-core packet and drop counters.
+//!
+//! Each core counts into plain `u64`s in its loop and publishes them to
+//! its own cache-line-aligned atomics once per batch; `status` sums the
+//! cores. A drop is a counter, never a log line: hostile traffic must not
+//! be able to fill the disk or slow the loop.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why a packet was dropped. Stable names: they appear in `status --json`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum DropReason {
+    /// Shorter than a header + tag, bad version/type/reserved, or an epoch
+    /// that does not match the counter.
+    Malformed,
+    /// Authentication failed: wrong group key, forged or corrupted.
+    BadTag,
+    /// Counter already seen or behind the replay window.
+    Replay,
+    /// Sender overlay address is not a member (or its session is unknown).
+    UnknownSender,
+    /// §3.3: the router said abandon (no such node).
+    NoRoute,
+    /// Forwarded more than `MAX_HOPS` times: a transient loop during churn.
+    HopLimit,
+    /// From the TUN: not IPv4 (the overlay is IPv4-only).
+    NotIpv4,
+    /// From the TUN with a source other than our overlay address.
+    BadSource,
+    /// Decrypted packet whose inner IPv4 addresses disagree with the
+    /// authenticated header: a member trying to spoof another.
+    InnerMismatch,
+    /// Larger than the largest payload the cipher accepts.
+    TooBig,
+    /// A control packet reached a dataplane socket.
+    Control,
+    /// The kernel refused a send (e.g. no route on the underlay, ENOBUFS).
+    SendError,
+    /// Writing to the TUN failed.
+    TunWriteError,
+    /// Too many new keys asked for by one sender in a short time.
+    RekeyLimited,
+}
+
+impl DropReason {
+    pub const COUNT: usize = 14;
+    pub const ALL: [DropReason; Self::COUNT] = [
+        DropReason::Malformed,
+        DropReason::BadTag,
+        DropReason::Replay,
+        DropReason::UnknownSender,
+        DropReason::NoRoute,
+        DropReason::HopLimit,
+        DropReason::NotIpv4,
+        DropReason::BadSource,
+        DropReason::InnerMismatch,
+        DropReason::TooBig,
+        DropReason::Control,
+        DropReason::SendError,
+        DropReason::TunWriteError,
+        DropReason::RekeyLimited,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::BadTag => "bad_tag",
+            DropReason::Replay => "replay",
+            DropReason::UnknownSender => "unknown_sender",
+            DropReason::NoRoute => "no_route",
+            DropReason::HopLimit => "hop_limit",
+            DropReason::NotIpv4 => "not_ipv4",
+            DropReason::BadSource => "bad_source",
+            DropReason::InnerMismatch => "inner_mismatch",
+            DropReason::TooBig => "too_big",
+            DropReason::Control => "control_on_dataplane",
+            DropReason::SendError => "send_error",
+            DropReason::TunWriteError => "tun_write_error",
+            DropReason::RekeyLimited => "rekey_limited",
+        }
+    }
+}
+
+/// Plain counters owned by one core's loop.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// IP packets read from the NPD.
+    pub tun_rx: u64,
+    /// IP packets written to the NPD (delivered to this node).
+    pub tun_tx: u64,
+    /// Datagrams/frames received from the underlay.
+    pub udp_rx: u64,
+    /// Datagrams/frames sent to the underlay (own and forwarded).
+    pub udp_tx: u64,
+    /// Packets relayed for other nodes without decrypting them.
+    pub forwarded: u64,
+    /// Payload bytes read from the NPD and sent.
+    pub tx_bytes: u64,
+    /// Payload bytes delivered to the NPD.
+    pub rx_bytes: u64,
+    pub drops: [u64; DropReason::COUNT],
+}
+
+impl Counters {
+    #[inline]
+    pub fn drop(&mut self, reason: DropReason) {
+        self.drops[reason as usize] += 1;
+    }
+
+    pub fn drops_total(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+
+    pub fn add(&mut self, o: &Counters) {
+        self.tun_rx += o.tun_rx;
+        self.tun_tx += o.tun_tx;
+        self.udp_rx += o.udp_rx;
+        self.udp_tx += o.udp_tx;
+        self.forwarded += o.forwarded;
+        self.tx_bytes += o.tx_bytes;
+        self.rx_bytes += o.rx_bytes;
+        for (a, b) in self.drops.iter_mut().zip(o.drops.iter()) {
+            *a += *b;
+        }
+    }
+}
+
+/// The published copy of one core's counters. Only that core writes it.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+pub struct CoreStats {
+    tun_rx: AtomicU64,
+    tun_tx: AtomicU64,
+    udp_rx: AtomicU64,
+    udp_tx: AtomicU64,
+    forwarded: AtomicU64,
+    tx_bytes: AtomicU64,
+    rx_bytes: AtomicU64,
+    drops: [AtomicU64; DropReason::COUNT],
+}
+
+impl CoreStats {
+    /// Called by the owning core once per batch: plain stores, no RMW.
+    pub fn publish(&self, c: &Counters) {
+        let r = Ordering::Relaxed;
+        self.tun_rx.store(c.tun_rx, r);
+        self.tun_tx.store(c.tun_tx, r);
+        self.udp_rx.store(c.udp_rx, r);
+        self.udp_tx.store(c.udp_tx, r);
+        self.forwarded.store(c.forwarded, r);
+        self.tx_bytes.store(c.tx_bytes, r);
+        self.rx_bytes.store(c.rx_bytes, r);
+        for (a, v) in self.drops.iter().zip(c.drops.iter()) {
+            a.store(*v, r);
+        }
+    }
+
+    pub fn snapshot(&self) -> Counters {
+        let r = Ordering::Relaxed;
+        let mut drops = [0u64; DropReason::COUNT];
+        for (d, a) in drops.iter_mut().zip(self.drops.iter()) {
+            *d = a.load(r);
+        }
+        Counters {
+            tun_rx: self.tun_rx.load(r),
+            tun_tx: self.tun_tx.load(r),
+            udp_rx: self.udp_rx.load(r),
+            udp_tx: self.udp_tx.load(r),
+            forwarded: self.forwarded.load(r),
+            tx_bytes: self.tx_bytes.load(r),
+            rx_bytes: self.rx_bytes.load(r),
+            drops,
+        }
+    }
+}
+
+/// Sum over all cores.
+pub fn total(cores: &[CoreStats]) -> Counters {
+    let mut t = Counters::default();
+    for c in cores {
+        t.add(&c.snapshot());
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_all_listed() {
+        let mut names: Vec<_> = DropReason::ALL.iter().map(|r| r.name()).collect();
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "ALL must be in discriminant order");
+        }
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), DropReason::COUNT);
+    }
+
+    #[test]
+    fn publish_snapshot_and_total() {
+        let cores = [CoreStats::default(), CoreStats::default()];
+        let mut a = Counters {
+            tun_rx: 3,
+            udp_tx: 2,
+            ..Default::default()
+        };
+        a.drop(DropReason::BadTag);
+        let mut b = Counters {
+            tun_rx: 1,
+            ..Default::default()
+        };
+        b.drop(DropReason::BadTag);
+        b.drop(DropReason::Replay);
+        cores[0].publish(&a);
+        cores[1].publish(&b);
+        assert_eq!(cores[0].snapshot(), a);
+        let t = total(&cores);
+        assert_eq!(t.tun_rx, 4);
+        assert_eq!(t.udp_tx, 2);
+        assert_eq!(t.drops[DropReason::BadTag as usize], 2);
+        assert_eq!(t.drops_total(), 3);
+    }
+}

@@ -1,0 +1,383 @@
+//! On-the-wire packet header.
+//!
+//! A packet is `[header 24 B][ciphertext payload][tag 16 B]`. The header
+//! travels in clear so relays can route on `dst` and bump `hops` without
+//! holding the payload key; it is still covered by the tag (all but `hops`).
+//!
+//! Header layout, all integers big-endian:
+//!
+//! | bytes  | field                                   |
+//! |--------|-----------------------------------------|
+//! | 0      | version ([`VERSION`])                   |
+//! | 1      | packet type ([`PacketType`])            |
+//! | 2      | hops (not MACed, see [`HOPS_OFFSET`])   |
+//! | 3      | reserved, must be 0                     |
+//! | 4..8   | key epoch (u32)                         |
+//! | 8..12  | sender overlay IPv4 address             |
+//! | 12..16 | destination overlay IPv4 address        |
+//! | 16..24 | per-sender counter (u64)                |
+
+use std::net::Ipv4Addr;
+
+pub const VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 24;
+pub const TAG_LEN: usize = 16;
+/// Bytes a sealed packet adds to its payload.
+pub const OVERHEAD: usize = HEADER_LEN + TAG_LEN;
+/// EN→CN→CN→EN is 3 forwarding hops; more means a routing loop during churn.
+pub const MAX_HOPS: u8 = 4;
+/// Relays increment this byte in place. The MAC treats it as zero (like the
+/// IP TTL in IPsec AH) so forwarding needs neither the key nor a re-MAC.
+pub const HOPS_OFFSET: usize = 2;
+/// Where the 64-bit counter starts; crypto reads it to pick the keystream.
+pub const COUNTER_OFFSET: usize = 16;
+
+const RESERVED_OFFSET: usize = 3;
+const EPOCH: core::ops::Range<usize> = 4..8;
+const SRC: core::ops::Range<usize> = 8..12;
+const DST: core::ops::Range<usize> = 12..16;
+const COUNTER: core::ops::Range<usize> = COUNTER_OFFSET..COUNTER_OFFSET + 8;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PacketType {
+    Data = 0,
+    Control = 1,
+}
+
+impl TryFrom<u8> for PacketType {
+    type Error = WireError;
+
+    fn try_from(b: u8) -> Result<Self, WireError> {
+        match b {
+            0 => Ok(PacketType::Data),
+            1 => Ok(PacketType::Control),
+            _ => Err(WireError::BadType),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub ptype: PacketType,
+    pub hops: u8,
+    pub epoch: u32,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub counter: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("packet shorter than header and tag")]
+    Truncated,
+    #[error("unknown packet version")]
+    BadVersion,
+    #[error("unknown packet type")]
+    BadType,
+    #[error("reserved header byte is not zero")]
+    BadReserved,
+}
+
+impl Header {
+    /// Parses a whole packet's header; requires `buf.len() >= OVERHEAD`
+    /// (header + tag; an empty payload is allowed).
+    ///
+    /// Checks only the framing. The header is untrusted until the tag has
+    /// been verified.
+    pub fn parse(buf: &[u8]) -> Result<Header, WireError> {
+        // Rejecting packets that cannot hold a tag here spares every caller
+        // the same check before slicing out the tag.
+        if buf.len() < OVERHEAD {
+            return Err(WireError::Truncated);
+        }
+        if buf[0] != VERSION {
+            return Err(WireError::BadVersion);
+        }
+        let ptype = PacketType::try_from(buf[1])?;
+        // Insisting on zero keeps the byte usable by a later version without
+        // old nodes silently misreading it.
+        if buf[RESERVED_OFFSET] != 0 {
+            return Err(WireError::BadReserved);
+        }
+        Ok(Header {
+            ptype,
+            hops: buf[HOPS_OFFSET],
+            epoch: u32::from_be_bytes(array(&buf[EPOCH])),
+            src: Ipv4Addr::from(array::<4>(&buf[SRC])),
+            dst: Ipv4Addr::from(array::<4>(&buf[DST])),
+            counter: u64::from_be_bytes(array(&buf[COUNTER])),
+        })
+    }
+
+    /// Writes the 24 header bytes into `buf[..HEADER_LEN]`.
+    ///
+    /// # Panics
+    ///
+    /// If `buf.len() < HEADER_LEN`: the sender sizes its own buffers, so a
+    /// short one is a programming error, not a per-packet fault.
+    pub fn write(&self, buf: &mut [u8]) {
+        let h = &mut buf[..HEADER_LEN];
+        h[0] = VERSION;
+        h[1] = self.ptype as u8;
+        h[HOPS_OFFSET] = self.hops;
+        h[RESERVED_OFFSET] = 0;
+        h[EPOCH].copy_from_slice(&self.epoch.to_be_bytes());
+        h[SRC].copy_from_slice(&self.src.octets());
+        h[DST].copy_from_slice(&self.dst.octets());
+        h[COUNTER].copy_from_slice(&self.counter.to_be_bytes());
+    }
+}
+
+/// Reads `(src, dst)` of an IPv4 packet as it comes from the TUN: `None`
+/// unless version == 4, IHL >= 5, `len >= 20` and `len >= IHL * 4`.
+pub fn ipv4_src_dst(pkt: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    let first = *pkt.first()?;
+    if first >> 4 != 4 {
+        return None;
+    }
+    let ihl = usize::from(first & 0x0f);
+    if ihl < 5 || pkt.len() < ihl * 4 {
+        return None;
+    }
+    let src = Ipv4Addr::from(array::<4>(&pkt[12..16]));
+    let dst = Ipv4Addr::from(array::<4>(&pkt[16..20]));
+    Some((src, dst))
+}
+
+/// Callers pass slices cut with constant ranges of length `N`, so the
+/// conversion cannot fail.
+fn array<const N: usize>(s: &[u8]) -> [u8; N] {
+    let mut a = [0u8; N];
+    a.copy_from_slice(s);
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Header {
+        Header {
+            ptype: PacketType::Data,
+            hops: 2,
+            epoch: 0x0102_0304,
+            src: Ipv4Addr::new(10, 0, 0, 1),
+            dst: Ipv4Addr::new(10, 0, 0, 2),
+            counter: 0x1122_3344_5566_7788,
+        }
+    }
+
+    fn packet(h: &Header, payload_len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; OVERHEAD + payload_len];
+        h.write(&mut buf);
+        buf
+    }
+
+    #[test]
+    fn constants_match_layout() {
+        assert_eq!(OVERHEAD, 40);
+        assert_eq!(COUNTER.end, HEADER_LEN);
+        assert_eq!(PacketType::Data as u8, 0);
+        assert_eq!(PacketType::Control as u8, 1);
+    }
+
+    #[test]
+    fn write_produces_documented_bytes() {
+        let mut buf = [0xaau8; HEADER_LEN];
+        Header {
+            ptype: PacketType::Control,
+            ..sample()
+        }
+        .write(&mut buf);
+        assert_eq!(
+            buf,
+            [
+                1, 1, 2, 0, // version, type, hops, reserved
+                0x01, 0x02, 0x03, 0x04, // epoch
+                10, 0, 0, 1, // src
+                10, 0, 0, 2, // dst
+                0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, // counter
+            ]
+        );
+    }
+
+    #[test]
+    fn write_leaves_rest_of_buffer_alone() {
+        let mut buf = [0xaau8; HEADER_LEN + 3];
+        sample().write(&mut buf);
+        assert_eq!(&buf[HEADER_LEN..], &[0xaa; 3]);
+    }
+
+    #[test]
+    #[should_panic]
+    fn write_panics_on_short_buffer() {
+        sample().write(&mut [0u8; HEADER_LEN - 1]);
+    }
+
+    #[test]
+    fn parse_accepts_empty_payload() {
+        let h = sample();
+        assert_eq!(Header::parse(&packet(&h, 0)), Ok(h));
+    }
+
+    #[test]
+    fn parse_rejects_every_truncation() {
+        let buf = packet(&sample(), 0);
+        for len in 0..OVERHEAD {
+            assert_eq!(
+                Header::parse(&buf[..len]),
+                Err(WireError::Truncated),
+                "len {len}"
+            );
+        }
+    }
+
+    #[test]
+    fn parse_rejects_every_other_version() {
+        let mut buf = packet(&sample(), 5);
+        for v in (0..=u8::MAX).filter(|&v| v != VERSION) {
+            buf[0] = v;
+            assert_eq!(Header::parse(&buf), Err(WireError::BadVersion), "v {v}");
+        }
+    }
+
+    #[test]
+    fn parse_rejects_every_unknown_type() {
+        let mut buf = packet(&sample(), 5);
+        for t in 2..=u8::MAX {
+            buf[1] = t;
+            assert_eq!(Header::parse(&buf), Err(WireError::BadType), "type {t}");
+        }
+    }
+
+    #[test]
+    fn parse_rejects_nonzero_reserved() {
+        let mut buf = packet(&sample(), 5);
+        for r in 1..=u8::MAX {
+            buf[RESERVED_OFFSET] = r;
+            assert_eq!(Header::parse(&buf), Err(WireError::BadReserved), "r {r}");
+        }
+    }
+
+    #[test]
+    fn parse_reports_truncation_before_content_errors() {
+        let mut buf = packet(&sample(), 0);
+        buf[0] = 9;
+        assert_eq!(
+            Header::parse(&buf[..OVERHEAD - 1]),
+            Err(WireError::Truncated)
+        );
+    }
+
+    #[test]
+    fn hops_byte_is_at_hops_offset() {
+        let mut buf = packet(&sample(), 0);
+        buf[HOPS_OFFSET] = MAX_HOPS;
+        assert_eq!(Header::parse(&buf).map(|h| h.hops), Ok(MAX_HOPS));
+    }
+
+    #[test]
+    fn errors_have_messages() {
+        for e in [
+            WireError::Truncated,
+            WireError::BadVersion,
+            WireError::BadType,
+            WireError::BadReserved,
+        ] {
+            assert!(!e.to_string().is_empty());
+        }
+    }
+
+    fn ptype() -> impl Strategy<Value = PacketType> {
+        prop_oneof![Just(PacketType::Data), Just(PacketType::Control)]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(
+            ptype in ptype(),
+            hops: u8,
+            epoch: u32,
+            src: [u8; 4],
+            dst: [u8; 4],
+            counter: u64,
+            payload_len in 0usize..64,
+        ) {
+            let h = Header { ptype, hops, epoch, src: src.into(), dst: dst.into(), counter };
+            let buf = packet(&h, payload_len);
+            prop_assert_eq!(Header::parse(&buf), Ok(h));
+        }
+
+        #[test]
+        fn parse_never_panics(buf in proptest::collection::vec(any::<u8>(), 0..80)) {
+            let _ = Header::parse(&buf);
+            let _ = ipv4_src_dst(&buf);
+        }
+    }
+
+    // IPv4 header of a real ICMP echo request 10.0.0.1 -> 10.0.0.2, plus
+    // 8 bytes of ICMP.
+    const ICMP: [u8; 28] = [
+        0x45, 0x00, 0x00, 0x1c, 0x12, 0x34, 0x40, 0x00, 0x40, 0x01, 0x14, 0x98, 10, 0, 0, 1, 10, 0,
+        0, 2, 0x08, 0x00, 0xf7, 0xff, 0x00, 0x00, 0x00, 0x00,
+    ];
+
+    #[test]
+    fn ipv4_real_packet() {
+        assert_eq!(
+            ipv4_src_dst(&ICMP),
+            Some((Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2)))
+        );
+    }
+
+    #[test]
+    fn ipv4_bare_header_is_enough() {
+        assert!(ipv4_src_dst(&ICMP[..20]).is_some());
+    }
+
+    #[test]
+    fn ipv4_short_packets() {
+        for len in 0..20 {
+            assert_eq!(ipv4_src_dst(&ICMP[..len]), None, "len {len}");
+        }
+    }
+
+    #[test]
+    fn ipv4_rejects_ipv6() {
+        let mut v6 = [0u8; 40];
+        v6[0] = 0x60;
+        assert_eq!(ipv4_src_dst(&v6), None);
+    }
+
+    #[test]
+    fn ipv4_rejects_other_versions() {
+        let mut p = ICMP;
+        for v in (0..16u8).filter(|&v| v != 4) {
+            p[0] = (v << 4) | 5;
+            assert_eq!(ipv4_src_dst(&p), None, "version {v}");
+        }
+    }
+
+    #[test]
+    fn ipv4_rejects_ihl_below_5() {
+        let mut p = ICMP;
+        for ihl in 0..5 {
+            p[0] = 0x40 | ihl;
+            assert_eq!(ipv4_src_dst(&p), None, "ihl {ihl}");
+        }
+    }
+
+    #[test]
+    fn ipv4_options_must_fit() {
+        let mut p = [0u8; 60];
+        p[..20].copy_from_slice(&ICMP[..20]);
+        p[0] = 0x4f; // IHL 15: 60-byte header
+        assert!(ipv4_src_dst(&p).is_some());
+        assert_eq!(ipv4_src_dst(&p[..59]), None);
+        p[0] = 0x46; // IHL 6: 24-byte header
+        assert!(ipv4_src_dst(&p[..24]).is_some());
+        assert_eq!(ipv4_src_dst(&p[..23]), None);
+    }
+}

@@ -1,0 +1,206 @@
+//! Command-line interface. Flags here are what users script against: keep
+//! names and meanings stable, add freely.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use ipnet::Ipv4Net;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ela-fast",
+    version,
+    about = "ELA: a fully distributed peer-to-peer VPN (core nodes over UDP, edge nodes over TCP)",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Option<Cmd>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Write a fresh group secret to a new file (mode 0600).
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Ask a running node for its address, role, members and counters.
+    Status {
+        #[arg(long)]
+        json: bool,
+        /// The node's control socket (default /run/ela-fast/ela0.sock).
+        #[arg(long)]
+        control: Option<PathBuf>,
+        /// Interface name, to find the default socket of a node run with --iface.
+        #[arg(long, default_value = "ela0")]
+        iface: String,
+    },
+    /// Build a small ELA network in network namespaces on this machine,
+    /// send traffic across it and report (needs root).
+    Demo {
+        /// Number of core nodes.
+        #[arg(long, default_value_t = 4)]
+        nodes: usize,
+        /// Pings per ordered pair of nodes.
+        #[arg(long, default_value_t = 20)]
+        pings: u32,
+        /// Seconds of iperf3 over the overlay (0 to skip).
+        #[arg(long, default_value_t = 3)]
+        iperf_secs: u32,
+        /// Dataplane cores per node.
+        #[arg(long, default_value_t = 1)]
+        cores_per_node: usize,
+        /// Print one JSON report instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// Keep the namespaces and logs afterwards (for poking around).
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RoleArg {
+    Auto,
+    Core,
+    Edge,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Underlay UDP (and later TCP) address to listen on.
+    #[arg(long, default_value = "0.0.0.0:7000")]
+    pub listen: SocketAddr,
+    /// Any member of the group to join through (repeatable). Without it
+    /// the node founds a new group.
+    #[arg(long)]
+    pub bootstrap: Vec<SocketAddr>,
+    /// The group secret (from `ela-fast keygen`).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// Overlay address to ask for; granted unless another member holds it.
+    #[arg(long)]
+    pub addr: Option<Ipv4Addr>,
+    /// Overlay network.
+    #[arg(long, default_value = "10.0.0.0/24")]
+    pub net: Ipv4Net,
+    /// TUN interface name (the paper's NPD).
+    #[arg(long, default_value = "ela0")]
+    pub iface: String,
+    /// Dataplane cores, e.g. 0-3 or 0,2. Without it: one unpinned thread.
+    #[arg(long)]
+    pub cores: Option<String>,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub role: RoleArg,
+    /// Local control socket for `ela-fast status`.
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// Seconds to wait for a bootstrap member to answer.
+    #[arg(long, default_value_t = 10)]
+    pub join_timeout: u64,
+    /// MTU of the TUN interface (leave 40 bytes of ELA header/tag plus the
+    /// underlay's IP/UDP headers below the underlay MTU).
+    #[arg(long, default_value_t = 1420)]
+    pub mtu: u16,
+}
+
+pub fn default_control_path(iface: &str) -> PathBuf {
+    PathBuf::from(format!("/run/ela-fast/{iface}.sock"))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CoresError {
+    #[error("bad --cores list {0:?}: expected e.g. 0-3 or 0,2")]
+    Syntax(String),
+    #[error("--cores: core {core} does not exist or is not available to this process (available: {available})")]
+    Unknown { core: usize, available: String },
+}
+
+/// Parses `0-3`, `0,2`, `1`, `0-1,3` into a sorted, deduplicated list.
+pub fn parse_cores(s: &str) -> Result<Vec<usize>, CoresError> {
+    let bad = || CoresError::Syntax(s.to_string());
+    let mut v = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        if let Some((a, b)) = part.split_once('-') {
+            let a: usize = a.trim().parse().map_err(|_| bad())?;
+            let b: usize = b.trim().parse().map_err(|_| bad())?;
+            if a > b || b - a > 4096 {
+                return Err(bad());
+            }
+            v.extend(a..=b);
+        } else {
+            v.push(part.parse().map_err(|_| bad())?);
+        }
+    }
+    v.sort_unstable();
+    v.dedup();
+    if v.is_empty() {
+        return Err(bad());
+    }
+    Ok(v)
+}
+
+/// Checks each core against the CPUs this process may run on.
+pub fn check_cores(cores: &[usize], available: &[usize]) -> Result<(), CoresError> {
+    for &c in cores {
+        if !available.contains(&c) {
+            return Err(CoresError::Unknown {
+                core: c,
+                available: available
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cores_lists() {
+        assert_eq!(parse_cores("0-3").unwrap(), vec![0, 1, 2, 3]);
+        assert_eq!(parse_cores("0,2").unwrap(), vec![0, 2]);
+        assert_eq!(parse_cores("2,0,2").unwrap(), vec![0, 2]);
+        assert_eq!(parse_cores("0-1,3").unwrap(), vec![0, 1, 3]);
+        for bad in ["", "a", "3-1", "1-", ",", "0-99999"] {
+            assert!(parse_cores(bad).is_err(), "{bad}");
+        }
+        assert!(check_cores(&[0, 1], &[0, 1]).is_ok());
+        assert!(matches!(
+            check_cores(&[5], &[0, 1]),
+            Err(CoresError::Unknown { core: 5, .. })
+        ));
+    }
+
+    #[test]
+    fn cli_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let c = Cli::try_parse_from([
+            "ela-fast",
+            "--key-file",
+            "k",
+            "--bootstrap",
+            "1.2.3.4:7000",
+            "--bootstrap",
+            "1.2.3.5:7000",
+            "--cores",
+            "0-1",
+        ])
+        .unwrap();
+        assert!(c.cmd.is_none());
+        assert_eq!(c.run.bootstrap.len(), 2);
+        let c = Cli::try_parse_from(["ela-fast", "status", "--json"]).unwrap();
+        assert!(matches!(c.cmd, Some(Cmd::Status { json: true, .. })));
+    }
+}

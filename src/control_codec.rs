@@ -1,0 +1,133 @@
+//! Control packets: the dataplane's wire header (type = control) around a
+//! Blowfish-CTR + HMAC sealed [`ControlMsg`], under the group's control
+//! key. Only a holder of the group secret can produce one that opens, so
+//! an answered JoinRequest proves the joiner has the key.
+//!
+//! Control packets are not per-sender sequenced like data; instead each
+//! carries a random 64-bit nonce (its counter) and its send time. Packets
+//! older than [`MAX_AGE`] or whose nonce was already seen are dropped.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ela_control::msg::ControlMsg;
+use ela_dataplane::crypto::{GroupSecret, PacketKeys};
+use ela_dataplane::wire::{Header, PacketType, HEADER_LEN, TAG_LEN};
+
+/// How far a control packet's timestamp may be from our clock. Members'
+/// clocks need to agree this well (NTP does far better).
+pub const MAX_AGE: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControlDrop {
+    Malformed,
+    BadTag,
+    Stale,
+    Replay,
+    Undecodable,
+}
+
+pub struct ControlCodec {
+    keys: PacketKeys,
+    seen: HashMap<u64, u64>,
+    last_purge_ms: u64,
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl ControlCodec {
+    pub fn new(secret: &GroupSecret) -> ControlCodec {
+        ControlCodec {
+            keys: PacketKeys::derive_control(secret),
+            seen: HashMap::new(),
+            last_purge_ms: 0,
+        }
+    }
+
+    pub fn seal(&self, msg: &ControlMsg, src: Ipv4Addr, dst: Ipv4Addr, now_ms: u64) -> Vec<u8> {
+        let body = msg.encode();
+        let payload_len = 8 + body.len();
+        let mut buf = vec![0u8; HEADER_LEN + payload_len + TAG_LEN];
+        Header {
+            ptype: PacketType::Control,
+            hops: 0,
+            epoch: 0,
+            src,
+            dst,
+            counter: rand::random(),
+        }
+        .write(&mut buf);
+        buf[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&now_ms.to_be_bytes());
+        buf[HEADER_LEN + 8..HEADER_LEN + payload_len].copy_from_slice(&body);
+        let n = self
+            .keys
+            .seal(&mut buf, payload_len)
+            .expect("control messages are far below MAX_PAYLOAD");
+        buf.truncate(n);
+        buf
+    }
+
+    pub fn open(
+        &mut self,
+        pkt: &mut [u8],
+        now_ms: u64,
+    ) -> Result<(Header, ControlMsg), ControlDrop> {
+        let hdr = Header::parse(pkt).map_err(|_| ControlDrop::Malformed)?;
+        if hdr.ptype != PacketType::Control {
+            return Err(ControlDrop::Malformed);
+        }
+        let range = self.keys.open(pkt).map_err(|_| ControlDrop::BadTag)?;
+        let plain = &pkt[range];
+        if plain.len() < 8 {
+            return Err(ControlDrop::Malformed);
+        }
+        let sent_ms = u64::from_be_bytes(plain[..8].try_into().expect("8 bytes"));
+        let max = MAX_AGE.as_millis() as u64;
+        if sent_ms.abs_diff(now_ms) > max {
+            return Err(ControlDrop::Stale);
+        }
+        if now_ms.saturating_sub(self.last_purge_ms) > 1000 {
+            self.seen
+                .retain(|_, t| now_ms.saturating_sub(*t) <= 2 * max);
+            self.last_purge_ms = now_ms;
+        }
+        if self.seen.insert(hdr.counter, sent_ms).is_some() {
+            return Err(ControlDrop::Replay);
+        }
+        let msg = ControlMsg::decode(&plain[8..]).map_err(|_| ControlDrop::Undecodable)?;
+        Ok((hdr, msg))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_open_replay_stale_wrong_key() {
+        let s = GroupSecret::from_bytes([1; 32]);
+        let mut a = ControlCodec::new(&s);
+        let msg = ControlMsg::Swim(vec![9; 100]);
+        let src = Ipv4Addr::new(10, 0, 0, 1);
+        let now = 1_700_000_000_000;
+        let mut p = a.seal(&msg, src, Ipv4Addr::UNSPECIFIED, now);
+        let mut p2 = p.clone();
+        let (h, m) = a.open(&mut p, now + 5).unwrap();
+        assert_eq!(m, msg);
+        assert_eq!(h.src, src);
+        assert_eq!(a.open(&mut p2, now + 6), Err(ControlDrop::Replay));
+        let mut old = a.seal(&msg, src, src, now - 61_000);
+        assert_eq!(a.open(&mut old, now), Err(ControlDrop::Stale));
+        let mut other = ControlCodec::new(&GroupSecret::from_bytes([2; 32]));
+        let mut p3 = a.seal(&msg, src, src, now);
+        assert_eq!(other.open(&mut p3, now), Err(ControlDrop::BadTag));
+        let mut short = vec![1u8; 10];
+        assert_eq!(a.open(&mut short, now), Err(ControlDrop::Malformed));
+    }
+}

@@ -1,0 +1,109 @@
+//! `ela-fast`: run a node, make a key, ask a node for its status, or run
+//! the built-in demo. Errors print as one line and exit non-zero.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use ela_dataplane::crypto::GroupSecret;
+use ela_fast::cli::{Cli, Cmd};
+use ela_fast::{demo, node, status};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // clap's own message is several lines; users and scripts get
+            // one.
+            let msg = e.to_string();
+            let first = msg
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("error: {first} (see ela-fast --help)");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").replace('\n', " ")
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Some(Cmd::Keygen { out }) => {
+            let s = GroupSecret::generate();
+            s.write_new(&out)?;
+            println!(
+                "wrote a new group key to {} (fingerprint {})",
+                out.display(),
+                s.fingerprint()
+            );
+            Ok(())
+        }
+        Some(Cmd::Status {
+            json,
+            control,
+            iface,
+        }) => {
+            let path = status::control_path(control, &iface);
+            let v = status::query(&path)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", status::format_table(&v));
+            }
+            Ok(())
+        }
+        Some(Cmd::Demo {
+            nodes,
+            pings,
+            iperf_secs,
+            cores_per_node,
+            json,
+            keep,
+        }) => demo::run(&demo::DemoOpts {
+            cores_per_node,
+            nodes,
+            pings,
+            iperf_secs,
+            json,
+            keep,
+        }),
+        None => {
+            let cfg = node::NodeConfig::from_args(cli.run)?;
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(sig, stop.clone())
+                    .context("installing signal handlers")?;
+            }
+            node::run(cfg, stop)
+        }
+    }
+}

@@ -1,0 +1,1279 @@
+//! A throw-away network lab made of Linux network namespaces, used by the
+//! netns integration tests (`tests/netns.rs`) and by `ela-fast demo`.
+//!
+//! Layout of one [`Lab`]: a "hub" namespace holding a bridge `br0`, and one
+//! namespace per host, joined to the bridge by a veth pair created directly
+//! inside the namespaces (`ip -n HUB link add nK type veth peer name eth0
+//! netns HOST`), so no interface ever appears in the root namespace. Host K
+//! gets the underlay address `172.31.0.K/24` on its `eth0`. Each lab has its
+//! own hub, so labs running in parallel reuse the same subnet without
+//! seeing each other.
+//!
+//! Names are unique per lab (`elalab-<pid>-<n>-<host>`). Everything the lab
+//! creates is torn down in [`Drop`] (children get SIGTERM, then SIGKILL, by
+//! PID; then `ip netns del`), so a panicking test still cleans up. Children
+//! also get `PR_SET_PDEATHSIG`, and [`Lab::new`] removes namespaces left by a
+//! lab whose process died without running `Drop`.
+//!
+//! On top of the plain lab sit node helpers ([`Lab::start_node`],
+//! [`Lab::status`], [`Lab::wait_converged`], [`Lab::ping`]) that drive the
+//! `ela-fast` binary through its CLI, exactly as a user would.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use serde_json::Value;
+
+/// Prefix of every namespace and directory a lab creates; [`Lab::new`]
+/// parses `elalab-<pid>-` to find leftovers of dead processes.
+const LAB_PREFIX: &str = "elalab-";
+/// UDP port every lab node listens on.
+pub const NODE_PORT: u16 = 7000;
+/// The underlay subnet of each lab's bridge (reused by every lab: each lab
+/// has its own hub namespace).
+pub const UNDERLAY_NET: [u8; 3] = [172, 31, 0];
+/// Default bound for a command run with [`Lab::exec`].
+pub const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long [`Drop`] lets children handle SIGTERM (a node leaves the group
+/// on SIGTERM) before it sends SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(5);
+/// `sun_path` is 108 bytes; keep control socket paths well inside it.
+const MAX_SOCKET_PATH: usize = 100;
+
+static LAB_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Why the lab cannot run here, or `Ok` if it can: needs root, `ip`
+/// (iproute2) and `/dev/net/tun`.
+pub fn lab_support() -> std::result::Result<(), String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("not running as root (network namespaces need CAP_SYS_ADMIN)".into());
+    }
+    match Command::new("ip")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+    {
+        Ok(s) if s.success() => {}
+        _ => return Err("`ip` (iproute2) not found in PATH".into()),
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Err("/dev/net/tun is missing".into());
+    }
+    Ok(())
+}
+
+/// True when the `CI` environment variable says we run under CI.
+pub fn in_ci() -> bool {
+    match std::env::var("CI") {
+        Ok(v) => !matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "" | "0" | "false" | "no"
+        ),
+        Err(_) => false,
+    }
+}
+
+/// Gate for netns tests: returns `true` when the test may run. When the lab
+/// is unsupported it prints a loud SKIPPED line and returns `false`, except
+/// under CI (`CI=1`/`CI=true`), where it panics so CI never skips silently.
+///
+/// # Panics
+/// When the lab is unsupported and [`in_ci`] is true.
+pub fn require_lab(test: &str) -> bool {
+    match lab_support() {
+        Ok(()) => true,
+        Err(why) => {
+            if in_ci() {
+                panic!("netns test `{test}` cannot run under CI: {why}");
+            }
+            eprintln!();
+            eprintln!(
+                "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
+            );
+            eprintln!("!! SKIPPED: netns test `{test}` needs root, iproute2 and /dev/net/tun:");
+            eprintln!("!! {why}. Run as root (CI=1 turns this skip into a failure).");
+            eprintln!(
+                "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
+            );
+            eprintln!();
+            false
+        }
+    }
+}
+
+/// A host of a [`Lab`]: one network namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HostId(usize);
+
+#[derive(Debug)]
+struct Host {
+    name: String,
+    ns: String,
+    underlay: Ipv4Addr,
+}
+
+#[derive(Debug)]
+struct Proc {
+    child: Child,
+    what: String,
+}
+
+/// The node kind a lab node is asked to be (`--role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NodeRole {
+    /// Let the node decide (no `--role` flag).
+    #[default]
+    Auto,
+    /// A core node (CN): UDP mesh, routes for others (paper §3.3).
+    Core,
+    /// An edge node (EN): TCP to a core node only (paper §3.3).
+    Edge,
+}
+
+impl NodeRole {
+    fn flag(self) -> Option<&'static str> {
+        match self {
+            NodeRole::Auto => None,
+            NodeRole::Core => Some("core"),
+            NodeRole::Edge => Some("edge"),
+        }
+    }
+}
+
+/// How to start one node.
+#[derive(Debug, Clone, Default)]
+pub struct NodeSpec {
+    /// `--addr`: the overlay address the node asks for (§3.2).
+    pub addr: Option<Ipv4Addr>,
+    /// `--bootstrap`: members to join through; empty founds a group.
+    pub bootstrap: Vec<SocketAddr>,
+    /// `--key-file`: the group secret.
+    pub key: PathBuf,
+    /// `--role`.
+    pub role: NodeRole,
+    /// Extra arguments appended verbatim.
+    pub extra: Vec<String>,
+}
+
+impl NodeSpec {
+    /// A spec with only the key set (founds a group, random address).
+    pub fn new(key: impl Into<PathBuf>) -> NodeSpec {
+        NodeSpec {
+            key: key.into(),
+            ..NodeSpec::default()
+        }
+    }
+
+    /// Builder: ask for this overlay address.
+    pub fn addr(mut self, a: Ipv4Addr) -> NodeSpec {
+        self.addr = Some(a);
+        self
+    }
+
+    /// Builder: join through this member.
+    pub fn bootstrap(mut self, via: SocketAddr) -> NodeSpec {
+        self.bootstrap.push(via);
+        self
+    }
+
+    /// Builder: add raw arguments.
+    pub fn extra<I, S>(mut self, args: I) -> NodeSpec
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.extra.extend(args.into_iter().map(Into::into));
+        self
+    }
+}
+
+/// A node process started by [`Lab::spawn_node`].
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// The host's name, e.g. `node1`.
+    pub name: String,
+    pub host: HostId,
+    pub pid: u32,
+    /// `--listen`: the underlay address other nodes bootstrap through.
+    pub listen: SocketAddr,
+    /// `--control`: the node's control socket.
+    pub control: PathBuf,
+    /// stdout + stderr of the node.
+    pub log: PathBuf,
+}
+
+/// One member as listed by `ela-fast status --json`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Member {
+    pub addr: Ipv4Addr,
+    pub node_id: String,
+    pub role: String,
+    pub underlay: String,
+    pub is_self: bool,
+}
+
+/// Parses `members` of a status document; tolerant of extra fields.
+pub fn members(status: &Value) -> Result<Vec<Member>> {
+    let list = status
+        .get("members")
+        .and_then(Value::as_array)
+        .ok_or_else(|| anyhow!("status has no `members` array: {status}"))?;
+    list.iter()
+        .map(|m| {
+            let s = |k: &str| m.get(k).and_then(Value::as_str).unwrap_or_default();
+            Ok(Member {
+                addr: s("addr")
+                    .parse()
+                    .with_context(|| format!("member addr in {m}"))?,
+                node_id: s("node_id").to_string(),
+                role: s("role").to_string(),
+                underlay: s("underlay").to_string(),
+                is_self: m.get("self").and_then(Value::as_bool).unwrap_or(false),
+            })
+        })
+        .collect()
+}
+
+/// The node's own overlay address from a status document.
+pub fn self_addr(status: &Value) -> Result<Ipv4Addr> {
+    status
+        .get("addr")
+        .and_then(Value::as_str)
+        .ok_or_else(|| anyhow!("status has no `addr`: {status}"))?
+        .parse()
+        .context("status `addr`")
+}
+
+/// The node's own id (hex string) from a status document.
+pub fn self_node_id(status: &Value) -> Result<String> {
+    Ok(status
+        .get("node_id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| anyhow!("status has no `node_id`: {status}"))?
+        .to_string())
+}
+
+/// A counter from a status document by dotted path (`"packets.tun_rx"`,
+/// `"drops.bad_tag"`, `"drops_total"`); a missing counter reads as 0, so
+/// counters the node has not added yet do not break callers.
+pub fn counter(status: &Value, path: &str) -> u64 {
+    path.split('.')
+        .try_fold(status, |v, k| v.get(k))
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+}
+
+/// The `(addr, node_id)` view of a member list, for comparing nodes' views.
+pub fn member_set(status: &Value) -> Result<BTreeSet<(Ipv4Addr, String)>> {
+    Ok(members(status)?
+        .into_iter()
+        .map(|m| (m.addr, m.node_id))
+        .collect())
+}
+
+/// What one `ping` run saw.
+#[derive(Debug, Clone, Default)]
+pub struct PingResult {
+    pub transmitted: u32,
+    pub received: u32,
+    /// Round-trip time of each reply, in order, in milliseconds
+    /// (duplicates excluded).
+    pub rtts_ms: Vec<f64>,
+    /// ping's stdout and stderr, for error messages.
+    pub output: String,
+}
+
+impl PingResult {
+    /// Requests that got no reply.
+    pub fn lost(&self) -> u32 {
+        self.transmitted.saturating_sub(self.received)
+    }
+
+    /// Parses iputils ping output.
+    pub fn parse(output: &str) -> PingResult {
+        let mut r = PingResult {
+            output: output.to_string(),
+            ..PingResult::default()
+        };
+        for line in output.lines() {
+            if let Some(t) = line.split("time=").nth(1) {
+                if line.contains("DUP!") {
+                    continue;
+                }
+                let num: String = t
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit() || *c == '.')
+                    .collect();
+                if let Ok(ms) = num.parse::<f64>() {
+                    r.rtts_ms.push(ms);
+                }
+            } else if line.contains("packets transmitted") {
+                // "3 packets transmitted, 3 received, 0% packet loss, time 405ms"
+                let mut parts = line.split(',');
+                let first_num = |s: Option<&str>| {
+                    s.and_then(|s| s.split_whitespace().next())
+                        .and_then(|n| n.parse::<u32>().ok())
+                        .unwrap_or(0)
+                };
+                r.transmitted = first_num(parts.next());
+                r.received = first_num(parts.next());
+            }
+        }
+        r
+    }
+}
+
+/// Options for [`Lab::ping_with`]; the defaults are `ping -c 3 -i 0.2 -W 2`.
+#[derive(Debug, Clone)]
+pub struct PingOpts {
+    pub count: u32,
+    pub interval: Duration,
+    /// `-W`: how long to wait for each reply.
+    pub wait: Duration,
+    /// `-s`: payload size.
+    pub size: Option<u32>,
+    /// `-p`: hex pad pattern (up to 16 bytes).
+    pub pattern: Option<String>,
+    /// `-I`: source interface.
+    pub iface: Option<String>,
+}
+
+impl Default for PingOpts {
+    fn default() -> PingOpts {
+        PingOpts {
+            count: 3,
+            interval: Duration::from_millis(200),
+            wait: Duration::from_secs(2),
+            size: None,
+            pattern: None,
+            iface: None,
+        }
+    }
+}
+
+/// A set of network namespaces wired to one bridge; see the module docs.
+#[derive(Debug)]
+pub struct Lab {
+    id: String,
+    hub: String,
+    hosts: Vec<Host>,
+    procs: Mutex<HashMap<u32, Proc>>,
+    dir: PathBuf,
+    node_bin: Option<PathBuf>,
+    keep_dir: bool,
+    logs_reported: bool,
+}
+
+impl Lab {
+    /// Creates the hub namespace with its bridge and the lab directory.
+    /// `tag` only makes names readable (e.g. the test name).
+    pub fn new(tag: &str) -> Result<Lab> {
+        lab_support().map_err(|why| anyhow!("cannot build a netns lab: {why}"))?;
+        reap_stale_labs();
+        let n = LAB_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{LAB_PREFIX}{}-{n}", std::process::id());
+        let tag: String = tag
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(24)
+            .collect();
+        let dir = std::env::temp_dir().join(format!("{id}-{tag}"));
+        if dir.exists() {
+            fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+        }
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let lab = Lab {
+            hub: format!("{id}-hub"),
+            id,
+            hosts: Vec::new(),
+            procs: Mutex::new(HashMap::new()),
+            dir,
+            node_bin: None,
+            keep_dir: std::env::var("ELA_KEEP_LAB").is_ok_and(|v| v == "1"),
+            logs_reported: false,
+        };
+        // From here on `Drop` cleans up whatever got created.
+        lab.ip(&["netns", "add", &lab.hub])?;
+        lab.ip_in_hub(&["link", "set", "lo", "up"])?;
+        lab.ip_in_hub(&["link", "add", "br0", "type", "bridge", "stp_state", "0"])?;
+        lab.ip_in_hub(&["link", "set", "br0", "up"])?;
+        Ok(lab)
+    }
+
+    /// Sets the `ela-fast` binary the node helpers run.
+    pub fn with_node_binary(mut self, bin: impl Into<PathBuf>) -> Lab {
+        self.node_bin = Some(bin.into());
+        self
+    }
+
+    /// Keep the lab directory (logs, captures) after drop, like
+    /// `ELA_KEEP_LAB=1`.
+    pub fn keep_dir(&mut self, keep: bool) {
+        self.keep_dir = keep;
+    }
+
+    /// The lab's unique id, e.g. `elalab-1234-0`; namespaces are named
+    /// `<id>-hub` and `<id>-<host>`.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The lab's directory for key files, sockets, logs and captures.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Adds a host: a namespace with `lo` up and `eth0` bridged to the hub
+    /// with underlay address `172.31.0.<n>/24`.
+    pub fn add_host(&mut self, name: &str) -> Result<HostId> {
+        ensure!(
+            !name.is_empty() && name.len() <= 16 && name.chars().all(|c| c.is_ascii_alphanumeric()),
+            "host name {name:?} must be 1-16 ASCII letters or digits"
+        );
+        ensure!(
+            self.hosts.iter().all(|h| h.name != name),
+            "host {name} already exists"
+        );
+        let k = self.hosts.len() + 1;
+        ensure!(k <= 250, "a lab holds at most 250 hosts");
+        let ns = format!("{}-{name}", self.id);
+        let underlay = Ipv4Addr::new(UNDERLAY_NET[0], UNDERLAY_NET[1], UNDERLAY_NET[2], k as u8);
+        self.ip(&["netns", "add", &ns])?;
+        self.hosts.push(Host {
+            name: name.to_string(),
+            ns: ns.clone(),
+            underlay,
+        });
+        let port = format!("n{k}");
+        self.ip_in_hub(&[
+            "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
+        self.ip_in_hub(&["link", "set", &port, "master", "br0", "up"])?;
+        let cidr = format!("{underlay}/24");
+        self.ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        self.ip(&["-n", &ns, "addr", "add", &cidr, "dev", "eth0"])?;
+        self.ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        let id = HostId(k - 1);
+        // Keep captures quiet: the underlay is IPv4 only.
+        self.exec(id, &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
+        Ok(id)
+    }
+
+    /// All hosts in creation order.
+    pub fn hosts(&self) -> Vec<HostId> {
+        (0..self.hosts.len()).map(HostId).collect()
+    }
+
+    /// The host's name as given to [`Lab::add_host`].
+    pub fn host_name(&self, h: HostId) -> &str {
+        &self.hosts[h.0].name
+    }
+
+    /// The host's namespace name (for `ip netns exec`).
+    pub fn netns(&self, h: HostId) -> &str {
+        &self.hosts[h.0].ns
+    }
+
+    /// The host's address on the bridge.
+    pub fn underlay_ip(&self, h: HostId) -> Ipv4Addr {
+        self.hosts[h.0].underlay
+    }
+
+    /// Where nodes on this host listen: `<underlay>:7000`.
+    pub fn underlay_addr(&self, h: HostId) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(self.underlay_ip(h), NODE_PORT))
+    }
+
+    /// Runs `argv` inside the host's namespace and waits (at most
+    /// [`EXEC_TIMEOUT`]). A non-zero exit is not an error: check
+    /// `Output::status`.
+    pub fn exec(&self, h: HostId, argv: &[&str]) -> Result<Output> {
+        self.exec_timeout(h, argv, EXEC_TIMEOUT)
+    }
+
+    /// [`Lab::exec`] with an explicit bound; the command is killed and an
+    /// error returned when it runs longer.
+    pub fn exec_timeout(&self, h: HostId, argv: &[&str], timeout: Duration) -> Result<Output> {
+        let mut cmd = self.netns_command(h, argv)?;
+        run_bounded(&mut cmd, timeout)
+            .with_context(|| format!("running `{}` in {}", argv.join(" "), self.host_name(h)))
+    }
+
+    /// Starts `argv` in the background inside the host's namespace with
+    /// stdout and stderr appended to `log`; returns its PID (the command
+    /// itself: `ip netns exec` execs it). [`Drop`] stops it.
+    pub fn spawn(&self, h: HostId, argv: &[&str], log: &Path) -> Result<u32> {
+        let mut cmd = self.netns_command(h, argv)?;
+        harden(&mut cmd);
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening log {}", log.display()))?;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning `{}` in {}", argv.join(" "), self.host_name(h)))?;
+        let pid = child.id();
+        self.procs().insert(
+            pid,
+            Proc {
+                child,
+                what: format!("{}: {}", self.host_name(h), argv.join(" ")),
+            },
+        );
+        Ok(pid)
+    }
+
+    /// Sends `sig` to a child started by [`Lab::spawn`], unless it has
+    /// already exited (so a reused PID is never hit).
+    pub fn kill(&self, pid: u32, sig: i32) {
+        let mut procs = self.procs();
+        if let Some(p) = procs.get_mut(&pid) {
+            if matches!(p.child.try_wait(), Ok(None)) {
+                // SAFETY: plain syscall; the child is unreaped, so `pid` is ours.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, sig);
+                }
+            }
+        }
+    }
+
+    /// The child's exit status if it has exited (non-blocking).
+    pub fn try_exit(&self, pid: u32) -> Option<ExitStatus> {
+        self.procs()
+            .get_mut(&pid)
+            .and_then(|p| p.child.try_wait().ok().flatten())
+    }
+
+    /// Waits up to `timeout` for a child to exit.
+    pub fn wait_exit(&self, pid: u32, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_exit(pid) {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs `f` on a fresh thread that has entered the host's network
+    /// namespace (`setns(CLONE_NEWNET)`): sockets it opens live there.
+    ///
+    /// # Panics
+    /// If the namespace cannot be entered, or if `f` panics.
+    pub fn in_netns<T: Send>(&self, h: HostId, f: impl FnOnce() -> T + Send) -> T {
+        let path = PathBuf::from("/run/netns").join(self.netns(h));
+        thread::scope(|s| {
+            let worker = s.spawn(move || {
+                let ns =
+                    File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+                // SAFETY: `ns` is an open namespace fd; setns only changes
+                // this thread's network namespace, and the thread ends
+                // after `f`.
+                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(
+                    rc,
+                    0,
+                    "setns into {}: {}",
+                    path.display(),
+                    io::Error::last_os_error()
+                );
+                f()
+            });
+            match worker.join() {
+                Ok(v) => v,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        })
+    }
+
+    // ---- node helpers ------------------------------------------------
+
+    fn node_bin(&self) -> Result<&Path> {
+        self.node_bin
+            .as_deref()
+            .ok_or_else(|| anyhow!("Lab::with_node_binary was not called"))
+    }
+
+    /// Writes a fresh group secret with `ela-fast keygen` into the lab dir.
+    pub fn keygen(&self, name: &str) -> Result<PathBuf> {
+        let path = self.dir.join(format!("{name}.key"));
+        let bin = self.node_bin()?;
+        let path_s = path.to_string_lossy();
+        let out = run_bounded(
+            Command::new(bin).args(["keygen", "--out", &path_s]),
+            Duration::from_secs(20),
+        )?;
+        ensure!(
+            out.status.success(),
+            "`ela-fast keygen --out {path_s}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(path)
+    }
+
+    /// Starts a node on `h` listening on `<underlay>:7000` with control
+    /// socket `<dir>/<host>.sock` and log `<dir>/<host>.log`, and returns
+    /// at once (see [`Lab::start_node`] to wait until it is up).
+    pub fn spawn_node(&self, h: HostId, spec: &NodeSpec) -> Result<Node> {
+        let bin = self.node_bin()?.to_path_buf();
+        let name = self.host_name(h).to_string();
+        let control = self.dir.join(format!("{name}.sock"));
+        ensure!(
+            control.as_os_str().len() <= MAX_SOCKET_PATH,
+            "control socket path {} is too long for a unix socket; set TMPDIR shorter",
+            control.display()
+        );
+        let log = self.dir.join(format!("{name}.log"));
+        let listen = self.underlay_addr(h);
+        let mut args: Vec<String> = vec![
+            bin.to_string_lossy().into_owned(),
+            "--listen".into(),
+            listen.to_string(),
+            "--key-file".into(),
+            spec.key.to_string_lossy().into_owned(),
+            "--control".into(),
+            control.to_string_lossy().into_owned(),
+        ];
+        for b in &spec.bootstrap {
+            args.push("--bootstrap".into());
+            args.push(b.to_string());
+        }
+        if let Some(a) = spec.addr {
+            args.push("--addr".into());
+            args.push(a.to_string());
+        }
+        if let Some(r) = spec.role.flag() {
+            args.push("--role".into());
+            args.push(r.into());
+        }
+        args.extend(spec.extra.iter().cloned());
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let pid = self.spawn(h, &argv, &log)?;
+        Ok(Node {
+            name,
+            host: h,
+            pid,
+            listen,
+            control,
+            log,
+        })
+    }
+
+    /// [`Lab::spawn_node`], then waits (up to 30 s) until its control
+    /// socket answers, i.e. it joined and `ela0` is up; returns that status.
+    pub fn start_node(&self, h: HostId, spec: &NodeSpec) -> Result<(Node, Value)> {
+        let node = self.spawn_node(h, spec)?;
+        let status = self.wait_up(&node, Duration::from_secs(30))?;
+        Ok((node, status))
+    }
+
+    /// `ela-fast status --json` for `node`, run inside its namespace.
+    pub fn status(&self, node: &Node) -> Result<Value> {
+        let bin = self.node_bin()?.to_string_lossy().into_owned();
+        let control = node.control.to_string_lossy().into_owned();
+        let out = self.exec_timeout(
+            node.host,
+            &[&bin, "status", "--json", "--control", &control],
+            Duration::from_secs(10),
+        )?;
+        ensure!(
+            out.status.success(),
+            "`ela-fast status` for {} failed ({}): {}",
+            node.name,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "status of {} is not JSON: {}",
+                node.name,
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Polls until `node` answers `status` (it is up), failing early if
+    /// its process exits.
+    pub fn wait_up(&self, node: &Node, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.try_exit(node.pid) {
+                bail!(
+                    "{} exited ({}) before its control socket answered\n{}",
+                    node.name,
+                    describe_status(st),
+                    self.log_tail(&node.log, 40)
+                );
+            }
+            // The socket file appears only once the node is up, so don't
+            // spawn `status` processes before that.
+            let last = if node.control.exists() {
+                match self.status(node) {
+                    Ok(v) => return Ok(v),
+                    Err(e) => format!("{e:#}"),
+                }
+            } else {
+                format!("control socket {} not there yet", node.control.display())
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} not up after {timeout:?}: {last}\n{}",
+                    node.name,
+                    self.log_tail(&node.log, 40)
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Polls until `node` lists exactly `n` members.
+    pub fn wait_members(&self, node: &Node, n: usize, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match self.status(node) {
+                Ok(st) => match members(&st) {
+                    Ok(m) if m.len() == n => return Ok(st),
+                    Ok(m) => format!("{} members: {st}", m.len()),
+                    Err(e) => format!("{e:#}"),
+                },
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} did not list {n} members within {timeout:?}; last: {last}",
+                    node.name
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Polls until every node lists `n` members and all agree on the
+    /// `(addr, node_id)` set, with `n` distinct addresses. Returns each
+    /// node's status, in the order of `nodes`.
+    pub fn wait_converged(
+        &self,
+        nodes: &[&Node],
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Value>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match self.check_converged(nodes, n) {
+                Ok(sts) => return Ok(sts),
+                Err(e) => e,
+            };
+            if Instant::now() >= deadline {
+                bail!("membership did not converge to {n} members within {timeout:?}: {last:#}");
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn check_converged(&self, nodes: &[&Node], n: usize) -> Result<Vec<Value>> {
+        let mut statuses = Vec::with_capacity(nodes.len());
+        let mut first: Option<(String, BTreeSet<(Ipv4Addr, String)>)> = None;
+        for node in nodes {
+            let st = self.status(node)?;
+            let set = member_set(&st)?;
+            ensure!(
+                set.len() == n,
+                "{} lists {} members, want {n}: {}",
+                node.name,
+                set.len(),
+                st["members"]
+            );
+            let addrs: BTreeSet<Ipv4Addr> = set.iter().map(|(a, _)| *a).collect();
+            ensure!(
+                addrs.len() == n,
+                "{} lists duplicate addresses: {}",
+                node.name,
+                st["members"]
+            );
+            match &first {
+                None => first = Some((node.name.clone(), set)),
+                Some((who, want)) => ensure!(
+                    *want == set,
+                    "{} and {} disagree: {want:?} vs {set:?}",
+                    who,
+                    node.name
+                ),
+            }
+            statuses.push(st);
+        }
+        Ok(statuses)
+    }
+
+    /// `ping -c count -i interval -W 2 to` from `from`'s namespace; every
+    /// reply's RTT is parsed. Loss is not an error: check the result.
+    pub fn ping(
+        &self,
+        from: HostId,
+        to: Ipv4Addr,
+        count: u32,
+        interval: Duration,
+    ) -> Result<PingResult> {
+        self.ping_with(
+            from,
+            to,
+            &PingOpts {
+                count,
+                interval,
+                ..PingOpts::default()
+            },
+        )
+    }
+
+    /// `ping` with every option of [`PingOpts`].
+    pub fn ping_with(&self, from: HostId, to: Ipv4Addr, o: &PingOpts) -> Result<PingResult> {
+        let mut args: Vec<String> = vec![
+            "ping".into(),
+            "-n".into(),
+            "-c".into(),
+            o.count.to_string(),
+            "-i".into(),
+            format!("{:.3}", o.interval.as_secs_f64()),
+            "-W".into(),
+            format!("{}", o.wait.as_secs_f64().max(0.001)),
+        ];
+        if let Some(s) = o.size {
+            args.extend(["-s".into(), s.to_string()]);
+        }
+        if let Some(p) = &o.pattern {
+            args.extend(["-p".into(), p.clone()]);
+        }
+        if let Some(i) = &o.iface {
+            args.extend(["-I".into(), i.clone()]);
+        }
+        args.push(to.to_string());
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let budget = o.interval * o.count + o.wait + Duration::from_secs(10);
+        let out = self.exec_timeout(from, &argv, budget)?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r = PingResult::parse(&text);
+        ensure!(
+            r.transmitted > 0,
+            "`{}` from {} sent nothing: {text}",
+            argv.join(" "),
+            self.host_name(from)
+        );
+        Ok(r)
+    }
+
+    /// Last `lines` lines of a log file, headed by its name.
+    pub fn log_tail(&self, path: &Path, lines: usize) -> String {
+        let text = fs::read_to_string(path).unwrap_or_else(|e| format!("<unreadable: {e}>"));
+        let all: Vec<&str> = text.lines().collect();
+        let from = all.len().saturating_sub(lines);
+        let mut s = format!(
+            "----- {} (last {} of {} lines) -----\n",
+            path.display(),
+            all.len() - from,
+            all.len()
+        );
+        for l in &all[from..] {
+            s.push_str(l);
+            s.push('\n');
+        }
+        s
+    }
+
+    /// Tails of every `*.log` in the lab dir plus the state of each child:
+    /// what a failing test prints.
+    pub fn logs_report(&self) -> String {
+        let mut s = String::from("===== lab children =====\n");
+        {
+            let mut procs = self.procs();
+            let mut pids: Vec<u32> = procs.keys().copied().collect();
+            pids.sort_unstable();
+            for pid in pids {
+                let p = procs.get_mut(&pid).expect("pid listed");
+                let state = match p.child.try_wait() {
+                    Ok(Some(st)) => describe_status(st),
+                    Ok(None) => "running".into(),
+                    Err(e) => format!("unknown: {e}"),
+                };
+                s.push_str(&format!("pid {pid} [{state}] {}\n", p.what));
+            }
+        }
+        let mut logs: Vec<PathBuf> = fs::read_dir(&self.dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        logs.sort();
+        for l in logs {
+            s.push_str(&self.log_tail(&l, 80));
+        }
+        s
+    }
+
+    /// Marks the logs as already shown, so [`Drop`] does not print them
+    /// again while unwinding.
+    pub fn mark_logs_reported(&mut self) {
+        self.logs_reported = true;
+    }
+
+    // ---- internals ---------------------------------------------------
+
+    fn procs(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Proc>> {
+        // A panic while holding the lock leaves the map consistent.
+        self.procs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn netns_command(&self, h: HostId, argv: &[&str]) -> Result<Command> {
+        ensure!(!argv.is_empty(), "empty command");
+        ensure!(h.0 < self.hosts.len(), "no host {h:?} in this lab");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", self.netns(h)]).args(argv);
+        Ok(cmd)
+    }
+
+    fn ip(&self, args: &[&str]) -> Result<()> {
+        let out = run_bounded(Command::new("ip").args(args), Duration::from_secs(20))?;
+        ensure!(
+            out.status.success(),
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
+
+    fn ip_in_hub(&self, args: &[&str]) -> Result<()> {
+        let mut full = vec!["-n", self.hub.as_str()];
+        full.extend_from_slice(args);
+        self.ip(&full)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if thread::panicking() && !self.logs_reported {
+            eprintln!(
+                "lab {} torn down after a panic; logs:\n{}",
+                self.id,
+                self.logs_report()
+            );
+        }
+        let procs = self.procs.get_mut().unwrap_or_else(|e| e.into_inner());
+        for (pid, p) in procs.iter_mut() {
+            if matches!(p.child.try_wait(), Ok(None)) {
+                // SAFETY: plain syscall on our own unreaped child.
+                unsafe {
+                    libc::kill(*pid as libc::pid_t, libc::SIGTERM);
+                }
+            }
+        }
+        let deadline = Instant::now() + TERM_GRACE;
+        while Instant::now() < deadline
+            && procs
+                .values_mut()
+                .any(|p| matches!(p.child.try_wait(), Ok(None)))
+        {
+            thread::sleep(Duration::from_millis(20));
+        }
+        for p in procs.values_mut() {
+            if matches!(p.child.try_wait(), Ok(None)) {
+                let _ = p.child.kill();
+                let _ = p.child.wait();
+            }
+        }
+        for ns in self
+            .hosts
+            .iter()
+            .map(|h| h.ns.as_str())
+            .chain(std::iter::once(self.hub.as_str()))
+        {
+            // Whatever still runs in our namespace was started by a child
+            // of ours (e.g. a shell's own child): stop it by PID too.
+            kill_netns_pids(ns);
+            let _ = run_bounded(
+                Command::new("ip").args(["netns", "del", ns]),
+                Duration::from_secs(20),
+            );
+        }
+        if self.keep_dir {
+            eprintln!("lab {}: kept {}", self.id, self.dir.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// "exit 0", "exit 1", "signal 9".
+pub fn describe_status(st: ExitStatus) -> String {
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exit {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => format!("{st}"),
+    }
+}
+
+/// Children die with the thread that started them (a safety net for when
+/// the test process is killed before `Drop`), and run in their own process
+/// group so a terminal's Ctrl-C reaches only the demo, which then tears the
+/// lab down in order.
+fn harden(cmd: &mut Command) {
+    // SAFETY: only async-signal-safe calls (prctl, setpgid) between fork
+    // and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            libc::setpgid(0, 0);
+            Ok(())
+        });
+    }
+}
+
+/// Runs `cmd` to completion with piped output, killing it after `timeout`.
+fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output> {
+    harden(cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    let reader = |pipe: Option<Box<dyn Read + Send>>| {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out_t = reader(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err_t = reader(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = err_t.join().unwrap_or_default();
+            bail!(
+                "{cmd:?} did not finish within {timeout:?}; stderr: {}",
+                String::from_utf8_lossy(&stderr).trim()
+            );
+        }
+        thread::sleep(Duration::from_millis(5));
+    };
+    Ok(Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    })
+}
+
+/// Removes namespaces left behind by labs whose process is gone (killed
+/// before `Drop` ran): kills what still runs inside them, by PID, then
+/// deletes them. Only names with our `elalab-<pid>-` prefix are touched.
+fn reap_stale_labs() {
+    let Ok(entries) = fs::read_dir("/run/netns") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(LAB_PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        kill_netns_pids(&name);
+        let _ = run_bounded(
+            Command::new("ip").args(["netns", "del", &name]),
+            Duration::from_secs(10),
+        );
+    }
+}
+
+/// SIGKILLs, by PID, every process left inside one of our namespaces.
+fn kill_netns_pids(ns: &str) {
+    let Ok(out) = run_bounded(
+        Command::new("ip").args(["netns", "pids", ns]),
+        Duration::from_secs(10),
+    ) else {
+        return;
+    };
+    for p in String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse::<libc::pid_t>().ok())
+    {
+        // SAFETY: plain syscall; `p` runs inside a namespace only a lab
+        // of ours created.
+        unsafe {
+            libc::kill(p, libc::SIGKILL);
+        }
+    }
+}
+
+/// Reads a pcap file (either byte order, µs or ns timestamps) into its
+/// packets' captured bytes, and the link type.
+pub fn read_pcap(path: &Path) -> Result<(u32, Vec<Vec<u8>>)> {
+    let data = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    ensure!(
+        data.len() >= 24,
+        "{} is not a pcap file (too short)",
+        path.display()
+    );
+    let magic = u32::from_le_bytes(data[0..4].try_into().expect("4 bytes"));
+    let le = match magic {
+        0xa1b2_c3d4 | 0xa1b2_3c4d => true,
+        0xd4c3_b2a1 | 0x4d3c_b2a1 => false,
+        _ => bail!("{} is not a pcap file (magic {magic:#x})", path.display()),
+    };
+    let u32_at = |b: &[u8], i: usize| {
+        let w: [u8; 4] = b[i..i + 4].try_into().expect("4 bytes");
+        if le {
+            u32::from_le_bytes(w)
+        } else {
+            u32::from_be_bytes(w)
+        }
+    };
+    let linktype = u32_at(&data, 20);
+    let mut packets = Vec::new();
+    let mut off = 24;
+    while off + 16 <= data.len() {
+        let incl = u32_at(&data, off + 8) as usize;
+        off += 16;
+        if off + incl > data.len() {
+            break; // truncated last record: tcpdump was stopped mid-write
+        }
+        packets.push(data[off..off + incl].to_vec());
+        off += incl;
+    }
+    Ok((linktype, packets))
+}
+
+/// For an Ethernet (linktype 1), Linux cooked (113) or raw IP (101 / 12)
+/// frame: the UDP destination port if it is IPv4/UDP.
+pub fn udp_dst_port(linktype: u32, frame: &[u8]) -> Option<u16> {
+    let ip = match linktype {
+        1 => {
+            if frame.len() < 14 || frame[12..14] != [0x08, 0x00] {
+                return None;
+            }
+            &frame[14..]
+        }
+        113 => {
+            if frame.len() < 16 || frame[14..16] != [0x08, 0x00] {
+                return None;
+            }
+            &frame[16..]
+        }
+        101 | 12 | 228 => frame,
+        _ => return None,
+    };
+    if ip.len() < 20 || ip[0] >> 4 != 4 || ip[9] != 17 {
+        return None;
+    }
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let udp = ip.get(ihl..ihl + 4)?;
+    Some(u16::from_be_bytes([udp[2], udp[3]]))
+}
+
+/// True when `needle` occurs in `hay`.
+pub fn contains_bytes(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ping_output() {
+        let out = "PING 10.0.0.2 (10.0.0.2) 56(84) bytes of data.\n\
+            64 bytes from 10.0.0.2: icmp_seq=1 ttl=64 time=0.295 ms\n\
+            64 bytes from 10.0.0.2: icmp_seq=2 ttl=64 time=12.5 ms\n\
+            64 bytes from 10.0.0.2: icmp_seq=2 ttl=64 time=13.5 ms (DUP!)\n\
+            \n--- 10.0.0.2 ping statistics ---\n\
+            3 packets transmitted, 2 received, +1 duplicates, 33.3333% packet loss, time 404ms\n";
+        let r = PingResult::parse(out);
+        assert_eq!(r.transmitted, 3);
+        assert_eq!(r.received, 2);
+        assert_eq!(r.lost(), 1);
+        assert_eq!(r.rtts_ms, vec![0.295, 12.5]);
+    }
+
+    #[test]
+    fn reads_counters_tolerantly() {
+        let st: Value = serde_json::json!({
+            "addr": "10.0.0.1", "node_id": "ab",
+            "packets": {"tun_rx": 5}, "drops": {"bad_tag": 2}, "drops_total": 2,
+            "members": [{"addr": "10.0.0.1", "node_id": "ab", "self": true, "new": 1}]
+        });
+        assert_eq!(counter(&st, "packets.tun_rx"), 5);
+        assert_eq!(counter(&st, "drops.bad_tag"), 2);
+        assert_eq!(counter(&st, "drops.nonexistent"), 0);
+        assert_eq!(counter(&st, "drops_total"), 2);
+        let m = members(&st).unwrap();
+        assert_eq!(m.len(), 1);
+        assert!(m[0].is_self);
+        assert_eq!(self_addr(&st).unwrap(), Ipv4Addr::new(10, 0, 0, 1));
+    }
+
+    #[test]
+    fn finds_udp_port_and_bytes() {
+        let mut f = vec![0u8; 14 + 20 + 8];
+        f[12] = 0x08;
+        f[14] = 0x45;
+        f[14 + 9] = 17;
+        f[14 + 20 + 2..14 + 20 + 4].copy_from_slice(&7000u16.to_be_bytes());
+        assert_eq!(udp_dst_port(1, &f), Some(7000));
+        assert_eq!(udp_dst_port(101, &f[14..]), Some(7000));
+        assert!(contains_bytes(&f, &[0x1b, 0x58]));
+        assert!(!contains_bytes(&f, &[0xde, 0xad]));
+    }
+}
