@@ -1,11 +1,13 @@
 //! Control packets: the dataplane's wire header (type = control) around a
 //! Blowfish-CTR + HMAC sealed [`ControlMsg`], under the group's control
-//! key. Only a holder of the group secret can produce one that opens, so
-//! an answered JoinRequest proves the joiner has the key.
+//! key of the current hour. Only a holder of the group secret can produce
+//! one that opens, so an answered JoinRequest proves the joiner has the
+//! key.
 //!
 //! Control packets are not per-sender sequenced like data; instead each
-//! carries a random 64-bit nonce (its counter) and its send time. Packets
-//! older than [`MAX_AGE`] or whose nonce was already seen are dropped.
+//! carries a random 64-bit nonce (its counter), its send time, and the
+//! hour (its key epoch, in the header). Packets older than [`MAX_AGE`], or
+//! whose nonce was already seen, are dropped.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -18,6 +20,8 @@ use ela_dataplane::wire::{Header, PacketType, HEADER_LEN, TAG_LEN};
 /// How far a control packet's timestamp may be from our clock. Members'
 /// clocks need to agree this well (NTP does far better).
 pub const MAX_AGE: Duration = Duration::from_secs(60);
+/// Control keys roll every hour.
+const EPOCH_MS: u64 = 3_600_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ControlDrop {
@@ -29,7 +33,9 @@ pub enum ControlDrop {
 }
 
 pub struct ControlCodec {
-    keys: PacketKeys,
+    secret: GroupSecret,
+    /// Keys of the epochs around now (at most three are ever accepted).
+    keys: Vec<(u32, PacketKeys)>,
     seen: HashMap<u64, u64>,
     last_purge_ms: u64,
 }
@@ -41,23 +47,43 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+fn epoch_at(ms: u64) -> u32 {
+    (ms / EPOCH_MS) as u32
+}
+
 impl ControlCodec {
     pub fn new(secret: &GroupSecret) -> ControlCodec {
         ControlCodec {
-            keys: PacketKeys::derive_control(secret),
+            secret: secret.clone(),
+            keys: Vec::new(),
             seen: HashMap::new(),
             last_purge_ms: 0,
         }
     }
 
-    pub fn seal(&self, msg: &ControlMsg, src: Ipv4Addr, dst: Ipv4Addr, now_ms: u64) -> Vec<u8> {
+    /// Keys for `epoch`, if it is within one of the epoch at `now_ms`.
+    fn keys(&mut self, epoch: u32, now_ms: u64) -> Option<&PacketKeys> {
+        let cur = epoch_at(now_ms);
+        if epoch.abs_diff(cur) > 1 {
+            return None;
+        }
+        if !self.keys.iter().any(|(e, _)| *e == epoch) {
+            self.keys.retain(|(e, _)| e.abs_diff(cur) <= 1);
+            self.keys
+                .push((epoch, PacketKeys::derive_control_epoch(&self.secret, epoch)));
+        }
+        self.keys.iter().find(|(e, _)| *e == epoch).map(|(_, k)| k)
+    }
+
+    pub fn seal(&mut self, msg: &ControlMsg, src: Ipv4Addr, dst: Ipv4Addr, now_ms: u64) -> Vec<u8> {
         let body = msg.encode();
         let payload_len = 8 + body.len();
         let mut buf = vec![0u8; HEADER_LEN + payload_len + TAG_LEN];
+        let epoch = epoch_at(now_ms);
         Header {
             ptype: PacketType::Control,
             hops: 0,
-            epoch: 0,
+            epoch,
             src,
             dst,
             counter: rand::random(),
@@ -65,12 +91,24 @@ impl ControlCodec {
         .write(&mut buf);
         buf[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&now_ms.to_be_bytes());
         buf[HEADER_LEN + 8..HEADER_LEN + payload_len].copy_from_slice(&body);
-        let n = self
-            .keys
+        let keys = self
+            .keys(epoch, now_ms)
+            .expect("the current epoch is accepted");
+        let n = keys
             .seal(&mut buf, payload_len)
             .expect("control messages are far below MAX_PAYLOAD");
         buf.truncate(n);
         buf
+    }
+
+    /// Authenticates without decrypting or recording the nonce: for
+    /// relaying a control packet to its destination unchanged.
+    pub fn verify(&mut self, pkt: &[u8], now_ms: u64) -> Option<Header> {
+        let hdr = Header::parse(pkt).ok()?;
+        if hdr.ptype != PacketType::Control {
+            return None;
+        }
+        self.keys(hdr.epoch, now_ms)?.verify(pkt).then_some(hdr)
     }
 
     pub fn open(
@@ -82,14 +120,15 @@ impl ControlCodec {
         if hdr.ptype != PacketType::Control {
             return Err(ControlDrop::Malformed);
         }
-        let range = self.keys.open(pkt).map_err(|_| ControlDrop::BadTag)?;
+        let keys = self.keys(hdr.epoch, now_ms).ok_or(ControlDrop::Stale)?;
+        let range = keys.open(pkt).map_err(|_| ControlDrop::BadTag)?;
         let plain = &pkt[range];
         if plain.len() < 8 {
             return Err(ControlDrop::Malformed);
         }
         let sent_ms = u64::from_be_bytes(plain[..8].try_into().expect("8 bytes"));
         let max = MAX_AGE.as_millis() as u64;
-        if sent_ms.abs_diff(now_ms) > max {
+        if sent_ms.abs_diff(now_ms) > max || epoch_at(sent_ms) != hdr.epoch {
             return Err(ControlDrop::Stale);
         }
         if now_ms.saturating_sub(self.last_purge_ms) > 1000 {
@@ -118,16 +157,39 @@ mod tests {
         let now = 1_700_000_000_000;
         let mut p = a.seal(&msg, src, Ipv4Addr::UNSPECIFIED, now);
         let mut p2 = p.clone();
+        assert!(a.verify(&p, now).is_some());
         let (h, m) = a.open(&mut p, now + 5).unwrap();
         assert_eq!(m, msg);
         assert_eq!(h.src, src);
         assert_eq!(a.open(&mut p2, now + 6), Err(ControlDrop::Replay));
         let mut old = a.seal(&msg, src, src, now - 61_000);
         assert_eq!(a.open(&mut old, now), Err(ControlDrop::Stale));
+        // Two hours old: not even a key for it.
+        let mut older = a.seal(&msg, src, src, now - 2 * EPOCH_MS);
+        assert_eq!(a.open(&mut older, now), Err(ControlDrop::Stale));
         let mut other = ControlCodec::new(&GroupSecret::from_bytes([2; 32]));
         let mut p3 = a.seal(&msg, src, src, now);
+        assert!(other.verify(&p3, now).is_none());
         assert_eq!(other.open(&mut p3, now), Err(ControlDrop::BadTag));
         let mut short = vec![1u8; 10];
         assert_eq!(a.open(&mut short, now), Err(ControlDrop::Malformed));
+    }
+
+    #[test]
+    fn keys_roll_with_the_hour() {
+        let s = GroupSecret::from_bytes([3; 32]);
+        let mut a = ControlCodec::new(&s);
+        let mut b = ControlCodec::new(&s);
+        let msg = ControlMsg::Keepalive;
+        let ip = Ipv4Addr::new(10, 0, 0, 1);
+        // Sent just before the hour, opened just after.
+        let t = 1_700_000_000_000 / EPOCH_MS * EPOCH_MS + EPOCH_MS - 1_000;
+        let mut p = a.seal(&msg, ip, ip, t);
+        assert_eq!(b.open(&mut p, t + 2_000).unwrap().1, msg);
+        let q = a.seal(&msg, ip, ip, t + 2_000);
+        assert_ne!(
+            Header::parse(&p).unwrap().epoch,
+            Header::parse(&q).unwrap().epoch
+        );
     }
 }

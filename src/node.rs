@@ -6,33 +6,38 @@
 //! the dataplane only by swapping the route table (arc-swap) and through
 //! each core's lock-free command queue.
 
-use std::collections::BTreeSet;
-use std::io::ErrorKind;
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use arc_swap::ArcSwap;
 use ela_control::addr;
+use ela_control::edge::{EdgeAction, EdgeLinks};
 use ela_control::membership::{self, Event, Membership, NodeIdentity};
 use ela_control::msg::{ControlMsg, MAX_REPLY_MEMBERS};
-use ela_control::{Role, RouteTable};
+use ela_control::router::{EdgeNode, LinkId};
+use ela_control::{NextHop, Role, RouteTable};
 use ela_dataplane::crypto::GroupSecret;
+use ela_dataplane::framing::{self, FrameDecoder};
 use ela_dataplane::io::tun::Npd;
 use ela_dataplane::io::udp::{self, UdpGroup};
-use ela_dataplane::io::uring::{self, Command, CoreConfig, CoreHandle, Wake};
+use ela_dataplane::io::uring::{self, Command, CoreConfig, CoreEvent, Shared, MAX_LINKS};
 use ela_dataplane::stats::CoreStats;
+use ela_dataplane::wire::{Header, PacketType, HOPS_OFFSET, MAX_HOPS};
 use ipnet::Ipv4Net;
 use rand::Rng;
 use tracing::{debug, info, warn};
 
 use crate::cli::{self, RoleArg, RunArgs};
 use crate::control_codec::{unix_ms, ControlCodec, ControlDrop};
-use crate::status::{self, ControlCounters, MemberView, NodeInfo, StatusShared};
+use crate::status::{self, ControlCounters, EdgeView, MemberView, NodeInfo, StatusShared};
 
 /// Retry period for JoinRequests while no bootstrap has answered.
 const JOIN_RETRY: Duration = Duration::from_millis(300);
@@ -51,6 +56,7 @@ pub struct NodeConfig {
     pub control: PathBuf,
     pub join_timeout: Duration,
     pub mtu: u16,
+    pub role: RoleArg,
 }
 
 impl NodeConfig {
@@ -87,12 +93,6 @@ impl NodeConfig {
                 Some(list)
             }
         };
-        match a.role {
-            RoleArg::Edge => bail!(
-                "--role edge: edge nodes (TCP to a core node) are not available in this version; use --role core or auto"
-            ),
-            RoleArg::Auto | RoleArg::Core => {}
-        }
         if a.bootstrap
             .iter()
             .any(|b| b.ip().is_unspecified() || b.port() == 0)
@@ -111,6 +111,7 @@ impl NodeConfig {
             control,
             join_timeout: Duration::from_secs(a.join_timeout.max(1)),
             mtu: a.mtu,
+            role: a.role,
         })
     }
 
@@ -124,67 +125,49 @@ fn hex_id(id: u64) -> String {
 }
 
 /// What the join produced.
-struct Joined {
-    addr: Ipv4Addr,
-    underlay: SocketAddr,
-    seeds: Vec<NodeIdentity>,
-}
+/// In `--role auto`, how long a joiner waits for a UDP answer before it
+/// concludes UDP is blocked and joins over TCP as an edge node.
+const UDP_PROBE: Duration = Duration::from_millis(1500);
 
 pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let n = cfg.n_cores();
     let group = udp::bind_group(cfg.listen, n)?;
+    // CNs accept edge links on the same port over TCP.
+    let listener = if cfg.role != RoleArg::Edge {
+        Some(bind_tcp(group.local)?)
+    } else {
+        None
+    };
     let node_id: u64 = rand::thread_rng().gen();
     let started_ms = unix_ms();
     let secret = cfg.secret.clone();
     let mut codec = ControlCodec::new(&secret);
     let ctl_counters = Arc::new(ControlCounters::default());
 
-    let joined = if cfg.bootstrap.is_empty() {
-        let a = addr::choose(cfg.net, cfg.addr, &BTreeSet::new(), &mut rand::thread_rng())?;
-        info!(addr = %a, "founding a new group");
-        Joined {
-            addr: a,
-            underlay: group.local,
-            seeds: Vec::new(),
-        }
-    } else {
-        join(&cfg, &group, node_id, &mut codec, &ctl_counters, &stop)?
-    };
+    let joined = decide_and_join(&cfg, &group, node_id, &mut codec, &ctl_counters, &stop)?;
+    let role = joined.role;
+    let listener = if role == Role::Core { listener } else { None };
 
     let npd = Npd::create(&cfg.iface, joined.addr, cfg.net.prefix_len(), cfg.mtu, n)?;
-    info!(iface = %cfg.iface, addr = %joined.addr, net = %cfg.net, mtu = cfg.mtu, queues = n, "NPD up");
+    info!(iface = %cfg.iface, addr = %joined.addr, net = %cfg.net, mtu = cfg.mtu, queues = n, %role, "NPD up");
 
-    let mut identity = NodeIdentity::new(
-        node_id,
-        joined.addr,
-        joined.underlay,
-        Role::Core,
-        started_ms,
-    );
-    identity.claimed_ms = started_ms;
-    let mut members = Membership::new(identity.clone(), membership::swim_config(8), rand::random());
-    let now = Instant::now();
+    let identity = NodeIdentity::new(node_id, joined.addr, joined.underlay, role, started_ms);
+    let mut members = Membership::new(identity, membership::swim_config(8), rand::random());
+    let seed_cns = membership::core_nodes(&joined.seeds);
     if !joined.seeds.is_empty() {
-        members.join(now, joined.seeds);
+        members.join(Instant::now(), joined.seeds);
     }
 
-    let mut generation = 1;
-    let routes = Arc::new(ArcSwap::from_pointee(membership::core_routes(
-        members.identity(),
-        &members.members(),
-        generation,
-    )));
+    let routes = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
     let stats: Arc<[CoreStats]> = (0..n).map(|_| CoreStats::default()).collect();
     let sequence = Arc::new(AtomicU64::new(0));
+    let core_shared = Shared::new(n)?;
 
     // Dataplane cores.
     let tun_fds = npd.queue_fds();
-    let mut handles: Vec<CoreHandle> = Vec::new();
     let mut threads = Vec::new();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     for i in 0..n {
-        let wake = Wake::new()?;
-        handles.push(wake.handle());
         let core_cfg = CoreConfig {
             index: i,
             tun_fd: tun_fds[i],
@@ -193,6 +176,7 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             secret: secret.clone(),
             sequence: sequence.clone(),
             stats: stats.clone(),
+            shared: core_shared.clone(),
         };
         let pin = cfg.cores.as_ref().map(|c| c[i]);
         let ready = ready_tx.clone();
@@ -206,8 +190,7 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                     }
                 }
                 let _ = ready.send(Ok(()));
-                // Keep `wake` alive for the whole loop: handles hold its fd.
-                if let Err(e) = uring::run(core_cfg, wake) {
+                if let Err(e) = uring::run(core_cfg) {
                     tracing::error!(core = i, "dataplane core stopped: {e}");
                 }
             })
@@ -223,36 +206,57 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         }
     }
 
+    let (connect_tx, connect_rx) = std::sync::mpsc::channel();
+    let mut ctl = Control {
+        cfg: &cfg,
+        role,
+        socket: &group.control,
+        listener,
+        codec,
+        members,
+        counters: ctl_counters.clone(),
+        routes: routes.clone(),
+        npd: &npd,
+        generation: 0,
+        status: None,
+        group: &group,
+        secret: &secret,
+        cores: core_shared.clone(),
+        links: BTreeMap::new(),
+        next_link: 0,
+        edge: (role == Role::Edge).then(|| EdgeLinks::new(joined.addr)),
+        connect_tx,
+        connect_rx,
+        next_keepalive: Instant::now(),
+    };
+    if let Some(e) = ctl.edge.as_mut() {
+        // Until SWIM has spoken, the JoinReply's CN list is what we know.
+        e.set_cns(Instant::now(), seed_cns);
+    }
+    ctl.edge_actions();
+    ctl.refresh();
     let shared = Arc::new(StatusShared {
-        info: ArcSwap::from_pointee(node_info(&cfg, &group, &members, &secret)),
+        info: ArcSwap::from_pointee(ctl.node_info()),
         cores: stats.clone(),
-        control: ctl_counters.clone(),
+        control: ctl_counters,
         started: Instant::now(),
     });
+    ctl.status = Some(shared.clone());
     let status_stop = Arc::new(AtomicBool::new(false));
     let status_thread = status::serve(&cfg.control, shared.clone(), status_stop.clone())?;
     info!(control = %cfg.control.display(), "node up");
 
-    let mut ctl = ControlLoop {
-        cfg: &cfg,
-        socket: &group.control,
-        codec,
-        members,
-        counters: ctl_counters,
-        routes: routes.clone(),
-        npd: &npd,
-        generation: &mut generation,
-        shared: &shared,
-        group: &group,
-        secret: &secret,
-    };
     let res = ctl.run(&stop);
 
     // Leave: tell the group, then stop the dataplane and remove ela0.
     ctl.members.leave(Instant::now());
     ctl.flush();
-    for h in &handles {
-        let _ = h.send(Command::Stop);
+    // Give the dataplane a moment to put leave messages on edge links.
+    if role == Role::Edge {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for i in 0..n {
+        let _ = core_shared.send(i, Command::Stop);
     }
     for t in threads {
         let _ = t.join();
@@ -264,36 +268,33 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     res
 }
 
-fn node_info(cfg: &NodeConfig, group: &UdpGroup, m: &Membership, secret: &GroupSecret) -> NodeInfo {
-    let me = m.identity();
-    let mut ms = membership::resolve(&m.members());
-    ms.sort_by(membership::display_order);
-    NodeInfo {
-        addr: me.overlay.to_string(),
-        role: me.role.to_string(),
-        listen: group.local.to_string(),
-        underlay: me.underlay.to_string(),
-        iface: cfg.iface.clone(),
-        net: cfg.net.to_string(),
-        node_id: hex_id(me.node_id),
-        mtu: cfg.mtu,
-        cores: cfg.cores.clone().unwrap_or_default(),
-        key_fingerprint: secret.fingerprint(),
-        members: ms
-            .iter()
-            .map(|x| MemberView {
-                addr: x.overlay.to_string(),
-                role: x.role.to_string(),
-                underlay: x.underlay.to_string(),
-                node_id: hex_id(x.node_id),
-                is_self: x.node_id == me.node_id,
-            })
-            .collect(),
-    }
+fn bind_tcp(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let l = TcpListener::bind(addr).map_err(|e| match e.raw_os_error() {
+        Some(libc::EADDRINUSE) => anyhow!("TCP port {addr} is already in use"),
+        _ => anyhow!("binding TCP {addr}: {e}"),
+    })?;
+    l.set_nonblocking(true)?;
+    Ok(l)
 }
 
-/// Asks the bootstrap members to let us in; picks our address (§3.2).
-fn join(
+/// What the join produced.
+struct Joined {
+    role: Role,
+    addr: Ipv4Addr,
+    underlay: SocketAddr,
+    seeds: Vec<NodeIdentity>,
+}
+
+/// True if `ip` is an address of this host (binding to it succeeds): a
+/// node whose underlay address others see is not its own is behind a NAT
+/// and cannot be reached unsolicited, so it must not be a CN.
+fn is_local_ip(ip: std::net::IpAddr) -> bool {
+    UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
+/// Picks the role (`--role auto`: UDP answered, and not behind a NAT →
+/// core; otherwise edge over TCP) and joins.
+fn decide_and_join(
     cfg: &NodeConfig,
     group: &UdpGroup,
     node_id: u64,
@@ -301,8 +302,151 @@ fn join(
     counters: &ControlCounters,
     stop: &AtomicBool,
 ) -> anyhow::Result<Joined> {
-    let sock = &group.control;
+    if cfg.bootstrap.is_empty() {
+        if cfg.role == RoleArg::Edge {
+            bail!("--role edge needs --bootstrap: an edge node joins through a core node");
+        }
+        let a = addr::choose(cfg.net, cfg.addr, &BTreeSet::new(), &mut rand::thread_rng())?;
+        info!(addr = %a, "founding a new group");
+        return Ok(Joined {
+            role: Role::Core,
+            addr: a,
+            underlay: group.local,
+            seeds: Vec::new(),
+        });
+    }
     let deadline = Instant::now() + cfg.join_timeout;
+    if cfg.role != RoleArg::Edge {
+        let wait = if cfg.role == RoleArg::Auto {
+            UDP_PROBE.min(cfg.join_timeout)
+        } else {
+            cfg.join_timeout
+        };
+        match join_udp(cfg, group, node_id, codec, counters, stop, wait) {
+            Ok((reply, from)) => {
+                let natted = !is_local_ip(reply.observed.ip());
+                if cfg.role == RoleArg::Core || !natted {
+                    return accept_reply(cfg, Role::Core, reply, group.local, from);
+                }
+                info!(observed = %reply.observed, "UDP answered, but through a NAT: joining as an edge node");
+            }
+            Err(e) if cfg.role == RoleArg::Core => return Err(e),
+            Err(e) => {
+                if e.to_string().contains("different group key") {
+                    return Err(e);
+                }
+                info!("no UDP answer from the bootstrap within {} ms: joining as an edge node over TCP", wait.as_millis());
+            }
+        }
+    }
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_secs(1));
+    let (reply, from) = join_tcp(cfg, node_id, codec, counters, stop, left)?;
+    accept_reply(cfg, Role::Edge, reply, group.local, from)
+}
+
+struct Reply {
+    observed: SocketAddr,
+    net: Ipv4Net,
+    members: Vec<NodeIdentity>,
+}
+
+fn accept_reply(
+    cfg: &NodeConfig,
+    role: Role,
+    reply: Reply,
+    local: SocketAddr,
+    from: SocketAddr,
+) -> anyhow::Result<Joined> {
+    if reply.net != cfg.net {
+        bail!(
+            "the group at {from} uses overlay net {}, not {} (pass --net {})",
+            reply.net,
+            cfg.net,
+            reply.net
+        );
+    }
+    let underlay = match role {
+        Role::Core if cfg.listen.ip().is_unspecified() => {
+            SocketAddr::new(reply.observed.ip(), local.port())
+        }
+        Role::Core => local,
+        // An EN is reached through its CN; its underlay is informational.
+        Role::Edge => reply.observed,
+    };
+    // Our own predecessor (a crash and restart on the same underlay)
+    // does not hold our address against us: we supersede it.
+    let predecessor =
+        |m: &NodeIdentity| role == Role::Core && m.role == Role::Core && m.underlay == underlay;
+    let taken: BTreeSet<Ipv4Addr> = reply
+        .members
+        .iter()
+        .filter(|m| !predecessor(m))
+        .map(|m| m.overlay)
+        .collect();
+    let a = addr::choose(cfg.net, cfg.addr, &taken, &mut rand::thread_rng())?;
+    if let Some(req) = cfg.addr {
+        if req != a {
+            info!(requested = %req, got = %a, "requested address is taken; took a free one");
+        }
+    }
+    info!(via = %from, addr = %a, %role, members = reply.members.len(), "joined");
+    let seeds = reply
+        .members
+        .into_iter()
+        .filter(|m| !predecessor(m))
+        .collect();
+    Ok(Joined {
+        role,
+        addr: a,
+        underlay,
+        seeds,
+    })
+}
+
+fn parse_reply(msg: ControlMsg) -> Option<Reply> {
+    match msg {
+        ControlMsg::JoinReply {
+            observed,
+            net_addr,
+            net_prefix,
+            members,
+        } => Some(Reply {
+            observed,
+            net: Ipv4Net::new(net_addr, net_prefix).ok()?,
+            members,
+        }),
+        _ => None,
+    }
+}
+
+fn join_error(cfg: &NodeConfig, bad_tag: u64, how: &str, wait: Duration) -> anyhow::Error {
+    if bad_tag > 0 {
+        return anyhow!(
+            "could not join: {bad_tag} answer(s) from the bootstrap failed authentication — it uses a different group key"
+        );
+    }
+    anyhow!(
+        "could not join: no member answered at {} over {how} within {} ms (wrong group key, UDP blocked, or no node there?)",
+        cfg.bootstrap.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(", "),
+        wait.as_millis()
+    )
+}
+
+/// Asks the bootstrap members over UDP; the answer proves UDP both ways.
+#[allow(clippy::too_many_arguments)]
+fn join_udp(
+    cfg: &NodeConfig,
+    group: &UdpGroup,
+    node_id: u64,
+    codec: &mut ControlCodec,
+    counters: &ControlCounters,
+    stop: &AtomicBool,
+    wait: Duration,
+) -> anyhow::Result<(Reply, SocketAddr)> {
+    let sock = &group.control;
+    let deadline = Instant::now() + wait;
     let mut next_send = Instant::now();
     let mut buf = vec![0u8; 65536];
     let mut bad_tag = 0u64;
@@ -312,17 +456,7 @@ fn join(
         }
         let now = Instant::now();
         if now >= deadline {
-            if bad_tag > 0 {
-                bail!(
-                    "could not join: {} answer(s) from the bootstrap failed authentication — it uses a different group key",
-                    bad_tag
-                );
-            }
-            bail!(
-                "could not join: no member answered at {} within {} s (wrong group key, or no node there?)",
-                cfg.bootstrap.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(", "),
-                cfg.join_timeout.as_secs()
-            );
+            return Err(join_error(cfg, bad_tag, "UDP", wait));
         }
         if now >= next_send {
             for b in &cfg.bootstrap {
@@ -344,72 +478,117 @@ fn join(
             }
             next_send = now + JOIN_RETRY;
         }
-        let wait = next_send
+        let w = next_send
             .min(deadline)
             .saturating_duration_since(Instant::now());
-        sock.set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
+        sock.set_read_timeout(Some(w.max(Duration::from_millis(1))))?;
         let (len, from) = match sock.recv_from(&mut buf) {
             Ok(x) => x,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
             Err(e) => return Err(e).context("receiving on the control socket"),
         };
         counters.rx.fetch_add(1, Ordering::Relaxed);
-        let (_, msg) = match codec.open(&mut buf[..len], unix_ms()) {
-            Ok(x) => x,
+        match codec.open(&mut buf[..len], unix_ms()) {
+            Ok((_, msg)) => {
+                if let Some(r) = parse_reply(msg) {
+                    return Ok((r, from));
+                }
+            }
             Err(d) => {
                 count_drop(counters, d);
                 if d == ControlDrop::BadTag {
                     bad_tag += 1;
                 }
+            }
+        }
+    }
+}
+
+/// Asks the bootstrap members over TCP (an edge node's join).
+fn join_tcp(
+    cfg: &NodeConfig,
+    node_id: u64,
+    codec: &mut ControlCodec,
+    counters: &ControlCounters,
+    stop: &AtomicBool,
+    wait: Duration,
+) -> anyhow::Result<(Reply, SocketAddr)> {
+    let deadline = Instant::now() + wait;
+    let mut bad_tag = 0;
+    while Instant::now() < deadline {
+        for b in &cfg.bootstrap {
+            if stop.load(Ordering::Relaxed) {
+                bail!("interrupted while joining");
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let Ok(mut s) = TcpStream::connect_timeout(b, left.min(Duration::from_secs(1))) else {
+                continue;
+            };
+            let _ = s.set_nodelay(true);
+            let msg = ControlMsg::JoinRequest {
+                node_id,
+                requested: cfg.addr,
+                role: Role::Edge,
+                via: *b,
+            };
+            let p = codec.seal(
+                &msg,
+                Ipv4Addr::UNSPECIFIED,
+                Ipv4Addr::UNSPECIFIED,
+                unix_ms(),
+            );
+            let mut frame = framing::prefix(p.len()).to_vec();
+            frame.extend_from_slice(&p);
+            if s.write_all(&frame).is_err() {
                 continue;
             }
-        };
-        let ControlMsg::JoinReply {
-            observed,
-            net_addr,
-            net_prefix,
-            members,
-        } = msg
-        else {
-            continue;
-        };
-        let their_net = Ipv4Net::new(net_addr, net_prefix)
-            .map_err(|_| anyhow!("bootstrap {from} sent an invalid overlay net"))?;
-        if their_net != cfg.net {
-            bail!(
-                "the group at {from} uses overlay net {their_net}, not {} (pass --net {their_net})",
-                cfg.net
-            );
-        }
-        let underlay = if cfg.listen.ip().is_unspecified() {
-            SocketAddr::new(observed.ip(), group.local.port())
-        } else {
-            group.local
-        };
-        // Our own predecessor (a crash and restart on the same underlay)
-        // does not hold our address against us: we supersede it.
-        let taken: BTreeSet<Ipv4Addr> = members
-            .iter()
-            .filter(|m| m.underlay != underlay)
-            .map(|m| m.overlay)
-            .collect();
-        let a = addr::choose(cfg.net, cfg.addr, &taken, &mut rand::thread_rng())?;
-        if let Some(req) = cfg.addr {
-            if req != a {
-                info!(requested = %req, got = %a, "requested address is taken; took a free one");
+            counters.tx.fetch_add(1, Ordering::Relaxed);
+            let mut dec = FrameDecoder::new(0);
+            let until = Instant::now() + Duration::from_secs(2).min(left);
+            'read: while Instant::now() < until {
+                let _ = s.set_read_timeout(Some(
+                    until
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(1)),
+                ));
+                let n = match s.read(dec.spare()) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(_) => break,
+                };
+                dec.filled(n);
+                while let Some(f) = dec.next_frame() {
+                    let Ok(f) = f else { break 'read };
+                    counters.rx.fetch_add(1, Ordering::Relaxed);
+                    match codec.open(f, unix_ms()) {
+                        Ok((_, msg)) => {
+                            if let Some(r) = parse_reply(msg) {
+                                return Ok((r, *b));
+                            }
+                        }
+                        Err(d) => {
+                            count_drop(counters, d);
+                            if d == ControlDrop::BadTag {
+                                bad_tag += 1;
+                            }
+                        }
+                    }
+                }
             }
         }
-        info!(via = %from, addr = %a, members = members.len(), "joined");
-        let seeds = members
-            .into_iter()
-            .filter(|m| m.underlay != underlay)
-            .collect();
-        return Ok(Joined {
-            addr: a,
-            underlay,
-            seeds,
-        });
+        std::thread::sleep(JOIN_RETRY);
     }
+    Err(join_error(cfg, bad_tag, "TCP", wait))
 }
 
 fn count_drop(c: &ControlCounters, d: ControlDrop) {
@@ -422,53 +601,289 @@ fn count_drop(c: &ControlCounters, d: ControlDrop) {
     f.fetch_add(1, Ordering::Relaxed);
 }
 
-struct ControlLoop<'a> {
+/// Keepalives on every EN↔CN link this often…
+const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(100);
+/// …and a link silent for this long is dead (the peer vanished without a
+/// FIN: power loss, partition). Killed processes are noticed at once.
+const LINK_DEAD_AFTER: Duration = Duration::from_millis(500);
+/// A TCP connection that has not said who it is by then is dropped.
+const PENDING_LINK_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+enum LinkKind {
+    /// CN side: accepted, not attached yet.
+    Pending,
+    /// CN side: an EN, and whether we are its primary.
+    Edge { en: NodeIdentity, primary: bool },
+    /// EN side: a link to this CN.
+    Core { cn: Ipv4Addr },
+}
+
+struct CtlLink {
+    kind: LinkKind,
+    peer: SocketAddr,
+    since: Instant,
+}
+
+enum From {
+    Udp(SocketAddr),
+    Link(LinkId),
+}
+
+struct Control<'a> {
     cfg: &'a NodeConfig,
+    role: Role,
     socket: &'a UdpSocket,
+    listener: Option<TcpListener>,
     codec: ControlCodec,
     members: Membership,
     counters: Arc<ControlCounters>,
     routes: Arc<ArcSwap<RouteTable>>,
     npd: &'a Npd,
-    generation: &'a mut u64,
-    shared: &'a StatusShared,
+    generation: u64,
+    status: Option<Arc<StatusShared>>,
     group: &'a UdpGroup,
     secret: &'a GroupSecret,
+    cores: Arc<Shared>,
+    links: BTreeMap<LinkId, CtlLink>,
+    next_link: LinkId,
+    edge: Option<EdgeLinks>,
+    connect_tx: Sender<(Ipv4Addr, std::io::Result<TcpStream>)>,
+    connect_rx: Receiver<(Ipv4Addr, std::io::Result<TcpStream>)>,
+    next_keepalive: Instant,
 }
 
-impl ControlLoop<'_> {
+impl Control<'_> {
     fn run(&mut self, stop: &AtomicBool) -> anyhow::Result<()> {
+        self.socket.set_nonblocking(true)?;
         let mut buf = vec![0u8; 65536];
-        self.members.handle_timeout(Instant::now());
-        self.flush();
-        self.apply_events();
+        self.tick();
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
-            let wait = self
-                .members
-                .poll_timeout()
-                .map(|t| t.saturating_duration_since(now))
-                .unwrap_or(CONTROL_TICK)
-                .clamp(Duration::from_millis(1), CONTROL_TICK);
-            self.socket.set_read_timeout(Some(wait))?;
-            match self.socket.recv_from(&mut buf) {
-                Ok((len, from)) => self.on_packet(&mut buf[..len], from),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                    ) => {}
-                Err(e) => warn!("control socket: {e}"),
+            let mut deadline = now + CONTROL_TICK;
+            for t in [
+                self.members.poll_timeout(),
+                self.edge.as_ref().and_then(|e| e.poll_timeout()),
+                Some(self.next_keepalive),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                deadline = deadline.min(t);
             }
-            self.members.handle_timeout(Instant::now());
-            self.flush();
-            self.apply_events();
+            let ms = deadline
+                .saturating_duration_since(now)
+                .as_millis()
+                .clamp(1, 50) as i32;
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.socket.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.cores.control_wake,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.listener.as_ref().map_or(-1, |l| l.as_raw_fd()),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: fds is a valid array of pollfd for the call's duration;
+            // negative fds are ignored by poll.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+            loop {
+                match self.socket.recv_from(&mut buf) {
+                    Ok((len, from)) => self.on_packet(&mut buf[..len], From::Udp(from)),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        // e.g. ECONNREFUSED from an ICMP error: harmless.
+                        debug!("control socket: {e}");
+                        break;
+                    }
+                }
+            }
+            self.accept_links();
+            self.cores.clear_control_wake();
+            while let Some(ev) = self.cores.events.pop() {
+                match ev {
+                    CoreEvent::LinkControl { id, mut packet } => {
+                        self.on_packet(&mut packet, From::Link(id))
+                    }
+                    CoreEvent::LinkDown { id } => self.on_link_down(id),
+                }
+            }
+            while let Ok((cn, res)) = self.connect_rx.try_recv() {
+                self.on_connected(cn, res);
+            }
+            self.tick();
         }
         Ok(())
     }
 
-    fn on_packet(&mut self, pkt: &mut [u8], from: SocketAddr) {
+    /// Timers and queued work.
+    fn tick(&mut self) {
+        let now = Instant::now();
+        self.members.handle_timeout(now);
+        if let Some(e) = self.edge.as_mut() {
+            e.handle_timeout(now);
+        }
+        if now >= self.next_keepalive {
+            self.next_keepalive = now + KEEPALIVE_INTERVAL;
+            self.keepalives(now);
+        }
+        self.flush();
+        self.edge_actions();
+        self.apply_events();
+        self.edge_actions();
+        self.flush();
+    }
+
+    fn alloc_link(&mut self) -> Option<LinkId> {
+        for _ in 0..MAX_LINKS {
+            let id = self.next_link;
+            self.next_link = (self.next_link + 1) % MAX_LINKS as LinkId;
+            if !self.links.contains_key(&id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    fn add_link(&mut self, stream: TcpStream, kind: LinkKind) -> Option<LinkId> {
+        let _ = stream.set_nodelay(true);
+        let peer = stream.peer_addr().ok()?;
+        stream.set_nonblocking(true).ok()?;
+        let id = self.alloc_link()?;
+        let fd: OwnedFd = stream.into();
+        if self.cores.send(0, Command::AddLink { id, fd }).is_err() {
+            return None;
+        }
+        self.links.insert(
+            id,
+            CtlLink {
+                kind,
+                peer,
+                since: Instant::now(),
+            },
+        );
+        Some(id)
+    }
+
+    fn accept_links(&mut self) {
+        loop {
+            let Some(l) = self.listener.as_ref() else {
+                return;
+            };
+            match l.accept() {
+                Ok((s, peer)) => {
+                    debug!(%peer, "edge link accepted");
+                    let _ = self.add_link(s, LinkKind::Pending);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    debug!("accept: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_connected(&mut self, cn: Ipv4Addr, res: std::io::Result<TcpStream>) {
+        let now = Instant::now();
+        let id = match res {
+            Ok(s) => self.add_link(s, LinkKind::Core { cn }),
+            Err(e) => {
+                debug!(%cn, "edge link connect failed: {e}");
+                None
+            }
+        };
+        if let Some(e) = self.edge.as_mut() {
+            match id {
+                Some(id) => {
+                    info!(%cn, link = id, "link to core node up");
+                    e.connected(now, cn, id)
+                }
+                None => e.connect_failed(now, cn),
+            }
+        }
+        self.edge_actions();
+    }
+
+    fn on_link_down(&mut self, id: LinkId) {
+        let Some(l) = self.links.remove(&id) else {
+            return;
+        };
+        match l.kind {
+            LinkKind::Edge { en, primary } => {
+                info!(en = %en.overlay, primary, "edge node link down");
+                if primary {
+                    self.refresh();
+                }
+            }
+            LinkKind::Core { cn } => {
+                info!(%cn, link = id, "link to core node down");
+                if let Some(e) = self.edge.as_mut() {
+                    e.link_down(Instant::now(), id);
+                }
+                self.edge_actions();
+            }
+            LinkKind::Pending => {}
+        }
+    }
+
+    fn send_frame(&self, id: LinkId, packet: Vec<u8>) -> bool {
+        self.cores
+            .send(0, Command::SendFrame { id, packet })
+            .is_ok()
+    }
+
+    fn keepalives(&mut self, now: Instant) {
+        let me = self.members.identity().overlay;
+        let base = self.cores.clock_base;
+        let mut dead = Vec::new();
+        for (&id, l) in &self.links {
+            let seen = base + Duration::from_nanos(self.cores.link_seen_ns(id));
+            match l.kind {
+                LinkKind::Pending => {
+                    if now.saturating_duration_since(l.since) > PENDING_LINK_TIMEOUT {
+                        dead.push(id);
+                    }
+                    continue;
+                }
+                _ => {
+                    if now.saturating_duration_since(seen) > LINK_DEAD_AFTER {
+                        dead.push(id);
+                        continue;
+                    }
+                }
+            }
+            let p = self
+                .codec
+                .seal(&ControlMsg::Keepalive, me, Ipv4Addr::UNSPECIFIED, unix_ms());
+            self.send_frame(id, p);
+        }
+        for id in dead {
+            debug!(link = id, "closing a silent link");
+            let _ = self.cores.send(0, Command::CloseLink { id });
+        }
+    }
+
+    fn on_packet(&mut self, pkt: &mut [u8], from: From) {
         self.counters.rx.fetch_add(1, Ordering::Relaxed);
+        let me = self.members.identity().overlay;
+        // A control packet for another node (SWIM to or from an EN) is
+        // relayed unchanged, like data.
+        if let Ok(h) = Header::parse(pkt) {
+            if h.ptype == PacketType::Control && !h.dst.is_unspecified() && h.dst != me {
+                self.relay(pkt, h);
+                return;
+            }
+        }
         let (_, msg) = match self.codec.open(pkt, unix_ms()) {
             Ok(x) => x,
             Err(d) => {
@@ -478,35 +893,94 @@ impl ControlLoop<'_> {
         };
         match msg {
             ControlMsg::Swim(data) => self.members.handle_swim(Instant::now(), &data),
-            ControlMsg::JoinRequest { node_id, via, .. } => {
-                debug!(%from, node = %hex_id(node_id), "join request");
-                self.learn_own_underlay(via);
-                let me = self.members.identity().clone();
-                let mut ms = vec![me.clone()];
+            ControlMsg::JoinRequest {
+                node_id, via, role, ..
+            } => {
+                if self.role != Role::Core {
+                    return;
+                }
+                let observed = match from {
+                    From::Udp(a) => a,
+                    From::Link(id) => match self.links.get(&id) {
+                        Some(l) => l.peer,
+                        None => return,
+                    },
+                };
+                debug!(%observed, node = %hex_id(node_id), %role, "join request");
+                if let From::Udp(_) = from {
+                    self.learn_own_underlay(via);
+                }
+                let me_id = self.members.identity().clone();
+                let mut ms = vec![me_id.clone()];
                 ms.extend(
                     membership::resolve(&self.members.members())
                         .into_iter()
-                        .filter(|m| m.node_id != me.node_id)
+                        .filter(|m| m.node_id != me_id.node_id)
                         .take(MAX_REPLY_MEMBERS - 1),
                 );
                 let reply = ControlMsg::JoinReply {
-                    observed: from,
+                    observed,
                     net_addr: self.cfg.net.network(),
                     net_prefix: self.cfg.net.prefix_len(),
                     members: ms,
                 };
                 let p = self
                     .codec
-                    .seal(&reply, me.overlay, Ipv4Addr::UNSPECIFIED, unix_ms());
-                if self.socket.send_to(&p, from).is_ok() {
+                    .seal(&reply, me, Ipv4Addr::UNSPECIFIED, unix_ms());
+                let sent = match from {
+                    From::Udp(a) => self.socket.send_to(&p, a).is_ok(),
+                    From::Link(id) => self.send_frame(id, p),
+                };
+                if sent {
                     self.counters.tx.fetch_add(1, Ordering::Relaxed);
                     self.counters.joins_answered.fetch_add(1, Ordering::Relaxed);
                 }
             }
             ControlMsg::JoinReply { .. } => {}
+            ControlMsg::Attach { identity, primary } => {
+                let From::Link(id) = from else { return };
+                if self.role != Role::Core || identity.role != Role::Edge {
+                    return;
+                }
+                let Some(l) = self.links.get_mut(&id) else {
+                    return;
+                };
+                let was_primary = matches!(l.kind, LinkKind::Edge { primary: true, .. });
+                info!(en = %identity.overlay, primary, link = id, "edge node attached");
+                l.kind = LinkKind::Edge {
+                    en: identity,
+                    primary,
+                };
+                if primary || was_primary {
+                    self.refresh();
+                }
+            }
+            ControlMsg::Keepalive => {}
         }
         self.flush();
         self.apply_events();
+    }
+
+    fn relay(&mut self, pkt: &mut [u8], h: Header) {
+        if self.role != Role::Core
+            || h.hops >= MAX_HOPS
+            || self.codec.verify(pkt, unix_ms()).is_none()
+        {
+            self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        pkt[HOPS_OFFSET] = h.hops + 1;
+        let hop = self.routes.load().lookup(h.dst);
+        match hop {
+            NextHop::Core(sa) => {
+                let _ = self.socket.send_to(pkt, sa);
+            }
+            NextHop::Edge(id) => {
+                self.send_frame(id, pkt.to_vec());
+            }
+            NextHop::Npd | NextHop::Abandon => return,
+        }
+        self.counters.tx.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A founder listening on 0.0.0.0 does not know which of its addresses
@@ -524,17 +998,71 @@ impl ControlLoop<'_> {
         }
     }
 
+    /// Sends what membership wants sent: CNs over UDP; ENs, and anything
+    /// from an EN, through the overlay's routes (§3.3).
     fn flush(&mut self) {
         let me = self.members.identity().overlay;
         while let Some(t) = self.members.poll_transmit() {
             let p = self
                 .codec
                 .seal(&ControlMsg::Swim(t.payload), me, t.to.overlay, unix_ms());
-            if t.to.underlay.ip().is_unspecified() {
-                continue;
-            }
-            if self.socket.send_to(&p, t.to.underlay).is_ok() {
+            let sent = match (self.role, t.to.role) {
+                (Role::Core, Role::Core) => {
+                    !t.to.underlay.ip().is_unspecified()
+                        && self.socket.send_to(&p, t.to.underlay).is_ok()
+                }
+                (Role::Core, Role::Edge) => match self.routes.load().lookup(t.to.overlay) {
+                    NextHop::Core(sa) => self.socket.send_to(&p, sa).is_ok(),
+                    NextHop::Edge(id) => self.send_frame(id, p),
+                    _ => false,
+                },
+                (Role::Edge, _) => match self.edge.as_ref().and_then(|e| e.primary()) {
+                    Some((_, id)) => self.send_frame(id, p),
+                    None => false,
+                },
+            };
+            if sent {
                 self.counters.tx.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn edge_actions(&mut self) {
+        loop {
+            let Some(a) = self.edge.as_mut().and_then(|e| e.poll_action()) else {
+                return;
+            };
+            match a {
+                EdgeAction::Connect { cn, underlay } => {
+                    let tx = self.connect_tx.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("ela-connect".into())
+                        .spawn(move || {
+                            let r = TcpStream::connect_timeout(&underlay, Duration::from_secs(1));
+                            let _ = tx.send((cn, r));
+                        });
+                }
+                EdgeAction::Attach { link, primary } => {
+                    let me = self.members.identity().clone();
+                    let p = self.codec.seal(
+                        &ControlMsg::Attach {
+                            identity: me.clone(),
+                            primary,
+                        },
+                        me.overlay,
+                        Ipv4Addr::UNSPECIFIED,
+                        unix_ms(),
+                    );
+                    self.send_frame(link, p);
+                }
+                EdgeAction::Close { link } => {
+                    let _ = self.cores.send(0, Command::CloseLink { id: link });
+                }
+                EdgeAction::PrimaryChanged { cn } => {
+                    info!(primary = ?cn, "primary core node changed");
+                    self.refresh();
+                    self.members.set_attached(Instant::now(), cn);
+                }
             }
         }
     }
@@ -557,6 +1085,14 @@ impl ControlLoop<'_> {
             }
         }
         if changed {
+            if let Some(e) = self.edge.as_mut() {
+                // An EN whose SWIM has not heard from any CN yet keeps the
+                // JoinReply's list rather than dropping every link.
+                let cns = membership::core_nodes(&self.members.members());
+                if !cns.is_empty() {
+                    e.set_cns(Instant::now(), cns);
+                }
+            }
             self.refresh();
         }
     }
@@ -572,29 +1108,96 @@ impl ControlLoop<'_> {
                     warn!("re-addressing {}: {e}", self.cfg.iface);
                 }
                 self.members.move_to(Instant::now(), unix_ms(), a);
+                if let Some(e) = self.edge.as_mut() {
+                    e.set_me(Instant::now(), a);
+                }
                 self.flush();
             }
             Err(e) => warn!("lost our address and {e}"),
         }
     }
 
+    /// Builds and swaps the route table; republishes status.
     fn refresh(&mut self) {
-        *self.generation += 1;
-        let table = membership::core_routes(
-            self.members.identity(),
-            &self.members.members(),
-            *self.generation,
-        );
+        self.generation += 1;
+        let me = self.members.identity();
+        let members = self.members.members();
+        let table = match self.role {
+            Role::Core => {
+                let own: Vec<EdgeNode> = self
+                    .links
+                    .iter()
+                    .filter_map(|(id, l)| match &l.kind {
+                        LinkKind::Edge { en, primary: true } => Some(EdgeNode {
+                            overlay: en.overlay,
+                            link: *id,
+                            node_id: en.node_id,
+                        }),
+                        _ => None,
+                    })
+                    .collect();
+                membership::core_routes(me, &members, own, self.generation)
+            }
+            Role::Edge => {
+                let primary = self.edge.as_ref().and_then(|e| e.primary()).map(|(_, l)| l);
+                membership::edge_routes(me, &members, primary, self.generation)
+            }
+        };
         self.routes.store(Arc::new(table));
-        self.shared.info.store(Arc::new(node_info(
-            self.cfg,
-            self.group,
-            &self.members,
-            self.secret,
-        )));
-        debug!(
-            members = self.members.members().len(),
-            "route table swapped"
-        );
+        if let Some(s) = &self.status {
+            s.info.store(Arc::new(self.node_info()));
+        }
+        debug!(members = members.len(), "route table swapped");
+    }
+
+    fn node_info(&self) -> NodeInfo {
+        let me = self.members.identity();
+        let mut ms = membership::resolve(&self.members.members());
+        ms.sort_by(membership::display_order);
+        let (primary, backup) = match &self.edge {
+            Some(e) => (
+                e.primary().map(|p| p.0.to_string()),
+                e.backup().map(|b| b.0.to_string()),
+            ),
+            None => (None, None),
+        };
+        let edges = self
+            .links
+            .values()
+            .filter_map(|l| match &l.kind {
+                LinkKind::Edge { en, primary } => Some(EdgeView {
+                    addr: en.overlay.to_string(),
+                    primary: *primary,
+                    peer: l.peer.to_string(),
+                }),
+                _ => None,
+            })
+            .collect();
+        NodeInfo {
+            addr: me.overlay.to_string(),
+            role: me.role.to_string(),
+            listen: self.group.local.to_string(),
+            underlay: me.underlay.to_string(),
+            iface: self.cfg.iface.clone(),
+            net: self.cfg.net.to_string(),
+            node_id: hex_id(me.node_id),
+            mtu: self.cfg.mtu,
+            cores: self.cfg.cores.clone().unwrap_or_default(),
+            key_fingerprint: self.secret.fingerprint(),
+            primary,
+            backup,
+            edges,
+            members: ms
+                .iter()
+                .map(|x| MemberView {
+                    addr: x.overlay.to_string(),
+                    role: x.role.to_string(),
+                    underlay: x.underlay.to_string(),
+                    node_id: hex_id(x.node_id),
+                    attached: x.attached.map(|a| a.to_string()),
+                    is_self: x.node_id == me.node_id,
+                })
+                .collect(),
+        }
     }
 }

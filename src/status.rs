@@ -26,6 +26,9 @@ pub struct MemberView {
     pub role: String,
     pub underlay: String,
     pub node_id: String,
+    /// An EN's primary CN, as it announces it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attached: Option<String>,
     #[serde(rename = "self")]
     pub is_self: bool,
 }
@@ -42,7 +45,20 @@ pub struct NodeInfo {
     pub mtu: u16,
     pub cores: Vec<usize>,
     pub key_fingerprint: String,
+    /// EN: its primary and backup CN (overlay addresses).
+    pub primary: Option<String>,
+    pub backup: Option<String>,
+    /// CN: the ENs linked to it over TCP.
+    pub edges: Vec<EdgeView>,
     pub members: Vec<MemberView>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EdgeView {
+    pub addr: String,
+    /// Whether this CN is the EN's primary (else its backup).
+    pub primary: bool,
+    pub peer: String,
 }
 
 /// Control-thread counters (the dataplane's are per core).

@@ -40,7 +40,7 @@ fn lab_test(tag: &str, body: impl FnOnce(&mut Lab) -> Result<()>) {
     if let Err(e) = body(&mut lab) {
         let logs = lab.logs_report();
         lab.mark_logs_reported();
-        panic!("{tag} failed: {e:?}\n\n{logs}");
+        panic!("{tag} failed: {e:#}\n\n{logs}");
     }
 }
 
@@ -722,7 +722,7 @@ fn bad_cli_input_fails_cleanly() {
     })();
     let _ = fs::remove_dir_all(&dir);
     if let Err(e) = result {
-        panic!("{e:?}");
+        panic!("{e:#}");
     }
 
     // A node invocation that wrongly succeeded would create interfaces:
@@ -766,6 +766,50 @@ fn bad_cli_input_fails_cleanly() {
             failures.push("a failed invocation left ela0 behind".into());
         }
         ensure!(failures.is_empty(), "{}", failures.join("\n\n"));
+        Ok(())
+    });
+}
+
+/// The harness itself, without any node: the bridge carries traffic, a
+/// socket opened via `in_netns` lives in the host's namespace, and the
+/// capture + pcap search finds a plaintext pattern (so the no-plaintext
+/// test can fail).
+#[test]
+fn lab_harness_self_check() {
+    lab_test("harness", |lab| {
+        let h = add_hosts(lab, 2)?;
+        let r = lab.ping(h[0], lab.underlay_ip(h[1]), 3, Duration::from_millis(50))?;
+        ensure!(
+            r.received == 3 && r.rtts_ms.len() == 3,
+            "underlay ping: {}",
+            r.output
+        );
+        let pattern = *b"ela-fast-harness";
+        let to = lab.underlay_addr(h[1]);
+        let (lt, pkts) = capture(lab, h[0], "eth0", "udp", "harness", || {
+            lab.in_netns(h[0], || -> Result<()> {
+                let sock =
+                    UdpSocket::bind("172.31.0.1:0").context("binding the underlay address")?;
+                for _ in 0..5 {
+                    sock.send_to(&pattern, to)?;
+                }
+                Ok(())
+            })
+        })?;
+        let to_port = pkts
+            .iter()
+            .filter(|p| netns::udp_dst_port(lt, p) == Some(netns::NODE_PORT))
+            .count();
+        let hits = pkts
+            .iter()
+            .filter(|p| netns::contains_bytes(p, &pattern))
+            .count();
+        ensure!(
+            to_port == 5 && hits == 5,
+            "captured {} packets, {to_port} to port {}, {hits} with the pattern",
+            pkts.len(),
+            netns::NODE_PORT
+        );
         Ok(())
     });
 }

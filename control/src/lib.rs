@@ -9,6 +9,7 @@
 //! - [`msg`]: control messages carried inside authenticated control packets.
 
 pub mod addr;
+pub mod edge;
 pub mod membership;
 pub mod msg;
 pub mod router;

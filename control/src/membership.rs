@@ -18,7 +18,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::addr::{self, Claim};
-use crate::router::{CoreNode, Role, RouteTable};
+use crate::router::{CoreNode, EdgeNode, LinkId, Role, RouteTable};
 
 /// What identifies one running node to the others.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -36,6 +36,9 @@ pub struct NodeIdentity {
     pub started_ms: u64,
     /// Bumped on every identity change (rename, rejoin).
     pub gen: u32,
+    /// An EN's primary CN (a routing hint, see
+    /// [`RouteTable::with_edge_hints`]); `None` for CNs.
+    pub attached: Option<Ipv4Addr>,
 }
 
 impl NodeIdentity {
@@ -54,6 +57,7 @@ impl NodeIdentity {
             claimed_ms: now_ms,
             started_ms: now_ms,
             gen: 0,
+            attached: None,
         }
     }
 
@@ -267,6 +271,20 @@ impl Membership {
         self.settle(now);
     }
 
+    /// An EN's primary CN changed: republish it so the other CNs route to
+    /// the new one without waiting for failure detection.
+    pub fn set_attached(&mut self, now: Instant, cn: Option<Ipv4Addr>) {
+        let mut id = self.foca.identity().clone();
+        if id.attached == cn {
+            return;
+        }
+        id.attached = cn;
+        id.gen = id.gen.wrapping_add(1);
+        let _ = self.foca.change_identity(id, &mut self.out);
+        self.events.push_back(Event::MembersChanged);
+        self.settle(now);
+    }
+
     /// A member listening on a wildcard address learnt where it is
     /// reached; republish the identity.
     pub fn set_underlay(&mut self, now: Instant, underlay: SocketAddr) {
@@ -330,8 +348,14 @@ pub fn resolve(members: &[NodeIdentity]) -> Vec<NodeIdentity> {
     by_addr.into_values().cloned().collect()
 }
 
-/// Builds a CN's route table from the membership (§3.3).
-pub fn core_routes(me: &NodeIdentity, members: &[NodeIdentity], generation: u64) -> RouteTable {
+/// Builds a CN's route table from the membership (§3.3) and the ENs
+/// attached to this CN as primary (`own_ens`, from its TCP links).
+pub fn core_routes(
+    me: &NodeIdentity,
+    members: &[NodeIdentity],
+    own_ens: Vec<EdgeNode>,
+    generation: u64,
+) -> RouteTable {
     let resolved = resolve(members);
     let cns: Vec<CoreNode> = resolved
         .iter()
@@ -343,7 +367,40 @@ pub fn core_routes(me: &NodeIdentity, members: &[NodeIdentity], generation: u64)
         })
         .collect();
     let ids: Vec<(Ipv4Addr, u64)> = resolved.iter().map(|m| (m.overlay, m.node_id)).collect();
-    RouteTable::new_core(me.overlay, me.node_id, cns, Vec::new(), ids, generation)
+    let hints: Vec<(Ipv4Addr, Ipv4Addr)> = resolved
+        .iter()
+        .filter(|m| m.role == Role::Edge)
+        .filter_map(|m| m.attached.map(|cn| (m.overlay, cn)))
+        .collect();
+    RouteTable::new_core(me.overlay, me.node_id, cns, own_ens, ids, generation)
+        .with_edge_hints(hints)
+}
+
+/// Builds an EN's route table: everything goes up the primary link.
+pub fn edge_routes(
+    me: &NodeIdentity,
+    members: &[NodeIdentity],
+    primary: Option<LinkId>,
+    generation: u64,
+) -> RouteTable {
+    let ids: Vec<(Ipv4Addr, u64)> = resolve(members)
+        .iter()
+        .map(|m| (m.overlay, m.node_id))
+        .collect();
+    RouteTable::new_edge(me.overlay, me.node_id, primary, ids, generation)
+}
+
+/// The live CNs in a membership view (for an EN's choice of links).
+pub fn core_nodes(members: &[NodeIdentity]) -> Vec<CoreNode> {
+    resolve(members)
+        .iter()
+        .filter(|m| m.role == Role::Core)
+        .map(|m| CoreNode {
+            overlay: m.overlay,
+            underlay: m.underlay,
+            node_id: m.node_id,
+        })
+        .collect()
 }
 
 /// Orders identities for display: by overlay address.
@@ -552,7 +609,7 @@ mod tests {
         sim.add(ip(30), Some(0));
         sim.run(2000);
         let me = sim.nodes[0].identity().clone();
-        let t = core_routes(&me, &sim.nodes[0].members(), 1);
+        let t = core_routes(&me, &sim.nodes[0].members(), Vec::new(), 1);
         assert_eq!(t.lookup(ip(10)), NextHop::Npd);
         assert_eq!(t.lookup(ip(20)), NextHop::Core(ua(2)));
         assert_eq!(t.lookup(ip(30)), NextHop::Core(ua(3)));

@@ -36,6 +36,15 @@ pub enum ControlMsg {
     },
     /// A SWIM message for foca.
     Swim(Vec<u8>),
+    /// EN → CN on a TCP link: who the EN is, and whether this CN is its
+    /// primary (§3.3: a CN routes to the ENs whose primary it is).
+    Attach {
+        identity: NodeIdentity,
+        primary: bool,
+    },
+    /// Either way on a TCP link, every 100 ms: proves the link and the
+    /// peer process alive faster than TCP would notice a silent death.
+    Keepalive,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -82,6 +91,17 @@ mod tests {
                 members: vec![id],
             },
             ControlMsg::Swim(vec![1, 2, 3]),
+            ControlMsg::Attach {
+                identity: NodeIdentity::new(
+                    8,
+                    Ipv4Addr::new(10, 0, 0, 8),
+                    "172.31.0.8:7000".parse().unwrap(),
+                    Role::Edge,
+                    5,
+                ),
+                primary: true,
+            },
+            ControlMsg::Keepalive,
         ];
         for m in msgs {
             assert_eq!(ControlMsg::decode(&m.encode()).unwrap(), m);

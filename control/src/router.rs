@@ -137,6 +137,10 @@ pub struct RouteTable {
     /// Every member (and this node): overlay → node id, sorted, unique.
     member_keys: Vec<u32>,
     member_ids: Vec<u64>,
+    /// Where ENs attached to other CNs say they are (see
+    /// [`RouteTable::with_edge_hints`]), sorted by EN overlay.
+    hint_keys: Vec<u32>,
+    hint_cns: Vec<SocketAddr>,
 }
 
 impl Default for RouteTable {
@@ -184,6 +188,8 @@ impl RouteTable {
             ens: Vec::new(),
             member_keys: Vec::new(),
             member_ids: Vec::new(),
+            hint_keys: Vec::new(),
+            hint_cns: Vec::new(),
         }
     }
 
@@ -245,7 +251,37 @@ impl RouteTable {
             ens: own_ens,
             member_keys,
             member_ids,
+            hint_keys: Vec::new(),
+            hint_cns: Vec::new(),
         }
+    }
+
+    /// Adds where remote ENs are attached (`(en, cn)` from membership).
+    ///
+    /// An EN attaches to the CN nearest and smaller than itself, which is
+    /// exactly where §3.3 step 3 sends its packets, so in steady state a
+    /// hint never changes a route. It matters during failover: an EN whose
+    /// primary died is on its backup at once, while step 3 would keep
+    /// pointing at the dead CN until failure detection removes it. A hint
+    /// naming a CN that is not in the CN list (or this node) is ignored and
+    /// step 3 applies.
+    pub fn with_edge_hints(mut self, hints: Vec<(Ipv4Addr, Ipv4Addr)>) -> Self {
+        let mut v: Vec<(u32, SocketAddr)> = hints
+            .into_iter()
+            .filter_map(|(en, cn)| {
+                let c = u32::from(cn);
+                if c == self.self_addr {
+                    return None;
+                }
+                let i = self.cn_keys.binary_search(&c).ok()?;
+                Some((u32::from(en), self.cns.get(i)?.underlay))
+            })
+            .collect();
+        v.sort_by_key(|x| x.0);
+        v.dedup_by_key(|x| x.0);
+        self.hint_keys = v.iter().map(|x| x.0).collect();
+        self.hint_cns = v.into_iter().map(|x| x.1).collect();
+        self
     }
 
     /// An EN's table: everything not for itself goes up its link to its
@@ -271,6 +307,8 @@ impl RouteTable {
             ens: Vec::new(),
             member_keys,
             member_ids,
+            hint_keys: Vec::new(),
+            hint_cns: Vec::new(),
         }
     }
 
@@ -326,6 +364,12 @@ impl RouteTable {
         if self.cn_keys.get(i) == Some(&d) {
             if let Some(cn) = self.cns.get(i) {
                 return NextHop::Core(cn.underlay);
+            }
+        }
+        // An EN's own word on where it is attached (see with_edge_hints).
+        if let Ok(h) = self.hint_keys.binary_search(&d) {
+            if let Some(sa) = self.hint_cns.get(h) {
+                return NextHop::Core(*sa);
             }
         }
         // §3.3 step 3: the CN nearest and smaller than the destination; below

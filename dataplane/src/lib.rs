@@ -10,6 +10,7 @@
 
 pub mod crypto;
 pub mod forwarder;
+pub mod framing;
 pub mod io;
 pub mod replay;
 pub mod stats;

@@ -53,7 +53,7 @@ impl ReplayWindow {
         if counter > self.highest {
             return true;
         }
-        if self.highest - counter > WINDOW {
+        if self.highest - counter >= WINDOW {
             return false;
         }
         let (slot, bit) = position(counter);

@@ -1,17 +1,25 @@
 //! One dataplane core: its own io_uring, TUN queue, UDP socket, buffers
 //! and counters; no locks, nothing shared but the route table (read once
 //! per batch through arc-swap), the node's counter sequence (one atomic
-//! per 64 packets) and a lock-free command queue from the control thread.
+//! per 64 packets) and lock-free queues to and from the control thread.
 //!
 //! Loop: wait for ≥ 1 completion → load the route table → drain every
-//! completion (TUN reads → encrypt → UDP sends; UDP receives → decrypt →
-//! TUN writes or relays) → re-arm reads → publish counters → one submit.
-//! Many reads stay armed on both fds, so one `io_uring_enter` moves a
-//! whole batch each way (the io_uring analogue of recvmmsg/sendmmsg).
+//! completion (TUN reads → encrypt → UDP sends or link frames; UDP
+//! receives and link frames → decrypt → TUN writes, or relay) → re-arm
+//! reads → publish counters → one submit. Many reads stay armed on each
+//! fd, so one `io_uring_enter` moves a whole batch each way (the io_uring
+//! analogue of recvmmsg/sendmmsg).
+//!
+//! EN↔CN TCP links live on core 0 (the control thread hands their fds
+//! over). A link keeps one receive armed into its frame decoder and one
+//! `writev` of up to [`LINK_WRITEV_FRAMES`] queued frames in flight, which
+//! keeps frame order. Other cores pass link-bound packets to core 0
+//! through a lock-free queue of recycled buffers.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
-use std::sync::atomic::AtomicU64;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,16 +27,18 @@ use arc_swap::ArcSwap;
 use crossbeam_queue::ArrayQueue;
 use io_uring::{opcode, types, IoUring};
 
+use ela_control::router::LinkId;
 use ela_control::RouteTable;
 
 use super::IoError;
 use crate::crypto::{GroupSecret, MAX_PAYLOAD};
 use crate::forwarder::{Forwarder, Verdict};
+use crate::framing::{self, FrameDecoder, LEN_PREFIX};
 use crate::stats::{CoreStats, DropReason};
-use crate::wire::{HEADER_LEN, OVERHEAD};
+use crate::wire::{PacketType, HEADER_LEN, OVERHEAD};
 
 /// Buffers per core. Reads armed on each fd plus sends in flight must fit.
-const SLOTS: usize = 256;
+const SLOTS: usize = 512;
 /// Reads kept armed on the TUN queue and on the UDP socket. 64 each lets a
 /// burst of 64 packets complete in one wakeup (wireguard-go batches 128
 /// over two directions).
@@ -36,76 +46,169 @@ const TUN_READS: usize = 64;
 const UDP_RECVS: usize = 64;
 /// Room for the largest payload the cipher accepts plus our overhead.
 const BUF_SIZE: usize = MAX_PAYLOAD + OVERHEAD + 64;
-const RING_ENTRIES: u32 = 1024;
+const RING_ENTRIES: u32 = 2048;
 /// Completions handled per wakeup before submitting again.
 const MAX_BATCH: usize = 256;
+/// Link ids are indices into a table of this size.
+pub const MAX_LINKS: usize = 4096;
+/// Frames per link `writev`: enough to fill a TCP send window in a few
+/// calls at line rate, small enough to keep the iovec array on the link.
+const LINK_WRITEV_FRAMES: usize = 32;
+/// A link may hold this many queued frames; beyond, the packet is dropped
+/// (TCP is backpressured: better drop at the edge than buffer without end).
+const LINK_QUEUE_FRAMES: usize = 256;
+/// Link receive buffer: several maximal frames.
+const LINK_RECV_BYTES: usize = 256 << 10;
 
 const OP_TUN_READ: u64 = 1;
 const OP_TUN_WRITE: u64 = 2;
 const OP_UDP_RECV: u64 = 3;
 const OP_UDP_SEND: u64 = 4;
 const OP_WAKE: u64 = 5;
+const OP_LINK_RECV: u64 = 6;
+const OP_LINK_SEND: u64 = 7;
 
 /// Messages from the control thread to a core.
 #[derive(Debug)]
 pub enum Command {
     Stop,
+    /// Take over an established EN↔CN TCP link (core 0 only).
+    AddLink {
+        id: LinkId,
+        fd: OwnedFd,
+    },
+    /// Close a link (core 0 only); a `LinkDown` event follows.
+    CloseLink {
+        id: LinkId,
+    },
+    /// Send one already sealed packet (a control packet) on a link.
+    SendFrame {
+        id: LinkId,
+        packet: Vec<u8>,
+    },
+}
+
+/// Messages from core 0 to the control thread.
+#[derive(Debug)]
+pub enum CoreEvent {
+    /// A control packet that arrived on a link.
+    LinkControl { id: LinkId, packet: Vec<u8> },
+    /// The link closed (peer gone, error, or after CloseLink).
+    LinkDown { id: LinkId },
+}
+
+/// Everything the cores and the control thread share besides the route
+/// table: queues and wake-up fds.
+pub struct Shared {
+    /// Per-core command queues and wake fds.
+    pub cores: Vec<CoreHandle>,
+    /// Core 0 → control.
+    pub events: ArrayQueue<CoreEvent>,
+    /// eventfd the control thread polls for `events`.
+    pub control_wake: RawFd,
+    /// Other cores → core 0: packets bound for a link.
+    link_inbox: ArrayQueue<(LinkId, Vec<u8>)>,
+    /// Recycled buffers for `link_inbox`.
+    link_pool: ArrayQueue<Vec<u8>>,
+    /// Per link: when a frame last arrived (ns since `clock_base`).
+    pub link_seen: Box<[AtomicU64]>,
+    pub clock_base: Instant,
+}
+
+fn eventfd() -> Result<RawFd, IoError> {
+    // SAFETY: plain syscall; the caller owns the returned fd.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(IoError::EventFd {
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(fd)
+}
+
+fn poke(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: fd is an eventfd that outlives all users (closed in Drop of
+    // its owner after the threads are joined); 8 bytes from the stack.
+    unsafe {
+        libc::write(fd, &one as *const u64 as *const libc::c_void, 8);
+    }
+}
+
+impl Shared {
+    pub fn new(n_cores: usize) -> Result<Arc<Shared>, IoError> {
+        let mut cores = Vec::with_capacity(n_cores);
+        for _ in 0..n_cores {
+            cores.push(CoreHandle {
+                commands: ArrayQueue::new(1024),
+                wake_fd: eventfd()?,
+            });
+        }
+        let pool = ArrayQueue::new(1024);
+        for _ in 0..256 {
+            let _ = pool.push(Vec::with_capacity(2048));
+        }
+        Ok(Arc::new(Shared {
+            cores,
+            events: ArrayQueue::new(4096),
+            control_wake: eventfd()?,
+            link_inbox: ArrayQueue::new(1024),
+            link_pool: pool,
+            link_seen: (0..MAX_LINKS).map(|_| AtomicU64::new(0)).collect(),
+            clock_base: Instant::now(),
+        }))
+    }
+
+    /// Queues `cmd` for core `i` and wakes it.
+    pub fn send(&self, i: usize, cmd: Command) -> Result<(), Command> {
+        let h = &self.cores[i];
+        h.commands.push(cmd)?;
+        poke(h.wake_fd);
+        Ok(())
+    }
+
+    /// Drains the control wake-up counter (call before draining `events`).
+    pub fn clear_control_wake(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reading 8 bytes into a stack u64 from our eventfd.
+        unsafe {
+            libc::read(
+                self.control_wake,
+                &mut v as *mut u64 as *mut libc::c_void,
+                8,
+            );
+        }
+    }
+
+    fn event(&self, e: CoreEvent) {
+        if self.events.push(e).is_ok() {
+            poke(self.control_wake);
+        }
+    }
+
+    /// Nanoseconds since `clock_base` when link `id` last received a frame.
+    pub fn link_seen_ns(&self, id: LinkId) -> u64 {
+        self.link_seen
+            .get(id as usize)
+            .map_or(0, |a| a.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        for h in &self.cores {
+            // SAFETY: we own these eventfds; all threads using them are gone.
+            unsafe { libc::close(h.wake_fd) };
+        }
+        // SAFETY: as above.
+        unsafe { libc::close(self.control_wake) };
+    }
 }
 
 /// The control thread's handle on one core.
 pub struct CoreHandle {
-    pub commands: Arc<ArrayQueue<Command>>,
+    commands: ArrayQueue<Command>,
     wake_fd: RawFd,
-}
-
-impl CoreHandle {
-    /// Queues `cmd` and wakes the core.
-    pub fn send(&self, cmd: Command) -> Result<(), Command> {
-        self.commands.push(cmd)?;
-        let one: u64 = 1;
-        // SAFETY: wake_fd is an eventfd owned by the core's `Wake`, which
-        // outlives every handle (closed only after the core thread ends).
-        unsafe {
-            libc::write(self.wake_fd, &one as *const u64 as *const libc::c_void, 8);
-        }
-        Ok(())
-    }
-}
-
-/// The eventfd a core sleeps on besides its sockets.
-pub struct Wake {
-    fd: RawFd,
-    commands: Arc<ArrayQueue<Command>>,
-}
-
-impl Wake {
-    pub fn new() -> Result<Wake, IoError> {
-        // SAFETY: plain syscall; we own the returned fd.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(IoError::EventFd {
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(Wake {
-            fd,
-            commands: Arc::new(ArrayQueue::new(64)),
-        })
-    }
-
-    pub fn handle(&self) -> CoreHandle {
-        CoreHandle {
-            commands: self.commands.clone(),
-            wake_fd: self.fd,
-        }
-    }
-}
-
-impl Drop for Wake {
-    fn drop(&mut self) {
-        // SAFETY: we own fd.
-        unsafe { libc::close(self.fd) };
-    }
 }
 
 pub struct CoreConfig {
@@ -116,6 +219,7 @@ pub struct CoreConfig {
     pub secret: Arc<GroupSecret>,
     pub sequence: Arc<AtomicU64>,
     pub stats: Arc<[CoreStats]>,
+    pub shared: Arc<Shared>,
 }
 
 /// Per-buffer kernel-visible state. Boxed slice: addresses never move
@@ -125,12 +229,29 @@ struct Slot {
     msg: libc::msghdr,
     iov: libc::iovec,
     addr: libc::sockaddr_storage,
+    /// Length prefix when the slot is sent as a link frame.
+    prefix: [u8; LEN_PREFIX],
+    start: u32,
+    len: u32,
+}
+
+struct Link {
+    fd: OwnedFd,
+    decoder: FrameDecoder,
+    recv_armed: bool,
+    /// Slots queued for sending, in order.
+    queue: VecDeque<u16>,
+    /// Frames of `queue`'s head covered by the writev in flight.
+    in_flight: usize,
+    /// Bytes of the head frame (prefix included) already sent.
+    head_sent: usize,
+    iovs: Box<[libc::iovec]>,
+    closing: bool,
 }
 
 struct Core {
     ring: IoUring,
     cfg: CoreConfig,
-    wake: Wake,
     slots: Box<[Slot]>,
     bufs: Box<[u8]>,
     free: Vec<u16>,
@@ -139,6 +260,7 @@ struct Core {
     wake_buf: Box<u64>,
     fwd: Forwarder,
     generation: u64,
+    links: Vec<Option<Link>>,
 }
 
 #[inline]
@@ -160,16 +282,20 @@ fn build_ring() -> Result<IoUring, IoError> {
 
 /// Runs a core until it receives `Command::Stop`. Call on the core's own
 /// (pinned) thread.
-pub fn run(cfg: CoreConfig, wake: Wake) -> Result<(), IoError> {
+pub fn run(cfg: CoreConfig) -> Result<(), IoError> {
     let ring = build_ring()?;
-    // SAFETY: all-zero is a valid msghdr/iovec/sockaddr_storage.
+    // SAFETY: all-zero is a valid msghdr/iovec/sockaddr_storage/integers.
     let slots: Box<[Slot]> = (0..SLOTS)
         .map(|_| unsafe { std::mem::zeroed::<Slot>() })
         .collect();
     let fwd = Forwarder::new(cfg.secret.clone(), cfg.sequence.clone());
+    let links = if cfg.index == 0 {
+        (0..MAX_LINKS).map(|_| None).collect()
+    } else {
+        Vec::new()
+    };
     let mut core = Core {
         ring,
-        wake,
         slots,
         bufs: vec![0u8; SLOTS * BUF_SIZE].into_boxed_slice(),
         free: (0..SLOTS as u16).rev().collect(),
@@ -178,18 +304,20 @@ pub fn run(cfg: CoreConfig, wake: Wake) -> Result<(), IoError> {
         wake_buf: Box::new(0),
         fwd,
         generation: u64::MAX,
+        links,
         cfg,
     };
     let res = core.run();
     // The kernel may still complete armed reads into our buffers while the
     // ring is torn down asynchronously; leak them rather than free memory
     // the kernel could write. Happens once per core at exit.
-    let bufs = std::mem::take(&mut core.bufs);
-    std::mem::forget(bufs);
-    let slots = std::mem::replace(&mut core.slots, Box::new([]));
-    std::mem::forget(slots);
-    let wake_buf = std::mem::replace(&mut core.wake_buf, Box::new(0));
-    std::mem::forget(wake_buf);
+    std::mem::forget(std::mem::take(&mut core.bufs));
+    std::mem::forget(std::mem::replace(&mut core.slots, Box::new([])));
+    std::mem::forget(std::mem::replace(&mut core.wake_buf, Box::new(0)));
+    for l in core.links.iter_mut().filter_map(|l| l.take()) {
+        std::mem::forget(l.decoder);
+        std::mem::forget(l.iovs);
+    }
     res
 }
 
@@ -200,8 +328,9 @@ impl Core {
     }
 
     fn push(&mut self, e: io_uring::squeue::Entry) {
-        // SAFETY: every entry points into `bufs`/`slots`/`wake_buf`, which
-        // live (and are never moved) until after the ring is gone.
+        // SAFETY: every entry points into `bufs`/`slots`/`wake_buf` or a
+        // link's decoder/iovecs, which live (and are never moved) until
+        // their operation completed or the ring is gone.
         unsafe {
             while self.ring.submission().push(&e).is_err() {
                 // SQ full: flush and retry. Cannot loop forever: submit
@@ -213,7 +342,8 @@ impl Core {
 
     fn arm_wake(&mut self) {
         let p = &mut *self.wake_buf as *mut u64 as *mut u8;
-        let e = opcode::Read::new(types::Fd(self.wake.fd), p, 8)
+        let fd = self.cfg.shared.cores[self.cfg.index].wake_fd;
+        let e = opcode::Read::new(types::Fd(fd), p, 8)
             .build()
             .user_data(ud(OP_WAKE, 0));
         self.push(e);
@@ -225,6 +355,7 @@ impl Core {
             let slot = slot as usize;
             // TUN packets land after the header room, so sealing works in
             // place without a copy.
+            // SAFETY: HEADER_LEN < BUF_SIZE: still inside the slot.
             let p = unsafe { self.buf_ptr(slot).add(HEADER_LEN) };
             let max = (BUF_SIZE - OVERHEAD - 64) as u32;
             let e = opcode::Read::new(types::Fd(self.cfg.tun_fd), p, max)
@@ -256,6 +387,8 @@ impl Core {
     }
 
     fn send_udp(&mut self, slot: usize, to: SocketAddr, start: usize, len: usize) {
+        // SAFETY: start + len <= BUF_SIZE (ranges come from the forwarder
+        // over this slot's buffer).
         let p = unsafe { self.buf_ptr(slot).add(start) };
         let s = &mut self.slots[slot];
         let namelen = write_sockaddr(&mut s.addr, to);
@@ -275,11 +408,276 @@ impl Core {
     }
 
     fn write_tun(&mut self, slot: usize, start: usize, len: usize) {
+        // SAFETY: as in send_udp.
         let p = unsafe { self.buf_ptr(slot).add(start) };
         let e = opcode::Write::new(types::Fd(self.cfg.tun_fd), p, len as u32)
             .build()
             .user_data(ud(OP_TUN_WRITE, slot));
         self.push(e);
+    }
+
+    /// Sends `slot[start..start+len]` on link `id`: locally on core 0,
+    /// else through core 0's inbox.
+    fn send_link(&mut self, id: LinkId, slot: usize, start: usize, len: usize) {
+        if self.cfg.index != 0 {
+            let sh = &self.cfg.shared;
+            let mut v = sh.link_pool.pop().unwrap_or_default();
+            v.clear();
+            v.extend_from_slice(&self.bufs[slot * BUF_SIZE + start..slot * BUF_SIZE + start + len]);
+            self.free.push(slot as u16);
+            match sh.link_inbox.push((id, v)) {
+                Ok(()) => poke(sh.cores[0].wake_fd),
+                Err(_) => self.fwd.counters.drop(DropReason::SendError),
+            }
+            return;
+        }
+        let Some(link) = self.links.get_mut(id as usize).and_then(|l| l.as_mut()) else {
+            self.fwd.counters.drop(DropReason::NoRoute);
+            self.free.push(slot as u16);
+            return;
+        };
+        if link.closing || link.queue.len() >= LINK_QUEUE_FRAMES {
+            self.fwd.counters.drop(DropReason::SendError);
+            self.free.push(slot as u16);
+            return;
+        }
+        let s = &mut self.slots[slot];
+        s.prefix = framing::prefix(len);
+        s.start = start as u32;
+        s.len = len as u32;
+        link.queue.push_back(slot as u16);
+        self.kick_link(id);
+    }
+
+    /// Starts a writev on link `id` if none is in flight.
+    fn kick_link(&mut self, id: LinkId) {
+        let bufs = self.bufs.as_mut_ptr();
+        let Some(link) = self.links.get_mut(id as usize).and_then(|l| l.as_mut()) else {
+            return;
+        };
+        if link.in_flight > 0 || link.queue.is_empty() || link.closing {
+            return;
+        }
+        let mut n_iov = 0;
+        let mut frames = 0;
+        for (i, &slot) in link.queue.iter().take(LINK_WRITEV_FRAMES).enumerate() {
+            let s = &mut self.slots[slot as usize];
+            // SAFETY: start/len were checked against the slot by the
+            // forwarder; the slot stays queued (not reused) until sent.
+            let body = unsafe { bufs.add(slot as usize * BUF_SIZE + s.start as usize) };
+            let mut parts = [(s.prefix.as_mut_ptr(), LEN_PREFIX), (body, s.len as usize)];
+            if i == 0 && link.head_sent > 0 {
+                let mut skip = link.head_sent;
+                for p in parts.iter_mut() {
+                    let k = skip.min(p.1);
+                    // SAFETY: k <= p.1, stays inside the part.
+                    p.0 = unsafe { p.0.add(k) };
+                    p.1 -= k;
+                    skip -= k;
+                }
+            }
+            for (ptr, len) in parts {
+                if len > 0 {
+                    link.iovs[n_iov] = libc::iovec {
+                        iov_base: ptr as *mut libc::c_void,
+                        iov_len: len,
+                    };
+                    n_iov += 1;
+                }
+            }
+            frames += 1;
+        }
+        link.in_flight = frames;
+        let e = opcode::Writev::new(
+            types::Fd(link.fd.as_raw_fd()),
+            link.iovs.as_ptr(),
+            n_iov as u32,
+        )
+        .build()
+        .user_data(ud(OP_LINK_SEND, id as usize));
+        self.push(e);
+    }
+
+    fn arm_link_recv(&mut self, id: LinkId) {
+        let Some(link) = self.links.get_mut(id as usize).and_then(|l| l.as_mut()) else {
+            return;
+        };
+        if link.recv_armed || link.closing {
+            return;
+        }
+        let spare = link.decoder.spare();
+        let (p, n) = (spare.as_mut_ptr(), spare.len());
+        let e = opcode::Recv::new(types::Fd(link.fd.as_raw_fd()), p, n as u32)
+            .build()
+            .user_data(ud(OP_LINK_RECV, id as usize));
+        link.recv_armed = true;
+        self.push(e);
+    }
+
+    fn on_link_recv(&mut self, now: Instant, routes: &RouteTable, id: LinkId, res: i32) {
+        let Some(link) = self.links.get_mut(id as usize).and_then(|l| l.as_mut()) else {
+            return;
+        };
+        link.recv_armed = false;
+        if res <= 0 || link.closing {
+            self.close_link(id);
+            return;
+        }
+        link.decoder.filled(res as usize);
+        let seen = now
+            .saturating_duration_since(self.cfg.shared.clock_base)
+            .as_nanos() as u64;
+        self.cfg.shared.link_seen[id as usize].store(seen, Ordering::Relaxed);
+        loop {
+            let link = self.links[id as usize].as_mut().expect("checked above");
+            let frame = match link.decoder.next_frame() {
+                None => break,
+                Some(Err(_)) => {
+                    self.fwd.counters.udp_rx += 1;
+                    self.fwd.counters.drop(DropReason::Malformed);
+                    self.close_link(id);
+                    return;
+                }
+                Some(Ok(f)) => f,
+            };
+            if frame.len() > 1 && frame[1] == PacketType::Control as u8 {
+                self.cfg.shared.event(CoreEvent::LinkControl {
+                    id,
+                    packet: frame.to_vec(),
+                });
+                continue;
+            }
+            if frame.len() > BUF_SIZE {
+                self.fwd.counters.drop(DropReason::TooBig);
+                continue;
+            }
+            let Some(slot) = self.free.pop() else {
+                self.fwd.counters.drop(DropReason::SendError);
+                continue;
+            };
+            let slot = slot as usize;
+            let n = frame.len();
+            self.bufs[slot * BUF_SIZE..slot * BUF_SIZE + n].copy_from_slice(frame);
+            self.dispatch_inbound(now, routes, slot, n);
+        }
+        self.arm_link_recv(id);
+    }
+
+    fn on_link_send(&mut self, id: LinkId, res: i32) {
+        let Some(link) = self.links.get_mut(id as usize).and_then(|l| l.as_mut()) else {
+            return;
+        };
+        let frames = std::mem::take(&mut link.in_flight);
+        if res < 0 || link.closing {
+            self.close_link(id);
+            return;
+        }
+        let mut sent = res as usize + link.head_sent;
+        link.head_sent = 0;
+        for _ in 0..frames {
+            let Some(&slot) = link.queue.front() else {
+                break;
+            };
+            let total = LEN_PREFIX + self.slots[slot as usize].len as usize;
+            if sent >= total {
+                sent -= total;
+                link.queue.pop_front();
+                self.free.push(slot);
+            } else {
+                link.head_sent = sent;
+                break;
+            }
+        }
+        self.kick_link(id);
+    }
+
+    /// Shuts a link down; its fd closes once no operation is in flight.
+    fn close_link(&mut self, id: LinkId) {
+        let Some(link) = self.links.get_mut(id as usize).and_then(|l| l.as_mut()) else {
+            return;
+        };
+        if !link.closing {
+            link.closing = true;
+            // Wakes the armed receive (it completes with 0) so the fd can
+            // be closed safely.
+            // SAFETY: fd is owned by the link and open.
+            unsafe { libc::shutdown(link.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        if link.recv_armed || link.in_flight > 0 {
+            return;
+        }
+        let link = self.links[id as usize].take().expect("checked above");
+        for slot in link.queue {
+            self.free.push(slot);
+        }
+        drop(link.fd);
+        self.cfg.shared.event(CoreEvent::LinkDown { id });
+    }
+
+    fn on_command(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Stop => return false,
+            Command::AddLink { id, fd } => {
+                if self.cfg.index != 0 || id as usize >= MAX_LINKS {
+                    return true;
+                }
+                if self.links[id as usize].is_some() {
+                    self.close_link(id);
+                }
+                let now = Instant::now();
+                let seen = now
+                    .saturating_duration_since(self.cfg.shared.clock_base)
+                    .as_nanos() as u64;
+                self.cfg.shared.link_seen[id as usize].store(seen, Ordering::Relaxed);
+                self.links[id as usize] = Some(Link {
+                    fd,
+                    decoder: FrameDecoder::new(LINK_RECV_BYTES),
+                    recv_armed: false,
+                    queue: VecDeque::with_capacity(LINK_QUEUE_FRAMES),
+                    in_flight: 0,
+                    head_sent: 0,
+                    iovs: vec![
+                        libc::iovec {
+                            iov_base: std::ptr::null_mut(),
+                            iov_len: 0
+                        };
+                        2 * LINK_WRITEV_FRAMES
+                    ]
+                    .into_boxed_slice(),
+                    closing: false,
+                });
+                self.arm_link_recv(id);
+            }
+            Command::CloseLink { id } => self.close_link(id),
+            Command::SendFrame { id, packet } => {
+                if packet.len() <= BUF_SIZE {
+                    if let Some(slot) = self.free.pop() {
+                        let slot = slot as usize;
+                        self.bufs[slot * BUF_SIZE..slot * BUF_SIZE + packet.len()]
+                            .copy_from_slice(&packet);
+                        self.send_link(id, slot, 0, packet.len());
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    fn drain_link_inbox(&mut self) {
+        if self.cfg.index != 0 {
+            return;
+        }
+        while let Some((id, v)) = self.cfg.shared.link_inbox.pop() {
+            if let Some(slot) = self.free.pop() {
+                let slot = slot as usize;
+                let n = v.len().min(BUF_SIZE);
+                self.bufs[slot * BUF_SIZE..slot * BUF_SIZE + n].copy_from_slice(&v[..n]);
+                self.send_link(id, slot, 0, n);
+            } else {
+                self.fwd.counters.drop(DropReason::SendError);
+            }
+            let _ = self.cfg.shared.link_pool.push(v);
+        }
     }
 
     fn run(&mut self) -> Result<(), IoError> {
@@ -313,33 +711,40 @@ impl Core {
                 }
                 for &(user_data, res) in &batch[..n] {
                     let op = user_data >> 32;
-                    let slot = (user_data & 0xffff_ffff) as usize;
+                    let idx = (user_data & 0xffff_ffff) as usize;
                     match op {
                         OP_TUN_READ => {
                             self.tun_armed -= 1;
-                            self.on_tun_read(&routes, slot, res);
+                            self.on_tun_read(&routes, idx, res);
                         }
                         OP_UDP_RECV => {
                             self.udp_armed -= 1;
-                            self.on_udp_recv(now, &routes, slot, res);
+                            self.on_udp_recv(now, &routes, idx, res);
                         }
                         OP_UDP_SEND => {
                             if res < 0 {
                                 self.fwd.counters.drop(DropReason::SendError);
                             }
-                            self.free.push(slot as u16);
+                            self.free.push(idx as u16);
                         }
                         OP_TUN_WRITE => {
                             if res < 0 {
                                 self.fwd.counters.drop(DropReason::TunWriteError);
                             }
-                            self.free.push(slot as u16);
+                            self.free.push(idx as u16);
                         }
+                        OP_LINK_RECV => self.on_link_recv(now, &routes, idx as LinkId, res),
+                        OP_LINK_SEND => self.on_link_send(idx as LinkId, res),
                         OP_WAKE => {
-                            if let Some(Command::Stop) = self.wake.commands.pop() {
-                                self.publish();
-                                return Ok(());
+                            while let Some(cmd) =
+                                self.cfg.shared.cores[self.cfg.index].commands.pop()
+                            {
+                                if !self.on_command(cmd) {
+                                    self.publish();
+                                    return Ok(());
+                                }
                             }
+                            self.drain_link_inbox();
                             self.arm_wake();
                         }
                         _ => {}
@@ -366,12 +771,7 @@ impl Core {
         let out = self.fwd.outbound(routes, buf, n);
         match out.verdict {
             Verdict::Udp(to) => self.send_udp(slot, to, out.range.start, out.range.len()),
-            Verdict::Link(_) => {
-                // EN links arrive with edge nodes; until then a Link verdict
-                // cannot be produced by a core-only table.
-                self.fwd.counters.drop(DropReason::NoRoute);
-                self.free.push(slot as u16);
-            }
+            Verdict::Link(id) => self.send_link(id, slot, out.range.start, out.range.len()),
             Verdict::Tun | Verdict::Drop => self.free.push(slot as u16),
         }
     }
@@ -381,16 +781,17 @@ impl Core {
             self.free.push(slot as u16);
             return;
         }
-        let n = res as usize;
+        self.dispatch_inbound(now, routes, slot, res as usize);
+    }
+
+    /// A packet from the underlay (UDP or a link frame) in `slot[..n]`.
+    fn dispatch_inbound(&mut self, now: Instant, routes: &RouteTable, slot: usize, n: usize) {
         let buf = &mut self.bufs[slot * BUF_SIZE..(slot + 1) * BUF_SIZE];
         let out = self.fwd.inbound(now, routes, buf, n);
         match out.verdict {
             Verdict::Tun => self.write_tun(slot, out.range.start, out.range.len()),
             Verdict::Udp(to) => self.send_udp(slot, to, out.range.start, out.range.len()),
-            Verdict::Link(_) => {
-                self.fwd.counters.drop(DropReason::NoRoute);
-                self.free.push(slot as u16);
-            }
+            Verdict::Link(id) => self.send_link(id, slot, out.range.start, out.range.len()),
             Verdict::Drop => self.free.push(slot as u16),
         }
     }
