@@ -15,13 +15,23 @@
 //! also get `PR_SET_PDEATHSIG`, and [`Lab::new`] removes namespaces left by a
 //! lab whose process died without running `Drop`.
 //!
+//! A host can also sit behind a NAT router ([`Lab::add_nat_router`],
+//! [`Lab::add_host_behind`]): the router is an ordinary bridged host with a
+//! second, private segment `192.168.<50+r>.0/24` (bridge `lan0`, router at
+//! `.1`) that it masquerades onto its `eth0`; hosts behind it get `.2`,
+//! `.3`, … and a default route via the router. Like everything else, those
+//! links exist only between the lab's own namespaces. [`Lab::block_udp`]
+//! drops all UDP in and out of one host with nftables inside its namespace
+//! (a firewall that lets only TCP through).
+//!
 //! On top of the plain lab sit node helpers ([`Lab::start_node`],
 //! [`Lab::status`], [`Lab::wait_converged`], [`Lab::ping`]) that drive the
-//! `ela-fast` binary through its CLI, exactly as a user would.
+//! `ela-fast` binary through its CLI, exactly as a user would, and status
+//! accessors for edge nodes ([`role`], [`primary`], [`backup`], [`edges`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -123,7 +133,26 @@ struct Host {
     name: String,
     ns: String,
     underlay: Ipv4Addr,
+    /// For a NAT router: its private segment.
+    lan: Option<Lan>,
+    /// For a host behind a NAT router: that router.
+    behind: Option<HostId>,
 }
+
+/// A NAT router's private segment `192.168.<octet>.0/24`.
+#[derive(Debug, Clone, Copy)]
+struct Lan {
+    octet: u8,
+    /// Hosts attached so far (the router itself is `.1`).
+    hosts: u8,
+}
+
+/// First third octet of NAT routers' private segments (`192.168.50.0/24`).
+pub const LAN_BASE_OCTET: u8 = 50;
+/// Name of the nftables table [`Lab::block_udp`] installs.
+pub const UDP_BLOCK_TABLE: &str = "elalab_udpblock";
+/// Name of the nftables table [`Lab::add_nat_router`] installs.
+pub const NAT_TABLE: &str = "elalab_nat";
 
 #[derive(Debug)]
 struct Proc {
@@ -223,6 +252,8 @@ pub struct Member {
     pub role: String,
     pub underlay: String,
     pub is_self: bool,
+    /// For an edge node: the core node it announces as its primary.
+    pub attached: Option<Ipv4Addr>,
 }
 
 /// Parses `members` of a status document; tolerant of extra fields.
@@ -242,6 +273,10 @@ pub fn members(status: &Value) -> Result<Vec<Member>> {
                 role: s("role").to_string(),
                 underlay: s("underlay").to_string(),
                 is_self: m.get("self").and_then(Value::as_bool).unwrap_or(false),
+                attached: m
+                    .get("attached")
+                    .and_then(Value::as_str)
+                    .and_then(|a| a.parse().ok()),
             })
         })
         .collect()
@@ -264,6 +299,68 @@ pub fn self_node_id(status: &Value) -> Result<String> {
         .and_then(Value::as_str)
         .ok_or_else(|| anyhow!("status has no `node_id`: {status}"))?
         .to_string())
+}
+
+/// The node's role from a status document (`"core"`, `"edge"`, or `""`
+/// when missing).
+pub fn role(status: &Value) -> String {
+    status
+        .get("role")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn opt_addr(status: &Value, key: &str) -> Option<Ipv4Addr> {
+    status
+        .get(key)
+        .and_then(Value::as_str)
+        .and_then(|a| a.parse().ok())
+}
+
+/// An edge node's primary core node (`"primary"`), if any.
+pub fn primary(status: &Value) -> Option<Ipv4Addr> {
+    opt_addr(status, "primary")
+}
+
+/// An edge node's backup core node (`"backup"`), if any.
+pub fn backup(status: &Value) -> Option<Ipv4Addr> {
+    opt_addr(status, "backup")
+}
+
+/// One entry of a core node's `edges`: an edge node linked to it over TCP.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EdgeLink {
+    pub addr: Ipv4Addr,
+    /// Whether this core node is the edge node's primary (else its backup).
+    pub primary: bool,
+    /// The edge node's TCP peer address as the core node sees it.
+    pub peer: String,
+}
+
+/// A core node's `edges` (empty when missing), sorted by address.
+pub fn edges(status: &Value) -> Vec<EdgeLink> {
+    let mut v: Vec<EdgeLink> = status
+        .get("edges")
+        .and_then(Value::as_array)
+        .map(|l| {
+            l.iter()
+                .filter_map(|e| {
+                    Some(EdgeLink {
+                        addr: e.get("addr")?.as_str()?.parse().ok()?,
+                        primary: e.get("primary").and_then(Value::as_bool).unwrap_or(false),
+                        peer: e
+                            .get("peer")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_string(),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
 }
 
 /// A counter from a status document by dotted path (`"packets.tun_rx"`,
@@ -292,8 +389,33 @@ pub struct PingResult {
     /// Round-trip time of each reply, in order, in milliseconds
     /// (duplicates excluded).
     pub rtts_ms: Vec<f64>,
+    /// Each reply (duplicates excluded), in order of arrival.
+    pub replies: Vec<PingReply>,
     /// ping's stdout and stderr, for error messages.
     pub output: String,
+}
+
+/// One echo reply as ping printed it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PingReply {
+    /// `icmp_seq`.
+    pub seq: u32,
+    /// Unix time the reply arrived, in seconds (only with
+    /// [`PingOpts::timestamps`], i.e. `ping -D`).
+    pub at: Option<f64>,
+    pub rtt_ms: f64,
+}
+
+/// The longest silence between two consecutive replies of a ping run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PingGap {
+    /// The silence: between the arrival times of the two replies when
+    /// ping printed them (`-D`), else `(seq_after - seq_before) * interval`.
+    pub gap: Duration,
+    pub seq_before: u32,
+    pub seq_after: u32,
+    /// Unix time of the reply before the gap, when known.
+    pub at_before: Option<f64>,
 }
 
 impl PingResult {
@@ -302,23 +424,68 @@ impl PingResult {
         self.transmitted.saturating_sub(self.received)
     }
 
+    /// The longest silence between consecutive replies (`None` with fewer
+    /// than two replies). `interval` is the ping interval, used when the
+    /// replies carry no timestamps. Silence before the first or after the
+    /// last reply is not counted: check that replies kept coming (e.g.
+    /// [`PingResult::last_seq`]) before trusting a small gap.
+    pub fn longest_gap(&self, interval: Duration) -> Option<PingGap> {
+        self.replies
+            .windows(2)
+            .map(|w| {
+                let gap = match (w[0].at, w[1].at) {
+                    (Some(a), Some(b)) => Duration::from_secs_f64((b - a).max(0.0)),
+                    _ => interval * w[1].seq.saturating_sub(w[0].seq),
+                };
+                PingGap {
+                    gap,
+                    seq_before: w[0].seq,
+                    seq_after: w[1].seq,
+                    at_before: w[0].at,
+                }
+            })
+            .max_by_key(|g| g.gap)
+    }
+
+    /// The highest `icmp_seq` that got a reply.
+    pub fn last_seq(&self) -> Option<u32> {
+        self.replies.iter().map(|r| r.seq).max()
+    }
+
     /// Parses iputils ping output.
     pub fn parse(output: &str) -> PingResult {
         let mut r = PingResult {
             output: output.to_string(),
             ..PingResult::default()
         };
+        let number = |t: &str| -> String {
+            t.chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.')
+                .collect()
+        };
         for line in output.lines() {
             if let Some(t) = line.split("time=").nth(1) {
                 if line.contains("DUP!") {
                     continue;
                 }
-                let num: String = t
-                    .chars()
-                    .take_while(|c| c.is_ascii_digit() || *c == '.')
-                    .collect();
-                if let Ok(ms) = num.parse::<f64>() {
+                if let Ok(ms) = number(t).parse::<f64>() {
                     r.rtts_ms.push(ms);
+                    // "[1700000000.123456] 64 bytes from ...: icmp_seq=3 ttl=64 time=0.3 ms"
+                    let at = line
+                        .strip_prefix('[')
+                        .and_then(|l| l.split(']').next())
+                        .and_then(|t| t.parse::<f64>().ok());
+                    let seq = line
+                        .split("icmp_seq=")
+                        .nth(1)
+                        .and_then(|t| number(t).parse::<u32>().ok());
+                    if let Some(seq) = seq {
+                        r.replies.push(PingReply {
+                            seq,
+                            at,
+                            rtt_ms: ms,
+                        });
+                    }
                 }
             } else if line.contains("packets transmitted") {
                 // "3 packets transmitted, 3 received, 0% packet loss, time 405ms"
@@ -349,6 +516,8 @@ pub struct PingOpts {
     pub pattern: Option<String>,
     /// `-I`: source interface.
     pub iface: Option<String>,
+    /// `-D`: print each reply's arrival time (see [`PingReply::at`]).
+    pub timestamps: bool,
 }
 
 impl Default for PingOpts {
@@ -360,6 +529,7 @@ impl Default for PingOpts {
             size: None,
             pattern: None,
             iface: None,
+            timestamps: false,
         }
     }
 }
@@ -462,6 +632,8 @@ impl Lab {
             name: name.to_string(),
             ns: ns.clone(),
             underlay,
+            lan: None,
+            behind: None,
         });
         let port = format!("n{k}");
         self.ip_in_hub(&[
@@ -476,6 +648,145 @@ impl Lab {
         // Keep captures quiet: the underlay is IPv4 only.
         self.exec(id, &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
         Ok(id)
+    }
+
+    /// Adds a NAT router: a host on the bridge like [`Lab::add_host`]
+    /// (`eth0` = `172.31.0.<n>`) that also owns a private segment
+    /// `192.168.<50+r>.0/24` (a bridge `lan0` at `.1`, `r` counting the
+    /// lab's routers from 0), forwards (`net.ipv4.ip_forward=1` in its
+    /// namespace only) and masquerades whatever leaves through `eth0`
+    /// (nftables table `ip elalab_nat`). Put hosts behind it with
+    /// [`Lab::add_host_behind`]. Needs `nft`.
+    pub fn add_nat_router(&mut self, name: &str) -> Result<HostId> {
+        let r = self.hosts.iter().filter(|h| h.lan.is_some()).count();
+        let octet = usize::from(LAN_BASE_OCTET) + r;
+        ensure!(octet <= 250, "too many NAT routers in one lab");
+        let octet = octet as u8;
+        let id = self.add_host(name)?;
+        self.ip(&[
+            "-n",
+            self.netns(id),
+            "link",
+            "add",
+            "lan0",
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+        ])?;
+        let cidr = format!("192.168.{octet}.1/24");
+        self.ip(&["-n", self.netns(id), "addr", "add", &cidr, "dev", "lan0"])?;
+        self.ip(&["-n", self.netns(id), "link", "set", "lan0", "up"])?;
+        let out = self.exec(id, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        ensure!(
+            out.status.success(),
+            "enabling ip_forward in {name}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        self.nft(
+            id,
+            &format!(
+                "table ip {NAT_TABLE} {{\n\
+                 chain post {{ type nat hook postrouting priority 100; oifname \"eth0\" masquerade; }}\n\
+                 }}\n"
+            ),
+        )?;
+        self.hosts[id.0].lan = Some(Lan { octet, hosts: 1 });
+        Ok(id)
+    }
+
+    /// Adds a host on `router`'s private segment (see
+    /// [`Lab::add_nat_router`]): `eth0` = `192.168.<50+r>.<k>/24`, default
+    /// route via the router, so it reaches the bridge only through the
+    /// router's NAT and cannot be reached from it unsolicited. Its
+    /// [`Lab::underlay_ip`] is that private address.
+    pub fn add_host_behind(&mut self, name: &str, router: HostId) -> Result<HostId> {
+        ensure!(
+            router.0 < self.hosts.len(),
+            "no host {router:?} in this lab"
+        );
+        let Some(lan) = self.hosts[router.0].lan else {
+            bail!(
+                "{} is not a NAT router (use Lab::add_nat_router)",
+                self.host_name(router)
+            );
+        };
+        ensure!(
+            !name.is_empty() && name.len() <= 16 && name.chars().all(|c| c.is_ascii_alphanumeric()),
+            "host name {name:?} must be 1-16 ASCII letters or digits"
+        );
+        ensure!(
+            self.hosts.iter().all(|h| h.name != name),
+            "host {name} already exists"
+        );
+        ensure!(lan.hosts < 250, "the router's segment is full");
+        let k = lan.hosts + 1;
+        let ns = format!("{}-{name}", self.id);
+        let underlay = Ipv4Addr::new(192, 168, lan.octet, k);
+        self.ip(&["netns", "add", &ns])?;
+        self.hosts.push(Host {
+            name: name.to_string(),
+            ns: ns.clone(),
+            underlay,
+            lan: None,
+            behind: Some(router),
+        });
+        self.hosts[router.0].lan = Some(Lan { hosts: k, ..lan });
+        let id = HostId(self.hosts.len() - 1);
+        let rns = self.netns(router).to_string();
+        let port = format!("h{k}");
+        self.ip(&[
+            "-n", &rns, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
+        self.ip(&["-n", &rns, "link", "set", &port, "master", "lan0", "up"])?;
+        let cidr = format!("{underlay}/24");
+        let gw = format!("192.168.{}.1", lan.octet);
+        self.ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        self.ip(&["-n", &ns, "addr", "add", &cidr, "dev", "eth0"])?;
+        self.ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        self.ip(&["-n", &ns, "route", "add", "default", "via", &gw])?;
+        self.exec(id, &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
+        Ok(id)
+    }
+
+    /// The NAT router `h` sits behind, if any.
+    pub fn router_of(&self, h: HostId) -> Option<HostId> {
+        self.hosts[h.0].behind
+    }
+
+    /// Loads an nftables ruleset (`nft -f -`) inside the host's namespace.
+    pub fn nft(&self, h: HostId, ruleset: &str) -> Result<()> {
+        let mut cmd = self.netns_command(h, &["nft", "-f", "-"])?;
+        let out = run_bounded_input(&mut cmd, Some(ruleset.as_bytes()), Duration::from_secs(20))
+            .with_context(|| format!("running nft in {}", self.host_name(h)))?;
+        ensure!(
+            out.status.success(),
+            "nft in {} failed ({}): {}\nruleset:\n{ruleset}",
+            self.host_name(h),
+            describe_status(out.status),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
+
+    /// Drops every UDP packet in and out of `h` (nftables table `inet
+    /// elalab_udpblock` in its namespace): a firewall that lets only TCP
+    /// through, so an `--role auto` node there becomes an edge node.
+    pub fn block_udp(&self, h: HostId) -> Result<()> {
+        self.nft(
+            h,
+            &format!(
+                "table inet {UDP_BLOCK_TABLE} {{\n\
+                 chain i {{ type filter hook input priority 0; meta l4proto udp drop; }}\n\
+                 chain o {{ type filter hook output priority 0; meta l4proto udp drop; }}\n\
+                 }}\n"
+            ),
+        )
+    }
+
+    /// Undoes [`Lab::block_udp`].
+    pub fn unblock_udp(&self, h: HostId) -> Result<()> {
+        self.nft(h, &format!("delete table inet {UDP_BLOCK_TABLE}\n"))
     }
 
     /// All hosts in creation order.
@@ -753,6 +1064,33 @@ impl Lab {
         }
     }
 
+    /// Polls `node`'s status (every 50 ms, up to `timeout`) until `done`
+    /// holds, and returns that status; the error names `what` and shows
+    /// the last status.
+    pub fn wait_status(
+        &self,
+        node: &Node,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match self.status(node) {
+                Ok(st) if done(&st) => return Ok(st),
+                Ok(st) => st.to_string(),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "{}: {what} not reached within {timeout:?}; last status: {last}",
+                    node.name
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Polls until `node` lists exactly `n` members.
     pub fn wait_members(&self, node: &Node, n: usize, timeout: Duration) -> Result<Value> {
         let deadline = Instant::now() + timeout;
@@ -871,6 +1209,9 @@ impl Lab {
         }
         if let Some(i) = &o.iface {
             args.extend(["-I".into(), i.clone()]);
+        }
+        if o.timestamps {
+            args.push("-D".into());
         }
         args.push(to.to_string());
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -1061,13 +1402,30 @@ fn harden(cmd: &mut Command) {
 
 /// Runs `cmd` to completion with piped output, killing it after `timeout`.
 fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output> {
+    run_bounded_input(cmd, None, timeout)
+}
+
+/// [`run_bounded`] with `input` written to the command's stdin (else
+/// stdin is `/dev/null`).
+fn run_bounded_input(cmd: &mut Command, input: Option<&[u8]>, timeout: Duration) -> Result<Output> {
     harden(cmd);
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("spawning {cmd:?}"))?;
+    if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
+        // Small inputs (rulesets) fit the pipe buffer; dropping `stdin`
+        // closes it so the command sees EOF.
+        stdin
+            .write_all(data)
+            .with_context(|| format!("writing the input of {cmd:?}"))?;
+    }
     let reader = |pipe: Option<Box<dyn Read + Send>>| {
         thread::spawn(move || {
             let mut buf = Vec::new();

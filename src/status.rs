@@ -100,6 +100,11 @@ pub fn snapshot(s: &StatusShared) -> Value {
         },
         "drops": drops,
         "drops_total": t.drops_total(),
+        "per_core": s.cores.iter().map(|c| {
+            let x = c.snapshot();
+            json!({"tun_rx": x.tun_rx, "tun_tx": x.tun_tx, "udp_rx": x.udp_rx,
+                   "udp_tx": x.udp_tx, "forwarded": x.forwarded, "drops": x.drops_total()})
+        }).collect::<Vec<_>>(),
         "control": {
             "rx": c.rx.load(r), "tx": c.tx.load(r),
             "bad_tag": c.bad_tag.load(r), "stale": c.stale.load(r),

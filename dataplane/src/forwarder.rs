@@ -127,6 +127,15 @@ impl Forwarder {
         }
     }
 
+    /// Call at the start of every batch: counters left over from an
+    /// earlier reservation may have fallen behind the receivers' replay
+    /// windows while other cores kept sending, so they are discarded
+    /// (counters are plentiful; stale ones are not).
+    #[inline]
+    pub fn begin_batch(&mut self) {
+        self.next_counter = self.counter_end;
+    }
+
     #[inline]
     fn take_counter(&mut self) -> u64 {
         if self.next_counter == self.counter_end {
@@ -658,6 +667,40 @@ mod tests {
             assert_eq!(recv(&mut b, w).0.verdict, Verdict::Tun);
         }
         assert_eq!(b.fwd.counters.tun_tx, 4);
+    }
+
+    #[test]
+    fn cores_sharing_a_sequence_stay_inside_the_window() {
+        let s = secret(11);
+        let seq = Arc::new(AtomicU64::new(0));
+        let mut busy = Node {
+            fwd: Forwarder::new(s.clone(), seq.clone()),
+            routes: table(A, 11),
+        };
+        let mut idle = Node {
+            fwd: Forwarder::new(s.clone(), seq),
+            routes: table(A, 11),
+        };
+        let mut b = node(&s, B, 22);
+        // The idle core sends one packet, then the busy one sends far more
+        // than a replay window's worth; then the idle core sends again.
+        idle.fwd.begin_batch();
+        let (_, w) = send(&mut idle, &icmp(A, B, b"first"));
+        assert_eq!(recv(&mut b, &w).0.verdict, Verdict::Tun);
+        for _ in 0..(crate::replay::WINDOW as usize + 200) / 50 {
+            busy.fwd.begin_batch();
+            for _ in 0..50 {
+                let (_, w) = send(&mut busy, &icmp(A, B, b"bulk"));
+                assert_eq!(recv(&mut b, &w).0.verdict, Verdict::Tun);
+            }
+        }
+        idle.fwd.begin_batch();
+        let (_, w) = send(&mut idle, &icmp(A, B, b"later"));
+        assert_eq!(
+            recv(&mut b, &w).0.verdict,
+            Verdict::Tun,
+            "stale reservation"
+        );
     }
 
     #[test]

@@ -697,6 +697,7 @@ impl Core {
                 self.fwd.retain_members(&routes);
             }
             let now = Instant::now();
+            self.fwd.begin_batch();
             loop {
                 let mut n = 0;
                 for cqe in self.ring.completion() {

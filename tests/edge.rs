@@ -1,0 +1,669 @@
+//! Edge nodes (issue 3, paper §3.3) end to end, in network namespaces
+//! (needs root): automatic core/edge roles, primary and backup core nodes,
+//! all four hop patterns, failover of an edge node in under a second while
+//! traffic flows, an edge node behind a NAT router, and the CLI guard.
+//!
+//! Same conventions as `tests/netns.rs`: every test builds its own [`Lab`],
+//! tears it down in `Drop` even on failure, skips loudly without root
+//! (fails under `CI=1`), and a failing test prints every node's log.
+//!
+//! Hosts whose UDP is dropped by nftables (inside their own namespace,
+//! [`Lab::block_udp`]) or that sit behind a NAT router are started with the
+//! default `--role auto`: the node itself has to notice that it must be an
+//! edge node.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::Output;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use ela_fast::netns::{self, HostId, Lab, Node, NodeRole, NodeSpec, PingOpts, PingResult};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ela-fast");
+/// Membership must settle well within this on an idle bridge (edge nodes
+/// spend 1.5 s on the UDP probe first).
+const CONVERGE: Duration = Duration::from_secs(20);
+/// How long an edge node may take to pick the primary/backup the rule asks
+/// for once the core nodes are known.
+const ATTACH: Duration = Duration::from_secs(5);
+/// "Within a few seconds": a dead core node leaves every member list, a
+/// restarted one is listed again and re-adopted by its edge nodes.
+const FEW_SECS: Duration = Duration::from_secs(5);
+/// The failover bound of issue 3.
+const FAILOVER_BOUND: Duration = Duration::from_secs(1);
+const IPERF_PORT: &str = "5201";
+
+fn ip(d: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 0, d)
+}
+
+/// Runs `body` in a fresh lab; on error panics with the error and every
+/// node's log.
+fn lab_test(tag: &str, body: impl FnOnce(&mut Lab) -> Result<()>) {
+    if !netns::require_lab(tag) {
+        return;
+    }
+    let mut lab = Lab::new(tag)
+        .expect("creating the netns lab")
+        .with_node_binary(BIN);
+    if let Err(e) = body(&mut lab) {
+        let logs = lab.logs_report();
+        lab.mark_logs_reported();
+        panic!("{tag} failed: {e:#}\n\n{logs}");
+    }
+}
+
+/// A node of a test, with the overlay address it asked for and got.
+struct Member {
+    node: Node,
+    addr: Ipv4Addr,
+    edge: bool,
+}
+
+/// "CN" or "EN".
+fn kind(edge: bool) -> &'static str {
+    if edge {
+        "EN"
+    } else {
+        "CN"
+    }
+}
+
+/// Starts a node asking for `addr`, joining through `via` (founds the
+/// group without), and checks it got that address.
+fn start(
+    lab: &Lab,
+    h: HostId,
+    key: &Path,
+    addr: Ipv4Addr,
+    via: Option<&Node>,
+    role: NodeRole,
+    edge: bool,
+) -> Result<Member> {
+    let mut spec = NodeSpec::new(key).addr(addr);
+    spec.role = role;
+    if let Some(v) = via {
+        spec = spec.bootstrap(v.listen);
+    }
+    let (node, st) = lab.start_node(h, &spec)?;
+    let got = netns::self_addr(&st)?;
+    ensure!(
+        got == addr,
+        "{} asked for the free {addr} but got {got}",
+        node.name
+    );
+    Ok(Member { node, addr, edge })
+}
+
+/// Waits until `en` reports role edge with this primary and backup.
+fn wait_attached(
+    lab: &Lab,
+    en: &Node,
+    primary: Ipv4Addr,
+    backup: Ipv4Addr,
+    within: Duration,
+) -> Result<Value> {
+    lab.wait_status(
+        en,
+        within,
+        &format!("role edge, primary {primary}, backup {backup}"),
+        |st| {
+            netns::role(st) == "edge"
+                && netns::primary(st) == Some(primary)
+                && netns::backup(st) == Some(backup)
+        },
+    )
+}
+
+/// Every ordered pair pings over ela0 (`ping -c 3 -i 0.2 -W 2`) with no
+/// loss; failures name the hop pattern (CN→EN, …).
+fn ping_all_pairs(lab: &Lab, ms: &[&Member]) -> Result<()> {
+    let mut failures = Vec::new();
+    let mut patterns = BTreeSet::new();
+    for from in ms {
+        for to in ms {
+            if from.addr == to.addr {
+                continue;
+            }
+            let pattern = format!("{}→{}", kind(from.edge), kind(to.edge));
+            let r = lab.ping(from.node.host, to.addr, 3, Duration::from_millis(200))?;
+            if r.lost() > 0 || r.received != 3 {
+                failures.push(format!(
+                    "{pattern} {} ({}) -> {} ({}): {}/{} replies\n{}",
+                    from.node.name,
+                    from.addr,
+                    to.node.name,
+                    to.addr,
+                    r.received,
+                    r.transmitted,
+                    r.output.trim()
+                ));
+            }
+            patterns.insert(pattern);
+        }
+    }
+    ensure!(
+        failures.is_empty(),
+        "{} of {} pairs lost pings:\n{}",
+        failures.len(),
+        ms.len() * (ms.len() - 1),
+        failures.join("\n")
+    );
+    eprintln!(
+        "all {} ordered pairs ping with 0 loss (patterns: {})",
+        ms.len() * (ms.len() - 1),
+        patterns.into_iter().collect::<Vec<_>>().join(", ")
+    );
+    Ok(())
+}
+
+/// Every node lists every edge node as role edge, and (when the node
+/// announces it) attached to `primary_of(en)`.
+fn check_member_roles(
+    lab: &Lab,
+    all: &[&Member],
+    primary_of: impl Fn(Ipv4Addr) -> Option<Ipv4Addr>,
+) -> Result<()> {
+    for viewer in all {
+        let st = lab.wait_status(
+            &viewer.node,
+            ATTACH,
+            "every member listed with its role and edge nodes attached to their primary",
+            |st| {
+                let Ok(list) = netns::members(st) else {
+                    return false;
+                };
+                all.iter().all(|m| {
+                    list.iter().any(|x| {
+                        x.addr == m.addr
+                            && x.role == if m.edge { "edge" } else { "core" }
+                            && (!m.edge || x.attached == primary_of(m.addr))
+                    })
+                })
+            },
+        )?;
+        ensure!(
+            netns::members(&st)?.len() == all.len(),
+            "{} lists {} members, want {}: {}",
+            viewer.node.name,
+            netns::members(&st)?.len(),
+            all.len(),
+            st["members"]
+        );
+    }
+    Ok(())
+}
+
+/// Issue 3: three core nodes and three hosts that can only speak TCP (UDP
+/// dropped by a firewall in their namespace), all `--role auto`. The three
+/// become edge nodes with the primary/backup the paper's rule picks (with
+/// wrap-around), every node lists all six, and all 30 ordered pairs ping —
+/// CN→CN, CN→EN, EN→CN and EN→EN.
+#[test]
+fn auto_roles_and_all_pairs() {
+    lab_test("auto_roles", |lab| {
+        let key = lab.keygen("group")?;
+        let cn_h: Vec<HostId> = (1..=3)
+            .map(|k| lab.add_host(&format!("cn{k}")))
+            .collect::<Result<_>>()?;
+        let en_h: Vec<HostId> = (1..=3)
+            .map(|k| lab.add_host(&format!("en{k}")))
+            .collect::<Result<_>>()?;
+        for &h in &en_h {
+            lab.block_udp(h)?;
+        }
+        // Core nodes: .10 founds; .20 and .30 join (auto: UDP works and
+        // their address is not NATed, so they become core nodes).
+        let cn1 = start(lab, cn_h[0], &key, ip(10), None, NodeRole::Auto, false)?;
+        let cn2 = start(
+            lab,
+            cn_h[1],
+            &key,
+            ip(20),
+            Some(&cn1.node),
+            NodeRole::Auto,
+            false,
+        )?;
+        let cn3 = start(
+            lab,
+            cn_h[2],
+            &key,
+            ip(30),
+            Some(&cn2.node),
+            NodeRole::Auto,
+            false,
+        )?;
+        let cns = [&cn1, &cn2, &cn3];
+        // Edge hosts, each bootstrapping through a different core node.
+        let mut ens = Vec::new();
+        for (i, &h) in en_h.iter().enumerate() {
+            let t0 = Instant::now();
+            let m = start(
+                lab,
+                h,
+                &key,
+                ip(15 + 10 * i as u8),
+                Some(&cns[i].node),
+                NodeRole::Auto,
+                true,
+            )?;
+            eprintln!(
+                "{} (UDP dropped, --role auto) up as {} after {:?}",
+                m.node.name,
+                m.addr,
+                t0.elapsed()
+            );
+            ens.push(m);
+        }
+        let all: Vec<&Member> = cns.iter().copied().chain(ens.iter()).collect();
+        let nodes: Vec<&Node> = all.iter().map(|m| &m.node).collect();
+        let sts = lab.wait_converged(&nodes, 6, CONVERGE)?;
+        for (m, st) in all.iter().zip(&sts) {
+            let want = if m.edge { "edge" } else { "core" };
+            ensure!(
+                netns::role(st) == want,
+                "{} ({}) reports role {:?}, want {want}: {st}",
+                m.node.name,
+                m.addr,
+                netns::role(st)
+            );
+        }
+
+        // §3.3: primary = nearest smaller CN (wrapping to the largest),
+        // backup = nearest smaller than the primary.
+        let expect = [
+            (ip(15), ip(10), ip(30)),
+            (ip(25), ip(20), ip(10)),
+            (ip(35), ip(30), ip(20)),
+        ];
+        for (en, (addr, p, b)) in ens.iter().zip(expect) {
+            debug_assert_eq!(en.addr, addr);
+            let st = wait_attached(lab, &en.node, p, b, ATTACH)?;
+            eprintln!(
+                "{} {addr}: role edge, primary {p}, backup {b}",
+                en.node.name
+            );
+            ensure!(
+                netns::edges(&st).is_empty(),
+                "edge node {} lists edge links of its own: {}",
+                en.node.name,
+                st["edges"]
+            );
+        }
+        // Each core node holds TCP links to the edge nodes that chose it.
+        for cn in cns {
+            let want: BTreeSet<(Ipv4Addr, bool)> = expect
+                .iter()
+                .filter_map(|&(en, p, b)| {
+                    if p == cn.addr {
+                        Some((en, true))
+                    } else if b == cn.addr {
+                        Some((en, false))
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            lab.wait_status(
+                &cn.node,
+                ATTACH,
+                &format!("edges (addr, primary) = {want:?}"),
+                |st| {
+                    netns::role(st) == "core"
+                        && netns::primary(st).is_none()
+                        && netns::edges(st)
+                            .iter()
+                            .map(|e| (e.addr, e.primary))
+                            .collect::<BTreeSet<_>>()
+                            == want
+                },
+            )?;
+        }
+        check_member_roles(lab, &all, |en| {
+            expect.iter().find(|e| e.0 == en).map(|e| e.1)
+        })?;
+
+        ping_all_pairs(lab, &all)
+    });
+}
+
+/// Parses iperf3's `-J` output of a finished client: bytes received.
+fn iperf_received(o: &Output) -> Result<(u64, f64)> {
+    let text = String::from_utf8_lossy(&o.stdout);
+    let v: Value = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "iperf3 printed no JSON ({}): {text}{}",
+            netns::describe_status(o.status),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    })?;
+    if let Some(e) = v.get("error").and_then(Value::as_str) {
+        bail!("iperf3 failed: {e}");
+    }
+    ensure!(
+        o.status.success(),
+        "iperf3 exited {}: {}",
+        netns::describe_status(o.status),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let bytes = v
+        .pointer("/end/sum_received/bytes")
+        .and_then(Value::as_u64)
+        .context("iperf3 JSON has no end.sum_received.bytes")?;
+    let bps = v
+        .pointer("/end/sum_received/bits_per_second")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
+    Ok((bytes, bps))
+}
+
+/// Starts a one-shot iperf3 server in `h` and waits until it listens.
+fn iperf_server(lab: &Lab, h: HostId) -> Result<u32> {
+    let log = lab
+        .dir()
+        .join(format!("iperf3-server-{}.log", lab.host_name(h)));
+    let pid = lab.spawn(h, &["iperf3", "-s", "-1", "-p", IPERF_PORT], &log)?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ss = lab.exec(h, &["ss", "-Hltn", &format!("sport = :{IPERF_PORT}")])?;
+        if !ss.stdout.is_empty() {
+            return Ok(pid);
+        }
+        if let Some(st) = lab.try_exit(pid) {
+            bail!(
+                "iperf3 server exited ({}): {}",
+                netns::describe_status(st),
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        ensure!(Instant::now() < deadline, "iperf3 server did not listen");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Checks a 20 ms ping stream that ran across the kill at `killed_at`
+/// (unix time): replies before and after it, and the longest silence
+/// between two replies within `bound`. Returns that silence.
+fn check_ping_stream(
+    what: &str,
+    r: &PingResult,
+    killed_at: f64,
+    interval: Duration,
+) -> Result<Duration> {
+    let gap = r
+        .longest_gap(interval)
+        .ok_or_else(|| anyhow!("{what}: fewer than two replies\n{}", r.output))?;
+    let before = r
+        .replies
+        .iter()
+        .filter(|x| x.at.is_some_and(|t| t < killed_at))
+        .count();
+    let after = r
+        .replies
+        .iter()
+        .filter(|x| x.at.is_some_and(|t| t > killed_at))
+        .count();
+    // The stream must have recovered, not just stopped: replies keep
+    // coming up to (nearly) the last request.
+    let last = r.last_seq().unwrap_or(0);
+    eprintln!(
+        "{what}: {}/{} replies, longest gap {:.0} ms (icmp_seq {} -> {}, {:.0} ms after the kill), last reply icmp_seq {last}",
+        r.received,
+        r.transmitted,
+        gap.gap.as_secs_f64() * 1000.0,
+        gap.seq_before,
+        gap.seq_after,
+        gap.at_before.map_or(f64::NAN, |t| (t - killed_at) * 1000.0),
+    );
+    ensure!(
+        before > 10 && after > 10,
+        "{what}: want replies before and after the kill, got {before} before, {after} after\n{}",
+        r.output
+    );
+    ensure!(
+        last + 5 >= r.transmitted,
+        "{what}: replies stopped at icmp_seq {last} of {}\n{}",
+        r.transmitted,
+        r.output
+    );
+    ensure!(
+        gap.gap <= FAILOVER_BOUND,
+        "{what}: {:.0} ms without replies (icmp_seq {} -> {}), bound {FAILOVER_BOUND:?}",
+        gap.gap.as_secs_f64() * 1000.0,
+        gap.seq_before,
+        gap.seq_after
+    );
+    Ok(gap.gap)
+}
+
+fn join_traffic<T>(h: thread::ScopedJoinHandle<'_, Result<T>>) -> Result<T> {
+    h.join().map_err(|_| anyhow!("a traffic thread panicked"))?
+}
+
+/// Waits until every node of `nodes` lists exactly `want` (by address).
+fn wait_member_addrs(
+    lab: &Lab,
+    nodes: &[&Node],
+    want: &BTreeSet<Ipv4Addr>,
+    within: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + within;
+    for n in nodes {
+        lab.wait_status(
+            n,
+            deadline.saturating_duration_since(Instant::now()),
+            &format!("members = {want:?}"),
+            |st| {
+                netns::members(st).is_ok_and(|m| {
+                    m.len() == want.len()
+                        && m.iter().map(|x| x.addr).collect::<BTreeSet<_>>() == *want
+                })
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// Issue 3: an edge node fails over to its backup core node in under a
+/// second. Core nodes .10/.20/.30, edge nodes .15 (primary .10, backup .30)
+/// and .25 (primary .20, backup .10). While 20 ms pings run towards .15
+/// from .20 (neither its primary nor its backup) and from the other edge
+/// node, and an iperf3 TCP stream runs from .20 to .15, .10 gets SIGKILL.
+/// Then .10 comes back and .15 re-attaches to it.
+#[test]
+fn en_failover_under_a_second() {
+    lab_test("en_failover", |lab| {
+        let key = lab.keygen("group")?;
+        let h: Vec<HostId> = ["cn1", "cn2", "cn3", "en1", "en2"]
+            .iter()
+            .map(|n| lab.add_host(n))
+            .collect::<Result<_>>()?;
+        lab.block_udp(h[3])?;
+        lab.block_udp(h[4])?;
+        // .20 founds, so that .10 (the one that gets killed) can come back
+        // exactly as it first started: bootstrapping through .20.
+        let cn2 = start(lab, h[1], &key, ip(20), None, NodeRole::Auto, false)?;
+        let cn1 = start(
+            lab,
+            h[0],
+            &key,
+            ip(10),
+            Some(&cn2.node),
+            NodeRole::Auto,
+            false,
+        )?;
+        let cn3 = start(
+            lab,
+            h[2],
+            &key,
+            ip(30),
+            Some(&cn2.node),
+            NodeRole::Auto,
+            false,
+        )?;
+        let en1 = start(
+            lab,
+            h[3],
+            &key,
+            ip(15),
+            Some(&cn2.node),
+            NodeRole::Auto,
+            true,
+        )?;
+        let en2 = start(
+            lab,
+            h[4],
+            &key,
+            ip(25),
+            Some(&cn3.node),
+            NodeRole::Auto,
+            true,
+        )?;
+        let all = [&cn1, &cn2, &cn3, &en1, &en2];
+        let nodes: Vec<&Node> = all.iter().map(|m| &m.node).collect();
+        lab.wait_converged(&nodes, 5, CONVERGE)?;
+        wait_attached(lab, &en1.node, ip(10), ip(30), ATTACH)?;
+        wait_attached(lab, &en2.node, ip(20), ip(10), ATTACH)?;
+        // Paths are warm before the measurement starts.
+        for (from, to) in [(&cn2, &en1), (&en2, &en1), (&cn1, &en1), (&cn3, &en1)] {
+            let r = lab.ping(from.node.host, to.addr, 2, Duration::from_millis(100))?;
+            ensure!(
+                r.received == 2,
+                "warm-up {} -> {}: {}",
+                from.node.name,
+                to.node.name,
+                r.output
+            );
+        }
+
+        let server = iperf_server(lab, en1.node.host)?;
+        let interval = Duration::from_millis(20);
+        let run = Duration::from_secs(11);
+        let po = PingOpts {
+            count: (run.as_millis() / interval.as_millis()) as u32,
+            interval,
+            wait: Duration::from_secs(1),
+            timestamps: true,
+            ..PingOpts::default()
+        };
+        let target = en1.addr.to_string();
+        let (killed_at, switched, r_cn, r_en, iperf) = thread::scope(|s| -> Result<_> {
+            let p_cn = s.spawn(|| lab.ping_with(cn2.node.host, en1.addr, &po));
+            let p_en = s.spawn(|| lab.ping_with(en2.node.host, en1.addr, &po));
+            let ip3 = s.spawn(|| {
+                lab.exec_timeout(
+                    cn2.node.host,
+                    &["iperf3", "-c", &target, "-p", IPERF_PORT, "-t", "8", "-J"],
+                    Duration::from_secs(40),
+                )
+            });
+            thread::sleep(Duration::from_secs(3));
+            let killed_at = unix_now();
+            let t0 = Instant::now();
+            lab.kill(cn1.node.pid, libc::SIGKILL);
+            // The edge node's own view: former backup .30 is primary now.
+            let sw = lab.wait_status(&en1.node, FAILOVER_BOUND * 2, "primary 10.0.0.30", |st| {
+                netns::primary(st) == Some(ip(30))
+            });
+            let switched = sw.map(|_| t0.elapsed());
+            let r_cn = join_traffic(p_cn);
+            let r_en = join_traffic(p_en);
+            let iperf = join_traffic(ip3);
+            Ok((killed_at, switched, r_cn?, r_en?, iperf?))
+        })?;
+        lab.wait_exit(server, Duration::from_secs(5));
+        let switched = switched?;
+        eprintln!("en1 reported primary 10.0.0.30 {switched:?} after the SIGKILL");
+
+        let gap_cn = check_ping_stream("ping cn2 (.20) -> en1 (.15)", &r_cn, killed_at, interval)?;
+        let gap_en = check_ping_stream("ping en2 (.25) -> en1 (.15)", &r_en, killed_at, interval)?;
+        let (bytes, bps) = iperf_received(&iperf)?;
+        ensure!(bytes > 0, "iperf3 received 0 bytes");
+        eprintln!(
+            "iperf3 cn2 -> en1 across the failover: {bytes} bytes, {:.0} Mb/s",
+            bps / 1e6
+        );
+        eprintln!(
+            "FAILOVER GAP: {:.0} ms (CN -> EN), {:.0} ms (EN -> EN)",
+            gap_cn.as_secs_f64() * 1000.0,
+            gap_en.as_secs_f64() * 1000.0
+        );
+
+        // New backups: .15 -> primary .30, backup .20; .25 keeps .20, backup .30.
+        wait_attached(lab, &en1.node, ip(30), ip(20), FEW_SECS)?;
+        wait_attached(lab, &en2.node, ip(20), ip(30), FEW_SECS)?;
+        // Every survivor drops the dead core node from its members.
+        let t0 = Instant::now();
+        let survivors = [&cn2.node, &cn3.node, &en1.node, &en2.node];
+        let without: BTreeSet<Ipv4Addr> = [ip(20), ip(30), ip(15), ip(25)].into();
+        wait_member_addrs(lab, &survivors, &without, FEW_SECS)?;
+        eprintln!(
+            "all survivors dropped 10.0.0.10 from their members (within {:?} after the failover checks)",
+            t0.elapsed()
+        );
+
+        // .10 comes back (same address, underlay, bootstrap) and is
+        // listed again; .15 re-attaches to it as its primary, .25 takes it
+        // back as its backup.
+        let t0 = Instant::now();
+        let cn1 = start(
+            lab,
+            h[0],
+            &key,
+            ip(10),
+            Some(&cn2.node),
+            NodeRole::Auto,
+            false,
+        )?;
+        let all = [&cn1, &cn2, &cn3, &en1, &en2];
+        let nodes: Vec<&Node> = all.iter().map(|m| &m.node).collect();
+        let every: BTreeSet<Ipv4Addr> = all.iter().map(|m| m.addr).collect();
+        wait_member_addrs(lab, &nodes, &every, FEW_SECS)?;
+        let rejoined = t0.elapsed();
+        wait_attached(lab, &en1.node, ip(10), ip(30), FEW_SECS)?;
+        let reattached = t0.elapsed();
+        wait_attached(lab, &en2.node, ip(20), ip(10), FEW_SECS)?;
+        lab.wait_converged(&nodes, 5, FEW_SECS)?;
+        eprintln!(
+            "restarted 10.0.0.10: listed by all after {rejoined:?}, en1's primary again after {reattached:?}"
+        );
+        lab.wait_status(&cn1.node, ATTACH, "edges: .15 primary, .25 backup", |st| {
+            netns::edges(st)
+                .iter()
+                .map(|e| (e.addr, e.primary))
+                .collect::<BTreeSet<_>>()
+                == [(ip(15), true), (ip(25), false)].into()
+        })?;
+        for (from, to) in [
+            (&cn2, &en1),
+            (&en2, &en1),
+            (&cn1, &en1),
+            (&en1, &cn1),
+            (&cn3, &en2),
+        ] {
+            let r = lab.ping(from.node.host, to.addr, 3, Duration::from_millis(200))?;
+            ensure!(
+                r.received == 3,
+                "after the restart, {} -> {} ({}): {}/{} replies\n{}",
+                from.node.name,
+                to.node.name,
+                to.addr,
+                r.received,
+                r.transmitted,
+                r.output
+            );
+        }
+        Ok(())
+    });
+}
