@@ -51,8 +51,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// The error and its causes on one line, skipping causes whose text the
+/// message already includes (library errors often embed their source).
 fn one_line(e: &anyhow::Error) -> String {
-    format!("{e:#}").replace('\n', " ")
+    let mut out = String::new();
+    for cause in e.chain() {
+        let t = cause.to_string();
+        if out.contains(&t) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&t);
+    }
+    out.replace('\n', " ")
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

@@ -138,6 +138,7 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     } else {
         None
     };
+    let npd = Npd::create(&cfg.iface, cfg.mtu, n)?;
     let node_id: u64 = rand::thread_rng().gen();
     let started_ms = unix_ms();
     let secret = cfg.secret.clone();
@@ -148,7 +149,7 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let role = joined.role;
     let listener = if role == Role::Core { listener } else { None };
 
-    let npd = Npd::create(&cfg.iface, joined.addr, cfg.net.prefix_len(), cfg.mtu, n)?;
+    npd.configure(joined.addr, cfg.net.prefix_len())?;
     info!(iface = %cfg.iface, addr = %joined.addr, net = %cfg.net, mtu = cfg.mtu, queues = n, %role, "NPD up");
 
     let identity = NodeIdentity::new(node_id, joined.addr, joined.underlay, role, started_ms);

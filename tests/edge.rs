@@ -417,8 +417,16 @@ fn check_ping_stream(
     // The stream must have recovered, not just stopped: replies keep
     // coming up to (nearly) the last request.
     let last = r.last_seq().unwrap_or(0);
+    // The silence across the kill: last reply before it to first after.
+    let across = r
+        .replies
+        .windows(2)
+        .find(|w| w[0].at.is_some_and(|a| a <= killed_at) && w[1].at.is_some_and(|b| b > killed_at))
+        .map_or(f64::NAN, |w| {
+            (w[1].at.unwrap_or_default() - w[0].at.unwrap_or_default()) * 1000.0
+        });
     eprintln!(
-        "{what}: {}/{} replies, longest gap {:.0} ms (icmp_seq {} -> {}, {:.0} ms after the kill), last reply icmp_seq {last}",
+        "{what}: {}/{} replies; across the kill {across:.0} ms without replies; longest gap {:.0} ms (icmp_seq {} -> {}, starting {:+.0} ms from the kill); last reply icmp_seq {last}",
         r.received,
         r.transmitted,
         gap.gap.as_secs_f64() * 1000.0,

@@ -628,6 +628,44 @@ mod tests {
     }
 
     #[test]
+    fn edge_nodes_join_move_and_are_routed_by_hint() {
+        let mut sim = Sim::new();
+        sim.add(ip(10), None);
+        sim.add(ip(20), Some(0));
+        sim.add(ip(30), Some(0));
+        // An EN (its SWIM goes through its CN in real life; the sim
+        // delivers directly, which is what the relay amounts to).
+        let now_ms = sim.now_ms();
+        let mut id = NodeIdentity::new(500, ip(25), ua(9), Role::Edge, now_ms);
+        id.attached = Some(ip(20));
+        let mut en = Membership::new(id, swim_config(8), 500);
+        en.join(sim.now, vec![sim.nodes[0].identity().clone()]);
+        sim.nodes.push(en);
+        let e = sim.nodes.len() - 1;
+        sim.run(2000);
+        for v in sim.views() {
+            assert_eq!(v.len(), 4, "{v:?}");
+        }
+        // .30 routes to the EN through its announced CN (.20).
+        let me = sim.nodes[2].identity().clone();
+        let t = core_routes(&me, &sim.nodes[2].members(), Vec::new(), 1);
+        assert_eq!(t.lookup(ip(25)), NextHop::Core(ua(2)));
+        // Failover: the EN now says it is on .10; within a few hundred ms
+        // of gossip .30 routes there, long before any CN is declared down.
+        let now = sim.now;
+        sim.nodes[e].set_attached(now, Some(ip(10)));
+        sim.run(500);
+        let t = core_routes(&me, &sim.nodes[2].members(), Vec::new(), 2);
+        assert_eq!(t.lookup(ip(25)), NextHop::Core(ua(1)));
+        // The EN crashes: everyone drops it.
+        sim.down.insert(e);
+        sim.run(6000);
+        for v in sim.views() {
+            assert_eq!(v.len(), 3, "{v:?}");
+        }
+    }
+
+    #[test]
     fn restarted_node_supersedes_its_predecessor() {
         let mut sim = Sim::new();
         sim.add(ip(1), None);

@@ -78,10 +78,10 @@ impl FrameDecoder {
         let s = self.start + LEN_PREFIX;
         self.start = s + len;
         if self.start == self.end {
+            // Empty again: the next receive starts at the front, with no
+            // compaction. The frame's bytes stay valid until then.
             self.start = 0;
             self.end = 0;
-            // The frame's bytes stay valid until the next spare()/feed().
-            return Some(Ok(&mut self.buf[s..s + len]));
         }
         Some(Ok(&mut self.buf[s..s + len]))
     }

@@ -24,6 +24,8 @@ pub enum IoError {
     },
     #[error("creating TUN interface {name}: {source} (ela-fast needs root or CAP_NET_ADMIN and /dev/net/tun)")]
     CreateTun { name: String, source: io::Error },
+    #[error("interface {name} already exists (another node running here? pick another --iface)")]
+    TunExists { name: String },
     #[error("configuring TUN interface {name}: {source}")]
     ConfigureTun { name: String, source: io::Error },
     #[error("setting up io_uring: {source} (is io_uring disabled by kernel.io_uring_disabled?)")]

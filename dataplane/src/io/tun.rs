@@ -13,21 +13,23 @@ pub struct Npd {
 }
 
 impl Npd {
-    /// Creates `name` with `queues` queues, the overlay address and prefix
-    /// route, and `mtu`, and brings it up. The interface disappears when
-    /// the last queue is closed (on drop).
-    pub fn create(
-        name: &str,
-        addr: Ipv4Addr,
-        prefix: u8,
-        mtu: u16,
-        queues: usize,
-    ) -> Result<Npd, IoError> {
+    /// Creates `name` with `queues` queues and `mtu`, down and without an
+    /// address (see [`Npd::configure`]): created before joining so that a
+    /// missing permission or a taken name fails before the group hears of
+    /// us. The interface disappears when the last queue is closed (drop).
+    pub fn create(name: &str, mtu: u16, queues: usize) -> Result<Npd, IoError> {
+        // A second multi-queue open of an existing name would silently
+        // attach us as extra queues of someone else's interface.
+        if std::path::Path::new("/sys/class/net").join(name).exists() {
+            return Err(IoError::TunExists {
+                name: name.to_string(),
+            });
+        }
         let first = DeviceBuilder::new()
             .name(name)
-            .ipv4(addr, prefix, None)
             .mtu(mtu)
             .multi_queue(true)
+            .enable(false)
             .build_sync()
             .map_err(|source| IoError::CreateTun {
                 name: name.to_string(),
@@ -52,6 +54,19 @@ impl Npd {
             name: name.to_string(),
             queues: qs,
         })
+    }
+
+    /// Gives the interface its overlay address and the prefix route, and
+    /// brings it up.
+    pub fn configure(&self, addr: Ipv4Addr, prefix: u8) -> Result<(), IoError> {
+        let cfg = |source| IoError::ConfigureTun {
+            name: self.name.clone(),
+            source,
+        };
+        self.queues[0]
+            .set_network_address(addr, prefix, None)
+            .map_err(cfg)?;
+        self.queues[0].enabled(true).map_err(cfg)
     }
 
     pub fn name(&self) -> &str {
