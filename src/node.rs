@@ -41,8 +41,9 @@ use crate::status::{self, ControlCounters, EdgeView, MemberView, NodeInfo, Statu
 
 /// Retry period for JoinRequests while no bootstrap has answered.
 const JOIN_RETRY: Duration = Duration::from_millis(300);
-/// Upper bound on the control loop's sleep, so signals are noticed fast.
-const CONTROL_TICK: Duration = Duration::from_millis(50);
+/// Upper bound on the control loop's sleep. Signals interrupt poll(2) at once;
+/// this only bounds how stale a missed wake-up can get.
+const CONTROL_TICK: Duration = Duration::from_millis(250);
 
 /// Validated settings.
 pub struct NodeConfig {
@@ -675,7 +676,7 @@ impl Control<'_> {
             let ms = deadline
                 .saturating_duration_since(now)
                 .as_millis()
-                .clamp(1, 50) as i32;
+                .clamp(1, CONTROL_TICK.as_millis()) as i32;
             let mut fds = [
                 libc::pollfd {
                     fd: self.socket.as_raw_fd(),

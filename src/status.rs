@@ -6,6 +6,7 @@
 //! one JSON object and closes.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -148,14 +149,17 @@ pub fn serve(
         .name("ela-status".into())
         .spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                match l.accept() {
-                    Ok((s, _)) => {
-                        let _ = answer(s, &shared);
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                // Sleep in poll(2) until a client connects (or 250 ms, to
+                // notice `stop`): an idle node should not wake up often.
+                let mut pfd = libc::pollfd {
+                    fd: l.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd on the stack for the call.
+                unsafe { libc::poll(&mut pfd, 1, 250) };
+                while let Ok((s, _)) = l.accept() {
+                    let _ = answer(s, &shared);
                 }
             }
             let _ = std::fs::remove_file(&path);
@@ -221,6 +225,24 @@ pub fn format_table(v: &Value) -> String {
         n("/mtu"),
         n("/uptime_secs")
     ));
+    if v.get("role").and_then(|r| r.as_str()) == Some("edge") {
+        out.push_str(&format!(
+            "primary core node {}  backup {}\n\n",
+            v.get("primary").and_then(|x| x.as_str()).unwrap_or("(none)"),
+            v.get("backup").and_then(|x| x.as_str()).unwrap_or("(none)")
+        ));
+    }
+    if let Some(es) = v.get("edges").and_then(|e| e.as_array()) {
+        if !es.is_empty() {
+            out.push_str("edge nodes linked here:");
+            for e in es {
+                let a = e.get("addr").and_then(|x| x.as_str()).unwrap_or("?");
+                let p = e.get("primary").and_then(|x| x.as_bool()) == Some(true);
+                out.push_str(&format!("  {a} ({})", if p { "primary" } else { "backup" }));
+            }
+            out.push_str("\n\n");
+        }
+    }
     out.push_str(&format!(
         "{:<16} {:<5} {:<24} {}\n",
         "MEMBER", "ROLE", "UNDERLAY", "NODE ID"

@@ -394,13 +394,14 @@ fn unix_now() -> f64 {
 
 /// Checks a 20 ms ping stream that ran across the kill at `killed_at`
 /// (unix time): replies before and after it, and the longest silence
-/// between two replies within `bound`. Returns that silence.
+/// between two replies within [`FAILOVER_BOUND`]. Returns the silence
+/// across the kill (the failover gap) and the longest one of the run.
 fn check_ping_stream(
     what: &str,
     r: &PingResult,
     killed_at: f64,
     interval: Duration,
-) -> Result<Duration> {
+) -> Result<(Duration, Duration)> {
     let gap = r
         .longest_gap(interval)
         .ok_or_else(|| anyhow!("{what}: fewer than two replies\n{}", r.output))?;
@@ -422,13 +423,16 @@ fn check_ping_stream(
         .replies
         .windows(2)
         .find(|w| w[0].at.is_some_and(|a| a <= killed_at) && w[1].at.is_some_and(|b| b > killed_at))
-        .map_or(f64::NAN, |w| {
-            (w[1].at.unwrap_or_default() - w[0].at.unwrap_or_default()) * 1000.0
+        .map_or(Duration::ZERO, |w| {
+            Duration::from_secs_f64(
+                (w[1].at.unwrap_or_default() - w[0].at.unwrap_or_default()).max(0.0),
+            )
         });
     eprintln!(
-        "{what}: {}/{} replies; across the kill {across:.0} ms without replies; longest gap {:.0} ms (icmp_seq {} -> {}, starting {:+.0} ms from the kill); last reply icmp_seq {last}",
+        "{what}: {}/{} replies; across the kill {:.0} ms without replies; longest gap {:.0} ms (icmp_seq {} -> {}, starting {:+.0} ms from the kill); last reply icmp_seq {last}",
         r.received,
         r.transmitted,
+        across.as_secs_f64() * 1000.0,
         gap.gap.as_secs_f64() * 1000.0,
         gap.seq_before,
         gap.seq_after,
@@ -452,7 +456,7 @@ fn check_ping_stream(
         gap.seq_before,
         gap.seq_after
     );
-    Ok(gap.gap)
+    Ok((across, gap.gap))
 }
 
 fn join_traffic<T>(h: thread::ScopedJoinHandle<'_, Result<T>>) -> Result<T> {
@@ -602,10 +606,14 @@ fn en_failover_under_a_second() {
             "iperf3 cn2 -> en1 across the failover: {bytes} bytes, {:.0} Mb/s",
             bps / 1e6
         );
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         eprintln!(
-            "FAILOVER GAP: {:.0} ms (CN -> EN), {:.0} ms (EN -> EN)",
-            gap_cn.as_secs_f64() * 1000.0,
-            gap_en.as_secs_f64() * 1000.0
+            "FAILOVER GAP (no replies across the SIGKILL): {:.0} ms CN->EN, {:.0} ms EN->EN; \
+             longest silence of the whole run: {:.0} ms / {:.0} ms",
+            ms(gap_cn.0),
+            ms(gap_en.0),
+            ms(gap_cn.1),
+            ms(gap_en.1)
         );
 
         // New backups: .15 -> primary .30, backup .20; .25 keeps .20, backup .30.
@@ -672,6 +680,154 @@ fn en_failover_under_a_second() {
                 r.output
             );
         }
+        Ok(())
+    });
+}
+
+/// Issue 3: a host behind a NAT router. Its UDP works (masquerade answers
+/// it), but the address the core node observes is the router's, not one of
+/// its own: `--role auto` must notice the NAT and join as an edge node.
+/// Every node reaches it over ela0 and it reaches every node.
+#[test]
+fn edge_behind_nat() {
+    lab_test("edge_nat", |lab| {
+        let key = lab.keygen("group")?;
+        let cn_h: Vec<HostId> = (1..=3)
+            .map(|k| lab.add_host(&format!("cn{k}")))
+            .collect::<Result<_>>()?;
+        let router = lab.add_nat_router("router")?;
+        let en_h = lab.add_host_behind("en1", router)?;
+        let router_ip = lab.underlay_ip(router);
+        let private = lab.underlay_ip(en_h);
+
+        // The lab itself: out through the NAT works, in does not.
+        let out = lab.ping(en_h, lab.underlay_ip(cn_h[0]), 2, Duration::from_millis(100))?;
+        ensure!(
+            out.received == 2,
+            "{private} behind the router cannot reach the bridge: {}",
+            out.output
+        );
+        let inward = lab.ping(cn_h[0], private, 1, Duration::from_millis(100))?;
+        ensure!(
+            inward.received == 0,
+            "the bridge reaches the NATed {private} directly: {}",
+            inward.output
+        );
+
+        let cn1 = start(lab, cn_h[0], &key, ip(10), None, NodeRole::Auto, false)?;
+        let cn2 = start(lab, cn_h[1], &key, ip(20), Some(&cn1.node), NodeRole::Auto, false)?;
+        let cn3 = start(lab, cn_h[2], &key, ip(30), Some(&cn1.node), NodeRole::Auto, false)?;
+
+        // The requirement: auto picks edge behind a NAT. If it picks core,
+        // note it, restart with --role edge and check the rest anyway.
+        let mut problems = Vec::new();
+        let auto = start(lab, en_h, &key, ip(15), Some(&cn1.node), NodeRole::Auto, true)?;
+        let st = lab.status(&auto.node)?;
+        let en1 = if netns::role(&st) == "edge" {
+            eprintln!(
+                "en1 ({private} behind NAT {router_ip}, --role auto) chose edge; it announces underlay {}",
+                st["underlay"]
+            );
+            auto
+        } else {
+            problems.push(format!(
+                "behind a NAT, --role auto chose {:?}, not edge (status: {st})\n{}",
+                netns::role(&st),
+                lab.log_tail(&auto.node.log, 20)
+            ));
+            lab.kill(auto.node.pid, libc::SIGTERM);
+            lab.wait_exit(auto.node.pid, Duration::from_secs(10))
+                .ok_or_else(|| anyhow!("en1 did not exit on SIGTERM"))?;
+            start(lab, en_h, &key, ip(15), Some(&cn1.node), NodeRole::Edge, true)?
+        };
+        let all = [&cn1, &cn2, &cn3, &en1];
+        let nodes: Vec<&Node> = all.iter().map(|m| &m.node).collect();
+        lab.wait_converged(&nodes, 4, CONVERGE)?;
+        wait_attached(lab, &en1.node, ip(10), ip(30), ATTACH)?;
+        // The core nodes see it coming from the router's address.
+        for cn in [&cn1, &cn3] {
+            let st = lab.wait_status(&cn.node, ATTACH, "an edge link from 10.0.0.15", |st| {
+                netns::edges(st).iter().any(|e| e.addr == ip(15))
+            })?;
+            let link = netns::edges(&st)
+                .into_iter()
+                .find(|e| e.addr == ip(15))
+                .expect("waited for it");
+            if !link.peer.starts_with(&format!("{router_ip}:")) {
+                problems.push(format!(
+                    "{} sees en1's TCP link from {}, not from the router {router_ip}",
+                    cn.node.name, link.peer
+                ));
+            }
+        }
+        check_member_roles(lab, &all, |en| (en == ip(15)).then_some(ip(10)))?;
+        ping_all_pairs(lab, &all)?;
+        ensure!(problems.is_empty(), "{}", problems.join("\n"));
+        Ok(())
+    });
+}
+
+/// Non-empty stderr lines of a command.
+fn stderr_lines(o: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// `--role edge` without `--bootstrap` cannot work (an edge node joins
+/// through a core node): one clear `error:` line, non-zero exit, nothing
+/// left behind.
+#[test]
+fn edge_cli() {
+    lab_test("edge_cli", |lab| {
+        let h = lab.add_host("node1")?;
+        let key = lab.keygen("group")?;
+        let listen = lab.underlay_addr(h).to_string();
+        let control = lab.dir().join("edge.sock");
+        let control_s = control.to_string_lossy().into_owned();
+        let key_s = key.to_string_lossy().into_owned();
+        let argv = [
+            BIN,
+            "--listen",
+            &listen,
+            "--control",
+            &control_s,
+            "--key-file",
+            &key_s,
+            "--role",
+            "edge",
+        ];
+        let o = lab.exec_timeout(h, &argv, Duration::from_secs(15))?;
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        ensure!(
+            !o.status.success(),
+            "--role edge without --bootstrap exited 0; stderr:\n{stderr}"
+        );
+        ensure!(!stderr.contains("panicked"), "it panicked:\n{stderr}");
+        let lines = stderr_lines(&o);
+        ensure!(
+            lines.len() == 1 && lines[0].starts_with("error:"),
+            "want exactly one stderr line starting with `error:`, got {} lines:\n{stderr}",
+            lines.len()
+        );
+        ensure!(
+            lines[0].contains("bootstrap"),
+            "the error does not say what is missing: {}",
+            lines[0]
+        );
+        eprintln!("{}", lines[0]);
+        let link = lab.exec(h, &["ip", "link", "show", "ela0"])?;
+        ensure!(
+            !link.status.success(),
+            "the failed invocation left ela0 behind"
+        );
+        ensure!(
+            !control.exists(),
+            "the failed invocation left {} behind",
+            control.display()
+        );
         Ok(())
     });
 }
