@@ -228,7 +228,9 @@ pub fn format_table(v: &Value) -> String {
     if v.get("role").and_then(|r| r.as_str()) == Some("edge") {
         out.push_str(&format!(
             "primary core node {}  backup {}\n\n",
-            v.get("primary").and_then(|x| x.as_str()).unwrap_or("(none)"),
+            v.get("primary")
+                .and_then(|x| x.as_str())
+                .unwrap_or("(none)"),
             v.get("backup").and_then(|x| x.as_str()).unwrap_or("(none)")
         ));
     }

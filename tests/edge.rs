@@ -701,27 +701,57 @@ fn edge_behind_nat() {
         let private = lab.underlay_ip(en_h);
 
         // The lab itself: out through the NAT works, in does not.
-        let out = lab.ping(en_h, lab.underlay_ip(cn_h[0]), 2, Duration::from_millis(100))?;
+        let out = lab.ping(
+            en_h,
+            lab.underlay_ip(cn_h[0]),
+            2,
+            Duration::from_millis(100),
+        )?;
         ensure!(
             out.received == 2,
             "{private} behind the router cannot reach the bridge: {}",
             out.output
         );
-        let inward = lab.ping(cn_h[0], private, 1, Duration::from_millis(100))?;
+        let p = private.to_string();
+        let inward = lab.exec(cn_h[0], &["ping", "-n", "-c", "1", "-W", "1", &p])?;
         ensure!(
-            inward.received == 0,
+            !inward.status.success(),
             "the bridge reaches the NATed {private} directly: {}",
-            inward.output
+            String::from_utf8_lossy(&inward.stdout)
         );
 
         let cn1 = start(lab, cn_h[0], &key, ip(10), None, NodeRole::Auto, false)?;
-        let cn2 = start(lab, cn_h[1], &key, ip(20), Some(&cn1.node), NodeRole::Auto, false)?;
-        let cn3 = start(lab, cn_h[2], &key, ip(30), Some(&cn1.node), NodeRole::Auto, false)?;
+        let cn2 = start(
+            lab,
+            cn_h[1],
+            &key,
+            ip(20),
+            Some(&cn1.node),
+            NodeRole::Auto,
+            false,
+        )?;
+        let cn3 = start(
+            lab,
+            cn_h[2],
+            &key,
+            ip(30),
+            Some(&cn1.node),
+            NodeRole::Auto,
+            false,
+        )?;
 
         // The requirement: auto picks edge behind a NAT. If it picks core,
         // note it, restart with --role edge and check the rest anyway.
         let mut problems = Vec::new();
-        let auto = start(lab, en_h, &key, ip(15), Some(&cn1.node), NodeRole::Auto, true)?;
+        let auto = start(
+            lab,
+            en_h,
+            &key,
+            ip(15),
+            Some(&cn1.node),
+            NodeRole::Auto,
+            true,
+        )?;
         let st = lab.status(&auto.node)?;
         let en1 = if netns::role(&st) == "edge" {
             eprintln!(
@@ -738,7 +768,15 @@ fn edge_behind_nat() {
             lab.kill(auto.node.pid, libc::SIGTERM);
             lab.wait_exit(auto.node.pid, Duration::from_secs(10))
                 .ok_or_else(|| anyhow!("en1 did not exit on SIGTERM"))?;
-            start(lab, en_h, &key, ip(15), Some(&cn1.node), NodeRole::Edge, true)?
+            start(
+                lab,
+                en_h,
+                &key,
+                ip(15),
+                Some(&cn1.node),
+                NodeRole::Edge,
+                true,
+            )?
         };
         let all = [&cn1, &cn2, &cn3, &en1];
         let nodes: Vec<&Node> = all.iter().map(|m| &m.node).collect();
