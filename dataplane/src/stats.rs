@@ -41,10 +41,13 @@ pub enum DropReason {
     TunWriteError,
     /// Too many new keys asked for by one sender in a short time.
     RekeyLimited,
+    /// An EN↔CN TCP link's send queue was full (TCP backpressure), or no
+    /// buffer was free to take a packet over to the link's core.
+    LinkFull,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 14;
+    pub const COUNT: usize = 15;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
         DropReason::BadTag,
@@ -60,6 +63,7 @@ impl DropReason {
         DropReason::SendError,
         DropReason::TunWriteError,
         DropReason::RekeyLimited,
+        DropReason::LinkFull,
     ];
 
     pub fn name(self) -> &'static str {
@@ -78,6 +82,7 @@ impl DropReason {
             DropReason::SendError => "send_error",
             DropReason::TunWriteError => "tun_write_error",
             DropReason::RekeyLimited => "rekey_limited",
+            DropReason::LinkFull => "link_full",
         }
     }
 }

@@ -427,7 +427,7 @@ impl Core {
             self.free.push(slot as u16);
             match sh.link_inbox.push((id, v)) {
                 Ok(()) => poke(sh.cores[0].wake_fd),
-                Err(_) => self.fwd.counters.drop(DropReason::SendError),
+                Err(_) => self.fwd.counters.drop(DropReason::LinkFull),
             }
             return;
         }
@@ -437,7 +437,7 @@ impl Core {
             return;
         };
         if link.closing || link.queue.len() >= LINK_QUEUE_FRAMES {
-            self.fwd.counters.drop(DropReason::SendError);
+            self.fwd.counters.drop(DropReason::LinkFull);
             self.free.push(slot as u16);
             return;
         }
@@ -552,7 +552,7 @@ impl Core {
                 continue;
             }
             let Some(slot) = self.free.pop() else {
-                self.fwd.counters.drop(DropReason::SendError);
+                self.fwd.counters.drop(DropReason::LinkFull);
                 continue;
             };
             let slot = slot as usize;
@@ -674,7 +674,7 @@ impl Core {
                 self.bufs[slot * BUF_SIZE..slot * BUF_SIZE + n].copy_from_slice(&v[..n]);
                 self.send_link(id, slot, 0, n);
             } else {
-                self.fwd.counters.drop(DropReason::SendError);
+                self.fwd.counters.drop(DropReason::LinkFull);
             }
             let _ = self.cfg.shared.link_pool.push(v);
         }
