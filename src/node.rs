@@ -139,6 +139,7 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     } else {
         None
     };
+    uring::probe()?;
     let npd = Npd::create(&cfg.iface, cfg.mtu, n)?;
     let node_id: u64 = rand::thread_rng().gen();
     let started_ms = unix_ms();
@@ -169,6 +170,7 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let tun_fds = npd.queue_fds();
     let mut threads = Vec::new();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let (fatal_tx, fatal_rx) = std::sync::mpsc::channel::<String>();
     for i in 0..n {
         let core_cfg = CoreConfig {
             index: i,
@@ -182,6 +184,8 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         };
         let pin = cfg.cores.as_ref().map(|c| c[i]);
         let ready = ready_tx.clone();
+        let fatal_tx = fatal_tx.clone();
+        let stop_core = stop.clone();
         let t = std::thread::Builder::new()
             .name(format!("ela-core-{i}"))
             .spawn(move || {
@@ -193,7 +197,11 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 }
                 let _ = ready.send(Ok(()));
                 if let Err(e) = uring::run(core_cfg) {
+                    // A node whose dataplane is gone must not stay in the
+                    // group as a black hole: stop the node with the error.
                     tracing::error!(core = i, "dataplane core stopped: {e}");
+                    let _ = fatal_tx.send(format!("dataplane core {i} stopped: {e}"));
+                    stop_core.store(true, Ordering::Relaxed);
                 }
             })
             .context("spawning a dataplane thread")?;
@@ -248,7 +256,10 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let status_thread = status::serve(&cfg.control, shared.clone(), status_stop.clone())?;
     info!(control = %cfg.control.display(), "node up");
 
-    let res = ctl.run(&stop);
+    let mut res = ctl.run(&stop);
+    if let Ok(msg) = fatal_rx.try_recv() {
+        res = Err(anyhow!(msg));
+    }
 
     // Leave: tell the group, then stop the dataplane and remove ela0.
     ctl.members.leave(Instant::now());

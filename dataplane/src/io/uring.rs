@@ -280,6 +280,34 @@ fn build_ring() -> Result<IoUring, IoError> {
         .map_err(|source| IoError::Uring { source })
 }
 
+/// Checks that this kernel lets us use io_uring with the opcodes the
+/// dataplane needs, so a node fails before joining rather than after.
+pub fn probe() -> Result<(), IoError> {
+    let ring = IoUring::new(8).map_err(|source| IoError::Uring { source })?;
+    let mut p = io_uring::Probe::new();
+    ring.submitter()
+        .register_probe(&mut p)
+        .map_err(|source| IoError::Uring { source })?;
+    for (name, code) in [
+        ("read", opcode::Read::CODE),
+        ("write", opcode::Write::CODE),
+        ("recvmsg", opcode::RecvMsg::CODE),
+        ("sendmsg", opcode::SendMsg::CODE),
+        ("recv", opcode::Recv::CODE),
+        ("writev", opcode::Writev::CODE),
+    ] {
+        if !p.is_supported(code) {
+            return Err(IoError::Uring {
+                source: std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    format!("the kernel's io_uring lacks {name}"),
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Runs a core until it receives `Command::Stop`. Call on the core's own
 /// (pinned) thread.
 pub fn run(cfg: CoreConfig) -> Result<(), IoError> {
