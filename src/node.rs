@@ -958,15 +958,14 @@ impl Control<'_> {
                 let Some(l) = self.links.get_mut(&id) else {
                     return;
                 };
-                let was_primary = matches!(l.kind, LinkKind::Edge { primary: true, .. });
                 info!(en = %identity.overlay, primary, link = id, "edge node attached");
                 l.kind = LinkKind::Edge {
                     en: identity,
                     primary,
                 };
-                if primary || was_primary {
-                    self.refresh();
-                }
+                // Routes change only with a primary, but status shows
+                // backups too.
+                self.refresh();
             }
             ControlMsg::Keepalive => {}
         }
