@@ -860,7 +860,10 @@ impl Control<'_> {
         let base = self.cores.clock_base;
         let mut dead = Vec::new();
         for (&id, l) in &self.links {
-            let seen = base + Duration::from_nanos(self.cores.link_seen_ns(id));
+            // Core 0 records arrivals once it has taken the link over; until
+            // then (and for an id reused from an old link) count from when
+            // we handed it over.
+            let seen = (base + Duration::from_nanos(self.cores.link_seen_ns(id))).max(l.since);
             match l.kind {
                 LinkKind::Pending => {
                     if now.saturating_duration_since(l.since) > PENDING_LINK_TIMEOUT {
@@ -1040,10 +1043,16 @@ impl Control<'_> {
     }
 
     fn edge_actions(&mut self) {
+        let mut any = false;
         loop {
             let Some(a) = self.edge.as_mut().and_then(|e| e.poll_action()) else {
+                // Links changed: status shows primary and backup.
+                if any {
+                    self.refresh();
+                }
                 return;
             };
+            any = true;
             match a {
                 EdgeAction::Connect { cn, underlay } => {
                     let tx = self.connect_tx.clone();
