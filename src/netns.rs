@@ -85,6 +85,15 @@ pub fn lab_support() -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// The first `prog` in `PATH`, if any.
+pub fn find_in_path(prog: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(prog))
+            .find(|p| p.is_file())
+    })
+}
+
 /// True when the `CI` environment variable says we run under CI.
 pub fn in_ci() -> bool {
     match std::env::var("CI") {
@@ -1603,6 +1612,62 @@ mod tests {
         assert_eq!(r.received, 2);
         assert_eq!(r.lost(), 1);
         assert_eq!(r.rtts_ms, vec![0.295, 12.5]);
+    }
+
+    #[test]
+    fn parses_timestamped_ping_and_finds_the_gap() {
+        let out = "PING 10.0.0.15 (10.0.0.15) 56(84) bytes of data.\n\
+            [1700000000.000000] 64 bytes from 10.0.0.15: icmp_seq=1 ttl=64 time=0.3 ms\n\
+            [1700000000.020000] 64 bytes from 10.0.0.15: icmp_seq=2 ttl=64 time=0.3 ms\n\
+            [1700000000.100500] 64 bytes from 10.0.0.15: icmp_seq=6 ttl=64 time=0.4 ms\n\
+            [1700000000.120000] 64 bytes from 10.0.0.15: icmp_seq=7 ttl=64 time=0.3 ms\n\
+            \n--- 10.0.0.15 ping statistics ---\n\
+            7 packets transmitted, 4 received, 42.8571% packet loss, time 120ms\n";
+        let r = PingResult::parse(out);
+        assert_eq!((r.transmitted, r.received), (7, 4));
+        assert_eq!(r.replies.len(), 4);
+        assert_eq!(r.replies[2].seq, 6);
+        assert_eq!(r.replies[2].at, Some(1_700_000_000.100_5));
+        let g = r.longest_gap(Duration::from_millis(20)).unwrap();
+        assert_eq!((g.seq_before, g.seq_after), (2, 6));
+        assert!((g.gap.as_secs_f64() - 0.0805).abs() < 1e-6, "{g:?}");
+        assert_eq!(r.last_seq(), Some(7));
+        // Without -D the gap comes from the sequence numbers.
+        let plain = PingResult::parse(&out.replace("[1700000000.", "[x."));
+        let g = plain.longest_gap(Duration::from_millis(20)).unwrap();
+        assert_eq!(g.gap, Duration::from_millis(80));
+        assert!(PingResult::parse("")
+            .longest_gap(Duration::from_millis(20))
+            .is_none());
+    }
+
+    #[test]
+    fn reads_edge_fields() {
+        let en: Value = serde_json::json!({
+            "role": "edge", "primary": "10.0.0.10", "backup": null, "edges": [],
+            "members": [{"addr": "10.0.0.15", "role": "edge", "attached": "10.0.0.10"}]
+        });
+        assert_eq!(role(&en), "edge");
+        assert_eq!(primary(&en), Some(Ipv4Addr::new(10, 0, 0, 10)));
+        assert_eq!(backup(&en), None);
+        assert!(edges(&en).is_empty());
+        assert_eq!(
+            members(&en).unwrap()[0].attached,
+            Some(Ipv4Addr::new(10, 0, 0, 10))
+        );
+        let cn: Value = serde_json::json!({
+            "role": "core",
+            "edges": [
+                {"addr": "10.0.0.25", "primary": false, "peer": "172.31.0.5:4000"},
+                {"addr": "10.0.0.15", "primary": true, "peer": "172.31.0.4:4000"}
+            ]
+        });
+        let e = edges(&cn);
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[0].addr, Ipv4Addr::new(10, 0, 0, 15));
+        assert!(e[0].primary && !e[1].primary);
+        assert_eq!(primary(&cn), None);
+        assert_eq!(role(&serde_json::json!({})), "");
     }
 
     #[test]

@@ -74,33 +74,37 @@ fn kind(edge: bool) -> &'static str {
     }
 }
 
-/// Starts a node asking for `addr`, joining through `via` (founds the
-/// group without), and checks it got that address.
-fn start(
-    lab: &Lab,
-    h: HostId,
-    key: &Path,
-    addr: Ipv4Addr,
-    via: Option<&Node>,
-    role: NodeRole,
-    edge: bool,
-) -> Result<Member> {
-    let mut spec = NodeSpec::new(key).addr(addr);
-    spec.role = role;
-    if let Some(v) = via {
-        spec = spec.bootstrap(v.listen);
+/// `--addr addr`, bootstrapping through `via` (founds the group without),
+/// `--role auto`.
+fn spec(key: &Path, addr: Ipv4Addr, via: Option<&Node>) -> NodeSpec {
+    let s = NodeSpec::new(key).addr(addr);
+    match via {
+        Some(v) => s.bootstrap(v.listen),
+        None => s,
     }
+}
+
+/// Starts a node and checks it got the address it asked for; `edge` is
+/// what the test expects it to become.
+fn start(lab: &Lab, h: HostId, spec: NodeSpec, edge: bool) -> Result<Member> {
+    let want = spec.addr;
     let (node, st) = lab.start_node(h, &spec)?;
     let got = netns::self_addr(&st)?;
     ensure!(
-        got == addr,
-        "{} asked for the free {addr} but got {got}",
+        Some(got) == want,
+        "{} asked for the free {want:?} but got {got}",
         node.name
     );
-    Ok(Member { node, addr, edge })
+    Ok(Member {
+        node,
+        addr: got,
+        edge,
+    })
 }
 
-/// Waits until `en` reports role edge with this primary and backup.
+/// Waits until `en` reports role edge with this primary and backup. On
+/// failure the error also shows the edge node's TCP sockets (`ss -tn`), to
+/// tell a missing link from a status that does not show it.
 fn wait_attached(
     lab: &Lab,
     en: &Node,
@@ -118,6 +122,13 @@ fn wait_attached(
                 && netns::backup(st) == Some(backup)
         },
     )
+    .map_err(|e| {
+        let ss = lab
+            .exec(en.host, &["ss", "-Htn"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_else(|e| format!("<ss failed: {e:#}>"));
+        anyhow!("{e:#}\n{}'s TCP sockets (ss -Htn):\n{ss}", en.name)
+    })
 }
 
 /// Every ordered pair pings over ela0 (`ping -c 3 -i 0.2 -W 2`) with no
@@ -219,25 +230,9 @@ fn auto_roles_and_all_pairs() {
         }
         // Core nodes: .10 founds; .20 and .30 join (auto: UDP works and
         // their address is not NATed, so they become core nodes).
-        let cn1 = start(lab, cn_h[0], &key, ip(10), None, NodeRole::Auto, false)?;
-        let cn2 = start(
-            lab,
-            cn_h[1],
-            &key,
-            ip(20),
-            Some(&cn1.node),
-            NodeRole::Auto,
-            false,
-        )?;
-        let cn3 = start(
-            lab,
-            cn_h[2],
-            &key,
-            ip(30),
-            Some(&cn2.node),
-            NodeRole::Auto,
-            false,
-        )?;
+        let cn1 = start(lab, cn_h[0], spec(&key, ip(10), None), false)?;
+        let cn2 = start(lab, cn_h[1], spec(&key, ip(20), Some(&cn1.node)), false)?;
+        let cn3 = start(lab, cn_h[2], spec(&key, ip(30), Some(&cn2.node)), false)?;
         let cns = [&cn1, &cn2, &cn3];
         // Edge hosts, each bootstrapping through a different core node.
         let mut ens = Vec::new();
@@ -246,10 +241,7 @@ fn auto_roles_and_all_pairs() {
             let m = start(
                 lab,
                 h,
-                &key,
-                ip(15 + 10 * i as u8),
-                Some(&cns[i].node),
-                NodeRole::Auto,
+                spec(&key, ip(15 + 10 * i as u8), Some(&cns[i].node)),
                 true,
             )?;
             eprintln!(
@@ -282,7 +274,12 @@ fn auto_roles_and_all_pairs() {
             (ip(35), ip(30), ip(20)),
         ];
         for (en, (addr, p, b)) in ens.iter().zip(expect) {
-            debug_assert_eq!(en.addr, addr);
+            ensure!(
+                en.addr == addr,
+                "{} is {}, not {addr}",
+                en.node.name,
+                en.addr
+            );
             let st = wait_attached(lab, &en.node, p, b, ATTACH)?;
             eprintln!(
                 "{} {addr}: role edge, primary {p}, backup {b}",
@@ -505,43 +502,11 @@ fn en_failover_under_a_second() {
         lab.block_udp(h[4])?;
         // .20 founds, so that .10 (the one that gets killed) can come back
         // exactly as it first started: bootstrapping through .20.
-        let cn2 = start(lab, h[1], &key, ip(20), None, NodeRole::Auto, false)?;
-        let cn1 = start(
-            lab,
-            h[0],
-            &key,
-            ip(10),
-            Some(&cn2.node),
-            NodeRole::Auto,
-            false,
-        )?;
-        let cn3 = start(
-            lab,
-            h[2],
-            &key,
-            ip(30),
-            Some(&cn2.node),
-            NodeRole::Auto,
-            false,
-        )?;
-        let en1 = start(
-            lab,
-            h[3],
-            &key,
-            ip(15),
-            Some(&cn2.node),
-            NodeRole::Auto,
-            true,
-        )?;
-        let en2 = start(
-            lab,
-            h[4],
-            &key,
-            ip(25),
-            Some(&cn3.node),
-            NodeRole::Auto,
-            true,
-        )?;
+        let cn2 = start(lab, h[1], spec(&key, ip(20), None), false)?;
+        let cn1 = start(lab, h[0], spec(&key, ip(10), Some(&cn2.node)), false)?;
+        let cn3 = start(lab, h[2], spec(&key, ip(30), Some(&cn2.node)), false)?;
+        let en1 = start(lab, h[3], spec(&key, ip(15), Some(&cn2.node)), true)?;
+        let en2 = start(lab, h[4], spec(&key, ip(25), Some(&cn3.node)), true)?;
         let all = [&cn1, &cn2, &cn3, &en1, &en2];
         let nodes: Vec<&Node> = all.iter().map(|m| &m.node).collect();
         lab.wait_converged(&nodes, 5, CONVERGE)?;
@@ -570,7 +535,9 @@ fn en_failover_under_a_second() {
             ..PingOpts::default()
         };
         let target = en1.addr.to_string();
-        let (killed_at, switched, r_cn, r_en, iperf) = thread::scope(|s| -> Result<_> {
+        let survivors = [&cn2.node, &cn3.node, &en1.node, &en2.node];
+        let without: BTreeSet<Ipv4Addr> = [ip(20), ip(30), ip(15), ip(25)].into();
+        let (killed_at, after_kill, r_cn, r_en, iperf) = thread::scope(|s| -> Result<_> {
             let p_cn = s.spawn(|| lab.ping_with(cn2.node.host, en1.addr, &po));
             let p_en = s.spawn(|| lab.ping_with(en2.node.host, en1.addr, &po));
             let ip3 = s.spawn(|| {
@@ -584,24 +551,49 @@ fn en_failover_under_a_second() {
             let killed_at = unix_now();
             let t0 = Instant::now();
             lab.kill(cn1.node.pid, libc::SIGKILL);
-            // The edge node's own view: former backup .30 is primary now.
-            let sw = lab.wait_status(&en1.node, FAILOVER_BOUND * 2, "primary 10.0.0.30", |st| {
-                netns::primary(st) == Some(ip(30))
-            });
-            let switched = sw.map(|_| t0.elapsed());
+            // While the traffic still runs: the edge node's own view (the
+            // former backup .30 is primary), then membership everywhere.
+            let after_kill = (|| -> Result<(Duration, Duration)> {
+                lab.wait_status(&en1.node, FAILOVER_BOUND * 2, "primary 10.0.0.30", |st| {
+                    netns::primary(st) == Some(ip(30))
+                })?;
+                let switched = t0.elapsed();
+                wait_member_addrs(lab, &survivors, &without, FEW_SECS)
+                    .context("after the SIGKILL of 10.0.0.10")?;
+                Ok((switched, t0.elapsed()))
+            })();
             let r_cn = join_traffic(p_cn);
             let r_en = join_traffic(p_en);
             let iperf = join_traffic(ip3);
-            Ok((killed_at, switched, r_cn?, r_en?, iperf?))
+            Ok((killed_at, after_kill, r_cn?, r_en?, iperf?))
         })?;
         lab.wait_exit(server, Duration::from_secs(5));
-        let switched = switched?;
-        eprintln!("en1 reported primary 10.0.0.30 {switched:?} after the SIGKILL");
+        let (switched, dropped) = after_kill?;
+        eprintln!(
+            "after the SIGKILL: en1 reported primary 10.0.0.30 after {switched:?}; \
+             all survivors had dropped 10.0.0.10 from their members after {dropped:?}"
+        );
 
-        let gap_cn = check_ping_stream("ping cn2 (.20) -> en1 (.15)", &r_cn, killed_at, interval)?;
-        let gap_en = check_ping_stream("ping en2 (.25) -> en1 (.15)", &r_en, killed_at, interval)?;
-        let (bytes, bps) = iperf_received(&iperf)?;
-        ensure!(bytes > 0, "iperf3 received 0 bytes");
+        // Judge all three streams before failing, so a failure shows them all.
+        let gap_cn = check_ping_stream("ping cn2 (.20) -> en1 (.15)", &r_cn, killed_at, interval);
+        let gap_en = check_ping_stream("ping en2 (.25) -> en1 (.15)", &r_en, killed_at, interval);
+        let ip3 = iperf_received(&iperf)
+            .and_then(|(bytes, bps)| {
+                ensure!(bytes > 0, "iperf3 received 0 bytes");
+                Ok((bytes, bps))
+            })
+            .context("iperf3 cn2 -> en1 across the failover");
+        let errors: Vec<String> = [
+            gap_cn.as_ref().err(),
+            gap_en.as_ref().err(),
+            ip3.as_ref().err(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|e| format!("{e:#}"))
+        .collect();
+        ensure!(errors.is_empty(), "{}", errors.join("\n"));
+        let (gap_cn, gap_en, (bytes, bps)) = (gap_cn?, gap_en?, ip3?);
         eprintln!(
             "iperf3 cn2 -> en1 across the failover: {bytes} bytes, {:.0} Mb/s",
             bps / 1e6
@@ -619,29 +611,12 @@ fn en_failover_under_a_second() {
         // New backups: .15 -> primary .30, backup .20; .25 keeps .20, backup .30.
         wait_attached(lab, &en1.node, ip(30), ip(20), FEW_SECS)?;
         wait_attached(lab, &en2.node, ip(20), ip(30), FEW_SECS)?;
-        // Every survivor drops the dead core node from its members.
-        let t0 = Instant::now();
-        let survivors = [&cn2.node, &cn3.node, &en1.node, &en2.node];
-        let without: BTreeSet<Ipv4Addr> = [ip(20), ip(30), ip(15), ip(25)].into();
-        wait_member_addrs(lab, &survivors, &without, FEW_SECS)?;
-        eprintln!(
-            "all survivors dropped 10.0.0.10 from their members (within {:?} after the failover checks)",
-            t0.elapsed()
-        );
 
         // .10 comes back (same address, underlay, bootstrap) and is
         // listed again; .15 re-attaches to it as its primary, .25 takes it
         // back as its backup.
         let t0 = Instant::now();
-        let cn1 = start(
-            lab,
-            h[0],
-            &key,
-            ip(10),
-            Some(&cn2.node),
-            NodeRole::Auto,
-            false,
-        )?;
+        let cn1 = start(lab, h[0], spec(&key, ip(10), Some(&cn2.node)), false)?;
         let all = [&cn1, &cn2, &cn3, &en1, &en2];
         let nodes: Vec<&Node> = all.iter().map(|m| &m.node).collect();
         let every: BTreeSet<Ipv4Addr> = all.iter().map(|m| m.addr).collect();
@@ -720,38 +695,14 @@ fn edge_behind_nat() {
             String::from_utf8_lossy(&inward.stdout)
         );
 
-        let cn1 = start(lab, cn_h[0], &key, ip(10), None, NodeRole::Auto, false)?;
-        let cn2 = start(
-            lab,
-            cn_h[1],
-            &key,
-            ip(20),
-            Some(&cn1.node),
-            NodeRole::Auto,
-            false,
-        )?;
-        let cn3 = start(
-            lab,
-            cn_h[2],
-            &key,
-            ip(30),
-            Some(&cn1.node),
-            NodeRole::Auto,
-            false,
-        )?;
+        let cn1 = start(lab, cn_h[0], spec(&key, ip(10), None), false)?;
+        let cn2 = start(lab, cn_h[1], spec(&key, ip(20), Some(&cn1.node)), false)?;
+        let cn3 = start(lab, cn_h[2], spec(&key, ip(30), Some(&cn1.node)), false)?;
 
         // The requirement: auto picks edge behind a NAT. If it picks core,
         // note it, restart with --role edge and check the rest anyway.
         let mut problems = Vec::new();
-        let auto = start(
-            lab,
-            en_h,
-            &key,
-            ip(15),
-            Some(&cn1.node),
-            NodeRole::Auto,
-            true,
-        )?;
+        let auto = start(lab, en_h, spec(&key, ip(15), Some(&cn1.node)), true)?;
         let st = lab.status(&auto.node)?;
         let en1 = if netns::role(&st) == "edge" {
             eprintln!(
@@ -771,10 +722,10 @@ fn edge_behind_nat() {
             start(
                 lab,
                 en_h,
-                &key,
-                ip(15),
-                Some(&cn1.node),
-                NodeRole::Edge,
+                NodeSpec {
+                    role: NodeRole::Edge,
+                    ..spec(&key, ip(15), Some(&cn1.node))
+                },
                 true,
             )?
         };
