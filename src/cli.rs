@@ -43,8 +43,15 @@ pub enum Cmd {
     /// send traffic across it and report (needs root).
     Demo {
         /// Number of core nodes.
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 3)]
         nodes: usize,
+        /// Number of edge nodes (odd ones behind a UDP-dropping firewall,
+        /// even ones behind a NAT router; all find their role themselves).
+        #[arg(long, default_value_t = 2)]
+        edges: usize,
+        /// Skip the failover demonstration (killing an edge node's primary).
+        #[arg(long)]
+        no_failover: bool,
         /// Pings per ordered pair of nodes.
         #[arg(long, default_value_t = 20)]
         pings: u32,
@@ -57,7 +64,7 @@ pub enum Cmd {
         /// Print one JSON report instead of tables.
         #[arg(long)]
         json: bool,
-        /// Keep the namespaces and logs afterwards (for poking around).
+        /// After the report, keep the lab running (until Ctrl-C) and its logs.
         #[arg(long)]
         keep: bool,
     },

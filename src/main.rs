@@ -96,19 +96,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Cmd::Demo {
             nodes,
+            edges,
+            no_failover,
             pings,
             iperf_secs,
             cores_per_node,
             json,
             keep,
-        }) => demo::run(&demo::DemoOpts {
-            cores_per_node,
-            nodes,
-            pings,
-            iperf_secs,
-            json,
-            keep,
-        }),
+        }) => demo::run_with(
+            &demo::DemoOpts {
+                cores_per_node,
+                nodes,
+                pings,
+                iperf_secs,
+                json,
+                keep,
+            },
+            &demo::EdgeOpts {
+                edges,
+                failover: !no_failover,
+            },
+        ),
         None => {
             let cfg = node::NodeConfig::from_args(cli.run)?;
             let stop = Arc::new(AtomicBool::new(false));

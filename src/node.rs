@@ -238,6 +238,7 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         connect_tx,
         connect_rx,
         next_keepalive: Instant::now(),
+        fresh_attachments: BTreeMap::new(),
     };
     if let Some(e) = ctl.edge.as_mut() {
         // Until SWIM has spoken, the JoinReply's CN list is what we know.
@@ -619,6 +620,9 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(100);
 /// …and a link silent for this long is dead (the peer vanished without a
 /// FIN: power loss, partition). Killed processes are noticed at once.
 const LINK_DEAD_AFTER: Duration = Duration::from_millis(500);
+/// How long a CN's direct word on where an EN is attached overrides
+/// membership (gossip converges well within it).
+const FRESH_ATTACHMENT_TTL: Duration = Duration::from_secs(5);
 /// A TCP connection that has not said who it is by then is dropped.
 const PENDING_LINK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -664,6 +668,8 @@ struct Control<'a> {
     connect_tx: Sender<(Ipv4Addr, std::io::Result<TcpStream>)>,
     connect_rx: Receiver<(Ipv4Addr, std::io::Result<TcpStream>)>,
     next_keepalive: Instant,
+    /// (EN → CN) heard from CNs ENs just attached to; see `EdgeAttached`.
+    fresh_attachments: BTreeMap<Ipv4Addr, (Ipv4Addr, Instant)>,
 }
 
 impl Control<'_> {
@@ -748,6 +754,11 @@ impl Control<'_> {
         if now >= self.next_keepalive {
             self.next_keepalive = now + KEEPALIVE_INTERVAL;
             self.keepalives(now);
+            let before = self.fresh_attachments.len();
+            self.fresh_attachments.retain(|_, (_, until)| *until > now);
+            if self.fresh_attachments.len() != before {
+                self.refresh();
+            }
         }
         self.flush();
         self.edge_actions();
@@ -962,18 +973,57 @@ impl Control<'_> {
                     return;
                 };
                 info!(en = %identity.overlay, primary, link = id, "edge node attached");
+                let (en, en_node_id) = (identity.overlay, identity.node_id);
                 l.kind = LinkKind::Edge {
                     en: identity,
                     primary,
                 };
+                if primary {
+                    self.announce_attachment(en, en_node_id);
+                }
                 // Routes change only with a primary, but status shows
                 // backups too.
                 self.refresh();
             }
             ControlMsg::Keepalive => {}
+            ControlMsg::EdgeAttached { en, en_node_id, cn } => {
+                if self.role != Role::Core {
+                    return;
+                }
+                // Only for the EN session membership knows (or a new one).
+                let known = self.members.members().into_iter().find(|m| m.overlay == en);
+                if known.is_some_and(|m| m.node_id != en_node_id) {
+                    return;
+                }
+                debug!(%en, %cn, "edge node moved");
+                self.fresh_attachments
+                    .insert(en, (cn, Instant::now() + FRESH_ATTACHMENT_TTL));
+                self.refresh();
+            }
         }
         self.flush();
         self.apply_events();
+    }
+
+    /// Tells every other CN that `en` is now attached here, so that they
+    /// route to it through us at once after a failover (gossip of the EN's
+    /// own announcement can take longer under load).
+    fn announce_attachment(&mut self, en: Ipv4Addr, en_node_id: u64) {
+        let me = self.members.identity().clone();
+        let msg = ControlMsg::EdgeAttached {
+            en,
+            en_node_id,
+            cn: me.overlay,
+        };
+        for m in self.members.members() {
+            if m.role != Role::Core || m.node_id == me.node_id || m.underlay.ip().is_unspecified() {
+                continue;
+            }
+            let p = self.codec.seal(&msg, me.overlay, m.overlay, unix_ms());
+            if self.socket.send_to(&p, m.underlay).is_ok() {
+                self.counters.tx.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     fn relay(&mut self, pkt: &mut [u8], h: Header) {
@@ -1157,7 +1207,12 @@ impl Control<'_> {
                         _ => None,
                     })
                     .collect();
-                membership::core_routes(me, &members, own, self.generation)
+                let fresh: Vec<(Ipv4Addr, Ipv4Addr)> = self
+                    .fresh_attachments
+                    .iter()
+                    .map(|(en, (cn, _))| (*en, *cn))
+                    .collect();
+                membership::core_routes(me, &members, own, &fresh, self.generation)
             }
             Role::Edge => {
                 let primary = self.edge.as_ref().and_then(|e| e.primary()).map(|(_, l)| l);

@@ -350,10 +350,15 @@ pub fn resolve(members: &[NodeIdentity]) -> Vec<NodeIdentity> {
 
 /// Builds a CN's route table from the membership (§3.3) and the ENs
 /// attached to this CN as primary (`own_ens`, from its TCP links).
+///
+/// `fresh` are (EN, CN) attachments heard directly from a CN that an EN
+/// just attached to; they win over what membership says until gossip has
+/// caught up.
 pub fn core_routes(
     me: &NodeIdentity,
     members: &[NodeIdentity],
     own_ens: Vec<EdgeNode>,
+    fresh: &[(Ipv4Addr, Ipv4Addr)],
     generation: u64,
 ) -> RouteTable {
     let resolved = resolve(members);
@@ -367,10 +372,16 @@ pub fn core_routes(
         })
         .collect();
     let ids: Vec<(Ipv4Addr, u64)> = resolved.iter().map(|m| (m.overlay, m.node_id)).collect();
-    let hints: Vec<(Ipv4Addr, Ipv4Addr)> = resolved
+    // `with_edge_hints` keeps the first hint per EN: fresh ones go first.
+    let hints: Vec<(Ipv4Addr, Ipv4Addr)> = fresh
         .iter()
-        .filter(|m| m.role == Role::Edge)
-        .filter_map(|m| m.attached.map(|cn| (m.overlay, cn)))
+        .copied()
+        .chain(
+            resolved
+                .iter()
+                .filter(|m| m.role == Role::Edge)
+                .filter_map(|m| m.attached.map(|cn| (m.overlay, cn))),
+        )
         .collect();
     RouteTable::new_core(me.overlay, me.node_id, cns, own_ens, ids, generation)
         .with_edge_hints(hints)
@@ -609,7 +620,7 @@ mod tests {
         sim.add(ip(30), Some(0));
         sim.run(2000);
         let me = sim.nodes[0].identity().clone();
-        let t = core_routes(&me, &sim.nodes[0].members(), Vec::new(), 1);
+        let t = core_routes(&me, &sim.nodes[0].members(), Vec::new(), &[], 1);
         assert_eq!(t.lookup(ip(10)), NextHop::Npd);
         assert_eq!(t.lookup(ip(20)), NextHop::Core(ua(2)));
         assert_eq!(t.lookup(ip(30)), NextHop::Core(ua(3)));
@@ -648,15 +659,24 @@ mod tests {
         }
         // .30 routes to the EN through its announced CN (.20).
         let me = sim.nodes[2].identity().clone();
-        let t = core_routes(&me, &sim.nodes[2].members(), Vec::new(), 1);
+        let t = core_routes(&me, &sim.nodes[2].members(), Vec::new(), &[], 1);
         assert_eq!(t.lookup(ip(25)), NextHop::Core(ua(2)));
         // Failover: the EN now says it is on .10; within a few hundred ms
         // of gossip .30 routes there, long before any CN is declared down.
         let now = sim.now;
         sim.nodes[e].set_attached(now, Some(ip(10)));
         sim.run(500);
-        let t = core_routes(&me, &sim.nodes[2].members(), Vec::new(), 2);
+        let t = core_routes(&me, &sim.nodes[2].members(), Vec::new(), &[], 2);
         assert_eq!(t.lookup(ip(25)), NextHop::Core(ua(1)));
+        // A CN's direct word beats (older) membership.
+        let t = core_routes(
+            &me,
+            &sim.nodes[2].members(),
+            Vec::new(),
+            &[(ip(25), ip(20))],
+            3,
+        );
+        assert_eq!(t.lookup(ip(25)), NextHop::Core(ua(2)));
         // The EN crashes: everyone drops it.
         sim.down.insert(e);
         sim.run(6000);

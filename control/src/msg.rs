@@ -45,6 +45,13 @@ pub enum ControlMsg {
     /// Either way on a TCP link, every 100 ms: proves the link and the
     /// peer process alive faster than TCP would notice a silent death.
     Keepalive,
+    /// CN → every CN, when an EN attaches to it as primary (a failover):
+    /// route to the EN through `cn` now, without waiting for gossip.
+    EdgeAttached {
+        en: Ipv4Addr,
+        en_node_id: u64,
+        cn: Ipv4Addr,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -102,6 +109,11 @@ mod tests {
                 primary: true,
             },
             ControlMsg::Keepalive,
+            ControlMsg::EdgeAttached {
+                en: Ipv4Addr::new(10, 0, 0, 8),
+                en_node_id: 8,
+                cn: Ipv4Addr::new(10, 0, 0, 1),
+            },
         ];
         for m in msgs {
             assert_eq!(ControlMsg::decode(&m.encode()).unwrap(), m);

@@ -277,6 +277,7 @@ impl RouteTable {
                 Some((u32::from(en), self.cns.get(i)?.underlay))
             })
             .collect();
+        // Stable sort: among hints for one EN the first given wins.
         v.sort_by_key(|x| x.0);
         v.dedup_by_key(|x| x.0);
         self.hint_keys = v.iter().map(|x| x.0).collect();
