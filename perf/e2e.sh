@@ -13,7 +13,7 @@ for build in real null; do
     [ "$build" = null ] && bin=target/null-cipher/release/ela-fast
     for r in $(seq 1 "$ROUNDS"); do
         echo "== $build cipher, round $r" >&2
-        "$bin" demo --json --pings 50 --iperf-secs 5 > "$OUT/$build-$r.json"
+        "$bin" demo --json --no-failover --pings 50 --iperf-secs 5 > "$OUT/$build-$r.json"
     done
 done
 python3 - "$OUT" "$ROUNDS" <<'PY'
