@@ -448,6 +448,29 @@ fn join_error(cfg: &NodeConfig, bad_tag: u64, how: &str, wait: Duration) -> anyh
     )
 }
 
+/// A sealed JoinRequest to bootstrap `via` (sent from no overlay address:
+/// the joiner has none yet).
+fn join_request(
+    cfg: &NodeConfig,
+    codec: &mut ControlCodec,
+    node_id: u64,
+    role: Role,
+    via: SocketAddr,
+) -> Vec<u8> {
+    let msg = ControlMsg::JoinRequest {
+        node_id,
+        requested: cfg.addr,
+        role,
+        via,
+    };
+    codec.seal(
+        &msg,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        unix_ms(),
+    )
+}
+
 /// Asks the bootstrap members over UDP; the answer proves UDP both ways.
 #[allow(clippy::too_many_arguments)]
 fn join_udp(
@@ -474,18 +497,7 @@ fn join_udp(
         }
         if now >= next_send {
             for b in &cfg.bootstrap {
-                let msg = ControlMsg::JoinRequest {
-                    node_id,
-                    requested: cfg.addr,
-                    role: Role::Core,
-                    via: *b,
-                };
-                let p = codec.seal(
-                    &msg,
-                    Ipv4Addr::UNSPECIFIED,
-                    Ipv4Addr::UNSPECIFIED,
-                    unix_ms(),
-                );
+                let p = join_request(cfg, codec, node_id, Role::Core, *b);
                 if sock.send_to(&p, b).is_ok() {
                     counters.tx.fetch_add(1, Ordering::Relaxed);
                 }
@@ -549,18 +561,7 @@ fn join_tcp(
                 continue;
             };
             let _ = s.set_nodelay(true);
-            let msg = ControlMsg::JoinRequest {
-                node_id,
-                requested: cfg.addr,
-                role: Role::Edge,
-                via: *b,
-            };
-            let p = codec.seal(
-                &msg,
-                Ipv4Addr::UNSPECIFIED,
-                Ipv4Addr::UNSPECIFIED,
-                unix_ms(),
-            );
+            let p = join_request(cfg, codec, node_id, Role::Edge, *b);
             let mut frame = framing::prefix(p.len()).to_vec();
             frame.extend_from_slice(&p);
             if s.write_all(&frame).is_err() {
@@ -693,27 +694,15 @@ impl Control<'_> {
             let ms = deadline
                 .saturating_duration_since(now)
                 .as_millis()
-                .clamp(1, CONTROL_TICK.as_millis()) as i32;
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.socket.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.cores.control_wake,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.listener.as_ref().map_or(-1, |l| l.as_raw_fd()),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: fds is a valid array of pollfd for the call's duration;
-            // negative fds are ignored by poll.
-            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+                .clamp(1, CONTROL_TICK.as_millis()) as u64;
+            ela_dataplane::io::wait_readable(
+                &[
+                    self.socket.as_raw_fd(),
+                    self.cores.control_wake,
+                    self.listener.as_ref().map_or(-1, |l| l.as_raw_fd()),
+                ],
+                Duration::from_millis(ms),
+            );
             loop {
                 match self.socket.recv_from(&mut buf) {
                     Ok((len, from)) => self.on_packet(&mut buf[..len], From::Udp(from)),

@@ -151,13 +151,7 @@ pub fn serve(
             while !stop.load(Ordering::Relaxed) {
                 // Sleep in poll(2) until a client connects (or 250 ms, to
                 // notice `stop`): an idle node should not wake up often.
-                let mut pfd = libc::pollfd {
-                    fd: l.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd on the stack for the call.
-                unsafe { libc::poll(&mut pfd, 1, 250) };
+                ela_dataplane::io::wait_readable(&[l.as_raw_fd()], Duration::from_millis(250));
                 while let Ok((s, _)) = l.accept() {
                     let _ = answer(s, &shared);
                 }

@@ -7,6 +7,25 @@ pub mod uring;
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+/// Sleeps until one of `fds` is readable or `timeout` passes (for the
+/// control and status threads, which are not on the hot path). Negative
+/// fds are ignored. Signals end the wait early.
+pub fn wait_readable(fds: &[RawFd], timeout: Duration) {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: pfds is a valid array of pollfd for the call's duration.
+    unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum IoError {
