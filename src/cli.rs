@@ -77,6 +77,14 @@ pub enum RoleArg {
     Edge,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IoArg {
+    /// io_uring when the kernel allows it, else poll.
+    Auto,
+    Uring,
+    Poll,
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Underlay UDP (and later TCP) address to listen on.
@@ -113,6 +121,10 @@ pub struct RunArgs {
     /// underlay's IP/UDP headers below the underlay MTU).
     #[arg(long, default_value_t = 1420)]
     pub mtu: u16,
+    /// Dataplane I/O: io_uring (batched), or poll(2) where io_uring is
+    /// disabled (some containers, kernel.io_uring_disabled).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub io: IoArg,
 }
 
 pub fn default_control_path(iface: &str) -> PathBuf {

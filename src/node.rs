@@ -35,7 +35,7 @@ use ipnet::Ipv4Net;
 use rand::Rng;
 use tracing::{debug, info, warn};
 
-use crate::cli::{self, RoleArg, RunArgs};
+use crate::cli::{self, IoArg, RoleArg, RunArgs};
 use crate::control_codec::{unix_ms, ControlCodec, ControlDrop};
 use crate::status::{self, ControlCounters, EdgeView, MemberView, NodeInfo, StatusShared};
 
@@ -58,6 +58,7 @@ pub struct NodeConfig {
     pub join_timeout: Duration,
     pub mtu: u16,
     pub role: RoleArg,
+    pub io: IoArg,
 }
 
 impl NodeConfig {
@@ -113,6 +114,7 @@ impl NodeConfig {
             join_timeout: Duration::from_secs(a.join_timeout.max(1)),
             mtu: a.mtu,
             role: a.role,
+            io: a.io,
         })
     }
 
@@ -139,7 +141,25 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     } else {
         None
     };
-    uring::probe()?;
+    let use_uring = match cfg.io {
+        IoArg::Uring => {
+            uring::probe()?;
+            true
+        }
+        IoArg::Poll => false,
+        IoArg::Auto => match uring::probe() {
+            Ok(()) => true,
+            Err(e) => {
+                warn!("{e}; using the poll(2) dataplane (slower; see --io)");
+                false
+            }
+        },
+    };
+    info!(
+        io = if use_uring { "io_uring" } else { "poll" },
+        cores = n,
+        "dataplane"
+    );
     let npd = Npd::create(&cfg.iface, cfg.mtu, n)?;
     let node_id: u64 = rand::thread_rng().gen();
     let started_ms = unix_ms();
@@ -196,7 +216,12 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                     }
                 }
                 let _ = ready.send(Ok(()));
-                if let Err(e) = uring::run(core_cfg) {
+                let res = if use_uring {
+                    uring::run(core_cfg)
+                } else {
+                    ela_dataplane::io::poll::run(core_cfg)
+                };
+                if let Err(e) = res {
                     // A node whose dataplane is gone must not stay in the
                     // group as a black hole: stop the node with the error.
                     tracing::error!(core = i, "dataplane core stopped: {e}");
@@ -239,6 +264,7 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         connect_rx,
         next_keepalive: Instant::now(),
         fresh_attachments: BTreeMap::new(),
+        use_uring,
     };
     if let Some(e) = ctl.edge.as_mut() {
         // Until SWIM has spoken, the JoinReply's CN list is what we know.
@@ -671,6 +697,7 @@ struct Control<'a> {
     next_keepalive: Instant,
     /// (EN → CN) heard from CNs ENs just attached to; see `EdgeAttached`.
     fresh_attachments: BTreeMap<Ipv4Addr, (Ipv4Addr, Instant)>,
+    use_uring: bool,
 }
 
 impl Control<'_> {
@@ -1248,6 +1275,7 @@ impl Control<'_> {
             node_id: hex_id(me.node_id),
             mtu: self.cfg.mtu,
             cores: self.cfg.cores.clone().unwrap_or_default(),
+            io: if self.use_uring { "uring" } else { "poll" }.to_string(),
             key_fingerprint: self.secret.fingerprint(),
             primary,
             backup,

@@ -45,6 +45,8 @@ pub struct NodeInfo {
     pub node_id: String,
     pub mtu: u16,
     pub cores: Vec<usize>,
+    /// Dataplane I/O in use: "uring" or "poll".
+    pub io: String,
     pub key_fingerprint: String,
     /// EN: its primary and backup CN (overlay addresses).
     pub primary: Option<String>,

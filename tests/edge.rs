@@ -820,3 +820,34 @@ fn edge_cli() {
         Ok(())
     });
 }
+
+/// The poll(2) dataplane (for kernels without io_uring) carries the same
+/// traffic: 2 CNs and an EN, all on `--io poll` and two cores, every
+/// ordered pair pings, including the cross-core hand-over to the link core.
+#[test]
+fn poll_dataplane_all_pairs() {
+    lab_test("poll_io", |lab| {
+        let key = lab.keygen("group")?;
+        let c1 = lab.add_host("cn1")?;
+        let c2 = lab.add_host("cn2")?;
+        let e1 = lab.add_host("en1")?;
+        lab.block_udp(e1)?;
+        let poll = |s: NodeSpec| s.extra(["--io", "poll", "--cores", "0-1"]);
+        let cn1 = start(lab, c1, poll(spec(&key, ip(10), None)), false)?;
+        let cn2 = start(lab, c2, poll(spec(&key, ip(20), Some(&cn1.node))), false)?;
+        let en1 = start(lab, e1, poll(spec(&key, ip(15), Some(&cn2.node))), true)?;
+        let all = [&cn1, &cn2, &en1];
+        let nodes: Vec<&Node> = all.iter().map(|m| &m.node).collect();
+        let sts = lab.wait_converged(&nodes, 3, CONVERGE)?;
+        ensure!(
+            netns::role(&sts[2]) == "edge",
+            "en1 is not an edge node: {}",
+            sts[2]
+        );
+        for st in &sts {
+            ensure!(st["io"] == "poll", "not on the poll dataplane: {st}");
+        }
+        ping_all_pairs(lab, &all)?;
+        Ok(())
+    });
+}

@@ -45,7 +45,7 @@ const SLOTS: usize = 512;
 const TUN_READS: usize = 64;
 const UDP_RECVS: usize = 64;
 /// Room for the largest payload the cipher accepts plus our overhead.
-const BUF_SIZE: usize = MAX_PAYLOAD + OVERHEAD + 64;
+pub(super) const BUF_SIZE: usize = MAX_PAYLOAD + OVERHEAD + 64;
 const RING_ENTRIES: u32 = 2048;
 /// Completions handled per wakeup before submitting again.
 const MAX_BATCH: usize = 256;
@@ -58,7 +58,7 @@ const LINK_WRITEV_FRAMES: usize = 32;
 /// (TCP is backpressured: better drop at the edge than buffer without end).
 const LINK_QUEUE_FRAMES: usize = 256;
 /// Link receive buffer: several maximal frames.
-const LINK_RECV_BYTES: usize = 256 << 10;
+pub(super) const LINK_RECV_BYTES: usize = 256 << 10;
 
 const OP_TUN_READ: u64 = 1;
 const OP_TUN_WRITE: u64 = 2;
@@ -107,9 +107,9 @@ pub struct Shared {
     /// eventfd the control thread polls for `events`.
     pub control_wake: RawFd,
     /// Other cores → core 0: packets bound for a link.
-    link_inbox: ArrayQueue<(LinkId, Vec<u8>)>,
+    pub(super) link_inbox: ArrayQueue<(LinkId, Vec<u8>)>,
     /// Recycled buffers for `link_inbox`.
-    link_pool: ArrayQueue<Vec<u8>>,
+    pub(super) link_pool: ArrayQueue<Vec<u8>>,
     /// Per link: when a frame last arrived (ns since `clock_base`).
     pub link_seen: Box<[AtomicU64]>,
     pub clock_base: Instant,
@@ -126,7 +126,7 @@ fn eventfd() -> Result<RawFd, IoError> {
     Ok(fd)
 }
 
-fn poke(fd: RawFd) {
+pub(super) fn poke(fd: RawFd) {
     let one: u64 = 1;
     // SAFETY: fd is an eventfd that outlives all users (closed in Drop of
     // its owner after the threads are joined); 8 bytes from the stack.
@@ -180,7 +180,7 @@ impl Shared {
         }
     }
 
-    fn event(&self, e: CoreEvent) {
+    pub(super) fn event(&self, e: CoreEvent) {
         if self.events.push(e).is_ok() {
             poke(self.control_wake);
         }
@@ -207,8 +207,8 @@ impl Drop for Shared {
 
 /// The control thread's handle on one core.
 pub struct CoreHandle {
-    commands: ArrayQueue<Command>,
-    wake_fd: RawFd,
+    pub(super) commands: ArrayQueue<Command>,
+    pub(super) wake_fd: RawFd,
 }
 
 pub struct CoreConfig {
@@ -826,7 +826,10 @@ impl Core {
     }
 }
 
-fn write_sockaddr(storage: &mut libc::sockaddr_storage, addr: SocketAddr) -> libc::socklen_t {
+pub(super) fn write_sockaddr(
+    storage: &mut libc::sockaddr_storage,
+    addr: SocketAddr,
+) -> libc::socklen_t {
     match addr {
         SocketAddr::V4(a) => {
             // SAFETY: sockaddr_storage is large and aligned enough for any
