@@ -95,6 +95,9 @@ impl NodeConfig {
                 Some(list)
             }
         };
+        if a.role == RoleArg::Edge && a.bootstrap.is_empty() {
+            bail!("--role edge needs --bootstrap: an edge node joins through a core node");
+        }
         if a.bootstrap
             .iter()
             .any(|b| b.ip().is_unspecified() || b.port() == 0)
@@ -155,11 +158,6 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             }
         },
     };
-    info!(
-        io = if use_uring { "io_uring" } else { "poll" },
-        cores = n,
-        "dataplane"
-    );
     let npd = Npd::create(&cfg.iface, cfg.mtu, n)?;
     let node_id: u64 = rand::thread_rng().gen();
     let started_ms = unix_ms();
@@ -172,7 +170,7 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let listener = if role == Role::Core { listener } else { None };
 
     npd.configure(joined.addr, cfg.net.prefix_len())?;
-    info!(iface = %cfg.iface, addr = %joined.addr, net = %cfg.net, mtu = cfg.mtu, queues = n, %role, "NPD up");
+    info!(iface = %cfg.iface, addr = %joined.addr, net = %cfg.net, mtu = cfg.mtu, queues = n, %role, io = if use_uring { "io_uring" } else { "poll" }, "NPD up");
 
     let identity = NodeIdentity::new(node_id, joined.addr, joined.underlay, role, started_ms);
     let mut members = Membership::new(identity, membership::swim_config(8), rand::random());
