@@ -1207,6 +1207,7 @@ impl Control<'_> {
         self.generation += 1;
         let me = self.members.identity();
         let members = self.members.members();
+        let departed = self.members.departed();
         let table = match self.role {
             Role::Core => {
                 let own: Vec<EdgeNode> = self
@@ -1226,11 +1227,11 @@ impl Control<'_> {
                     .iter()
                     .map(|(en, (cn, _))| (*en, *cn))
                     .collect();
-                membership::core_routes(me, &members, own, &fresh, self.generation)
+                membership::core_routes(me, &members, own, &fresh, &departed, self.generation)
             }
             Role::Edge => {
                 let primary = self.edge.as_ref().and_then(|e| e.primary()).map(|(_, l)| l);
-                membership::edge_routes(me, &members, primary, self.generation)
+                membership::edge_routes(me, &members, primary, &departed, self.generation)
             }
         };
         self.routes.store(Arc::new(table));

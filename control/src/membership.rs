@@ -151,7 +151,10 @@ pub fn swim_config(expected_members: u32) -> Config {
     let mut c = Config::new_lan(NonZeroU32::new(expected_members.max(4)).expect("max(4) > 0"));
     c.probe_period = Duration::from_millis(500);
     c.probe_rtt = Duration::from_millis(200);
-    c.suspect_to_down_after = Duration::from_millis(1000);
+    // Suspicion lasts 2 s: a member whose control thread is starved (a
+    // saturated CPU) can refute before it is declared down. ENs do not
+    // wait for this to fail over (they watch their links).
+    c.suspect_to_down_after = Duration::from_millis(2000);
     c.remove_down_after = Duration::from_secs(30);
     if let Some(g) = c.periodic_gossip.as_mut() {
         g.frequency = Duration::from_millis(100);
@@ -170,7 +173,15 @@ pub struct Membership {
     events: VecDeque<Event>,
     /// Bootstrap members to keep announcing to until someone answers.
     seeds: Vec<NodeIdentity>,
+    /// Members declared down recently, and when.
+    departed: Vec<(NodeIdentity, Instant)>,
 }
+
+/// How long the sessions of members declared down stay known to the
+/// dataplane: a member wrongly declared down (and about to refute) keeps
+/// delivering meanwhile; its packets still authenticate with the group
+/// key, so nothing is lost in trust.
+pub const DEPARTED_GRACE: Duration = Duration::from_secs(10);
 
 impl Membership {
     pub fn new(identity: NodeIdentity, config: Config, seed: u64) -> Membership {
@@ -180,6 +191,7 @@ impl Membership {
             timers: Vec::new(),
             events: VecDeque::new(),
             seeds: Vec::new(),
+            departed: Vec::new(),
         }
     }
 
@@ -255,6 +267,12 @@ impl Membership {
         v
     }
 
+    /// Members declared down within [`DEPARTED_GRACE`] (for key lookup
+    /// only, never for routing).
+    pub fn departed(&self) -> Vec<NodeIdentity> {
+        self.departed.iter().map(|(m, _)| m.clone()).collect()
+    }
+
     /// Overlay addresses held by others (for choosing a new one).
     pub fn taken(&self) -> BTreeSet<Ipv4Addr> {
         self.foca.iter_members().map(|m| m.id().overlay).collect()
@@ -302,11 +320,15 @@ impl Membership {
             self.timers.push((now + after, t));
         }
         let mut changed = false;
+        self.departed
+            .retain(|(_, at)| now.saturating_duration_since(*at) < DEPARTED_GRACE);
         for n in self.out.notes.drain(..) {
             match n {
-                Notification::MemberUp(_)
-                | Notification::MemberDown(_)
-                | Notification::Rename(_, _) => changed = true,
+                Notification::MemberDown(id) => {
+                    self.departed.push((id, now));
+                    changed = true;
+                }
+                Notification::MemberUp(_) | Notification::Rename(_, _) => changed = true,
                 Notification::Defunct => self.events.push_back(Event::Defunct),
                 Notification::Rejoin(_) => changed = true,
                 Notification::Active | Notification::Idle => {}
@@ -359,6 +381,7 @@ pub fn core_routes(
     members: &[NodeIdentity],
     own_ens: Vec<EdgeNode>,
     fresh: &[(Ipv4Addr, Ipv4Addr)],
+    departed: &[NodeIdentity],
     generation: u64,
 ) -> RouteTable {
     let resolved = resolve(members);
@@ -371,7 +394,7 @@ pub fn core_routes(
             node_id: m.node_id,
         })
         .collect();
-    let ids: Vec<(Ipv4Addr, u64)> = resolved.iter().map(|m| (m.overlay, m.node_id)).collect();
+    let ids = session_ids(&resolved, departed);
     // `with_edge_hints` keeps the first hint per EN: fresh ones go first.
     let hints: Vec<(Ipv4Addr, Ipv4Addr)> = fresh
         .iter()
@@ -392,13 +415,23 @@ pub fn edge_routes(
     me: &NodeIdentity,
     members: &[NodeIdentity],
     primary: Option<LinkId>,
+    departed: &[NodeIdentity],
     generation: u64,
 ) -> RouteTable {
-    let ids: Vec<(Ipv4Addr, u64)> = resolve(members)
-        .iter()
-        .map(|m| (m.overlay, m.node_id))
-        .collect();
+    let ids = session_ids(&resolve(members), departed);
     RouteTable::new_edge(me.overlay, me.node_id, primary, ids, generation)
+}
+
+/// (overlay, node id) of every live member, plus recently departed ones
+/// whose address nobody live holds (see [`DEPARTED_GRACE`]).
+fn session_ids(live: &[NodeIdentity], departed: &[NodeIdentity]) -> Vec<(Ipv4Addr, u64)> {
+    let mut ids: Vec<(Ipv4Addr, u64)> = live.iter().map(|m| (m.overlay, m.node_id)).collect();
+    for d in departed {
+        if !live.iter().any(|m| m.overlay == d.overlay) {
+            ids.push((d.overlay, d.node_id));
+        }
+    }
+    ids
 }
 
 /// The live CNs in a membership view (for an EN's choice of links).
@@ -620,7 +653,7 @@ mod tests {
         sim.add(ip(30), Some(0));
         sim.run(2000);
         let me = sim.nodes[0].identity().clone();
-        let t = core_routes(&me, &sim.nodes[0].members(), Vec::new(), &[], 1);
+        let t = core_routes(&me, &sim.nodes[0].members(), Vec::new(), &[], &[], 1);
         assert_eq!(t.lookup(ip(10)), NextHop::Npd);
         assert_eq!(t.lookup(ip(20)), NextHop::Core(ua(2)));
         assert_eq!(t.lookup(ip(30)), NextHop::Core(ua(3)));
@@ -659,14 +692,14 @@ mod tests {
         }
         // .30 routes to the EN through its announced CN (.20).
         let me = sim.nodes[2].identity().clone();
-        let t = core_routes(&me, &sim.nodes[2].members(), Vec::new(), &[], 1);
+        let t = core_routes(&me, &sim.nodes[2].members(), Vec::new(), &[], &[], 1);
         assert_eq!(t.lookup(ip(25)), NextHop::Core(ua(2)));
         // Failover: the EN now says it is on .10; within a few hundred ms
         // of gossip .30 routes there, long before any CN is declared down.
         let now = sim.now;
         sim.nodes[e].set_attached(now, Some(ip(10)));
         sim.run(500);
-        let t = core_routes(&me, &sim.nodes[2].members(), Vec::new(), &[], 2);
+        let t = core_routes(&me, &sim.nodes[2].members(), Vec::new(), &[], &[], 2);
         assert_eq!(t.lookup(ip(25)), NextHop::Core(ua(1)));
         // A CN's direct word beats (older) membership.
         let t = core_routes(
@@ -674,6 +707,7 @@ mod tests {
             &sim.nodes[2].members(),
             Vec::new(),
             &[(ip(25), ip(20))],
+            &[],
             3,
         );
         assert_eq!(t.lookup(ip(25)), NextHop::Core(ua(2)));
@@ -683,6 +717,14 @@ mod tests {
         for v in sim.views() {
             assert_eq!(v.len(), 3, "{v:?}");
         }
+        // For a while its session stays known for keys (a false "down"
+        // must not cut traffic), but it is not a CN or hinted.
+        let departed = sim.nodes[2].departed();
+        assert!(departed.iter().any(|d| d.node_id == 500), "{departed:?}");
+        let t = core_routes(&me, &sim.nodes[2].members(), Vec::new(), &[], &departed, 4);
+        assert_eq!(t.node_id_of(ip(25)), Some(500));
+        let t = core_routes(&me, &sim.nodes[2].members(), Vec::new(), &[], &[], 5);
+        assert_eq!(t.node_id_of(ip(25)), None);
     }
 
     #[test]
