@@ -105,6 +105,23 @@ pub fn in_ci() -> bool {
     }
 }
 
+/// The integration tests' frame: skips loudly without root (fails in CI),
+/// runs `body` in a fresh lab driving the node binary `bin`, and on error
+/// panics with the error and every node's log.
+pub fn lab_test(tag: &str, bin: &str, body: impl FnOnce(&mut Lab) -> Result<()>) {
+    if !require_lab(tag) {
+        return;
+    }
+    let mut lab = Lab::new(tag)
+        .expect("creating the netns lab")
+        .with_node_binary(bin);
+    if let Err(e) = body(&mut lab) {
+        let logs = lab.logs_report();
+        lab.mark_logs_reported();
+        panic!("{tag} failed: {e:#}\n\n{logs}");
+    }
+}
+
 /// Gate for netns tests: returns `true` when the test may run. When the lab
 /// is unsupported it prints a loud SKIPPED line and returns `false`, except
 /// under CI (`CI=1`/`CI=true`), where it panics so CI never skips silently.

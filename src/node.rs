@@ -341,9 +341,7 @@ fn decide_and_join(
     stop: &AtomicBool,
 ) -> anyhow::Result<Joined> {
     if cfg.bootstrap.is_empty() {
-        if cfg.role == RoleArg::Edge {
-            bail!("--role edge needs --bootstrap: an edge node joins through a core node");
-        }
+        // (`--role edge` without a bootstrap was refused in `from_args`.)
         let a = addr::choose(cfg.net, cfg.addr, &BTreeSet::new(), &mut rand::thread_rng())?;
         info!(addr = %a, "founding a new group");
         return Ok(Joined {
@@ -667,7 +665,8 @@ struct CtlLink {
     since: Instant,
 }
 
-enum From {
+/// Where a control packet came from (answers go back the same way).
+enum Source {
     Udp(SocketAddr),
     Link(LinkId),
 }
@@ -730,7 +729,7 @@ impl Control<'_> {
             );
             loop {
                 match self.socket.recv_from(&mut buf) {
-                    Ok((len, from)) => self.on_packet(&mut buf[..len], From::Udp(from)),
+                    Ok((len, from)) => self.on_packet(&mut buf[..len], Source::Udp(from)),
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                     Err(e) => {
@@ -745,7 +744,7 @@ impl Control<'_> {
             while let Some(ev) = self.cores.events.pop() {
                 match ev {
                     CoreEvent::LinkControl { id, mut packet } => {
-                        self.on_packet(&mut packet, From::Link(id))
+                        self.on_packet(&mut packet, Source::Link(id))
                     }
                     CoreEvent::LinkDown { id } => self.on_link_down(id),
                 }
@@ -914,7 +913,7 @@ impl Control<'_> {
         }
     }
 
-    fn on_packet(&mut self, pkt: &mut [u8], from: From) {
+    fn on_packet(&mut self, pkt: &mut [u8], from: Source) {
         self.counters.rx.fetch_add(1, Ordering::Relaxed);
         let me = self.members.identity().overlay;
         // A control packet for another node (SWIM to or from an EN) is
@@ -941,14 +940,14 @@ impl Control<'_> {
                     return;
                 }
                 let observed = match from {
-                    From::Udp(a) => a,
-                    From::Link(id) => match self.links.get(&id) {
+                    Source::Udp(a) => a,
+                    Source::Link(id) => match self.links.get(&id) {
                         Some(l) => l.peer,
                         None => return,
                     },
                 };
                 debug!(%observed, node = %hex_id(node_id), %role, "join request");
-                if let From::Udp(_) = from {
+                if let Source::Udp(_) = from {
                     self.learn_own_underlay(via);
                 }
                 let me_id = self.members.identity().clone();
@@ -969,8 +968,8 @@ impl Control<'_> {
                     .codec
                     .seal(&reply, me, Ipv4Addr::UNSPECIFIED, unix_ms());
                 let sent = match from {
-                    From::Udp(a) => self.socket.send_to(&p, a).is_ok(),
-                    From::Link(id) => self.send_frame(id, p),
+                    Source::Udp(a) => self.socket.send_to(&p, a).is_ok(),
+                    Source::Link(id) => self.send_frame(id, p),
                 };
                 if sent {
                     self.counters.tx.fetch_add(1, Ordering::Relaxed);
@@ -979,7 +978,7 @@ impl Control<'_> {
             }
             ControlMsg::JoinReply { .. } => {}
             ControlMsg::Attach { identity, primary } => {
-                let From::Link(id) = from else { return };
+                let Source::Link(id) = from else { return };
                 if self.role != Role::Core || identity.role != Role::Edge {
                     return;
                 }

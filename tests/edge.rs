@@ -45,17 +45,7 @@ fn ip(d: u8) -> Ipv4Addr {
 /// Runs `body` in a fresh lab; on error panics with the error and every
 /// node's log.
 fn lab_test(tag: &str, body: impl FnOnce(&mut Lab) -> Result<()>) {
-    if !netns::require_lab(tag) {
-        return;
-    }
-    let mut lab = Lab::new(tag)
-        .expect("creating the netns lab")
-        .with_node_binary(BIN);
-    if let Err(e) = body(&mut lab) {
-        let logs = lab.logs_report();
-        lab.mark_logs_reported();
-        panic!("{tag} failed: {e:#}\n\n{logs}");
-    }
+    netns::lab_test(tag, BIN, body)
 }
 
 /// A node of a test, with the overlay address it asked for and got.

@@ -385,15 +385,7 @@ pub fn core_routes(
     generation: u64,
 ) -> RouteTable {
     let resolved = resolve(members);
-    let cns: Vec<CoreNode> = resolved
-        .iter()
-        .filter(|m| m.role == Role::Core)
-        .map(|m| CoreNode {
-            overlay: m.overlay,
-            underlay: m.underlay,
-            node_id: m.node_id,
-        })
-        .collect();
+    let cns = cores_of(&resolved);
     let ids = session_ids(&resolved, departed);
     // `with_edge_hints` keeps the first hint per EN: fresh ones go first.
     let hints: Vec<(Ipv4Addr, Ipv4Addr)> = fresh
@@ -436,7 +428,11 @@ fn session_ids(live: &[NodeIdentity], departed: &[NodeIdentity]) -> Vec<(Ipv4Add
 
 /// The live CNs in a membership view (for an EN's choice of links).
 pub fn core_nodes(members: &[NodeIdentity]) -> Vec<CoreNode> {
-    resolve(members)
+    cores_of(&resolve(members))
+}
+
+fn cores_of(resolved: &[NodeIdentity]) -> Vec<CoreNode> {
+    resolved
         .iter()
         .filter(|m| m.role == Role::Core)
         .map(|m| CoreNode {

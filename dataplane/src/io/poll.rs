@@ -9,20 +9,20 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use ela_control::router::LinkId;
 use ela_control::RouteTable;
 
 use super::uring::{
-    poke, write_sockaddr, Command, CoreConfig, CoreEvent, BUF_SIZE, LINK_RECV_BYTES, MAX_LINKS,
+    classify_frame, poke, write_sockaddr, Command, CoreConfig, CoreEvent, LinkFrame, BUF_SIZE,
+    LINK_RECV_BYTES, MAX_LINKS,
 };
 use super::IoError;
 use crate::forwarder::{Forwarder, Verdict};
 use crate::framing::{self, FrameDecoder};
-use crate::stats::DropReason;
-use crate::wire::{PacketType, HEADER_LEN, OVERHEAD};
+use crate::stats::{Counters, DropReason};
+use crate::wire::{HEADER_LEN, OVERHEAD};
 
 /// Packets read from each fd per wakeup before the others get a turn.
 const BATCH: usize = 64;
@@ -40,6 +40,28 @@ struct PollCore {
     fwd: Forwarder,
     buf: Vec<u8>,
     links: Vec<Option<PollLink>>,
+}
+
+/// Appends `pkt` as a frame to link `id`'s output; false (counted) if the
+/// link is gone or full. A free function so callers can pass a slice of
+/// their own receive buffer without copying it first.
+fn queue_frame(
+    links: &mut [Option<PollLink>],
+    counters: &mut Counters,
+    id: LinkId,
+    pkt: &[u8],
+) -> bool {
+    let Some(l) = links.get_mut(id as usize).and_then(|l| l.as_mut()) else {
+        counters.drop(DropReason::NoRoute);
+        return false;
+    };
+    if l.out.len() + pkt.len() > LINK_OUT_BYTES {
+        counters.drop(DropReason::LinkFull);
+        return false;
+    }
+    l.out.extend(framing::prefix(pkt.len()));
+    l.out.extend(pkt);
+    true
 }
 
 fn nonblocking_read(fd: RawFd, buf: &mut [u8]) -> Option<usize> {
@@ -209,8 +231,10 @@ impl PollCore {
             }
             Verdict::Link(id) => {
                 if self.cfg.index == 0 {
-                    let pkt = self.buf[start..start + len].to_vec();
-                    self.link_send(id, &pkt);
+                    let pkt = &self.buf[start..start + len];
+                    if queue_frame(&mut self.links, &mut self.fwd.counters, id, pkt) {
+                        self.flush_link(id);
+                    }
                 } else {
                     let sh = &self.cfg.shared;
                     let mut v = sh.link_pool.pop().unwrap_or_default();
@@ -227,17 +251,9 @@ impl PollCore {
     }
 
     fn link_send(&mut self, id: LinkId, pkt: &[u8]) {
-        let Some(l) = self.links.get_mut(id as usize).and_then(|l| l.as_mut()) else {
-            self.fwd.counters.drop(DropReason::NoRoute);
-            return;
-        };
-        if l.out.len() + pkt.len() > LINK_OUT_BYTES {
-            self.fwd.counters.drop(DropReason::LinkFull);
-            return;
+        if queue_frame(&mut self.links, &mut self.fwd.counters, id, pkt) {
+            self.flush_link(id);
         }
-        l.out.extend(framing::prefix(pkt.len()));
-        l.out.extend(pkt);
-        self.flush_link(id);
     }
 
     fn flush_link(&mut self, id: LinkId) {
@@ -283,33 +299,20 @@ impl PollCore {
             return;
         }
         l.decoder.filled(n);
-        let seen = now
-            .saturating_duration_since(self.cfg.shared.clock_base)
-            .as_nanos() as u64;
-        self.cfg.shared.link_seen[id as usize].store(seen, Ordering::Relaxed);
+        self.cfg.shared.touch_link(id, now);
         loop {
             let l = self.links[id as usize].as_mut().expect("checked above");
-            let frame = match l.decoder.next_frame() {
-                None => break,
-                Some(Err(_)) => {
-                    self.fwd.counters.udp_rx += 1;
-                    self.fwd.counters.drop(DropReason::Malformed);
+            let Some(frame) = l.decoder.next_frame() else {
+                break;
+            };
+            let frame = match classify_frame(frame, id, &self.cfg.shared, &mut self.fwd.counters) {
+                LinkFrame::Data(f) => f,
+                LinkFrame::Consumed => continue,
+                LinkFrame::Broken => {
                     self.close_link(id);
                     return;
                 }
-                Some(Ok(f)) => f,
             };
-            if frame.len() > 1 && frame[1] == PacketType::Control as u8 {
-                self.cfg.shared.event(CoreEvent::LinkControl {
-                    id,
-                    packet: frame.to_vec(),
-                });
-                continue;
-            }
-            if frame.len() > BUF_SIZE {
-                self.fwd.counters.drop(DropReason::TooBig);
-                continue;
-            }
             let n = frame.len();
             self.buf[..n].copy_from_slice(frame);
             let out = self.fwd.inbound(now, routes, &mut self.buf, n);
@@ -332,10 +335,7 @@ impl PollCore {
                     return true;
                 }
                 self.close_link(id);
-                let seen = Instant::now()
-                    .saturating_duration_since(self.cfg.shared.clock_base)
-                    .as_nanos() as u64;
-                self.cfg.shared.link_seen[id as usize].store(seen, Ordering::Relaxed);
+                self.cfg.shared.touch_link(id, Instant::now());
                 self.links[id as usize] = Some(PollLink {
                     fd,
                     decoder: FrameDecoder::new(LINK_RECV_BYTES),

@@ -33,8 +33,8 @@ use ela_control::RouteTable;
 use super::IoError;
 use crate::crypto::{GroupSecret, MAX_PAYLOAD};
 use crate::forwarder::{Forwarder, Verdict};
-use crate::framing::{self, FrameDecoder, LEN_PREFIX};
-use crate::stats::{CoreStats, DropReason};
+use crate::framing::{self, FrameDecoder, FrameError, LEN_PREFIX};
+use crate::stats::{CoreStats, Counters, DropReason};
 use crate::wire::{PacketType, HEADER_LEN, OVERHEAD};
 
 /// Buffers per core. Reads armed on each fd plus sends in flight must fit.
@@ -183,6 +183,14 @@ impl Shared {
     pub(super) fn event(&self, e: CoreEvent) {
         if self.events.push(e).is_ok() {
             poke(self.control_wake);
+        }
+    }
+
+    /// Records that link `id` showed life at `now`.
+    pub(super) fn touch_link(&self, id: LinkId, now: Instant) {
+        if let Some(a) = self.link_seen.get(id as usize) {
+            let ns = now.saturating_duration_since(self.clock_base).as_nanos() as u64;
+            a.store(ns, Ordering::Relaxed);
         }
     }
 
@@ -552,33 +560,20 @@ impl Core {
             return;
         }
         link.decoder.filled(res as usize);
-        let seen = now
-            .saturating_duration_since(self.cfg.shared.clock_base)
-            .as_nanos() as u64;
-        self.cfg.shared.link_seen[id as usize].store(seen, Ordering::Relaxed);
+        self.cfg.shared.touch_link(id, now);
         loop {
             let link = self.links[id as usize].as_mut().expect("checked above");
-            let frame = match link.decoder.next_frame() {
-                None => break,
-                Some(Err(_)) => {
-                    self.fwd.counters.udp_rx += 1;
-                    self.fwd.counters.drop(DropReason::Malformed);
+            let Some(frame) = link.decoder.next_frame() else {
+                break;
+            };
+            let frame = match classify_frame(frame, id, &self.cfg.shared, &mut self.fwd.counters) {
+                LinkFrame::Data(f) => f,
+                LinkFrame::Consumed => continue,
+                LinkFrame::Broken => {
                     self.close_link(id);
                     return;
                 }
-                Some(Ok(f)) => f,
             };
-            if frame.len() > 1 && frame[1] == PacketType::Control as u8 {
-                self.cfg.shared.event(CoreEvent::LinkControl {
-                    id,
-                    packet: frame.to_vec(),
-                });
-                continue;
-            }
-            if frame.len() > BUF_SIZE {
-                self.fwd.counters.drop(DropReason::TooBig);
-                continue;
-            }
             let Some(slot) = self.free.pop() else {
                 self.fwd.counters.drop(DropReason::LinkFull);
                 continue;
@@ -652,11 +647,7 @@ impl Core {
                 if self.links[id as usize].is_some() {
                     self.close_link(id);
                 }
-                let now = Instant::now();
-                let seen = now
-                    .saturating_duration_since(self.cfg.shared.clock_base)
-                    .as_nanos() as u64;
-                self.cfg.shared.link_seen[id as usize].store(seen, Ordering::Relaxed);
+                self.cfg.shared.touch_link(id, Instant::now());
                 self.links[id as usize] = Some(Link {
                     fd,
                     decoder: FrameDecoder::new(LINK_RECV_BYTES),
@@ -823,6 +814,44 @@ impl Core {
             Verdict::Link(id) => self.send_link(id, slot, out.range.start, out.range.len()),
             Verdict::Drop => self.free.push(slot as u16),
         }
+    }
+}
+
+/// A frame from a link, sorted for either dataplane.
+pub(super) enum LinkFrame<'a> {
+    /// A data packet for the forwarder.
+    Data(&'a mut [u8]),
+    /// Dealt with here: a control frame passed up to the control thread,
+    /// or an oversized one counted and dropped.
+    Consumed,
+    /// The stream is broken (counted): close the link.
+    Broken,
+}
+
+pub(super) fn classify_frame<'a>(
+    frame: Result<&'a mut [u8], FrameError>,
+    id: LinkId,
+    shared: &Shared,
+    counters: &mut Counters,
+) -> LinkFrame<'a> {
+    match frame {
+        Err(_) => {
+            counters.udp_rx += 1;
+            counters.drop(DropReason::Malformed);
+            LinkFrame::Broken
+        }
+        Ok(f) if f.len() > 1 && f[1] == PacketType::Control as u8 => {
+            shared.event(CoreEvent::LinkControl {
+                id,
+                packet: f.to_vec(),
+            });
+            LinkFrame::Consumed
+        }
+        Ok(f) if f.len() > BUF_SIZE => {
+            counters.drop(DropReason::TooBig);
+            LinkFrame::Consumed
+        }
+        Ok(f) => LinkFrame::Data(f),
     }
 }
 
