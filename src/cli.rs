@@ -85,6 +85,15 @@ pub enum IoArg {
     Poll,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CipherArg {
+    /// Blowfish-CTR with a Poly1305 tag (the paper's cipher).
+    Blowfish,
+    /// ChaCha20-Poly1305 (RFC 8439), as WireGuard uses.
+    #[value(name = "chacha20-poly1305")]
+    Chacha20Poly1305,
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Underlay UDP (and later TCP) address to listen on.
@@ -125,6 +134,13 @@ pub struct RunArgs {
     /// disabled (some containers, kernel.io_uring_disabled).
     #[arg(long, value_enum, default_value = "auto")]
     pub io: IoArg,
+    /// Packet cipher; every member of a group must use the same one.
+    #[arg(long, value_enum, default_value = "blowfish")]
+    pub cipher: CipherArg,
+    /// Turn off TUN (TSO/USO) and UDP (GSO/GRO) offloads even where the
+    /// kernel offers them.
+    #[arg(long)]
+    pub no_offload: bool,
 }
 
 pub fn default_control_path(iface: &str) -> PathBuf {

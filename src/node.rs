@@ -35,7 +35,7 @@ use ipnet::Ipv4Net;
 use rand::Rng;
 use tracing::{debug, info, warn};
 
-use crate::cli::{self, IoArg, RoleArg, RunArgs};
+use crate::cli::{self, CipherArg, IoArg, RoleArg, RunArgs};
 use crate::control_codec::{unix_ms, ControlCodec, ControlDrop};
 use crate::status::{self, ControlCounters, EdgeView, MemberView, NodeInfo, StatusShared};
 
@@ -59,6 +59,9 @@ pub struct NodeConfig {
     pub mtu: u16,
     pub role: RoleArg,
     pub io: IoArg,
+    pub cipher: CipherArg,
+    /// TUN TSO/USO and UDP GSO/GRO, where the kernel's probe allows them.
+    pub offload: bool,
 }
 
 impl NodeConfig {
@@ -118,6 +121,8 @@ impl NodeConfig {
             mtu: a.mtu,
             role: a.role,
             io: a.io,
+            cipher: a.cipher,
+            offload: !a.no_offload,
         })
     }
 
