@@ -6,6 +6,7 @@
 //! the dataplane only by swapping the route table (arc-swap) and through
 //! each core's lock-free command queue.
 
+use std::fmt;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -28,7 +29,9 @@ use ela_dataplane::crypto::GroupSecret;
 use ela_dataplane::framing::{self, FrameDecoder};
 use ela_dataplane::io::tun::Npd;
 use ela_dataplane::io::udp::{self, UdpGroup};
-use ela_dataplane::io::uring::{self, Command, CoreConfig, CoreEvent, Shared, MAX_LINKS};
+use ela_dataplane::io::uring::{
+    self, Command, CoreConfig, CoreEvent, OffloadConfig, Shared, MAX_LINKS,
+};
 use ela_dataplane::stats::CoreStats;
 use ela_dataplane::wire::{Header, PacketType, HOPS_OFFSET, MAX_HOPS};
 use ipnet::Ipv4Net;
@@ -131,6 +134,40 @@ impl NodeConfig {
     }
 }
 
+/// Which kernel offloads this node's dataplane uses (each one probed at
+/// start-up; `--no-offload` turns all off).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Offloads {
+    /// TUN with virtio-net header: TCP super-packets (TSO) both ways.
+    pub tun: bool,
+    /// The TUN also takes UDP super-packets (USO).
+    pub tun_udp: bool,
+    /// UDP_SEGMENT on sends.
+    pub udp_gso: bool,
+    /// UDP_GRO on receives.
+    pub udp_gro: bool,
+}
+
+impl fmt::Display for Offloads {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let on: Vec<&str> = [
+            (self.tun, "tun-tso"),
+            (self.tun_udp, "tun-uso"),
+            (self.udp_gso, "udp-gso"),
+            (self.udp_gro, "udp-gro"),
+        ]
+        .iter()
+        .filter(|(b, _)| *b)
+        .map(|(_, n)| *n)
+        .collect();
+        if on.is_empty() {
+            f.write_str("none")
+        } else {
+            f.write_str(&on.join(","))
+        }
+    }
+}
+
 fn hex_id(id: u64) -> String {
     format!("{id:016x}")
 }
@@ -142,13 +179,6 @@ const UDP_PROBE: Duration = Duration::from_millis(1500);
 
 pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let n = cfg.n_cores();
-    let group = udp::bind_group(cfg.listen, n)?;
-    // CNs accept edge links on the same port over TCP.
-    let listener = if cfg.role != RoleArg::Edge {
-        Some(bind_tcp(group.local)?)
-    } else {
-        None
-    };
     let use_uring = match cfg.io {
         IoArg::Uring => {
             uring::probe()?;
@@ -163,7 +193,22 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             }
         },
     };
-    let npd = Npd::create(&cfg.iface, cfg.mtu, n)?;
+    // The poll(2) fallback speaks plain TUN only.
+    let offload = cfg.offload && use_uring;
+    let group = udp::bind_group(cfg.listen, n, offload)?;
+    // CNs accept edge links on the same port over TCP.
+    let listener = if cfg.role != RoleArg::Edge {
+        Some(bind_tcp(group.local)?)
+    } else {
+        None
+    };
+    let npd = Npd::create(&cfg.iface, cfg.mtu, n, offload)?;
+    let offloads = Offloads {
+        tun: npd.offload(),
+        tun_udp: npd.udp_offload(),
+        udp_gso: group.gso,
+        udp_gro: group.gro,
+    };
     let node_id: u64 = rand::thread_rng().gen();
     let started_ms = unix_ms();
     let secret = cfg.secret.clone();
@@ -175,7 +220,7 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let listener = if role == Role::Core { listener } else { None };
 
     npd.configure(joined.addr, cfg.net.prefix_len())?;
-    info!(iface = %cfg.iface, addr = %joined.addr, net = %cfg.net, mtu = cfg.mtu, queues = n, %role, io = if use_uring { "io_uring" } else { "poll" }, "NPD up");
+    info!(iface = %cfg.iface, addr = %joined.addr, net = %cfg.net, mtu = cfg.mtu, queues = n, %role, io = if use_uring { "io_uring" } else { "poll" }, offload = %offloads, "NPD up");
 
     let identity = NodeIdentity::new(node_id, joined.addr, joined.underlay, role, started_ms);
     let mut members = Membership::new(identity, membership::swim_config(8), rand::random());
@@ -197,6 +242,11 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     for i in 0..n {
         let core_cfg = CoreConfig {
             index: i,
+            offload: npd.offload().then(|| OffloadConfig {
+                tun: npd.queue(i),
+                gso: group.gso,
+                gro: group.gro,
+            }),
             tun_fd: tun_fds[i],
             udp_fd: group.data[i].as_raw_fd(),
             routes: routes.clone(),
@@ -268,6 +318,7 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         next_keepalive: Instant::now(),
         fresh_attachments: BTreeMap::new(),
         use_uring,
+        offloads,
     };
     if let Some(e) = ctl.edge.as_mut() {
         // Until SWIM has spoken, the JoinReply's CN list is what we know.
@@ -700,6 +751,7 @@ struct Control<'a> {
     /// (EN → CN) heard from CNs ENs just attached to; see `EdgeAttached`.
     fresh_attachments: BTreeMap<Ipv4Addr, (Ipv4Addr, Instant)>,
     use_uring: bool,
+    offloads: Offloads,
 }
 
 impl Control<'_> {
@@ -1279,6 +1331,12 @@ impl Control<'_> {
             mtu: self.cfg.mtu,
             cores: self.cfg.cores.clone().unwrap_or_default(),
             io: if self.use_uring { "uring" } else { "poll" }.to_string(),
+            cipher: match self.cfg.cipher {
+                CipherArg::Blowfish => "blowfish",
+                CipherArg::Chacha20Poly1305 => "chacha20-poly1305",
+            }
+            .to_string(),
+            offload: self.offloads,
             key_fingerprint: self.secret.fingerprint(),
             primary,
             backup,

@@ -47,6 +47,10 @@ pub struct NodeInfo {
     pub cores: Vec<usize>,
     /// Dataplane I/O in use: "uring" or "poll".
     pub io: String,
+    /// Packet cipher: "blowfish" or "chacha20-poly1305".
+    pub cipher: String,
+    /// Kernel offloads in use.
+    pub offload: crate::node::Offloads,
     pub key_fingerprint: String,
     /// EN: its primary and backup CN (overlay addresses).
     pub primary: Option<String>,
@@ -215,11 +219,25 @@ pub fn format_table(v: &Value) -> String {
         s("underlay")
     ));
     out.push_str(&format!(
-        "node id {}  key {}  mtu {}  up {} s\n\n",
+        "node id {}  key {}  mtu {}  up {} s\n",
         s("node_id"),
         s("key_fingerprint"),
         n("/mtu"),
         n("/uptime_secs")
+    ));
+    let offloads: Vec<&str> = ["tun", "tun_udp", "udp_gso", "udp_gro"]
+        .into_iter()
+        .filter(|k| v.pointer(&format!("/offload/{k}")).and_then(|x| x.as_bool()) == Some(true))
+        .collect();
+    out.push_str(&format!(
+        "cipher {}  io {}  offload {}\n\n",
+        s("cipher"),
+        s("io"),
+        if offloads.is_empty() {
+            "none".to_string()
+        } else {
+            offloads.join(",")
+        }
     ));
     if v.get("role").and_then(|r| r.as_str()) == Some("edge") {
         out.push_str(&format!(

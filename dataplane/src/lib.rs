@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod forwarder;
 pub mod framing;
 pub mod io;
+pub mod offload;
 pub mod replay;
 pub mod stats;
 pub mod wire;

@@ -2,6 +2,7 @@
 
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 
 use tun_rs::{DeviceBuilder, SyncDevice};
 
@@ -9,7 +10,8 @@ use super::IoError;
 
 pub struct Npd {
     name: String,
-    queues: Vec<SyncDevice>,
+    queues: Vec<Arc<SyncDevice>>,
+    offload: bool,
 }
 
 impl Npd {
@@ -17,7 +19,12 @@ impl Npd {
     /// address (see [`Npd::configure`]): created before joining so that a
     /// missing permission or a taken name fails before the group hears of
     /// us. The interface disappears when the last queue is closed (drop).
-    pub fn create(name: &str, mtu: u16, queues: usize) -> Result<Npd, IoError> {
+    ///
+    /// With `offload`, the queues carry a virtio-net header and the kernel
+    /// hands us TCP (and, where it knows USO, UDP) super-packets of up to
+    /// 64 KiB: one read instead of ~45. A kernel that refuses the offload
+    /// flags gets a plain TUN instead (see [`Npd::offload`]).
+    pub fn create(name: &str, mtu: u16, queues: usize, offload: bool) -> Result<Npd, IoError> {
         // A second multi-queue open of an existing name would silently
         // attach us as extra queues of someone else's interface.
         if std::path::Path::new("/sys/class/net").join(name).exists() {
@@ -25,16 +32,34 @@ impl Npd {
                 name: name.to_string(),
             });
         }
-        let first = DeviceBuilder::new()
-            .name(name)
-            .mtu(mtu)
-            .multi_queue(true)
-            .enable(false)
-            .build_sync()
-            .map_err(|source| IoError::CreateTun {
-                name: name.to_string(),
-                source,
-            })?;
+        let build = |offload: bool| {
+            DeviceBuilder::new()
+                .name(name)
+                .mtu(mtu)
+                .multi_queue(true)
+                .offload(offload)
+                .enable(false)
+                .build_sync()
+        };
+        let (first, offload) = match build(offload) {
+            Ok(d) => (d, offload),
+            Err(e) if offload && e.raw_os_error() != Some(libc::EPERM) => {
+                tracing::warn!("TUN offload refused by the kernel ({e}); using a plain TUN");
+                (
+                    build(false).map_err(|source| IoError::CreateTun {
+                        name: name.to_string(),
+                        source,
+                    })?,
+                    false,
+                )
+            }
+            Err(source) => {
+                return Err(IoError::CreateTun {
+                    name: name.to_string(),
+                    source,
+                })
+            }
+        };
         let cfg = |source| IoError::ConfigureTun {
             name: name.to_string(),
             source,
@@ -52,7 +77,8 @@ impl Npd {
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
         Ok(Npd {
             name: name.to_string(),
-            queues: qs,
+            queues: qs.into_iter().map(Arc::new).collect(),
+            offload,
         })
     }
 
@@ -71,6 +97,22 @@ impl Npd {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// True if the queues speak virtio-net headers (TSO/GRO to the kernel).
+    pub fn offload(&self) -> bool {
+        self.offload
+    }
+
+    /// True if the kernel also takes UDP super-packets (USO) on this TUN.
+    pub fn udp_offload(&self) -> bool {
+        self.offload && self.queues[0].udp_gso()
+    }
+
+    /// Queue `i`, for a core that writes coalesced packets through the
+    /// crate's GRO helper.
+    pub fn queue(&self, i: usize) -> Arc<SyncDevice> {
+        self.queues[i].clone()
     }
 
     pub fn queue_fds(&self) -> Vec<RawFd> {

@@ -24,6 +24,34 @@ pub struct UdpGroup {
     /// For the control thread; blocking with a read timeout.
     pub control: UdpSocket,
     pub local: SocketAddr,
+    /// The kernel takes UDP_SEGMENT (one sendmsg carries many datagrams).
+    pub gso: bool,
+    /// The data sockets have UDP_GRO on (one receive carries many).
+    pub gro: bool,
+}
+
+fn set_int_opt(fd: libc::c_int, level: libc::c_int, opt: libc::c_int, v: libc::c_int) -> bool {
+    // SAFETY: fd is a live socket; the value is a c_int on the stack whose
+    // size we pass.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            &v as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+    }
+}
+
+/// UDP GSO works here if the kernel accepts a socket-wide segment size
+/// (Linux >= 4.18); the per-send segment size then travels in a cmsg. A
+/// send that still fails with EIO (a device without checksum offload)
+/// turns GSO off at run time, as quinn-udp does.
+fn probe_gso(s: &Socket) -> bool {
+    let fd = s.as_raw_fd();
+    set_int_opt(fd, libc::SOL_UDP, libc::UDP_SEGMENT, 1400)
+        && set_int_opt(fd, libc::SOL_UDP, libc::UDP_SEGMENT, 0)
 }
 
 fn new_socket(addr: SocketAddr, reuseport: bool) -> Result<Socket, IoError> {
@@ -114,7 +142,10 @@ fn steering_program(n_data: u32) -> Vec<libc::sock_filter> {
 }
 
 /// Binds `n_data` dataplane sockets and the control socket on `addr`.
-pub fn bind_group(addr: SocketAddr, n_data: usize) -> Result<UdpGroup, IoError> {
+///
+/// With `offload`, the data sockets get UDP_GRO and GSO is probed; each
+/// falls back on its own when the kernel refuses it.
+pub fn bind_group(addr: SocketAddr, n_data: usize, offload: bool) -> Result<UdpGroup, IoError> {
     // Someone else's SO_REUSEPORT socket would silently share our port;
     // a plain bind first turns that into a clear "port in use".
     let probe = new_socket(addr, false)?;
@@ -137,6 +168,11 @@ pub fn bind_group(addr: SocketAddr, n_data: usize) -> Result<UdpGroup, IoError> 
         grow_buffers(&s);
         data.push(s);
     }
+    let gso = offload && data.iter().all(probe_gso);
+    let gro = offload
+        && data
+            .iter()
+            .all(|s| set_int_opt(s.as_raw_fd(), libc::SOL_UDP, libc::UDP_GRO, 1));
     let control = new_socket(addr, true)?;
     let prog = steering_program(n_data as u32);
     let fprog = libc::sock_fprog {
@@ -165,6 +201,8 @@ pub fn bind_group(addr: SocketAddr, n_data: usize) -> Result<UdpGroup, IoError> 
         data: data.into_iter().map(UdpSocket::from).collect(),
         control: UdpSocket::from(control),
         local: addr,
+        gso,
+        gro,
     })
 }
 
@@ -183,7 +221,7 @@ mod tests {
 
     #[test]
     fn steering_sends_control_to_control_and_data_by_sender() {
-        let g = bind_group("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let g = bind_group("127.0.0.1:0".parse().unwrap(), 2, false).unwrap();
         let to = g.local;
         for s in &g.data {
             s.set_nonblocking(true).unwrap();
@@ -217,7 +255,7 @@ mod tests {
     fn port_in_use_is_reported() {
         let holder = UdpSocket::bind("127.0.0.1:0").unwrap();
         let addr = holder.local_addr().unwrap();
-        match bind_group(addr, 1) {
+        match bind_group(addr, 1, false) {
             Err(IoError::PortInUse { .. }) => {}
             Err(e) => panic!("wrong error {e}"),
             Ok(_) => panic!("bound a used port"),

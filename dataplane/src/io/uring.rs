@@ -10,6 +10,21 @@
 //! fd, so one `io_uring_enter` moves a whole batch each way (the io_uring
 //! analogue of recvmmsg/sendmmsg).
 //!
+//! With offload (a TUN with virtio-net headers, UDP GSO/GRO), one TUN
+//! read is a TCP super-packet of up to 64 KiB: it is split into MTU-sized
+//! packets laid back to back, each sealed in place, and leaves in one
+//! `sendmmsg` per batch whose messages carry UDP_SEGMENT (one per peer
+//! and super-packet). Received GRO super-datagrams are opened segment by
+//! segment, and the plaintexts are coalesced again (tun-rs's GRO) into
+//! few TUN writes. Those sends and writes are direct syscalls once per
+//! batch: io_uring would run them inline at submit anyway, and the ring
+//! keeps the reads armed.
+//!
+//! A data packet is opened only on core `sender % n` (the one the
+//! reuseport program steers it to), so each sender meets one replay
+//! window; packets that arrive elsewhere (link frames, GRO aggregates of
+//! relayed traffic) are handed over through a lock-free queue.
+//!
 //! EN↔CN TCP links live on core 0 (the control thread hands their fds
 //! over). A link keeps one receive armed into its frame decoder and one
 //! `writev` of up to [`LINK_WRITEV_FRAMES`] queued frames in flight, which
@@ -17,7 +32,7 @@
 //! through a lock-free queue of recycled buffers.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,6 +41,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use crossbeam_queue::ArrayQueue;
 use io_uring::{opcode, types, IoUring};
+use tun_rs::{GROTable, SyncDevice};
 
 use ela_control::router::LinkId;
 use ela_control::RouteTable;
@@ -33,6 +49,7 @@ use ela_control::RouteTable;
 use super::IoError;
 use crate::crypto::{GroupSecret, MAX_PAYLOAD};
 use crate::forwarder::{Forwarder, Verdict};
+use crate::offload::{self, Send, MAX_SEGMENTS, VIRTIO_NET_HDR_LEN};
 use crate::framing::{self, FrameDecoder, FrameError, LEN_PREFIX};
 use crate::stats::{CoreStats, Counters, DropReason};
 use crate::wire::{PacketType, HEADER_LEN, OVERHEAD};
@@ -47,6 +64,22 @@ const UDP_RECVS: usize = 64;
 /// Room for the largest payload the cipher accepts plus our overhead.
 pub(super) const BUF_SIZE: usize = MAX_PAYLOAD + OVERHEAD + 64;
 const RING_ENTRIES: u32 = 2048;
+/// With offload, a slot holds a whole super-packet (TUN read with its
+/// virtio-net header, or a UDP GRO receive).
+const OFFLOAD_SLOT: usize = 65_536 + 512;
+/// With offload, fewer but larger reads stay armed.
+const OFFLOAD_TUN_READS: usize = 8;
+const OFFLOAD_UDP_RECVS: usize = 32;
+/// Sealed packets waiting for the batch's `sendmmsg`; flushed early when
+/// less than one super-packet's worth is left.
+const STAGING_BYTES: usize = 1 << 20;
+const STAGING_LOW: usize = 128 << 10;
+/// Messages per `sendmmsg` batch.
+const MAX_SENDS: usize = 512;
+/// Plaintexts coalesced per batch of TUN writes.
+const RX_BATCH: usize = 64;
+/// Room for one UDP_SEGMENT or UDP_GRO control message.
+const CMSG_ROOM: usize = 32;
 /// Completions handled per wakeup before submitting again.
 const MAX_BATCH: usize = 256;
 /// Link ids are indices into a table of this size.
@@ -100,6 +133,9 @@ pub enum CoreEvent {
 /// Everything the cores and the control thread share besides the route
 /// table: queues and wake-up fds.
 pub struct Shared {
+    /// Per core: data packets that arrived on another core (see the
+    /// module comment), in recycled buffers from `link_pool`.
+    pub(super) handoff: Vec<ArrayQueue<Vec<u8>>>,
     /// Per-core command queues and wake fds.
     pub cores: Vec<CoreHandle>,
     /// Core 0 → control.
@@ -149,6 +185,7 @@ impl Shared {
             let _ = pool.push(Vec::with_capacity(2048));
         }
         Ok(Arc::new(Shared {
+            handoff: (0..n_cores).map(|_| ArrayQueue::new(1024)).collect(),
             cores,
             events: ArrayQueue::new(4096),
             control_wake: eventfd()?,
@@ -219,8 +256,22 @@ pub struct CoreHandle {
     pub(super) wake_fd: RawFd,
 }
 
+/// What the kernel's offloads allow on this node (see [`super::udp`] and
+/// [`super::tun::Npd::create`]).
+#[derive(Clone)]
+pub struct OffloadConfig {
+    /// This core's TUN queue, which speaks virtio-net headers.
+    pub tun: Arc<SyncDevice>,
+    /// UDP_SEGMENT on send.
+    pub gso: bool,
+    /// UDP_GRO on receive.
+    pub gro: bool,
+}
+
 pub struct CoreConfig {
     pub index: usize,
+    /// `Some` when the TUN queue has virtio-net headers.
+    pub offload: Option<OffloadConfig>,
     pub tun_fd: RawFd,
     pub udp_fd: RawFd,
     pub routes: Arc<ArcSwap<RouteTable>>,
@@ -241,6 +292,57 @@ struct Slot {
     prefix: [u8; LEN_PREFIX],
     start: u32,
     len: u32,
+    /// Control message room (UDP_GRO's segment size on receive).
+    cmsg: [u64; CMSG_ROOM / 8],
+}
+
+/// Offload state of a core: the send plan and the GRO batch.
+struct Offload {
+    cfg: OffloadConfig,
+    staging: Box<[u8]>,
+    staged: usize,
+    sends: Vec<Send<SocketAddr>>,
+    msgs: Box<[libc::mmsghdr]>,
+    iovs: Box<[libc::iovec]>,
+    names: Box<[libc::sockaddr_storage]>,
+    cmsgs: Box<[[u64; CMSG_ROOM / 8]]>,
+    sizes: Box<[usize; MAX_SEGMENTS]>,
+    rx: Vec<Vec<u8>>,
+    rx_used: usize,
+    gro: GROTable,
+}
+
+impl Offload {
+    fn new(cfg: OffloadConfig) -> Offload {
+        // SAFETY: all-zero is a valid mmsghdr/sockaddr_storage.
+        let zeroed_msgs = (0..MAX_SENDS).map(|_| unsafe { std::mem::zeroed::<libc::mmsghdr>() });
+        Offload {
+            cfg,
+            staging: vec![0u8; STAGING_BYTES].into_boxed_slice(),
+            staged: 0,
+            sends: Vec::with_capacity(MAX_SENDS),
+            msgs: zeroed_msgs.collect(),
+            iovs: vec![
+                libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0
+                };
+                MAX_SENDS
+            ]
+            .into_boxed_slice(),
+            names: (0..MAX_SENDS)
+                // SAFETY: as above.
+                .map(|_| unsafe { std::mem::zeroed::<libc::sockaddr_storage>() })
+                .collect(),
+            cmsgs: vec![[0u64; CMSG_ROOM / 8]; MAX_SENDS].into_boxed_slice(),
+            sizes: Box::new([0; MAX_SEGMENTS]),
+            rx: (0..RX_BATCH)
+                .map(|_| Vec::with_capacity(OFFLOAD_SLOT + VIRTIO_NET_HDR_LEN))
+                .collect(),
+            rx_used: 0,
+            gro: GROTable::new(),
+        }
+    }
 }
 
 struct Link {
@@ -262,6 +364,9 @@ struct Core {
     cfg: CoreConfig,
     slots: Box<[Slot]>,
     bufs: Box<[u8]>,
+    /// Bytes per slot in `bufs`.
+    slot_size: usize,
+    off: Option<Box<Offload>>,
     free: Vec<u16>,
     tun_armed: usize,
     udp_armed: usize,
@@ -330,10 +435,18 @@ pub fn run(cfg: CoreConfig) -> Result<(), IoError> {
     } else {
         Vec::new()
     };
+    let slot_size = if cfg.offload.is_some() {
+        OFFLOAD_SLOT
+    } else {
+        BUF_SIZE
+    };
+    let off = cfg.offload.clone().map(|o| Box::new(Offload::new(o)));
     let mut core = Core {
         ring,
         slots,
-        bufs: vec![0u8; SLOTS * BUF_SIZE].into_boxed_slice(),
+        bufs: vec![0u8; SLOTS * slot_size].into_boxed_slice(),
+        slot_size,
+        off,
         free: (0..SLOTS as u16).rev().collect(),
         tun_armed: 0,
         udp_armed: 0,
@@ -360,7 +473,11 @@ pub fn run(cfg: CoreConfig) -> Result<(), IoError> {
 impl Core {
     fn buf_ptr(&mut self, slot: usize) -> *mut u8 {
         // SAFETY: slot < SLOTS so the offset is inside bufs.
-        unsafe { self.bufs.as_mut_ptr().add(slot * BUF_SIZE) }
+        unsafe { self.bufs.as_mut_ptr().add(slot * self.slot_size) }
+    }
+
+    fn slot_buf(&mut self, slot: usize) -> &mut [u8] {
+        &mut self.bufs[slot * self.slot_size..(slot + 1) * self.slot_size]
     }
 
     fn push(&mut self, e: io_uring::squeue::Entry) {
@@ -386,33 +503,52 @@ impl Core {
     }
 
     fn arm_reads(&mut self) {
-        while self.tun_armed < TUN_READS {
+        let offload = self.off.is_some();
+        let (tun_reads, udp_recvs) = if offload {
+            (OFFLOAD_TUN_READS, OFFLOAD_UDP_RECVS)
+        } else {
+            (TUN_READS, UDP_RECVS)
+        };
+        let gro = self.off.as_ref().is_some_and(|o| o.cfg.gro);
+        while self.tun_armed < tun_reads {
             let Some(slot) = self.free.pop() else { return };
             let slot = slot as usize;
-            // TUN packets land after the header room, so sealing works in
-            // place without a copy.
-            // SAFETY: HEADER_LEN < BUF_SIZE: still inside the slot.
-            let p = unsafe { self.buf_ptr(slot).add(HEADER_LEN) };
-            let max = (BUF_SIZE - OVERHEAD - 64) as u32;
+            // Plain TUN packets land after the header room, so sealing
+            // works in place without a copy; super-packets are split out
+            // of the slot anyway.
+            let (at, max) = if offload {
+                (0, OFFLOAD_SLOT)
+            } else {
+                (HEADER_LEN, BUF_SIZE - OVERHEAD - 64)
+            };
+            // SAFETY: at < slot_size: still inside the slot.
+            let p = unsafe { self.buf_ptr(slot).add(at) };
+            let max = max as u32;
             let e = opcode::Read::new(types::Fd(self.cfg.tun_fd), p, max)
                 .build()
                 .user_data(ud(OP_TUN_READ, slot));
             self.push(e);
             self.tun_armed += 1;
         }
-        while self.udp_armed < UDP_RECVS {
+        while self.udp_armed < udp_recvs {
             let Some(slot) = self.free.pop() else { return };
             let slot = slot as usize;
             let p = self.buf_ptr(slot);
+            let size = self.slot_size;
             let s = &mut self.slots[slot];
             s.iov.iov_base = p as *mut libc::c_void;
-            s.iov.iov_len = BUF_SIZE;
+            s.iov.iov_len = size;
             s.msg.msg_name = &mut s.addr as *mut _ as *mut libc::c_void;
             s.msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
             s.msg.msg_iov = &mut s.iov;
             s.msg.msg_iovlen = 1;
-            s.msg.msg_control = std::ptr::null_mut();
-            s.msg.msg_controllen = 0;
+            if gro {
+                s.msg.msg_control = s.cmsg.as_mut_ptr() as *mut libc::c_void;
+                s.msg.msg_controllen = CMSG_ROOM;
+            } else {
+                s.msg.msg_control = std::ptr::null_mut();
+                s.msg.msg_controllen = 0;
+            }
             s.msg.msg_flags = 0;
             let e = opcode::RecvMsg::new(types::Fd(self.cfg.udp_fd), &mut s.msg)
                 .build()
@@ -459,7 +595,8 @@ impl Core {
             let sh = &self.cfg.shared;
             let mut v = sh.link_pool.pop().unwrap_or_default();
             v.clear();
-            v.extend_from_slice(&self.bufs[slot * BUF_SIZE + start..slot * BUF_SIZE + start + len]);
+            let base = slot * self.slot_size;
+            v.extend_from_slice(&self.bufs[base + start..base + start + len]);
             self.free.push(slot as u16);
             match sh.link_inbox.push((id, v)) {
                 Ok(()) => poke(sh.cores[0].wake_fd),
@@ -500,7 +637,7 @@ impl Core {
             let s = &mut self.slots[slot as usize];
             // SAFETY: start/len were checked against the slot by the
             // forwarder; the slot stays queued (not reused) until sent.
-            let body = unsafe { bufs.add(slot as usize * BUF_SIZE + s.start as usize) };
+            let body = unsafe { bufs.add(slot as usize * self.slot_size + s.start as usize) };
             let mut parts = [(s.prefix.as_mut_ptr(), LEN_PREFIX), (body, s.len as usize)];
             if i == 0 && link.head_sent > 0 {
                 let mut skip = link.head_sent;
@@ -580,7 +717,8 @@ impl Core {
             };
             let slot = slot as usize;
             let n = frame.len();
-            self.bufs[slot * BUF_SIZE..slot * BUF_SIZE + n].copy_from_slice(frame);
+            let base = slot * self.slot_size;
+            self.bufs[base..base + n].copy_from_slice(frame);
             self.dispatch_inbound(now, routes, slot, n);
         }
         self.arm_link_recv(id);
@@ -672,8 +810,7 @@ impl Core {
                 if packet.len() <= BUF_SIZE {
                     if let Some(slot) = self.free.pop() {
                         let slot = slot as usize;
-                        self.bufs[slot * BUF_SIZE..slot * BUF_SIZE + packet.len()]
-                            .copy_from_slice(&packet);
+                        self.slot_buf(slot)[..packet.len()].copy_from_slice(&packet);
                         self.send_link(id, slot, 0, packet.len());
                     }
                 }
@@ -690,7 +827,7 @@ impl Core {
             if let Some(slot) = self.free.pop() {
                 let slot = slot as usize;
                 let n = v.len().min(BUF_SIZE);
-                self.bufs[slot * BUF_SIZE..slot * BUF_SIZE + n].copy_from_slice(&v[..n]);
+                self.slot_buf(slot)[..n].copy_from_slice(&v[..n]);
                 self.send_link(id, slot, 0, n);
             } else {
                 self.fwd.counters.drop(DropReason::LinkFull);
@@ -765,11 +902,13 @@ impl Core {
                                 }
                             }
                             self.drain_link_inbox();
+                            self.drain_handoff(now, &routes);
                             self.arm_wake();
                         }
                         _ => {}
                     }
                 }
+                self.flush();
                 self.arm_reads();
             }
             self.publish();
@@ -780,14 +919,26 @@ impl Core {
         self.cfg.stats[self.cfg.index].publish(&self.fwd.counters);
     }
 
+    /// Sends the batch's planned datagrams and writes its coalesced
+    /// plaintexts (offload mode; a no-op otherwise).
+    fn flush(&mut self) {
+        self.flush_tx();
+        self.flush_rx();
+    }
+
     fn on_tun_read(&mut self, routes: &RouteTable, slot: usize, res: i32) {
         if res <= 0 {
             // EAGAIN/ECANCELED/EINTR: just re-arm (done by arm_reads).
             self.free.push(slot as u16);
             return;
         }
+        if self.off.is_some() {
+            self.on_tun_read_offload(routes, slot, res as usize);
+            return;
+        }
         let n = res as usize;
-        let buf = &mut self.bufs[slot * BUF_SIZE..(slot + 1) * BUF_SIZE];
+        let base = slot * self.slot_size;
+        let buf = &mut self.bufs[base..base + self.slot_size];
         let out = self.fwd.outbound(routes, buf, n);
         match out.verdict {
             Verdict::Udp(to) => self.send_udp(slot, to, out.range.start, out.range.len()),
@@ -796,25 +947,362 @@ impl Core {
         }
     }
 
+    /// One TUN read with a virtio-net header: split into the staging area,
+    /// seal each packet in place, plan the sends.
+    fn on_tun_read_offload(&mut self, routes: &RouteTable, slot: usize, n: usize) {
+        let mut off = self.off.take().expect("offload mode");
+        if STAGING_BYTES - off.staged < STAGING_LOW {
+            self.off = Some(off);
+            self.flush_tx();
+            off = self.off.take().expect("offload mode");
+        }
+        let base = slot * self.slot_size;
+        let read = &mut self.bufs[base..base + n];
+        let Offload {
+            staging,
+            staged,
+            sizes,
+            ..
+        } = &mut *off;
+        let split = offload::split(read, &mut staging[*staged..], sizes);
+        self.free.push(slot as u16);
+        let split = match split {
+            Ok(s) => s,
+            Err(e) => {
+                self.fwd.counters.tun_rx += 1;
+                self.fwd.counters.drop(match e {
+                    offload::OffloadError::TooManySegments | offload::OffloadError::NoRoom => {
+                        DropReason::TooBig
+                    }
+                    _ => DropReason::Malformed,
+                });
+                self.off = Some(off);
+                return;
+            }
+        };
+        let gso = off.cfg.gso;
+        for i in 0..split.count {
+            let start = off.staged + i * split.stride;
+            let chunk = &mut off.staging[start..start + split.stride];
+            let out = self.fwd.outbound(routes, chunk, off.sizes[i]);
+            match out.verdict {
+                Verdict::Udp(to) => {
+                    let len = out.range.len();
+                    if !offload::plan(&mut off.sends, MAX_SENDS, gso, to, start, len, split.stride) {
+                        // Plan full: cannot happen before the staging
+                        // area is (checked above), but never overrun.
+                        self.fwd.counters.drop(DropReason::SendError);
+                    }
+                }
+                Verdict::Link(id) => {
+                    let len = out.range.len();
+                    match self.free.pop() {
+                        Some(s) => {
+                            let s = s as usize;
+                            let b = s * self.slot_size;
+                            self.bufs[b..b + len].copy_from_slice(&off.staging[start..start + len]);
+                            self.send_link(id, s, 0, len);
+                        }
+                        None => self.fwd.counters.drop(DropReason::LinkFull),
+                    }
+                }
+                Verdict::Tun | Verdict::Drop => {}
+            }
+        }
+        off.staged += split.count * split.stride;
+        self.off = Some(off);
+    }
+
+    /// Puts a sealed datagram that must travel alone (a relayed packet:
+    /// GSO would make the receiver steer all of a send by its first
+    /// sender) into the send plan.
+    fn stage_single(&mut self, to: SocketAddr, pkt_slot: usize, start: usize, len: usize) {
+        if self
+            .off
+            .as_ref()
+            .is_some_and(|o| STAGING_BYTES - o.staged < len || o.sends.len() >= MAX_SENDS)
+        {
+            self.flush_tx();
+        }
+        let base = pkt_slot * self.slot_size + start;
+        let Some(off) = self.off.as_mut() else { return };
+        let at = off.staged;
+        off.staging[at..at + len].copy_from_slice(&self.bufs[base..base + len]);
+        off.staged += len;
+        offload::plan(&mut off.sends, MAX_SENDS, false, to, at, len, len);
+    }
+
+    fn flush_tx(&mut self) {
+        let Some(off) = self.off.as_mut() else { return };
+        let fd = self.cfg.udp_fd;
+        let mut i = 0;
+        while i < off.sends.len() {
+            let k = off.sends.len() - i;
+            for j in 0..k {
+                let sd = off.sends[i + j];
+                let m = &mut off.msgs[j];
+                let namelen = write_sockaddr(&mut off.names[j], sd.to);
+                off.iovs[j] = libc::iovec {
+                    // SAFETY: start + len lies inside staging (planned by
+                    // on_tun_read_offload / stage_single).
+                    iov_base: unsafe { off.staging.as_mut_ptr().add(sd.start) } as *mut libc::c_void,
+                    iov_len: sd.len,
+                };
+                m.msg_len = 0;
+                let h = &mut m.msg_hdr;
+                h.msg_name = &mut off.names[j] as *mut _ as *mut libc::c_void;
+                h.msg_namelen = namelen;
+                h.msg_iov = &mut off.iovs[j];
+                h.msg_iovlen = 1;
+                h.msg_flags = 0;
+                if sd.count > 1 {
+                    h.msg_control = off.cmsgs[j].as_mut_ptr() as *mut libc::c_void;
+                    h.msg_controllen = CMSG_ROOM;
+                    // SAFETY: msg_control points at CMSG_ROOM (>= CMSG_SPACE(2))
+                    // aligned bytes, so the first header and its data fit.
+                    unsafe {
+                        let c = libc::CMSG_FIRSTHDR(h);
+                        (*c).cmsg_level = libc::SOL_UDP;
+                        (*c).cmsg_type = libc::UDP_SEGMENT;
+                        (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
+                        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, sd.stride as u16);
+                        h.msg_controllen = libc::CMSG_SPACE(2) as usize;
+                    }
+                } else {
+                    h.msg_control = std::ptr::null_mut();
+                    h.msg_controllen = 0;
+                }
+            }
+            // SAFETY: msgs[..k] point at live iovecs, names and cmsgs of
+            // `off` and into `staging`, all alive across the call.
+            let rc = unsafe {
+                libc::sendmmsg(fd, off.msgs.as_mut_ptr(), k as u32, libc::MSG_DONTWAIT)
+            };
+            if rc > 0 {
+                i += rc as usize;
+                continue;
+            }
+            let err = std::io::Error::last_os_error().raw_os_error();
+            let sd = off.sends[i];
+            if sd.count > 1 && matches!(err, Some(libc::EIO) | Some(libc::EINVAL)) && off.cfg.gso {
+                // The device cannot do UDP GSO after all (checksum offload
+                // missing): stop using it and send this one datagram by
+                // datagram.
+                tracing::warn!(core = self.cfg.index, "UDP GSO failed ({err:?}); sending without it");
+                off.cfg.gso = false;
+                for p in 0..sd.count {
+                    let start = sd.start + p * sd.stride;
+                    let len = sd.stride.min(sd.start + sd.len - start);
+                    let namelen = write_sockaddr(&mut off.names[0], sd.to);
+                    // SAFETY: inside staging, as above.
+                    let rc = unsafe {
+                        libc::sendto(
+                            fd,
+                            off.staging.as_ptr().add(start) as *const libc::c_void,
+                            len,
+                            libc::MSG_DONTWAIT,
+                            &off.names[0] as *const _ as *const libc::sockaddr,
+                            namelen,
+                        )
+                    };
+                    if rc < 0 {
+                        self.fwd.counters.drop(DropReason::SendError);
+                    }
+                }
+            } else {
+                // EAGAIN (socket buffer full) or a dead route: the
+                // datagrams of this message are lost, as a NIC would drop.
+                for _ in 0..sd.count {
+                    self.fwd.counters.drop(DropReason::SendError);
+                }
+            }
+            i += 1;
+        }
+        off.sends.clear();
+        off.staged = 0;
+    }
+
+    /// Queues a decrypted IP packet for the batch's coalesced TUN writes.
+    fn stage_tun(&mut self, slot: usize, start: usize, len: usize) {
+        if self.off.as_ref().is_some_and(|o| o.rx_used == RX_BATCH) {
+            self.flush_rx();
+        }
+        let base = slot * self.slot_size + start;
+        let Some(off) = self.off.as_mut() else { return };
+        let v = &mut off.rx[off.rx_used];
+        v.clear();
+        v.resize(VIRTIO_NET_HDR_LEN, 0);
+        v.extend_from_slice(&self.bufs[base..base + len]);
+        off.rx_used += 1;
+    }
+
+    fn flush_rx(&mut self) {
+        let Some(off) = self.off.as_mut() else { return };
+        if off.rx_used == 0 {
+            return;
+        }
+        let n = std::mem::take(&mut off.rx_used);
+        let tun = off.cfg.tun.clone();
+        if tun
+            .send_multiple(&mut off.gro, &mut off.rx[..n], VIRTIO_NET_HDR_LEN)
+            .is_err()
+        {
+            self.fwd.counters.drop(DropReason::TunWriteError);
+        }
+    }
+
     fn on_udp_recv(&mut self, now: Instant, routes: &RouteTable, slot: usize, res: i32) {
-        if res < 0 {
+        if res <= 0 {
             self.free.push(slot as u16);
             return;
         }
-        self.dispatch_inbound(now, routes, slot, res as usize);
+        let n = res as usize;
+        let seg = if self.off.as_ref().is_some_and(|o| o.cfg.gro) {
+            gro_segment_size(&self.slots[slot].msg).unwrap_or(n)
+        } else {
+            n
+        };
+        if seg >= n {
+            self.dispatch_inbound(now, routes, slot, n);
+            return;
+        }
+        // A GRO super-datagram: every segment but the last is `seg` bytes.
+        // Each is opened in place, then handled like a lone datagram; the
+        // slot is freed once all are done (handlers copy what they keep).
+        let mut at = 0;
+        while at < n {
+            let len = seg.min(n - at);
+            self.inbound_segment(now, routes, slot, at, len);
+            at += len;
+        }
+        self.free.push(slot as u16);
+    }
+
+    /// True if this data packet belongs to another core (see the module
+    /// comment); then it has been handed over (or counted as dropped).
+    fn hand_off(&mut self, pkt: &[u8]) -> bool {
+        let n = self.cfg.shared.cores.len();
+        if n < 2 || pkt.len() < HEADER_LEN || pkt[1] != PacketType::Data as u8 {
+            return false;
+        }
+        let src = u32::from(Ipv4Addr::new(pkt[8], pkt[9], pkt[10], pkt[11]));
+        let target = (src % n as u32) as usize;
+        if target == self.cfg.index {
+            return false;
+        }
+        let sh = &self.cfg.shared;
+        let mut v = sh.link_pool.pop().unwrap_or_default();
+        v.clear();
+        v.extend_from_slice(pkt);
+        match sh.handoff[target].push(v) {
+            Ok(()) => poke(sh.cores[target].wake_fd),
+            Err(v) => {
+                let _ = sh.link_pool.push(v);
+                self.fwd.counters.drop(DropReason::LinkFull);
+            }
+        }
+        true
+    }
+
+    fn drain_handoff(&mut self, now: Instant, routes: &RouteTable) {
+        while let Some(v) = self.cfg.shared.handoff[self.cfg.index].pop() {
+            if v.len() <= BUF_SIZE {
+                if let Some(slot) = self.free.pop() {
+                    let slot = slot as usize;
+                    self.slot_buf(slot)[..v.len()].copy_from_slice(&v);
+                    self.dispatch_inbound(now, routes, slot, v.len());
+                } else {
+                    self.fwd.counters.drop(DropReason::LinkFull);
+                }
+            } else {
+                self.fwd.counters.drop(DropReason::TooBig);
+            }
+            let _ = self.cfg.shared.link_pool.push(v);
+        }
+    }
+
+    /// One datagram of a GRO super-datagram at `slot[at..at + len]`; the
+    /// caller frees the slot.
+    fn inbound_segment(
+        &mut self,
+        now: Instant,
+        routes: &RouteTable,
+        slot: usize,
+        at: usize,
+        len: usize,
+    ) {
+        let base = slot * self.slot_size;
+        if self.hand_off_at(base + at, len) {
+            return;
+        }
+        let pkt = &mut self.bufs[base + at..base + at + len];
+        let out = self.fwd.inbound(now, routes, pkt, len);
+        let (s, l) = (at + out.range.start, out.range.len());
+        match out.verdict {
+            Verdict::Tun => self.stage_tun(slot, s, l),
+            Verdict::Udp(to) => self.stage_single(to, slot, s, l),
+            Verdict::Link(id) => match self.free.pop() {
+                Some(t) => {
+                    let t = t as usize;
+                    let tb = t * self.slot_size;
+                    self.bufs.copy_within(base + s..base + s + l, tb);
+                    self.send_link(id, t, 0, l);
+                }
+                None => self.fwd.counters.drop(DropReason::LinkFull),
+            },
+            Verdict::Drop => {}
+        }
+    }
+
+    fn hand_off_at(&mut self, at: usize, len: usize) -> bool {
+        // Split borrow: the packet is read-only here.
+        let bufs = std::mem::take(&mut self.bufs);
+        let r = self.hand_off(&bufs[at..at + len]);
+        self.bufs = bufs;
+        r
     }
 
     /// A packet from the underlay (UDP or a link frame) in `slot[..n]`.
     fn dispatch_inbound(&mut self, now: Instant, routes: &RouteTable, slot: usize, n: usize) {
-        let buf = &mut self.bufs[slot * BUF_SIZE..(slot + 1) * BUF_SIZE];
+        let base = slot * self.slot_size;
+        if self.hand_off_at(base, n) {
+            self.free.push(slot as u16);
+            return;
+        }
+        let buf = &mut self.bufs[base..base + self.slot_size];
         let out = self.fwd.inbound(now, routes, buf, n);
         match out.verdict {
+            Verdict::Tun if self.off.is_some() => {
+                self.stage_tun(slot, out.range.start, out.range.len());
+                self.free.push(slot as u16);
+            }
+            Verdict::Udp(to) if self.off.is_some() => {
+                self.stage_single(to, slot, out.range.start, out.range.len());
+                self.free.push(slot as u16);
+            }
             Verdict::Tun => self.write_tun(slot, out.range.start, out.range.len()),
             Verdict::Udp(to) => self.send_udp(slot, to, out.range.start, out.range.len()),
             Verdict::Link(id) => self.send_link(id, slot, out.range.start, out.range.len()),
             Verdict::Drop => self.free.push(slot as u16),
         }
     }
+}
+
+/// The segment size of a UDP GRO receive, from its control message.
+fn gro_segment_size(msg: &libc::msghdr) -> Option<usize> {
+    // SAFETY: the kernel filled msg_control/msg_controllen; CMSG_* walk
+    // within them.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::c_int);
+                return (v > 0).then_some(v as usize);
+            }
+            c = libc::CMSG_NXTHDR(msg, c);
+        }
+    }
+    None
 }
 
 /// A frame from a link, sorted for either dataplane.

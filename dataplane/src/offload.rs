@@ -1,0 +1,395 @@
+//! TUN offload, free of I/O: turning one read from a TUN with a
+//! virtio-net header (a TCP or UDP super-packet of up to 64 KiB) into
+//! MTU-sized IP packets laid out for sealing and one UDP GSO send, and
+//! planning those sends.
+//!
+//! Segmentation itself is tun-rs's `gso_split` (a port of wireguard-go's,
+//! which fixes IP ids, lengths, TCP sequence numbers, flags and
+//! checksums); this module only lays its output out so that every sealed
+//! packet of a super-packet has the same size (`stride`) and they sit back
+//! to back: exactly what UDP_SEGMENT wants.
+
+use tun_rs::{VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6};
+
+use crate::wire::{HEADER_LEN, TAG_LEN};
+
+pub use tun_rs::VIRTIO_NET_HDR_LEN;
+
+/// Segments one super-packet may split into. TCP from a 1420-byte MTU
+/// gives ~48; 256 covers MSS down to 256 bytes.
+pub const MAX_SEGMENTS: usize = 256;
+/// Datagrams in one UDP GSO send (the kernel's UDP_MAX_SEGMENTS is 64 on
+/// older kernels, 128 on newer).
+pub const GSO_MAX_SEGMENTS: usize = 64;
+/// Bytes of one UDP GSO send (an IP packet's 64 KiB, less headers).
+pub const GSO_MAX_BYTES: usize = 65_000;
+
+const GSO_NONE: u8 = 0;
+const GSO_UDP_L4: u8 = 5;
+const F_NEEDS_CSUM: u8 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OffloadError {
+    #[error("read shorter than the virtio-net header")]
+    Short,
+    #[error("bad virtio-net header or super-packet")]
+    Malformed,
+    #[error("super-packet splits into too many segments")]
+    TooManySegments,
+    #[error("staging area too small")]
+    NoRoom,
+}
+
+/// Where [`split`] put the packets: packet `i` (of `count`) starts at
+/// `i * stride + HEADER_LEN` of the staging area and is `sizes[i]` bytes;
+/// every packet but the last is exactly `stride - HEADER_LEN - TAG_LEN`.
+#[derive(Clone, Copy, Debug)]
+pub struct Split {
+    pub count: usize,
+    pub stride: usize,
+}
+
+/// Splits one TUN read (`read` = virtio-net header + packet) into
+/// `staging`, leaving `HEADER_LEN` bytes before and `TAG_LEN` after each
+/// packet for sealing in place. `sizes` receives each packet's length.
+pub fn split(
+    read: &mut [u8],
+    staging: &mut [u8],
+    sizes: &mut [usize; MAX_SEGMENTS],
+) -> Result<Split, OffloadError> {
+    if read.len() <= VIRTIO_NET_HDR_LEN {
+        return Err(OffloadError::Short);
+    }
+    let (h, pkt) = read.split_at_mut(VIRTIO_NET_HDR_LEN);
+    let mut hdr = VirtioNetHdr::decode(h).map_err(|_| OffloadError::Malformed)?;
+    if hdr.gso_type == GSO_NONE {
+        if hdr.flags & F_NEEDS_CSUM != 0 {
+            let start = hdr.csum_start as usize;
+            let at = start + hdr.csum_offset as usize;
+            if at + 2 > pkt.len() || start >= pkt.len() {
+                return Err(OffloadError::Malformed);
+            }
+            // CHECKSUM_PARTIAL: the field holds the pseudo-header sum;
+            // fold the transport bytes into it.
+            let initial = u16::from_be_bytes([pkt[at], pkt[at + 1]]);
+            pkt[at] = 0;
+            pkt[at + 1] = 0;
+            let sum = !tun_rs::checksum(&pkt[start..], initial as u64);
+            pkt[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+        }
+        let stride = HEADER_LEN + pkt.len() + TAG_LEN;
+        if staging.len() < stride {
+            return Err(OffloadError::NoRoom);
+        }
+        staging[HEADER_LEN..HEADER_LEN + pkt.len()].copy_from_slice(pkt);
+        sizes[0] = pkt.len();
+        return Ok(Split { count: 1, stride });
+    }
+    let is_v6 = match pkt.first().map(|b| b >> 4) {
+        Some(4) => false,
+        Some(6) => true,
+        _ => return Err(OffloadError::Malformed),
+    };
+    // As wireguard-go: the kernel's hdr_len may cover a whole first
+    // packet on the forwarding path; derive it from the headers instead.
+    let csum_start = hdr.csum_start as usize;
+    hdr.hdr_len = match hdr.gso_type & 0x7f {
+        VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_TCPV6 => {
+            let off = *pkt.get(csum_start + 12).ok_or(OffloadError::Malformed)?;
+            let th = (off >> 4) as usize * 4;
+            if !(20..=60).contains(&th) {
+                return Err(OffloadError::Malformed);
+            }
+            (csum_start + th) as u16
+        }
+        GSO_UDP_L4 => (csum_start + 8) as u16,
+        _ => return Err(OffloadError::Malformed),
+    };
+    let hdr_len = hdr.hdr_len as usize;
+    let gso_size = hdr.gso_size as usize;
+    if gso_size == 0 || pkt.len() <= hdr_len {
+        return Err(OffloadError::Malformed);
+    }
+    let count = (pkt.len() - hdr_len).div_ceil(gso_size);
+    if count > MAX_SEGMENTS {
+        return Err(OffloadError::TooManySegments);
+    }
+    let seg_max = hdr_len + gso_size.min(pkt.len() - hdr_len);
+    let stride = HEADER_LEN + seg_max + TAG_LEN;
+    if staging.len() < count * stride {
+        return Err(OffloadError::NoRoom);
+    }
+    let mut chunks = staging.chunks_mut(stride);
+    let mut outs: [&mut [u8]; MAX_SEGMENTS] =
+        std::array::from_fn(|_| chunks.next().unwrap_or_default());
+    let n = tun_rs::gso_split(pkt, hdr, &mut outs[..count], sizes, HEADER_LEN, is_v6)
+        .map_err(|_| OffloadError::Malformed)?;
+    if n != count {
+        return Err(OffloadError::Malformed);
+    }
+    Ok(Split { count, stride })
+}
+
+/// One planned UDP send: `count` sealed packets back to back from `start`
+/// in the staging area, all `stride` bytes but possibly the last; `len`
+/// bytes in all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Send<A> {
+    pub to: A,
+    pub start: usize,
+    pub len: usize,
+    pub stride: usize,
+    pub count: usize,
+}
+
+impl<A: PartialEq + Copy> Send<A> {
+    /// True if a packet of `len` bytes at `start` to `to` can join this
+    /// send: contiguous, same stride, the send's last packet full, and
+    /// under the kernel's GSO limits.
+    pub fn can_take(&self, to: A, start: usize, len: usize, stride: usize) -> bool {
+        self.to == to
+            && self.stride == stride
+            && self.start + self.len == start
+            && self.len == self.count * self.stride
+            && len <= stride
+            && self.count < GSO_MAX_SEGMENTS
+            && self.len + len <= GSO_MAX_BYTES
+    }
+}
+
+/// Adds a sealed packet to the plan, extending the last send if it can
+/// (only when `gso`; packets that must travel alone pass `gso = false`).
+/// Returns false if `plan` is full.
+pub fn plan<A: PartialEq + Copy>(
+    plan: &mut Vec<Send<A>>,
+    cap: usize,
+    gso: bool,
+    to: A,
+    start: usize,
+    len: usize,
+    stride: usize,
+) -> bool {
+    if gso {
+        if let Some(last) = plan.last_mut() {
+            if last.can_take(to, start, len, stride) {
+                last.len += len;
+                last.count += 1;
+                return true;
+            }
+        }
+    }
+    if plan.len() >= cap {
+        return false;
+    }
+    plan.push(Send {
+        to,
+        start,
+        len,
+        stride,
+        count: 1,
+    });
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn csum(data: &[u8], init: u32) -> u16 {
+        let mut s = init;
+        for c in data.chunks(2) {
+            let w = if c.len() == 2 {
+                u16::from_be_bytes([c[0], c[1]])
+            } else {
+                u16::from_be_bytes([c[0], 0])
+            };
+            s += w as u32;
+        }
+        while s > 0xffff {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        !(s as u16)
+    }
+
+    /// A TCP/IPv4 super-packet as the kernel hands it over with TSO:
+    /// total length and checksums left for the segmenter.
+    fn tso_read(payload: usize, mss: u16, flags: u8) -> Vec<u8> {
+        let mut v = vec![0u8; VIRTIO_NET_HDR_LEN];
+        let hdr = VirtioNetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
+            hdr_len: 40,
+            gso_size: mss,
+            csum_start: 20,
+            csum_offset: 16,
+        };
+        hdr.encode(&mut v).unwrap();
+        let mut ip = vec![0u8; 40 + payload];
+        ip[0] = 0x45;
+        let tl = (40 + payload).min(65535) as u16;
+        ip[2..4].copy_from_slice(&tl.to_be_bytes());
+        ip[4..6].copy_from_slice(&100u16.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 6;
+        ip[12..16].copy_from_slice(&[10, 0, 0, 1]);
+        ip[16..20].copy_from_slice(&[10, 0, 0, 2]);
+        ip[20..22].copy_from_slice(&5000u16.to_be_bytes());
+        ip[22..24].copy_from_slice(&80u16.to_be_bytes());
+        ip[24..28].copy_from_slice(&1000u32.to_be_bytes());
+        ip[32] = 5 << 4;
+        ip[33] = flags;
+        for (i, b) in ip[40..].iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        v.extend_from_slice(&ip);
+        v
+    }
+
+    fn check_tcp_segment(p: &[u8]) {
+        assert_eq!(p[0], 0x45);
+        assert_eq!(u16::from_be_bytes([p[2], p[3]]) as usize, p.len());
+        assert_eq!(csum(&p[..20], 0), 0, "IP checksum");
+        let tcp_len = (p.len() - 20) as u32;
+        let mut pseudo = 0u32;
+        for c in p[12..20].chunks(2) {
+            pseudo += u16::from_be_bytes([c[0], c[1]]) as u32;
+        }
+        pseudo += 6 + tcp_len;
+        assert_eq!(csum(&p[20..], pseudo), 0, "TCP checksum");
+    }
+
+    #[test]
+    fn tso_super_packet_splits_into_checksummed_segments_at_a_fixed_stride() {
+        let payload = 10_000;
+        let mss = 1380u16;
+        let mut read = tso_read(payload, mss, 0x18); // PSH|ACK
+        let mut staging = vec![0u8; 64 << 10];
+        let mut sizes = [0usize; MAX_SEGMENTS];
+        let s = split(&mut read, &mut staging, &mut sizes).unwrap();
+        assert_eq!(s.count, payload.div_ceil(mss as usize));
+        assert_eq!(s.stride, HEADER_LEN + 40 + mss as usize + TAG_LEN);
+        let mut data = Vec::new();
+        for i in 0..s.count {
+            let p = &staging[i * s.stride + HEADER_LEN..][..sizes[i]];
+            if i + 1 < s.count {
+                assert_eq!(sizes[i], 40 + mss as usize);
+                assert_eq!(p[33] & 0x08, 0, "PSH only on the last");
+            } else {
+                assert_eq!(p[33] & 0x08, 0x08);
+            }
+            check_tcp_segment(p);
+            let seq = u32::from_be_bytes(p[24..28].try_into().unwrap());
+            assert_eq!(seq, 1000 + i as u32 * mss as u32);
+            let id = u16::from_be_bytes([p[4], p[5]]);
+            assert_eq!(id, 100 + i as u16);
+            data.extend_from_slice(&p[40..]);
+        }
+        let want: Vec<u8> = (0..payload).map(|i| (i % 251) as u8).collect();
+        assert_eq!(data, want);
+    }
+
+    #[test]
+    fn plain_packet_with_partial_checksum_is_completed() {
+        let mut read = tso_read(100, 1380, 0x10);
+        // GSO_NONE but NEEDS_CSUM: the kernel left the TCP checksum to us,
+        // with the pseudo-header sum in the field.
+        let hdr = VirtioNetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_NONE,
+            hdr_len: 0,
+            gso_size: 0,
+            csum_start: 20,
+            csum_offset: 16,
+        };
+        hdr.encode(&mut read[..VIRTIO_NET_HDR_LEN]).unwrap();
+        let pkt = &mut read[VIRTIO_NET_HDR_LEN..];
+        // Outside GSO the kernel fills in the IP checksum itself.
+        let ipc = csum(&pkt[..20], 0);
+        pkt[10..12].copy_from_slice(&ipc.to_be_bytes());
+        let mut pseudo = 0u32;
+        for c in pkt[12..20].chunks(2) {
+            pseudo += u16::from_be_bytes([c[0], c[1]]) as u32;
+        }
+        pseudo += 6 + (pkt.len() - 20) as u32;
+        while pseudo > 0xffff {
+            pseudo = (pseudo & 0xffff) + (pseudo >> 16);
+        }
+        pkt[36..38].copy_from_slice(&(pseudo as u16).to_be_bytes());
+        let mut staging = vec![0u8; 4096];
+        let mut sizes = [0usize; MAX_SEGMENTS];
+        let s = split(&mut read, &mut staging, &mut sizes).unwrap();
+        assert_eq!(s.count, 1);
+        assert_eq!(sizes[0], 140);
+        check_tcp_segment(&staging[HEADER_LEN..HEADER_LEN + 140]);
+    }
+
+    #[test]
+    fn hostile_headers_are_errors_not_panics() {
+        let mut staging = vec![0u8; 64 << 10];
+        let mut sizes = [0usize; MAX_SEGMENTS];
+        assert_eq!(
+            split(&mut [0u8; 5], &mut staging, &mut sizes).unwrap_err(),
+            OffloadError::Short
+        );
+        // Random garbage of many lengths, and mutated real headers.
+        let mut x = 0x1234_5678u32;
+        let mut rnd = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        for len in 0..600usize {
+            let mut v: Vec<u8> = (0..len).map(|_| rnd() as u8).collect();
+            let _ = split(&mut v, &mut staging, &mut sizes);
+            let mut r = tso_read(len * 7, (rnd() % 2000) as u16, rnd() as u8);
+            let k = rnd() as usize % r.len().min(80);
+            r[k] = rnd() as u8;
+            let _ = split(&mut r, &mut staging, &mut sizes);
+        }
+        // Too small a staging area is reported, not overrun.
+        let mut r = tso_read(10_000, 1380, 0x10);
+        assert_eq!(
+            split(&mut r, &mut staging[..5000], &mut sizes).unwrap_err(),
+            OffloadError::NoRoom
+        );
+        // MSS 1 would need 10 000 segments.
+        let mut r = tso_read(10_000, 1, 0x10);
+        assert_eq!(
+            split(&mut r, &mut staging, &mut sizes).unwrap_err(),
+            OffloadError::TooManySegments
+        );
+    }
+
+    #[test]
+    fn plan_groups_contiguous_full_packets_to_one_peer() {
+        let mut p: Vec<Send<u8>> = Vec::with_capacity(8);
+        // Three full packets and a short last one to peer 1: one send.
+        for i in 0..3 {
+            assert!(plan(&mut p, 8, true, 1, i * 100, 100, 100));
+        }
+        assert!(plan(&mut p, 8, true, 1, 300, 60, 100));
+        assert_eq!(p.len(), 1);
+        assert_eq!((p[0].count, p[0].len), (4, 360));
+        // After a short packet nothing may follow in the same send.
+        assert!(plan(&mut p, 8, true, 1, 400, 100, 100));
+        assert_eq!(p.len(), 2);
+        // Another peer, another stride, a gap, or gso off: new sends.
+        assert!(plan(&mut p, 8, true, 2, 500, 100, 100));
+        assert!(plan(&mut p, 8, true, 2, 600, 90, 90));
+        assert!(plan(&mut p, 8, true, 2, 800, 90, 90));
+        assert!(plan(&mut p, 8, false, 2, 890, 90, 90));
+        assert_eq!(p.len(), 6);
+        // Capacity.
+        assert!(plan(&mut p, 8, false, 3, 1000, 10, 10));
+        assert!(plan(&mut p, 8, false, 3, 1010, 10, 10));
+        assert!(!plan(&mut p, 8, false, 3, 1020, 10, 10));
+        // The kernel's segment limit.
+        let mut q: Vec<Send<u8>> = Vec::with_capacity(4);
+        for i in 0..=GSO_MAX_SEGMENTS {
+            assert!(plan(&mut q, 4, true, 1, i * 10, 10, 10));
+        }
+        assert_eq!(q.len(), 2);
+        assert_eq!(q[0].count, GSO_MAX_SEGMENTS);
+    }
+}
