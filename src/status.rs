@@ -96,7 +96,12 @@ pub fn snapshot(s: &StatusShared) -> Value {
     }
     let c = &s.control;
     let r = Ordering::Relaxed;
+    let lat = stats::total_latency(&s.cores);
     let mut v = json!({
+        "latency": {
+            "tun_to_wire": latency_json(&lat.tun_to_wire),
+            "wire_to_tun": latency_json(&lat.wire_to_tun),
+        },
         "version": 1,
         "uptime_secs": s.started.elapsed().as_secs(),
         "packets": {
@@ -126,6 +131,22 @@ pub fn snapshot(s: &StatusShared) -> Value {
         }
     }
     v
+}
+
+/// Percentiles of one dataplane latency histogram (ns inside), in µs.
+fn latency_json(h: &hdrhistogram::Histogram<u64>) -> Value {
+    let us = |ns: u64| (ns as f64 / 10.0).round() / 100.0;
+    if h.is_empty() {
+        return json!({"count": 0});
+    }
+    json!({
+        "count": h.len(),
+        "p50_us": us(h.value_at_quantile(0.50)),
+        "p90_us": us(h.value_at_quantile(0.90)),
+        "p99_us": us(h.value_at_quantile(0.99)),
+        "p999_us": us(h.value_at_quantile(0.999)),
+        "max_us": us(h.max()),
+    })
 }
 
 /// Binds the socket (replacing a stale one) and serves until `stop`.
@@ -289,6 +310,27 @@ pub fn format_table(v: &Value) -> String {
         n("/packets/udp_tx"),
         n("/packets/forwarded")
     ));
+    out.push_str(&format!(
+        "\n{:<26} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+        "TIME INSIDE ela-fast (µs)", "packets", "p50", "p90", "p99", "p99.9", "max"
+    ));
+    for (k, label) in [("tun_to_wire", "NPD → wire"), ("wire_to_tun", "wire → NPD")] {
+        let f = |q: &str| {
+            v.pointer(&format!("/latency/{k}/{q}"))
+                .and_then(|x| x.as_f64())
+                .map_or("-".to_string(), |x| format!("{x:.1}"))
+        };
+        out.push_str(&format!(
+            "{:<26} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+            label,
+            n(&format!("/latency/{k}/count")),
+            f("p50_us"),
+            f("p90_us"),
+            f("p99_us"),
+            f("p999_us"),
+            f("max_us")
+        ));
+    }
     let mut drops: Vec<String> = Vec::new();
     if let Some(d) = v.get("drops").and_then(|d| d.as_object()) {
         for (k, x) in d {

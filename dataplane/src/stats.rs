@@ -6,6 +6,10 @@
 //! be able to fill the disk or slow the loop.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
 
 /// Why a packet was dropped. Stable names: they appear in `status --json`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,10 +135,58 @@ impl Counters {
     }
 }
 
+/// How long packets spend inside ela-fast on one core, in nanoseconds:
+/// from the moment the core picks a packet up (the batch its read
+/// completed in) until the send or TUN write that carries it returned
+/// (offload) or completed (plain io_uring).
+#[derive(Clone, Debug)]
+pub struct Latency {
+    /// A packet from the NPD until it is on the wire (sealed and sent).
+    pub tun_to_wire: Histogram<u64>,
+    /// A datagram or link frame until its plaintext is written to the NPD.
+    pub wire_to_tun: Histogram<u64>,
+}
+
+/// Latencies above this are clamped into the top bucket.
+const LATENCY_MAX_NS: u64 = 60_000_000_000;
+
+fn latency_histogram() -> Histogram<u64> {
+    // Two significant digits (1% error) keep a histogram at ~40 KB, cheap
+    // to copy when publishing.
+    Histogram::new_with_bounds(1, LATENCY_MAX_NS, 2).expect("static bounds are valid")
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency {
+            tun_to_wire: latency_histogram(),
+            wire_to_tun: latency_histogram(),
+        }
+    }
+}
+
+impl Latency {
+    /// Records `count` packets that took `d`. Never allocates: values
+    /// beyond the range are clamped.
+    #[inline]
+    pub fn record(h: &mut Histogram<u64>, d: Duration, count: u64) {
+        let ns = (d.as_nanos() as u64).clamp(1, LATENCY_MAX_NS);
+        let _ = h.record_n(ns, count);
+    }
+
+    pub fn add(&mut self, o: &Latency) {
+        let _ = self.tun_to_wire.add(&o.tun_to_wire);
+        let _ = self.wire_to_tun.add(&o.wire_to_tun);
+    }
+}
+
 /// The published copy of one core's counters. Only that core writes it.
 #[repr(align(128))]
 #[derive(Debug, Default)]
 pub struct CoreStats {
+    /// Published now and then with `try_lock` (the core never waits); the
+    /// status thread clones it.
+    latency: Mutex<Latency>,
     tun_rx: AtomicU64,
     tun_tx: AtomicU64,
     udp_rx: AtomicU64,
@@ -161,6 +213,20 @@ impl CoreStats {
         }
     }
 
+    /// Copies the core's histograms for readers, unless a reader holds
+    /// them right now (then the next publish does it). Same bounds on
+    /// both sides, so no allocation.
+    pub fn publish_latency(&self, l: &Latency) {
+        if let Ok(mut g) = self.latency.try_lock() {
+            let _ = g.tun_to_wire.set_to(&l.tun_to_wire);
+            let _ = g.wire_to_tun.set_to(&l.wire_to_tun);
+        }
+    }
+
+    pub fn latency(&self) -> Latency {
+        self.latency.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+
     pub fn snapshot(&self) -> Counters {
         let r = Ordering::Relaxed;
         let mut drops = [0u64; DropReason::COUNT];
@@ -178,6 +244,15 @@ impl CoreStats {
             drops,
         }
     }
+}
+
+/// All cores' latencies merged.
+pub fn total_latency(cores: &[CoreStats]) -> Latency {
+    let mut t = Latency::default();
+    for c in cores {
+        t.add(&c.latency());
+    }
+    t
 }
 
 /// Sum over all cores.
@@ -202,6 +277,33 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), DropReason::COUNT);
+    }
+
+    #[test]
+    fn latency_publishes_and_merges() {
+        let cores = [CoreStats::default(), CoreStats::default()];
+        let mut a = Latency::default();
+        Latency::record(&mut a.tun_to_wire, Duration::from_micros(10), 99);
+        Latency::record(&mut a.tun_to_wire, Duration::from_millis(5), 1);
+        // Out of range both ways is clamped, not lost.
+        Latency::record(&mut a.wire_to_tun, Duration::ZERO, 1);
+        Latency::record(&mut a.wire_to_tun, Duration::from_secs(3600), 1);
+        cores[0].publish_latency(&a);
+        let mut b = Latency::default();
+        Latency::record(&mut b.tun_to_wire, Duration::from_micros(20), 100);
+        cores[1].publish_latency(&b);
+        let t = total_latency(&cores);
+        assert_eq!(t.tun_to_wire.len(), 200);
+        assert_eq!(t.wire_to_tun.len(), 2);
+        // Sorted: 99 × 10 µs, 100 × 20 µs, 1 × 5 ms; 1% error allowed.
+        let p25 = t.tun_to_wire.value_at_quantile(0.25);
+        assert!((9_900..=10_100).contains(&p25), "{p25}");
+        let p75 = t.tun_to_wire.value_at_quantile(0.75);
+        assert!((19_800..=20_200).contains(&p75), "{p75}");
+        assert!(t.tun_to_wire.max() >= 4_950_000);
+        // Publishing again replaces, not adds.
+        cores[0].publish_latency(&a);
+        assert_eq!(total_latency(&cores).tun_to_wire.len(), 200);
     }
 
     #[test]

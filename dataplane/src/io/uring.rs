@@ -36,7 +36,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use crossbeam_queue::ArrayQueue;
@@ -51,7 +51,7 @@ use crate::crypto::{GroupSecret, MAX_PAYLOAD};
 use crate::forwarder::{Forwarder, Verdict};
 use crate::offload::{self, Send, MAX_SEGMENTS, VIRTIO_NET_HDR_LEN};
 use crate::framing::{self, FrameDecoder, FrameError, LEN_PREFIX};
-use crate::stats::{CoreStats, Counters, DropReason};
+use crate::stats::{CoreStats, Counters, DropReason, Latency};
 use crate::wire::{PacketType, HEADER_LEN, OVERHEAD};
 
 /// Buffers per core. Reads armed on each fd plus sends in flight must fit.
@@ -294,6 +294,9 @@ struct Slot {
     len: u32,
     /// Control message room (UDP_GRO's segment size on receive).
     cmsg: [u64; CMSG_ROOM / 8],
+    /// When the core picked up the packet this slot carries to the TUN or
+    /// from it to the wire (ns since `clock_base`); 0 when not measured.
+    picked_ns: u64,
 }
 
 /// Offload state of a core: the send plan and the GRO batch.
@@ -310,6 +313,8 @@ struct Offload {
     rx: Vec<Vec<u8>>,
     rx_used: usize,
     gro: GROTable,
+    /// Packets from the TUN in the send plan (relayed ones are not).
+    planned_from_tun: u64,
 }
 
 impl Offload {
@@ -341,6 +346,7 @@ impl Offload {
                 .collect(),
             rx_used: 0,
             gro: GROTable::new(),
+            planned_from_tun: 0,
         }
     }
 }
@@ -374,6 +380,10 @@ struct Core {
     fwd: Forwarder,
     generation: u64,
     links: Vec<Option<Link>>,
+    lat: Latency,
+    /// When this batch's completions were picked up.
+    batch_start: Instant,
+    lat_published: Instant,
 }
 
 #[inline]
@@ -454,6 +464,9 @@ pub fn run(cfg: CoreConfig) -> Result<(), IoError> {
         fwd,
         generation: u64::MAX,
         links,
+        lat: Latency::default(),
+        batch_start: Instant::now(),
+        lat_published: Instant::now(),
         cfg,
     };
     let res = core.run();
@@ -853,6 +866,7 @@ impl Core {
                 self.fwd.retain_members(&routes);
             }
             let now = Instant::now();
+            self.batch_start = now;
             self.fwd.begin_batch();
             loop {
                 let mut n = 0;
@@ -881,12 +895,16 @@ impl Core {
                         OP_UDP_SEND => {
                             if res < 0 {
                                 self.fwd.counters.drop(DropReason::SendError);
+                            } else {
+                                self.record_slot(idx, now, true);
                             }
                             self.free.push(idx as u16);
                         }
                         OP_TUN_WRITE => {
                             if res < 0 {
                                 self.fwd.counters.drop(DropReason::TunWriteError);
+                            } else {
+                                self.record_slot(idx, now, false);
                             }
                             self.free.push(idx as u16);
                         }
@@ -915,8 +933,34 @@ impl Core {
         }
     }
 
-    fn publish(&self) {
-        self.cfg.stats[self.cfg.index].publish(&self.fwd.counters);
+    fn publish(&mut self) {
+        let stats = &self.cfg.stats[self.cfg.index];
+        stats.publish(&self.fwd.counters);
+        // ~40 KB per histogram: a few times a second, not every batch.
+        if self.batch_start.duration_since(self.lat_published) >= Duration::from_millis(200) {
+            self.lat_published = self.batch_start;
+            stats.publish_latency(&self.lat);
+        }
+    }
+
+    fn ns_since_base(&self, t: Instant) -> u64 {
+        (t.saturating_duration_since(self.cfg.shared.clock_base).as_nanos() as u64).max(1)
+    }
+
+    /// A plain-io_uring send or TUN write completed at `now`: record how
+    /// long its packet was inside.
+    fn record_slot(&mut self, slot: usize, now: Instant, to_wire: bool) {
+        let t = std::mem::take(&mut self.slots[slot].picked_ns);
+        if t == 0 {
+            return;
+        }
+        let d = Duration::from_nanos(self.ns_since_base(now).saturating_sub(t));
+        let h = if to_wire {
+            &mut self.lat.tun_to_wire
+        } else {
+            &mut self.lat.wire_to_tun
+        };
+        Latency::record(h, d, 1);
     }
 
     /// Sends the batch's planned datagrams and writes its coalesced
@@ -941,7 +985,10 @@ impl Core {
         let buf = &mut self.bufs[base..base + self.slot_size];
         let out = self.fwd.outbound(routes, buf, n);
         match out.verdict {
-            Verdict::Udp(to) => self.send_udp(slot, to, out.range.start, out.range.len()),
+            Verdict::Udp(to) => {
+                self.slots[slot].picked_ns = self.ns_since_base(self.batch_start);
+                self.send_udp(slot, to, out.range.start, out.range.len())
+            }
             Verdict::Link(id) => self.send_link(id, slot, out.range.start, out.range.len()),
             Verdict::Tun | Verdict::Drop => self.free.push(slot as u16),
         }
@@ -988,7 +1035,9 @@ impl Core {
             match out.verdict {
                 Verdict::Udp(to) => {
                     let len = out.range.len();
-                    if !offload::plan(&mut off.sends, MAX_SENDS, gso, to, start, len, split.stride) {
+                    if offload::plan(&mut off.sends, MAX_SENDS, gso, to, start, len, split.stride) {
+                        off.planned_from_tun += 1;
+                    } else {
                         // Plan full: cannot happen before the staging
                         // area is (checked above), but never overrun.
                         self.fwd.counters.drop(DropReason::SendError);
@@ -1120,6 +1169,14 @@ impl Core {
         }
         off.sends.clear();
         off.staged = 0;
+        let from_tun = std::mem::take(&mut off.planned_from_tun);
+        if from_tun > 0 {
+            Latency::record(
+                &mut self.lat.tun_to_wire,
+                self.batch_start.elapsed(),
+                from_tun,
+            );
+        }
     }
 
     /// Queues a decrypted IP packet for the batch's coalesced TUN writes.
@@ -1149,6 +1206,11 @@ impl Core {
         {
             self.fwd.counters.drop(DropReason::TunWriteError);
         }
+        Latency::record(
+            &mut self.lat.wire_to_tun,
+            self.batch_start.elapsed(),
+            n as u64,
+        );
     }
 
     fn on_udp_recv(&mut self, now: Instant, routes: &RouteTable, slot: usize, res: i32) {
@@ -1280,7 +1342,10 @@ impl Core {
                 self.stage_single(to, slot, out.range.start, out.range.len());
                 self.free.push(slot as u16);
             }
-            Verdict::Tun => self.write_tun(slot, out.range.start, out.range.len()),
+            Verdict::Tun => {
+                self.slots[slot].picked_ns = self.ns_since_base(self.batch_start);
+                self.write_tun(slot, out.range.start, out.range.len())
+            }
             Verdict::Udp(to) => self.send_udp(slot, to, out.range.start, out.range.len()),
             Verdict::Link(id) => self.send_link(id, slot, out.range.start, out.range.len()),
             Verdict::Drop => self.free.push(slot as u16),
