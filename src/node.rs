@@ -242,8 +242,7 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     for i in 0..n {
         let core_cfg = CoreConfig {
             index: i,
-            offload: npd.offload().then(|| OffloadConfig {
-                tun: npd.queue(i),
+            offload: npd.offload().then_some(OffloadConfig {
                 gso: group.gso,
                 gro: group.gro,
             }),

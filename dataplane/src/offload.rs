@@ -191,6 +191,249 @@ pub fn plan<A: PartialEq + Copy>(
     true
 }
 
+/// Flows tracked at once while coalescing one batch.
+const GRO_FLOWS: usize = 8;
+
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+struct FlowKey {
+    /// IPv4 source and destination, TCP ports.
+    addrs_ports: [u8; 12],
+    ack: u32,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Flow {
+    key: FlowKey,
+    head: usize,
+    next_seq: u32,
+    gso_size: usize,
+    segs: u16,
+    open: bool,
+}
+
+/// TCP receive coalescing for TUN writes, without allocating: in-order
+/// segments of one TCP/IPv4 flow (same addresses, ports, ACK, options,
+/// TTL, TOS, DF) are appended to the flow's first packet, which is then
+/// written once as a GSO super-packet (the kernel re-segments it only if
+/// it must forward it). Everything else is written as it came, in order.
+///
+/// Our own rather than tun-rs's `GROTable` because that one copies every
+/// packet into a fresh `Vec` (its `tcp_gro`), an allocation per packet on
+/// the hot path; the rules here follow Linux's `tcp_gro_receive` and
+/// wireguard-go's.
+#[derive(Default)]
+pub struct Gro {
+    flows: [Flow; GRO_FLOWS],
+    next_victim: usize,
+}
+
+/// What [`Gro::coalesce`] needs to know of one packet.
+struct TcpView {
+    key: FlowKey,
+    seq: u32,
+    payload: usize,
+    /// IP + TCP header bytes.
+    headers: usize,
+    psh: bool,
+}
+
+fn tcp_candidate(p: &[u8]) -> Option<TcpView> {
+    if p.len() < 40 || p[0] != 0x45 || p[9] != 6 {
+        return None;
+    }
+    if u16::from_be_bytes([p[2], p[3]]) as usize != p.len() {
+        return None;
+    }
+    // More-fragments or a fragment offset: not for coalescing.
+    if u16::from_be_bytes([p[6], p[7]]) & 0x3fff != 0 {
+        return None;
+    }
+    let thl = (p[32] >> 4) as usize * 4;
+    if thl < 20 || p.len() < 20 + thl {
+        return None;
+    }
+    // Only ACK, optionally PSH: SYN/FIN/RST/URG/ECE/CWR end coalescing.
+    if p[33] & !0x08 != 0x10 {
+        return None;
+    }
+    let payload = p.len() - 20 - thl;
+    if payload == 0 {
+        return None;
+    }
+    let mut addrs_ports = [0u8; 12];
+    addrs_ports[..8].copy_from_slice(&p[12..20]);
+    addrs_ports[8..].copy_from_slice(&p[20..24]);
+    Some(TcpView {
+        key: FlowKey {
+            addrs_ports,
+            ack: u32::from_be_bytes([p[28], p[29], p[30], p[31]]),
+        },
+        seq: u32::from_be_bytes([p[24], p[25], p[26], p[27]]),
+        payload,
+        headers: 20 + thl,
+        psh: p[33] & 0x08 != 0,
+    })
+}
+
+fn fold(mut s: u32) -> u16 {
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s as u16
+}
+
+fn ipv4_header_checksum(h: &[u8]) -> u16 {
+    let mut s = 0u32;
+    for (i, c) in h[..20].chunks(2).enumerate() {
+        if i != 5 {
+            s += u16::from_be_bytes([c[0], c[1]]) as u32;
+        }
+    }
+    !fold(s)
+}
+
+impl Gro {
+    pub fn new() -> Gro {
+        Gro::default()
+    }
+
+    /// `bufs[i]` = `VIRTIO_NET_HDR_LEN` bytes of room, then one IP packet
+    /// (its length is the Vec's). Coalesces what it can into earlier
+    /// buffers, writes a virtio-net header into each buffer to be written,
+    /// and pushes their indices, in order, to `out` (cleared first; give
+    /// it capacity for `bufs.len()` to stay allocation-free).
+    pub fn coalesce(&mut self, bufs: &mut [Vec<u8>], out: &mut Vec<usize>) {
+        out.clear();
+        for f in self.flows.iter_mut() {
+            f.open = false;
+        }
+        let h = VIRTIO_NET_HDR_LEN;
+        for i in 0..bufs.len() {
+            let Some(v) = bufs[i].get(h..).and_then(tcp_candidate) else {
+                // Not coalescible; it must not be overtaken by later
+                // segments of its connection either.
+                if let Some(p) = bufs[i].get(h..) {
+                    if p.len() >= 24 && p[0] >> 4 == 4 {
+                        let ihl = (p[0] & 0x0f) as usize * 4;
+                        if p[9] == 6 && p.len() >= ihl + 4 {
+                            self.close_matching(&p[12..20], &p[ihl..ihl + 4]);
+                        }
+                    }
+                }
+                out.push(i);
+                continue;
+            };
+            if let Some(fi) = self.flows.iter().position(|f| f.open && f.key == v.key) {
+                let f = self.flows[fi];
+                let (head, rest) = bufs.split_at_mut(i);
+                let head = &mut head[f.head];
+                let pkt = &rest[0][h..];
+                if f.next_seq == v.seq
+                    && v.payload <= f.gso_size
+                    && head.len() + v.payload - h <= 65_535
+                    && same_headers(&head[h..], pkt, v.headers)
+                {
+                    head.extend_from_slice(&pkt[v.headers..]);
+                    if v.psh {
+                        head[h + 33] |= 0x08;
+                    }
+                    let f = &mut self.flows[fi];
+                    f.next_seq = f.next_seq.wrapping_add(v.payload as u32);
+                    f.segs += 1;
+                    // A short or pushed segment ends the super-packet.
+                    f.open = v.payload == f.gso_size && !v.psh;
+                    continue;
+                }
+            }
+            // A new run for this connection: earlier runs of it close so
+            // nothing is written out of order.
+            self.close_matching(&v.key.addrs_ports[..8], &v.key.addrs_ports[8..]);
+            let slot = match self.flows.iter().position(|f| !f.open) {
+                Some(s) => s,
+                None => {
+                    let s = self.next_victim;
+                    self.next_victim = (s + 1) % GRO_FLOWS;
+                    s
+                }
+            };
+            self.flows[slot] = Flow {
+                key: v.key,
+                head: i,
+                next_seq: v.seq.wrapping_add(v.payload as u32),
+                gso_size: v.payload,
+                segs: 1,
+                open: !v.psh,
+            };
+            // Remember runs (open or not) by head for the header pass.
+            out.push(i);
+        }
+        for &i in out.iter() {
+            finish(&mut bufs[i]);
+        }
+    }
+
+    fn close_matching(&mut self, addrs: &[u8], ports: &[u8]) {
+        for f in self.flows.iter_mut() {
+            if f.open && f.key.addrs_ports[..8] == *addrs && f.key.addrs_ports[8..] == *ports {
+                f.open = false;
+            }
+        }
+    }
+}
+
+/// The headers that must match for two segments to merge: IP TOS, DF
+/// and TTL, and the TCP header past the sequence number except flags and
+/// checksum (so window and every option, timestamps included).
+fn same_headers(a: &[u8], b: &[u8], headers: usize) -> bool {
+    let thl = headers - 20;
+    a.len() >= headers
+        && (a[32] >> 4) as usize * 4 == thl
+        && a[1] == b[1]
+        && a[6] & 0x40 == b[6] & 0x40
+        && a[8] == b[8]
+        && a[28..32] == b[28..32]
+        && a[34..36] == b[34..36]
+        && a[38..headers] == b[38..headers]
+}
+
+/// Writes the virtio-net header of one packet to be written. A merged
+/// run (its buffer now longer than its IP length field says) also gets
+/// its IP length and checksum fixed and its TCP checksum left to the
+/// kernel: the pseudo-header sum in the field, NEEDS_CSUM, and the first
+/// segment's payload as the GSO size.
+fn finish(buf: &mut [u8]) {
+    let h = VIRTIO_NET_HDR_LEN;
+    let (vh, p) = buf.split_at_mut(h);
+    let mut hdr = VirtioNetHdr::default();
+    let first_len = if p.len() >= 40 {
+        u16::from_be_bytes([p[2], p[3]]) as usize
+    } else {
+        p.len()
+    };
+    if p.len() > first_len {
+        // Only tcp_candidate packets are ever merged into: IPv4, IHL 5.
+        let headers = 20 + (p[32] >> 4) as usize * 4;
+        let total = p.len() as u16;
+        p[2..4].copy_from_slice(&total.to_be_bytes());
+        let c = ipv4_header_checksum(p);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut sum = 6 + (p.len() - 20) as u32;
+        for c in p[12..20].chunks(2) {
+            sum += u16::from_be_bytes([c[0], c[1]]) as u32;
+        }
+        p[36..38].copy_from_slice(&fold(sum).to_be_bytes());
+        hdr = VirtioNetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
+            hdr_len: headers as u16,
+            gso_size: (first_len - headers) as u16,
+            csum_start: 20,
+            csum_offset: 16,
+        };
+    }
+    let _ = hdr.encode(vh);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,6 +602,128 @@ mod tests {
             split(&mut r, &mut staging, &mut sizes).unwrap_err(),
             OffloadError::TooManySegments
         );
+    }
+
+    /// Segments of a TSO super-packet, each as a GRO input buffer.
+    fn segments(payload: usize, mss: u16, flags: u8, seq: u32, sport: u16) -> Vec<Vec<u8>> {
+        let mut read = tso_read(payload, mss, flags);
+        let seq_at = VIRTIO_NET_HDR_LEN + 24;
+        read[seq_at..seq_at + 4].copy_from_slice(&seq.to_be_bytes());
+        read[VIRTIO_NET_HDR_LEN + 20..VIRTIO_NET_HDR_LEN + 22].copy_from_slice(&sport.to_be_bytes());
+        let mut staging = vec![0u8; 128 << 10];
+        let mut sizes = [0usize; MAX_SEGMENTS];
+        let s = split(&mut read, &mut staging, &mut sizes).unwrap();
+        (0..s.count)
+            .map(|i| {
+                let mut v = vec![0u8; VIRTIO_NET_HDR_LEN];
+                v.extend_from_slice(&staging[i * s.stride + HEADER_LEN..][..sizes[i]]);
+                v.reserve(70_000);
+                v
+            })
+            .collect()
+    }
+
+    fn vnet(b: &[u8]) -> VirtioNetHdr {
+        VirtioNetHdr::decode(&b[..VIRTIO_NET_HDR_LEN]).unwrap()
+    }
+
+    #[test]
+    fn gro_rebuilds_the_super_packet_the_sender_split() {
+        let mut bufs = segments(20_000, 1380, 0x18, 7, 5000);
+        let n = bufs.len();
+        let mut out = Vec::with_capacity(n);
+        Gro::new().coalesce(&mut bufs, &mut out);
+        assert_eq!(out, vec![0]);
+        let p = &bufs[0][VIRTIO_NET_HDR_LEN..];
+        assert_eq!(p.len(), 40 + 20_000);
+        assert_eq!(u16::from_be_bytes([p[2], p[3]]) as usize, p.len());
+        assert_eq!(csum(&p[..20], 0), 0, "IP checksum");
+        assert_eq!(p[33], 0x18, "PSH of the last segment kept");
+        let want: Vec<u8> = (0..20_000).map(|i| (i % 251) as u8).collect();
+        assert_eq!(&p[40..], &want[..]);
+        let h = vnet(&bufs[0]);
+        assert_eq!(h.gso_type, VIRTIO_NET_HDR_GSO_TCPV4);
+        assert_eq!(h.gso_size, 1380);
+        assert_eq!((h.flags, h.csum_start, h.csum_offset, h.hdr_len), (F_NEEDS_CSUM, 20, 16, 40));
+        // Completing the checksum as the kernel would gives a valid one.
+        let mut q = p.to_vec();
+        let partial = u16::from_be_bytes([q[36], q[37]]);
+        q[36] = 0;
+        q[37] = 0;
+        let c = !tun_rs::checksum(&q[20..], partial as u64);
+        q[36..38].copy_from_slice(&c.to_be_bytes());
+        check_tcp_segment(&q);
+    }
+
+    #[test]
+    fn gro_keeps_flows_apart_and_order_within_a_flow() {
+        // Two flows interleaved: two runs.
+        let a = segments(5 * 1380, 1380, 0x10, 100, 1);
+        let b = segments(5 * 1380, 1380, 0x10, 900, 2);
+        let mut bufs: Vec<Vec<u8>> = a.into_iter().zip(b).flat_map(|(x, y)| [x, y]).collect();
+        let mut out = Vec::with_capacity(bufs.len());
+        Gro::new().coalesce(&mut bufs, &mut out);
+        assert_eq!(out, vec![0, 1]);
+        for i in [0, 1] {
+            assert_eq!(bufs[i].len(), VIRTIO_NET_HDR_LEN + 40 + 5 * 1380);
+        }
+        // A gap (lost segment) starts a new run after the old one.
+        let mut bufs = segments(6 * 1380, 1380, 0x10, 0, 1);
+        bufs.remove(2);
+        let mut out = Vec::new();
+        Gro::new().coalesce(&mut bufs, &mut out);
+        assert_eq!(out, vec![0, 2]);
+        assert_eq!(vnet(&bufs[0]).gso_size, 1380);
+        assert_eq!(bufs[0].len(), VIRTIO_NET_HDR_LEN + 40 + 2 * 1380);
+        assert_eq!(bufs[2].len(), VIRTIO_NET_HDR_LEN + 40 + 3 * 1380);
+        // A FIN (not coalescible) in the middle closes the run: what
+        // follows is written after it.
+        let mut bufs = segments(4 * 1380, 1380, 0x10, 0, 1);
+        bufs[2][VIRTIO_NET_HDR_LEN + 33] = 0x11;
+        let mut out = Vec::new();
+        Gro::new().coalesce(&mut bufs, &mut out);
+        assert_eq!(out, vec![0, 2, 3]);
+        assert_eq!(vnet(&bufs[2]).gso_type, GSO_NONE);
+        // A lone segment is written as it is, no offload asked.
+        let mut bufs = segments(100, 1380, 0x18, 0, 1);
+        let before = bufs[0].clone();
+        Gro::new().coalesce(&mut bufs, &mut out);
+        assert_eq!(out, vec![0]);
+        assert_eq!(bufs[0][VIRTIO_NET_HDR_LEN..], before[VIRTIO_NET_HDR_LEN..]);
+        assert_eq!(vnet(&bufs[0]).gso_type, GSO_NONE);
+        assert_eq!(vnet(&bufs[0]).flags, 0);
+    }
+
+    #[test]
+    fn gro_survives_garbage_and_loses_no_bytes() {
+        let mut x = 0x9e37_79b9u32;
+        let mut rnd = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        for round in 0..300 {
+            let mut bufs = segments(8 * 1380, 1380, 0x10, round, 1);
+            bufs.extend(segments(3 * 1380, 1380, 0x10, 0, 2));
+            for b in bufs.iter_mut() {
+                if rnd() % 3 == 0 {
+                    let k = VIRTIO_NET_HDR_LEN + rnd() as usize % 60;
+                    b[k] = rnd() as u8;
+                }
+                if rnd() % 17 == 0 {
+                    b.truncate(VIRTIO_NET_HDR_LEN + rnd() as usize % 50);
+                }
+            }
+            let payload_in: usize = bufs.iter().map(|b| b.len() - VIRTIO_NET_HDR_LEN).sum();
+            let mut out = Vec::new();
+            Gro::new().coalesce(&mut bufs, &mut out);
+            // Every byte is in some written buffer: merged segments add
+            // their payload (not their headers) to a head.
+            let written: usize = out.iter().map(|&i| bufs[i].len() - VIRTIO_NET_HDR_LEN).sum();
+            assert!(written <= payload_in);
+            assert!(out.windows(2).all(|w| w[0] < w[1]), "order kept");
+        }
     }
 
     #[test]

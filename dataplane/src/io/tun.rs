@@ -109,12 +109,6 @@ impl Npd {
         self.offload && self.queues[0].udp_gso()
     }
 
-    /// Queue `i`, for a core that writes coalesced packets through the
-    /// crate's GRO helper.
-    pub fn queue(&self, i: usize) -> Arc<SyncDevice> {
-        self.queues[i].clone()
-    }
-
     pub fn queue_fds(&self) -> Vec<RawFd> {
         self.queues.iter().map(|q| q.as_raw_fd()).collect()
     }

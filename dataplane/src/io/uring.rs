@@ -15,7 +15,7 @@
 //! packets laid back to back, each sealed in place, and leaves in one
 //! `sendmmsg` per batch whose messages carry UDP_SEGMENT (one per peer
 //! and super-packet). Received GRO super-datagrams are opened segment by
-//! segment, and the plaintexts are coalesced again (tun-rs's GRO) into
+//! segment, and the plaintexts are coalesced again (`offload::Gro`) into
 //! few TUN writes. Those sends and writes are direct syscalls once per
 //! batch: io_uring would run them inline at submit anyway, and the ring
 //! keeps the reads armed.
@@ -41,7 +41,6 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use crossbeam_queue::ArrayQueue;
 use io_uring::{opcode, types, IoUring};
-use tun_rs::{GROTable, SyncDevice};
 
 use ela_control::router::LinkId;
 use ela_control::RouteTable;
@@ -260,8 +259,6 @@ pub struct CoreHandle {
 /// [`super::tun::Npd::create`]).
 #[derive(Clone)]
 pub struct OffloadConfig {
-    /// This core's TUN queue, which speaks virtio-net headers.
-    pub tun: Arc<SyncDevice>,
     /// UDP_SEGMENT on send.
     pub gso: bool,
     /// UDP_GRO on receive.
@@ -312,7 +309,9 @@ struct Offload {
     sizes: Box<[usize; MAX_SEGMENTS]>,
     rx: Vec<Vec<u8>>,
     rx_used: usize,
-    gro: GROTable,
+    gro: offload::Gro,
+    /// Which of `rx` to write after coalescing.
+    gro_out: Vec<usize>,
     /// Packets from the TUN in the send plan (relayed ones are not).
     planned_from_tun: u64,
 }
@@ -345,7 +344,8 @@ impl Offload {
                 .map(|_| Vec::with_capacity(OFFLOAD_SLOT + VIRTIO_NET_HDR_LEN))
                 .collect(),
             rx_used: 0,
-            gro: GROTable::new(),
+            gro: offload::Gro::new(),
+            gro_out: Vec::with_capacity(RX_BATCH),
             planned_from_tun: 0,
         }
     }
@@ -1199,12 +1199,16 @@ impl Core {
             return;
         }
         let n = std::mem::take(&mut off.rx_used);
-        let tun = off.cfg.tun.clone();
-        if tun
-            .send_multiple(&mut off.gro, &mut off.rx[..n], VIRTIO_NET_HDR_LEN)
-            .is_err()
-        {
-            self.fwd.counters.drop(DropReason::TunWriteError);
+        off.gro.coalesce(&mut off.rx[..n], &mut off.gro_out);
+        for &i in &off.gro_out {
+            let b = &off.rx[i];
+            // SAFETY: writes b (alive, borrowed) to our TUN queue fd.
+            let rc = unsafe {
+                libc::write(self.cfg.tun_fd, b.as_ptr() as *const libc::c_void, b.len())
+            };
+            if rc < 0 {
+                self.fwd.counters.drop(DropReason::TunWriteError);
+            }
         }
         Latency::record(
             &mut self.lat.wire_to_tun,
