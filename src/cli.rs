@@ -68,6 +68,82 @@ pub enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Measure the overlay to another node: latency or throughput, answered
+    /// by that node's own ela-fast (UDP echo on port 7100, TCP sink on port
+    /// 7101, served on its overlay interface only). Run it next to a node
+    /// (in its network namespace); needs no root.
+    Bench {
+        #[command(subcommand)]
+        kind: BenchCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCmd {
+    /// Round trips of UDP probes echoed by the peer (port 7100): prints
+    /// p50/p90/p99/p99.9/max, writes an HdrHistogram .hgrm percentile
+    /// distribution (µs) and an SVG plot of it.
+    Latency(LatencyArgs),
+    /// TCP streams into the peer's sink (port 7101): Gbit/s confirmed by the
+    /// receiver, packets/s, and the busy % of every CPU.
+    Throughput(ThroughputArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LatencyArgs {
+    /// Overlay address of the peer node.
+    #[arg(long)]
+    pub target: Ipv4Addr,
+    /// Probes to measure (after the warm-up).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub count: u64,
+    /// Microseconds between probe sends (open loop); 0 = ping-pong: the next
+    /// probe leaves when the previous one is answered or timed out.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=60_000_000))]
+    pub interval_us: u64,
+    /// UDP payload bytes per probe (at least 24: session, sequence, send time).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(24..=65507))]
+    pub size: u16,
+    /// The peer's UDP echo port.
+    #[arg(long, default_value_t = crate::bench::ECHO_PORT)]
+    pub port: u16,
+    /// Per-probe timeout; a later answer counts as lost.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub timeout_ms: u64,
+    /// Probes sent first and not recorded.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub warmup: u64,
+    /// Where to write the HdrHistogram percentile distribution (µs).
+    #[arg(long, default_value = "latency.hgrm")]
+    pub hgrm: PathBuf,
+    /// Where to write the SVG plot (latency vs percentile).
+    #[arg(long, default_value = "latency.svg")]
+    pub plot: PathBuf,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ThroughputArgs {
+    /// Overlay address of the peer node.
+    #[arg(long)]
+    pub target: Ipv4Addr,
+    /// Seconds of sending.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub duration: u64,
+    /// Parallel TCP streams.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub streams: u16,
+    /// The peer's TCP sink port.
+    #[arg(long, default_value_t = crate::bench::SINK_PORT)]
+    pub port: u16,
+    /// Connect timeout, and how long a stream may make no progress.
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub timeout_ms: u64,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

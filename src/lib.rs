@@ -2,6 +2,7 @@
 //! per-core dataplane, the local status socket, and the network-namespace
 //! lab used by the demo and the integration tests.
 
+pub mod bench;
 pub mod cli;
 pub mod control_codec;
 pub mod demo;

@@ -1,5 +1,6 @@
-//! `ela-fast`: run a node, make a key, ask a node for its status, or run
-//! the built-in demo. Errors print as one line and exit non-zero.
+//! `ela-fast`: run a node, make a key, ask a node for its status, measure
+//! the overlay (`bench`), or run the built-in demo. Errors print as one
+//! line and exit non-zero.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -10,7 +11,7 @@ use anyhow::Context;
 use clap::Parser;
 use ela_dataplane::crypto::GroupSecret;
 use ela_fast::cli::{Cli, Cmd};
-use ela_fast::{demo, node, status};
+use ela_fast::{bench, demo, node, status};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -21,14 +22,27 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                // `ela-fast bench` alone: the list of what it can do.
+                let _ = e.print();
+                return ExitCode::from(2);
+            }
             // clap's own message is several lines; users and scripts get
             // one.
             let msg = e.to_string();
-            let first = msg
-                .lines()
-                .find(|l| !l.trim().is_empty())
+            let mut lines = msg.lines().map(str::trim).filter(|l| !l.is_empty());
+            let mut first = lines
+                .next()
                 .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
+                .trim_start_matches("error: ")
+                .to_string();
+            // "the following required arguments were not provided:" names
+            // them on the next line.
+            if first.ends_with(':') {
+                if let Some(next) = lines.next() {
+                    first = format!("{first} {next}");
+                }
+            }
             eprintln!("error: {first} (see ela-fast --help)");
             return ExitCode::from(2);
         }
@@ -117,6 +131,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 failover: !no_failover,
             },
         ),
+        Some(Cmd::Bench { kind }) => bench::run(&kind),
         None => {
             let cfg = node::NodeConfig::from_args(cli.run)?;
             let stop = Arc::new(AtomicBool::new(false));

@@ -335,6 +335,9 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let status_stop = Arc::new(AtomicBool::new(false));
     let status_thread = status::serve(&cfg.control, shared.clone(), status_stop.clone())?;
     info!(control = %cfg.control.display(), "node up");
+    // `bench` answers on the NPD only; a responder that cannot bind is a
+    // warning, not fatal.
+    let responders = crate::bench::Responders::start(&cfg.iface);
 
     let mut res = ctl.run(&stop);
     if let Ok(msg) = fatal_rx.try_recv() {
@@ -355,6 +358,7 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         let _ = t.join();
     }
     status_stop.store(true, Ordering::Relaxed);
+    responders.stop();
     let _ = status_thread.join();
     drop(npd);
     info!("left the group; {} removed", cfg.iface);
