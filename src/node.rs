@@ -6,8 +6,8 @@
 //! the dataplane only by swapping the route table (arc-swap) and through
 //! each core's lock-free command queue.
 
-use std::fmt;
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, OwnedFd};

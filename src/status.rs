@@ -248,7 +248,11 @@ pub fn format_table(v: &Value) -> String {
     ));
     let offloads: Vec<&str> = ["tun", "tun_udp", "udp_gso", "udp_gro"]
         .into_iter()
-        .filter(|k| v.pointer(&format!("/offload/{k}")).and_then(|x| x.as_bool()) == Some(true))
+        .filter(|k| {
+            v.pointer(&format!("/offload/{k}"))
+                .and_then(|x| x.as_bool())
+                == Some(true)
+        })
         .collect();
     out.push_str(&format!(
         "cipher {}  io {}  offload {}\n\n",

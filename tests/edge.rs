@@ -911,7 +911,13 @@ fn dataplane_variant(tag: &str, extra: &[&str], offload: bool) {
         // Nothing authentic may be refused along the way.
         for m in &all {
             let st = lab.status(&m.node)?;
-            for bad in ["bad_tag", "replay", "malformed", "inner_mismatch", "tun_write_error"] {
+            for bad in [
+                "bad_tag",
+                "replay",
+                "malformed",
+                "inner_mismatch",
+                "tun_write_error",
+            ] {
                 ensure!(
                     st["drops"][bad] == 0,
                     "{} dropped {} {bad} packets: {}",

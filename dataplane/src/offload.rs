@@ -609,7 +609,8 @@ mod tests {
         let mut read = tso_read(payload, mss, flags);
         let seq_at = VIRTIO_NET_HDR_LEN + 24;
         read[seq_at..seq_at + 4].copy_from_slice(&seq.to_be_bytes());
-        read[VIRTIO_NET_HDR_LEN + 20..VIRTIO_NET_HDR_LEN + 22].copy_from_slice(&sport.to_be_bytes());
+        read[VIRTIO_NET_HDR_LEN + 20..VIRTIO_NET_HDR_LEN + 22]
+            .copy_from_slice(&sport.to_be_bytes());
         let mut staging = vec![0u8; 128 << 10];
         let mut sizes = [0usize; MAX_SEGMENTS];
         let s = split(&mut read, &mut staging, &mut sizes).unwrap();
@@ -644,7 +645,10 @@ mod tests {
         let h = vnet(&bufs[0]);
         assert_eq!(h.gso_type, VIRTIO_NET_HDR_GSO_TCPV4);
         assert_eq!(h.gso_size, 1380);
-        assert_eq!((h.flags, h.csum_start, h.csum_offset, h.hdr_len), (F_NEEDS_CSUM, 20, 16, 40));
+        assert_eq!(
+            (h.flags, h.csum_start, h.csum_offset, h.hdr_len),
+            (F_NEEDS_CSUM, 20, 16, 40)
+        );
         // Completing the checksum as the kernel would gives a valid one.
         let mut q = p.to_vec();
         let partial = u16::from_be_bytes([q[36], q[37]]);
@@ -720,7 +724,10 @@ mod tests {
             Gro::new().coalesce(&mut bufs, &mut out);
             // Every byte is in some written buffer: merged segments add
             // their payload (not their headers) to a head.
-            let written: usize = out.iter().map(|&i| bufs[i].len() - VIRTIO_NET_HDR_LEN).sum();
+            let written: usize = out
+                .iter()
+                .map(|&i| bufs[i].len() - VIRTIO_NET_HDR_LEN)
+                .sum();
             assert!(written <= payload_in);
             assert!(out.windows(2).all(|w| w[0] < w[1]), "order kept");
         }

@@ -178,7 +178,15 @@ fn offload_path_allocates_nothing() {
             let Verdict::Udp(to) = out.verdict else {
                 panic!("not routed: {:?}", out.verdict)
             };
-            assert!(offload::plan(&mut sends, 64, true, to, start, out.range.len(), split.stride));
+            assert!(offload::plan(
+                &mut sends,
+                64,
+                true,
+                to,
+                start,
+                out.range.len(),
+                split.stride
+            ));
         }
         assert_eq!(sends.len(), 1, "one GSO send per super-packet");
         let mut used = 0;

@@ -48,8 +48,8 @@ use ela_control::RouteTable;
 use super::IoError;
 use crate::crypto::{GroupSecret, MAX_PAYLOAD};
 use crate::forwarder::{Forwarder, Verdict};
-use crate::offload::{self, Send, MAX_SEGMENTS, VIRTIO_NET_HDR_LEN};
 use crate::framing::{self, FrameDecoder, FrameError, LEN_PREFIX};
+use crate::offload::{self, Send, MAX_SEGMENTS, VIRTIO_NET_HDR_LEN};
 use crate::stats::{CoreStats, Counters, DropReason, Latency};
 use crate::wire::{PacketType, HEADER_LEN, OVERHEAD};
 
@@ -944,7 +944,9 @@ impl Core {
     }
 
     fn ns_since_base(&self, t: Instant) -> u64 {
-        (t.saturating_duration_since(self.cfg.shared.clock_base).as_nanos() as u64).max(1)
+        (t.saturating_duration_since(self.cfg.shared.clock_base)
+            .as_nanos() as u64)
+            .max(1)
     }
 
     /// A plain-io_uring send or TUN write completed at `now`: record how
@@ -1094,7 +1096,8 @@ impl Core {
                 off.iovs[j] = libc::iovec {
                     // SAFETY: start + len lies inside staging (planned by
                     // on_tun_read_offload / stage_single).
-                    iov_base: unsafe { off.staging.as_mut_ptr().add(sd.start) } as *mut libc::c_void,
+                    iov_base: unsafe { off.staging.as_mut_ptr().add(sd.start) }
+                        as *mut libc::c_void,
                     iov_len: sd.len,
                 };
                 m.msg_len = 0;
@@ -1124,9 +1127,8 @@ impl Core {
             }
             // SAFETY: msgs[..k] point at live iovecs, names and cmsgs of
             // `off` and into `staging`, all alive across the call.
-            let rc = unsafe {
-                libc::sendmmsg(fd, off.msgs.as_mut_ptr(), k as u32, libc::MSG_DONTWAIT)
-            };
+            let rc =
+                unsafe { libc::sendmmsg(fd, off.msgs.as_mut_ptr(), k as u32, libc::MSG_DONTWAIT) };
             if rc > 0 {
                 i += rc as usize;
                 continue;
@@ -1137,7 +1139,10 @@ impl Core {
                 // The device cannot do UDP GSO after all (checksum offload
                 // missing): stop using it and send this one datagram by
                 // datagram.
-                tracing::warn!(core = self.cfg.index, "UDP GSO failed ({err:?}); sending without it");
+                tracing::warn!(
+                    core = self.cfg.index,
+                    "UDP GSO failed ({err:?}); sending without it"
+                );
                 off.cfg.gso = false;
                 for p in 0..sd.count {
                     let start = sd.start + p * sd.stride;
@@ -1203,9 +1208,8 @@ impl Core {
         for &i in &off.gro_out {
             let b = &off.rx[i];
             // SAFETY: writes b (alive, borrowed) to our TUN queue fd.
-            let rc = unsafe {
-                libc::write(self.cfg.tun_fd, b.as_ptr() as *const libc::c_void, b.len())
-            };
+            let rc =
+                unsafe { libc::write(self.cfg.tun_fd, b.as_ptr() as *const libc::c_void, b.len()) };
             if rc < 0 {
                 self.fwd.counters.drop(DropReason::TunWriteError);
             }
