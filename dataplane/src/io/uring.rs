@@ -1144,10 +1144,10 @@ impl Core {
                     "UDP GSO failed ({err:?}); sending without it"
                 );
                 off.cfg.gso = false;
+                let namelen = write_sockaddr(&mut off.names[0], sd.to);
                 for p in 0..sd.count {
                     let start = sd.start + p * sd.stride;
                     let len = sd.stride.min(sd.start + sd.len - start);
-                    let namelen = write_sockaddr(&mut off.names[0], sd.to);
                     // SAFETY: inside staging, as above.
                     let rc = unsafe {
                         libc::sendto(
@@ -1242,36 +1242,10 @@ impl Core {
         let mut at = 0;
         while at < n {
             let len = seg.min(n - at);
-            self.inbound_segment(now, routes, slot, at, len);
+            self.inbound(now, routes, slot, at, len, false);
             at += len;
         }
         self.free.push(slot as u16);
-    }
-
-    /// True if this data packet belongs to another core (see the module
-    /// comment); then it has been handed over (or counted as dropped).
-    fn hand_off(&mut self, pkt: &[u8]) -> bool {
-        let n = self.cfg.shared.cores.len();
-        if n < 2 || pkt.len() < HEADER_LEN || pkt[1] != PacketType::Data as u8 {
-            return false;
-        }
-        let src = u32::from(Ipv4Addr::new(pkt[8], pkt[9], pkt[10], pkt[11]));
-        let target = (src % n as u32) as usize;
-        if target == self.cfg.index {
-            return false;
-        }
-        let sh = &self.cfg.shared;
-        let mut v = sh.link_pool.pop().unwrap_or_default();
-        v.clear();
-        v.extend_from_slice(pkt);
-        match sh.handoff[target].push(v) {
-            Ok(()) => poke(sh.cores[target].wake_fd),
-            Err(v) => {
-                let _ = sh.link_pool.push(v);
-                self.fwd.counters.drop(DropReason::LinkFull);
-            }
-        }
-        true
     }
 
     fn drain_handoff(&mut self, now: Instant, routes: &RouteTable) {
@@ -1291,74 +1265,99 @@ impl Core {
         }
     }
 
-    /// One datagram of a GRO super-datagram at `slot[at..at + len]`; the
-    /// caller frees the slot.
-    fn inbound_segment(
+    /// A packet from the underlay (UDP or a link frame) in `slot[..n]`;
+    /// the slot goes with it or is freed.
+    fn dispatch_inbound(&mut self, now: Instant, routes: &RouteTable, slot: usize, n: usize) {
+        if !self.inbound(now, routes, slot, 0, n, true) {
+            self.free.push(slot as u16);
+        }
+    }
+
+    /// A packet from the underlay at `slot[at..at + n]`. Returns true if
+    /// the slot went with it (queued for a send, write or link); else the
+    /// caller still owns the slot. With `!may_keep` (one segment of a GRO
+    /// super-datagram, whose slot holds others) whatever is kept is copied.
+    fn inbound(
         &mut self,
         now: Instant,
         routes: &RouteTable,
         slot: usize,
         at: usize,
-        len: usize,
-    ) {
-        let base = slot * self.slot_size;
-        if self.hand_off_at(base + at, len) {
-            return;
+        n: usize,
+        may_keep: bool,
+    ) -> bool {
+        let base = slot * self.slot_size + at;
+        let pkt = &mut self.bufs[base..base + n];
+        if hand_off(&self.cfg, &mut self.fwd.counters, pkt) {
+            return false;
         }
-        let pkt = &mut self.bufs[base + at..base + at + len];
-        let out = self.fwd.inbound(now, routes, pkt, len);
+        let out = self.fwd.inbound(now, routes, pkt, n);
         let (s, l) = (at + out.range.start, out.range.len());
         match out.verdict {
-            Verdict::Tun => self.stage_tun(slot, s, l),
-            Verdict::Udp(to) => self.stage_single(to, slot, s, l),
-            Verdict::Link(id) => match self.free.pop() {
-                Some(t) => {
-                    let t = t as usize;
-                    let tb = t * self.slot_size;
-                    self.bufs.copy_within(base + s..base + s + l, tb);
-                    self.send_link(id, t, 0, l);
-                }
-                None => self.fwd.counters.drop(DropReason::LinkFull),
-            },
-            Verdict::Drop => {}
-        }
-    }
-
-    fn hand_off_at(&mut self, at: usize, len: usize) -> bool {
-        // Split borrow: the packet is read-only here.
-        let bufs = std::mem::take(&mut self.bufs);
-        let r = self.hand_off(&bufs[at..at + len]);
-        self.bufs = bufs;
-        r
-    }
-
-    /// A packet from the underlay (UDP or a link frame) in `slot[..n]`.
-    fn dispatch_inbound(&mut self, now: Instant, routes: &RouteTable, slot: usize, n: usize) {
-        let base = slot * self.slot_size;
-        if self.hand_off_at(base, n) {
-            self.free.push(slot as u16);
-            return;
-        }
-        let buf = &mut self.bufs[base..base + self.slot_size];
-        let out = self.fwd.inbound(now, routes, buf, n);
-        match out.verdict {
+            Verdict::Drop => false,
+            // Offload: TUN writes and UDP sends go out once per batch, from
+            // copies.
             Verdict::Tun if self.off.is_some() => {
-                self.stage_tun(slot, out.range.start, out.range.len());
-                self.free.push(slot as u16);
+                self.stage_tun(slot, s, l);
+                false
             }
             Verdict::Udp(to) if self.off.is_some() => {
-                self.stage_single(to, slot, out.range.start, out.range.len());
-                self.free.push(slot as u16);
+                self.stage_single(to, slot, s, l);
+                false
+            }
+            Verdict::Link(id) if !may_keep => {
+                match self.free.pop() {
+                    Some(t) => {
+                        let t = t as usize;
+                        let from = slot * self.slot_size + s;
+                        self.bufs.copy_within(from..from + l, t * self.slot_size);
+                        self.send_link(id, t, 0, l);
+                    }
+                    None => self.fwd.counters.drop(DropReason::LinkFull),
+                }
+                false
             }
             Verdict::Tun => {
                 self.slots[slot].picked_ns = self.ns_since_base(self.batch_start);
-                self.write_tun(slot, out.range.start, out.range.len())
+                self.write_tun(slot, s, l);
+                true
             }
-            Verdict::Udp(to) => self.send_udp(slot, to, out.range.start, out.range.len()),
-            Verdict::Link(id) => self.send_link(id, slot, out.range.start, out.range.len()),
-            Verdict::Drop => self.free.push(slot as u16),
+            Verdict::Udp(to) => {
+                self.send_udp(slot, to, s, l);
+                true
+            }
+            Verdict::Link(id) => {
+                self.send_link(id, slot, s, l);
+                true
+            }
         }
     }
+}
+
+/// True if this data packet belongs to another core (see the module
+/// comment); then it has been handed over (or counted as dropped).
+fn hand_off(cfg: &CoreConfig, counters: &mut Counters, pkt: &[u8]) -> bool {
+    let sh = &cfg.shared;
+    let n = sh.cores.len();
+    if n < 2 || pkt.len() < HEADER_LEN || pkt[1] != PacketType::Data as u8 {
+        return false;
+    }
+    let src = u32::from(Ipv4Addr::new(pkt[8], pkt[9], pkt[10], pkt[11]));
+    let target = (src % n as u32) as usize;
+    if target == cfg.index {
+        return false;
+    }
+    let mut v = sh.link_pool.pop().unwrap_or_default();
+    v.clear();
+    v.extend_from_slice(pkt);
+    match sh.handoff[target].push(v) {
+        Ok(()) => poke(sh.cores[target].wake_fd),
+        Err(v) => {
+            let _ = sh.link_pool.push(v);
+            counters.drop(DropReason::LinkFull);
+        }
+    }
+    true
 }
 
 /// The segment size of a UDP GRO receive, from its control message.
