@@ -108,7 +108,10 @@ impl ControlCodec {
         if hdr.ptype != PacketType::Control {
             return None;
         }
-        self.keys(hdr.epoch, now_ms)?.verify(pkt).then_some(hdr)
+        self.keys(hdr.epoch, now_ms)?
+            .verify(pkt)
+            .is_ok()
+            .then_some(hdr)
     }
 
     pub fn open(

@@ -281,7 +281,7 @@ impl Forwarder {
             self.counters.drop(DropReason::RekeyLimited);
             return Out::drop();
         };
-        if !keys.verify(pkt) {
+        if keys.verify(pkt).is_err() {
             self.counters.drop(DropReason::BadTag);
             return Out::drop();
         }

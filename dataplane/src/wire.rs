@@ -2,7 +2,8 @@
 //!
 //! A packet is `[header 24 B][ciphertext payload][tag 16 B]`. The header
 //! travels in clear so relays can route on `dst` and bump `hops` without
-//! holding the payload key; it is still covered by the tag (all but `hops`).
+//! holding the payload key; it is still covered by the tag (all but `hops`;
+//! see [`crate::crypto`] for the AEAD).
 //!
 //! Header layout, all integers big-endian:
 //!
@@ -11,7 +12,7 @@
 //! | 0      | version ([`VERSION`])                   |
 //! | 1      | packet type ([`PacketType`])            |
 //! | 2      | hops (not MACed, see [`HOPS_OFFSET`])   |
-//! | 3      | reserved, must be 0                     |
+//! | 3      | cipher suite ([`Suite`])                |
 //! | 4..8   | key epoch (u32)                         |
 //! | 8..12  | sender overlay IPv4 address             |
 //! | 12..16 | destination overlay IPv4 address        |
@@ -19,7 +20,11 @@
 
 use std::net::Ipv4Addr;
 
-pub const VERSION: u8 = 1;
+use crate::crypto::Suite;
+
+/// 2: cipher suite byte, Poly1305 tags (1 had a reserved byte and
+/// HMAC-SHA256 tags).
+pub const VERSION: u8 = 2;
 pub const HEADER_LEN: usize = 24;
 pub const TAG_LEN: usize = 16;
 /// Bytes a sealed packet adds to its payload.
@@ -31,8 +36,9 @@ pub const MAX_HOPS: u8 = 4;
 pub const HOPS_OFFSET: usize = 2;
 /// Where the 64-bit counter starts; crypto reads it to pick the keystream.
 pub const COUNTER_OFFSET: usize = 16;
-
-const RESERVED_OFFSET: usize = 3;
+/// The [`Suite`] id. [`Header::write`] leaves [`Suite::Blowfish`] (0) here;
+/// `PacketKeys::seal` writes its own suite.
+pub const SUITE_OFFSET: usize = 3;
 const EPOCH: core::ops::Range<usize> = 4..8;
 const SRC: core::ops::Range<usize> = 8..12;
 const DST: core::ops::Range<usize> = 12..16;
@@ -75,16 +81,17 @@ pub enum WireError {
     BadVersion,
     #[error("unknown packet type")]
     BadType,
-    #[error("reserved header byte is not zero")]
-    BadReserved,
+    #[error("unknown cipher suite")]
+    UnknownSuite,
 }
 
 impl Header {
     /// Parses a whole packet's header; requires `buf.len() >= OVERHEAD`
     /// (header + tag; an empty payload is allowed).
     ///
-    /// Checks only the framing. The header is untrusted until the tag has
-    /// been verified.
+    /// Checks only the framing, including that the suite byte names a
+    /// known [`Suite`] (whether it is the group's is crypto's question). The
+    /// header is untrusted until the tag has been verified.
     pub fn parse(buf: &[u8]) -> Result<Header, WireError> {
         // Rejecting packets that cannot hold a tag here spares every caller
         // the same check before slicing out the tag.
@@ -95,11 +102,7 @@ impl Header {
             return Err(WireError::BadVersion);
         }
         let ptype = PacketType::try_from(buf[1])?;
-        // Insisting on zero keeps the byte usable by a later version without
-        // old nodes silently misreading it.
-        if buf[RESERVED_OFFSET] != 0 {
-            return Err(WireError::BadReserved);
-        }
+        Suite::try_from(buf[SUITE_OFFSET]).map_err(|_| WireError::UnknownSuite)?;
         Ok(Header {
             ptype,
             hops: buf[HOPS_OFFSET],
@@ -121,7 +124,7 @@ impl Header {
         h[0] = VERSION;
         h[1] = self.ptype as u8;
         h[HOPS_OFFSET] = self.hops;
-        h[RESERVED_OFFSET] = 0;
+        h[SUITE_OFFSET] = Suite::default() as u8;
         h[EPOCH].copy_from_slice(&self.epoch.to_be_bytes());
         h[SRC].copy_from_slice(&self.src.octets());
         h[DST].copy_from_slice(&self.dst.octets());
@@ -181,6 +184,8 @@ mod tests {
         assert_eq!(COUNTER.end, HEADER_LEN);
         assert_eq!(PacketType::Data as u8, 0);
         assert_eq!(PacketType::Control as u8, 1);
+        assert_eq!(Suite::Blowfish as u8, 0);
+        assert_eq!(Suite::ChaCha20Poly1305 as u8, 1);
     }
 
     #[test]
@@ -194,7 +199,7 @@ mod tests {
         assert_eq!(
             buf,
             [
-                1, 1, 2, 0, // version, type, hops, reserved
+                2, 1, 2, 0, // version, type, hops, suite
                 0x01, 0x02, 0x03, 0x04, // epoch
                 10, 0, 0, 1, // src
                 10, 0, 0, 2, // dst
@@ -253,11 +258,15 @@ mod tests {
     }
 
     #[test]
-    fn parse_rejects_nonzero_reserved() {
+    fn parse_accepts_known_suites_only() {
         let mut buf = packet(&sample(), 5);
-        for r in 1..=u8::MAX {
-            buf[RESERVED_OFFSET] = r;
-            assert_eq!(Header::parse(&buf), Err(WireError::BadReserved), "r {r}");
+        for suite in Suite::ALL {
+            buf[SUITE_OFFSET] = suite as u8;
+            assert_eq!(Header::parse(&buf), Ok(sample()), "{suite}");
+        }
+        for id in 2..=u8::MAX {
+            buf[SUITE_OFFSET] = id;
+            assert_eq!(Header::parse(&buf), Err(WireError::UnknownSuite), "id {id}");
         }
     }
 
@@ -284,7 +293,7 @@ mod tests {
             WireError::Truncated,
             WireError::BadVersion,
             WireError::BadType,
-            WireError::BadReserved,
+            WireError::UnknownSuite,
         ] {
             assert!(!e.to_string().is_empty());
         }
