@@ -14,7 +14,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ela_control::msg::ControlMsg;
-use ela_dataplane::crypto::{GroupSecret, PacketKeys};
+use ela_dataplane::crypto::{CryptoError, GroupSecret, PacketKeys, Suite};
 use ela_dataplane::wire::{Header, PacketType, HEADER_LEN, TAG_LEN};
 
 /// How far a control packet's timestamp may be from our clock. Members'
@@ -27,6 +27,8 @@ const EPOCH_MS: u64 = 3_600_000;
 pub enum ControlDrop {
     Malformed,
     BadTag,
+    /// Sealed with another cipher suite (`--cipher` differs).
+    WrongCipher,
     Stale,
     Replay,
     Undecodable,
@@ -52,6 +54,11 @@ fn epoch_at(ms: u64) -> u32 {
 }
 
 impl ControlCodec {
+    /// The cipher suite this codec seals and opens.
+    pub fn suite(&self) -> Suite {
+        self.secret.suite()
+    }
+
     pub fn new(secret: &GroupSecret) -> ControlCodec {
         ControlCodec {
             secret: secret.clone(),
@@ -124,7 +131,10 @@ impl ControlCodec {
             return Err(ControlDrop::Malformed);
         }
         let keys = self.keys(hdr.epoch, now_ms).ok_or(ControlDrop::Stale)?;
-        let range = keys.open(pkt).map_err(|_| ControlDrop::BadTag)?;
+        let range = keys.open(pkt).map_err(|e| match e {
+            CryptoError::WrongSuite => ControlDrop::WrongCipher,
+            _ => ControlDrop::BadTag,
+        })?;
         let plain = &pkt[range];
         if plain.len() < 8 {
             return Err(ControlDrop::Malformed);

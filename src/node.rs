@@ -25,7 +25,7 @@ use ela_control::membership::{self, Event, Membership, NodeIdentity};
 use ela_control::msg::{ControlMsg, MAX_REPLY_MEMBERS};
 use ela_control::router::{EdgeNode, LinkId};
 use ela_control::{NextHop, Role, RouteTable};
-use ela_dataplane::crypto::GroupSecret;
+use ela_dataplane::crypto::{GroupSecret, Suite};
 use ela_dataplane::framing::{self, FrameDecoder};
 use ela_dataplane::io::tun::Npd;
 use ela_dataplane::io::udp::{self, UdpGroup};
@@ -73,7 +73,11 @@ impl NodeConfig {
         let key_file = a.key_file.ok_or_else(|| {
             anyhow!("--key-file PATH is required (create one with `ela-fast keygen --out PATH`)")
         })?;
-        let secret = Arc::new(GroupSecret::load(&key_file)?);
+        let suite = match a.cipher {
+            CipherArg::Blowfish => Suite::Blowfish,
+            CipherArg::Chacha20Poly1305 => Suite::ChaCha20Poly1305,
+        };
+        let secret = Arc::new(GroupSecret::load(&key_file)?.with_suite(suite));
         let net = a.net.trunc();
         addr::validate_net(net)?;
         if let Some(x) = a.addr {
@@ -101,11 +105,6 @@ impl NodeConfig {
                 Some(list)
             }
         };
-        if a.cipher == CipherArg::Chacha20Poly1305 {
-            // The suite is being landed (issue 4); refuse rather than run
-            // Blowfish under the other name.
-            bail!("--cipher chacha20-poly1305: not available in this build yet (use blowfish)");
-        }
         if a.role == RoleArg::Edge && a.bootstrap.is_empty() {
             bail!("--role edge needs --bootstrap: an edge node joins through a core node");
         }
@@ -432,7 +431,9 @@ fn decide_and_join(
             }
             Err(e) if cfg.role == RoleArg::Core => return Err(e),
             Err(e) => {
-                if e.to_string().contains("different group key") {
+                if e.to_string().contains("different group key")
+                    || e.downcast_ref::<CipherMismatch>().is_some()
+                {
                     return Err(e);
                 }
                 info!("no UDP answer from the bootstrap within {} ms: joining as an edge node over TCP", wait.as_millis());
@@ -521,10 +522,35 @@ fn parse_reply(msg: ControlMsg) -> Option<Reply> {
     }
 }
 
-fn join_error(cfg: &NodeConfig, bad_tag: u64, how: &str, wait: Duration) -> anyhow::Error {
-    if bad_tag > 0 {
+/// Answers from a bootstrap that we could not accept, to say why a join
+/// failed rather than just that it timed out.
+#[derive(Default)]
+struct Refusals {
+    bad_tag: u64,
+    wrong_cipher: u64,
+}
+
+impl Refusals {
+    fn note(&mut self, d: ControlDrop) {
+        match d {
+            ControlDrop::BadTag => self.bad_tag += 1,
+            ControlDrop::WrongCipher => self.wrong_cipher += 1,
+            _ => {}
+        }
+    }
+}
+
+fn join_error(cfg: &NodeConfig, refused: &Refusals, how: &str, wait: Duration) -> anyhow::Error {
+    if refused.wrong_cipher > 0 {
         return anyhow!(
-            "could not join: {bad_tag} answer(s) from the bootstrap failed authentication — it uses a different group key"
+            "could not join: the bootstrap uses a different cipher than --cipher {} (every member of a network must use the same --cipher)",
+            cipher_name(cfg.cipher)
+        );
+    }
+    if refused.bad_tag > 0 {
+        return anyhow!(
+            "could not join: {} answer(s) from the bootstrap failed authentication — it uses a different group key",
+            refused.bad_tag
         );
     }
     anyhow!(
@@ -532,6 +558,70 @@ fn join_error(cfg: &NodeConfig, bad_tag: u64, how: &str, wait: Duration) -> anyh
         cfg.bootstrap.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(", "),
         wait.as_millis()
     )
+}
+
+/// The bootstrap answered under another cipher suite: it has our group key
+/// but runs another `--cipher`. Joining cannot work, and retrying over TCP
+/// would not change it.
+#[derive(Debug, thiserror::Error)]
+#[error("could not join: {bootstrap} uses --cipher {theirs}, this node --cipher {ours} (every member of a network must use the same cipher)")]
+struct CipherMismatch {
+    bootstrap: SocketAddr,
+    theirs: Suite,
+    ours: Suite,
+}
+
+/// Control codecs for the suites other than ours. A join that goes
+/// unanswered is retried under each of them too (a bootstrap ignores
+/// packets of another suite, so it would never answer ours); an answer that
+/// then opens under one of them proves the group key and names the
+/// bootstrap's cipher, instead of a bare timeout.
+struct OtherSuites(Vec<ControlCodec>);
+
+impl OtherSuites {
+    fn new(cfg: &NodeConfig) -> Self {
+        let ours = cfg.secret.suite();
+        OtherSuites(
+            Suite::ALL
+                .into_iter()
+                .filter(|s| *s != ours)
+                .map(|s| ControlCodec::new(&(*cfg.secret).clone().with_suite(s)))
+                .collect(),
+        )
+    }
+
+    fn requests(
+        &mut self,
+        cfg: &NodeConfig,
+        node_id: u64,
+        role: Role,
+        via: SocketAddr,
+    ) -> Vec<Vec<u8>> {
+        self.0
+            .iter_mut()
+            .map(|c| join_request(cfg, c, node_id, role, via))
+            .collect()
+    }
+
+    /// Called for an answer our own codec refused as `WrongCipher`.
+    fn check(
+        &mut self,
+        cfg: &NodeConfig,
+        pkt: &[u8],
+        from: SocketAddr,
+    ) -> Result<(), CipherMismatch> {
+        for c in &mut self.0 {
+            let mut copy = pkt.to_vec();
+            if let Ok((_, ControlMsg::JoinReply { .. })) = c.open(&mut copy, unix_ms()) {
+                return Err(CipherMismatch {
+                    bootstrap: from,
+                    theirs: c.suite(),
+                    ours: cfg.secret.suite(),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A sealed JoinRequest to bootstrap `via` (sent from no overlay address:
@@ -572,22 +662,32 @@ fn join_udp(
     let deadline = Instant::now() + wait;
     let mut next_send = Instant::now();
     let mut buf = vec![0u8; 65536];
-    let mut bad_tag = 0u64;
+    let mut refused = Refusals::default();
+    let mut others = OtherSuites::new(cfg);
+    let mut round = 0u32;
     loop {
         if stop.load(Ordering::Relaxed) {
             bail!("interrupted while joining");
         }
         let now = Instant::now();
         if now >= deadline {
-            return Err(join_error(cfg, bad_tag, "UDP", wait));
+            return Err(join_error(cfg, &refused, "UDP", wait));
         }
         if now >= next_send {
             for b in &cfg.bootstrap {
-                let p = join_request(cfg, codec, node_id, Role::Core, *b);
-                if sock.send_to(&p, b).is_ok() {
-                    counters.tx.fetch_add(1, Ordering::Relaxed);
+                let mut ps = vec![join_request(cfg, codec, node_id, Role::Core, *b)];
+                // Only once our own suite went unanswered: a healthy join
+                // should not draw answers we then count as wrong_cipher.
+                if round > 0 {
+                    ps.extend(others.requests(cfg, node_id, Role::Core, *b));
+                }
+                for p in ps {
+                    if sock.send_to(&p, b).is_ok() {
+                        counters.tx.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
+            round += 1;
             next_send = now + JOIN_RETRY;
         }
         let w = next_send
@@ -607,6 +707,7 @@ fn join_udp(
             Err(e) => return Err(e).context("receiving on the control socket"),
         };
         counters.rx.fetch_add(1, Ordering::Relaxed);
+        let copy = buf[..len].to_vec();
         match codec.open(&mut buf[..len], unix_ms()) {
             Ok((_, msg)) => {
                 if let Some(r) = parse_reply(msg) {
@@ -615,8 +716,9 @@ fn join_udp(
             }
             Err(d) => {
                 count_drop(counters, d);
-                if d == ControlDrop::BadTag {
-                    bad_tag += 1;
+                refused.note(d);
+                if d == ControlDrop::WrongCipher {
+                    others.check(cfg, &copy, from)?;
                 }
             }
         }
@@ -633,7 +735,9 @@ fn join_tcp(
     wait: Duration,
 ) -> anyhow::Result<(Reply, SocketAddr)> {
     let deadline = Instant::now() + wait;
-    let mut bad_tag = 0;
+    let mut refused = Refusals::default();
+    let mut others = OtherSuites::new(cfg);
+    let mut round = 0u32;
     while Instant::now() < deadline {
         for b in &cfg.bootstrap {
             if stop.load(Ordering::Relaxed) {
@@ -647,13 +751,19 @@ fn join_tcp(
                 continue;
             };
             let _ = s.set_nodelay(true);
-            let p = join_request(cfg, codec, node_id, Role::Edge, *b);
-            let mut frame = framing::prefix(p.len()).to_vec();
-            frame.extend_from_slice(&p);
+            let mut ps = vec![join_request(cfg, codec, node_id, Role::Edge, *b)];
+            if round > 0 {
+                ps.extend(others.requests(cfg, node_id, Role::Edge, *b));
+            }
+            let mut frame = Vec::new();
+            for p in &ps {
+                frame.extend_from_slice(&framing::prefix(p.len()));
+                frame.extend_from_slice(p);
+            }
             if s.write_all(&frame).is_err() {
                 continue;
             }
-            counters.tx.fetch_add(1, Ordering::Relaxed);
+            counters.tx.fetch_add(ps.len() as u64, Ordering::Relaxed);
             let mut dec = FrameDecoder::new(0);
             let until = Instant::now() + Duration::from_secs(2).min(left);
             'read: while Instant::now() < until {
@@ -671,6 +781,7 @@ fn join_tcp(
                 while let Some(f) = dec.next_frame() {
                     let Ok(f) = f else { break 'read };
                     counters.rx.fetch_add(1, Ordering::Relaxed);
+                    let copy = f.to_vec();
                     match codec.open(f, unix_ms()) {
                         Ok((_, msg)) => {
                             if let Some(r) = parse_reply(msg) {
@@ -679,22 +790,25 @@ fn join_tcp(
                         }
                         Err(d) => {
                             count_drop(counters, d);
-                            if d == ControlDrop::BadTag {
-                                bad_tag += 1;
+                            refused.note(d);
+                            if d == ControlDrop::WrongCipher {
+                                others.check(cfg, &copy, *b)?;
                             }
                         }
                     }
                 }
             }
         }
+        round += 1;
         std::thread::sleep(JOIN_RETRY);
     }
-    Err(join_error(cfg, bad_tag, "TCP", wait))
+    Err(join_error(cfg, &refused, "TCP", wait))
 }
 
 fn count_drop(c: &ControlCounters, d: ControlDrop) {
     let f = match d {
         ControlDrop::BadTag => &c.bad_tag,
+        ControlDrop::WrongCipher => &c.wrong_cipher,
         ControlDrop::Stale => &c.stale,
         ControlDrop::Replay => &c.replay,
         ControlDrop::Malformed | ControlDrop::Undecodable => &c.malformed,
@@ -1339,11 +1453,7 @@ impl Control<'_> {
             mtu: self.cfg.mtu,
             cores: self.cfg.cores.clone().unwrap_or_default(),
             io: if self.use_uring { "uring" } else { "poll" }.to_string(),
-            cipher: match self.cfg.cipher {
-                CipherArg::Blowfish => "blowfish",
-                CipherArg::Chacha20Poly1305 => "chacha20-poly1305",
-            }
-            .to_string(),
+            cipher: cipher_name(self.cfg.cipher).to_string(),
             offload: self.offloads,
             key_fingerprint: self.secret.fingerprint(),
             primary,
@@ -1361,5 +1471,12 @@ impl Control<'_> {
                 })
                 .collect(),
         }
+    }
+}
+
+fn cipher_name(c: CipherArg) -> &'static str {
+    match c {
+        CipherArg::Blowfish => "blowfish",
+        CipherArg::Chacha20Poly1305 => "chacha20-poly1305",
     }
 }

@@ -74,6 +74,9 @@ pub struct ControlCounters {
     pub rx: AtomicU64,
     pub tx: AtomicU64,
     pub bad_tag: AtomicU64,
+    /// Sealed with the other cipher suite: a member started with another
+    /// `--cipher`.
+    pub wrong_cipher: AtomicU64,
     pub stale: AtomicU64,
     pub replay: AtomicU64,
     pub malformed: AtomicU64,
@@ -119,7 +122,8 @@ pub fn snapshot(s: &StatusShared) -> Value {
         }).collect::<Vec<_>>(),
         "control": {
             "rx": c.rx.load(r), "tx": c.tx.load(r),
-            "bad_tag": c.bad_tag.load(r), "stale": c.stale.load(r),
+            "bad_tag": c.bad_tag.load(r), "wrong_cipher": c.wrong_cipher.load(r),
+            "stale": c.stale.load(r),
             "replay": c.replay.load(r), "malformed": c.malformed.load(r),
             "joins_answered": c.joins_answered.load(r),
         },

@@ -855,14 +855,29 @@ fn dataplane_variant(tag: &str, extra: &[&str], offload: bool) {
         let c2 = lab.add_host("cn2")?;
         let e1 = lab.add_host("en1")?;
         lab.block_udp(e1)?;
-        let with = |s: NodeSpec| s.extra(["--cores", "0-1"]).extra(extra.iter().copied());
+        let cores: &[&str] = if extra.contains(&"--cores") {
+            &[]
+        } else {
+            &["--cores", "0-1"]
+        };
+        let with = |s: NodeSpec| s.extra(cores.iter().copied()).extra(extra.iter().copied());
         let cn1 = start(lab, c1, with(spec(&key, ip(10), None)), false)?;
         let cn2 = start(lab, c2, with(spec(&key, ip(20), Some(&cn1.node))), false)?;
         let en1 = start(lab, e1, with(spec(&key, ip(15), Some(&cn2.node))), true)?;
         let all = [&cn1, &cn2, &en1];
         let nodes: Vec<&Node> = all.iter().map(|m| &m.node).collect();
         let sts = lab.wait_converged(&nodes, 3, CONVERGE)?;
+        let cipher = if extra.contains(&"chacha20-poly1305") {
+            "chacha20-poly1305"
+        } else {
+            "blowfish"
+        };
         for st in &sts {
+            ensure!(
+                st["cipher"] == cipher,
+                "status cipher is not {cipher}: {}",
+                st["cipher"]
+            );
             ensure!(
                 st["offload"]["tun"] == offload,
                 "status offload.tun is not {offload}: {}",
@@ -913,6 +928,7 @@ fn dataplane_variant(tag: &str, extra: &[&str], offload: bool) {
             let st = lab.status(&m.node)?;
             for bad in [
                 "bad_tag",
+                "wrong_cipher",
                 "replay",
                 "malformed",
                 "inner_mismatch",
@@ -945,4 +961,26 @@ fn offload_dataplane_two_cores() {
 #[test]
 fn plain_dataplane_two_cores() {
     dataplane_variant("offload_off", &["--no-offload"], false);
+}
+
+#[test]
+fn chacha_dataplane_two_cores() {
+    dataplane_variant("chacha", &["--cipher", "chacha20-poly1305"], true);
+}
+
+#[test]
+fn chacha_plain_dataplane_one_core() {
+    // The other corner: the modern suite without offloads, on one core
+    // (no cross-core handoff), so each cipher meets each I/O path.
+    dataplane_variant(
+        "chacha_plain",
+        &[
+            "--cipher",
+            "chacha20-poly1305",
+            "--no-offload",
+            "--cores",
+            "0",
+        ],
+        false,
+    );
 }

@@ -14,7 +14,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use ela_dataplane::crypto::{epoch_of, wire_epoch, GroupSecret, PacketKeys};
+use ela_dataplane::crypto::{epoch_of, wire_epoch, GroupSecret, PacketKeys, Suite};
 use ela_dataplane::wire::{Header, PacketType, HEADER_LEN, TAG_LEN};
 use ela_fast::netns::{self, HostId, Lab, Node, NodeSpec, PingOpts};
 use rand::Rng;
@@ -514,6 +514,80 @@ fn stderr_lines(o: &Output) -> Vec<String> {
         .filter(|l| !l.trim().is_empty())
         .map(str::to_string)
         .collect()
+}
+
+/// Same group key, other `--cipher`: the node is refused with an error that
+/// names the cipher (not "wrong key"), and data sealed under the other suite
+/// is counted as `wrong_cipher`, never delivered.
+#[test]
+fn wrong_cipher_cannot_join_or_deliver() {
+    lab_test("wrong_cipher", |lab| {
+        let h = add_hosts(lab, 3)?;
+        let key = lab.keygen("group")?;
+        let (n1, _) = lab.start_node(h[0], &NodeSpec::new(&key).addr(ip(1)))?;
+        let (n2, _) =
+            lab.start_node(h[1], &NodeSpec::new(&key).addr(ip(2)).bootstrap(n1.listen))?;
+        let sts = lab.wait_converged(&[&n1, &n2], 2, CONVERGE)?;
+        ensure!(
+            sts[0]["cipher"] == "blowfish",
+            "default cipher: {}",
+            sts[0]["cipher"]
+        );
+        let (a1, a2) = (netns::self_addr(&sts[0])?, netns::self_addr(&sts[1])?);
+        let id2 = parse_node_id(&netns::self_node_id(&sts[1])?)?;
+
+        let before = lab.status(&n1)?;
+        let other = lab.spawn_node(
+            h[2],
+            &NodeSpec::new(&key).addr(ip(9)).bootstrap(n1.listen).extra([
+                "--join-timeout",
+                "4",
+                "--cipher",
+                "chacha20-poly1305",
+            ]),
+        )?;
+        let st = lab
+            .wait_exit(other.pid, Duration::from_secs(12))
+            .ok_or_else(|| anyhow!("the other-cipher node still runs 12 s after start"))?;
+        ensure!(!st.success(), "the other-cipher node exited 0");
+        let log = fs::read_to_string(&other.log)?;
+        ensure!(
+            log.lines()
+                .any(|l| l.trim_start().starts_with("error:")
+                    && l.contains("uses --cipher blowfish")),
+            "the other-cipher node did not say the cipher differs:\n{log}"
+        );
+        let after = lab.status(&n1)?;
+        ensure!(
+            netns::counter(&after, "control.wrong_cipher")
+                > netns::counter(&before, "control.wrong_cipher"),
+            "node1's control.wrong_cipher did not rise: {} -> {}",
+            before["control"],
+            after["control"]
+        );
+        ensure!(
+            netns::counter(&after, "control.bad_tag") == netns::counter(&before, "control.bad_tag"),
+            "a cipher mismatch was counted as a bad tag: {}",
+            after["control"]
+        );
+
+        // Data under the right key but the other suite, claiming node2.
+        let chacha = GroupSecret::load(&key)?.with_suite(Suite::ChaCha20Poly1305);
+        let pkts: Vec<Vec<u8>> = (0..100)
+            .map(|i| sealed(&chacha, id2, a2, a1, 20_000 + i))
+            .collect();
+        let w0 = netns::counter(&after, "drops.wrong_cipher");
+        send_from(lab, h[2], n1.listen, &pkts)?;
+        let st = wait_status(lab, &n1, "drops.wrong_cipher did not rise by 100", |st| {
+            netns::counter(st, "drops.wrong_cipher") >= w0 + 100
+        })?;
+        ensure!(
+            netns::counter(&st, "packets.tun_tx") == netns::counter(&after, "packets.tun_tx"),
+            "node1 delivered packets of the other suite: {}",
+            st["packets"]
+        );
+        Ok(())
+    });
 }
 
 #[test]

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use ela_control::router::LinkId;
 use ela_control::{NextHop, RouteTable};
 
-use crate::crypto::{self, GroupSecret, PacketKeys};
+use crate::crypto::{self, CryptoError, GroupSecret, PacketKeys};
 use crate::replay::ReplayWindow;
 use crate::stats::{Counters, DropReason};
 use crate::wire::{self, Header, PacketType, HEADER_LEN, HOPS_OFFSET, MAX_HOPS, TAG_LEN};
@@ -281,8 +281,8 @@ impl Forwarder {
             self.counters.drop(DropReason::RekeyLimited);
             return Out::drop();
         };
-        if keys.verify(pkt).is_err() {
-            self.counters.drop(DropReason::BadTag);
+        if let Err(e) = keys.verify(pkt) {
+            self.counters.drop(auth_drop(e));
             return Out::drop();
         }
         self.promote(hdr.src, crypto::epoch_of(hdr.counter));
@@ -311,8 +311,8 @@ impl Forwarder {
         };
         let range = match keys.open(pkt) {
             Ok(r) => r,
-            Err(_) => {
-                self.counters.drop(DropReason::BadTag);
+            Err(e) => {
+                self.counters.drop(auth_drop(e));
                 return Out::drop();
             }
         };
@@ -427,6 +427,15 @@ impl Forwarder {
     }
 }
 
+/// A packet sealed under the other suite says "misconfigured member", not
+/// "forgery": operators need to tell the two apart.
+fn auth_drop(e: CryptoError) -> DropReason {
+    match e {
+        CryptoError::WrongSuite => DropReason::WrongCipher,
+        _ => DropReason::BadTag,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -512,6 +521,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(feature = "null-cipher", ignore = "the null cipher accepts forgeries")]
     fn end_to_end_delivers_and_rejects_replay() {
         let s = secret(7);
         let mut a = node(&s, A, 11);
@@ -533,6 +543,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(feature = "null-cipher", ignore = "the null cipher accepts forgeries")]
     fn wrong_group_key_never_delivers() {
         let mut a = node(&secret(1), A, 11);
         let mut b = node(&secret(2), B, 22);
@@ -546,6 +557,36 @@ mod tests {
     }
 
     #[test]
+    fn each_suite_delivers_and_a_mismatch_is_counted_as_wrong_cipher() {
+        use crate::crypto::Suite;
+        let with = |suite| Arc::new(GroupSecret::from_bytes([9; 32]).with_suite(suite));
+        for suite in [Suite::Blowfish, Suite::ChaCha20Poly1305] {
+            let mut a = node(&with(suite), A, 11);
+            let mut b = node(&with(suite), B, 22);
+            let ip = icmp(A, B, b"same suite");
+            let (_, wire) = send(&mut a, &ip);
+            let (out, plain) = recv(&mut b, &wire);
+            assert_eq!(out.verdict, Verdict::Tun, "{suite:?}");
+            assert_eq!(plain, ip);
+        }
+        // Same group key, other suite: dropped at the receiver and at a
+        // relay, and counted apart from forgeries.
+        let mut a = node(&with(Suite::ChaCha20Poly1305), A, 11);
+        let mut b = node(&with(Suite::Blowfish), B, 22);
+        let mut c = node(&with(Suite::Blowfish), C, 33);
+        let (_, wire) = send(&mut a, &icmp(A, B, b"other suite"));
+        let (out, _) = recv(&mut b, &wire);
+        assert_eq!(out.verdict, Verdict::Drop);
+        let (out, _) = recv(&mut c, &wire);
+        assert_eq!(out.verdict, Verdict::Drop);
+        for n in [&b, &c] {
+            assert_eq!(n.fwd.counters.drops[DropReason::WrongCipher as usize], 1);
+            assert_eq!(n.fwd.counters.drops[DropReason::BadTag as usize], 0);
+        }
+    }
+
+    #[test]
+    #[cfg_attr(feature = "null-cipher", ignore = "the null cipher accepts forgeries")]
     fn wrong_session_id_never_delivers() {
         let s = secret(3);
         // Same key, same address, but a session the receiver does not know.
@@ -729,6 +770,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(feature = "null-cipher", ignore = "the null cipher accepts forgeries")]
     fn forged_epochs_are_rate_limited() {
         let s = secret(10);
         let mut b = node(&s, B, 22);

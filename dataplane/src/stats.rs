@@ -15,11 +15,13 @@ use hdrhistogram::Histogram;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(usize)]
 pub enum DropReason {
-    /// Shorter than a header + tag, bad version/type/reserved, or an epoch
+    /// Shorter than a header + tag, bad version/type/suite, or an epoch
     /// that does not match the counter.
     Malformed,
     /// Authentication failed: wrong group key, forged or corrupted.
     BadTag,
+    /// Sealed with another cipher suite: a member runs another `--cipher`.
+    WrongCipher,
     /// Counter already seen or behind the replay window.
     Replay,
     /// Sender overlay address is not a member (or its session is unknown).
@@ -51,10 +53,11 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 16;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
         DropReason::BadTag,
+        DropReason::WrongCipher,
         DropReason::Replay,
         DropReason::UnknownSender,
         DropReason::NoRoute,
@@ -74,6 +77,7 @@ impl DropReason {
         match self {
             DropReason::Malformed => "malformed",
             DropReason::BadTag => "bad_tag",
+            DropReason::WrongCipher => "wrong_cipher",
             DropReason::Replay => "replay",
             DropReason::UnknownSender => "unknown_sender",
             DropReason::NoRoute => "no_route",
