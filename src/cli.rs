@@ -217,6 +217,11 @@ pub struct RunArgs {
     /// kernel offers them.
     #[arg(long)]
     pub no_offload: bool,
+    /// Use armed single reads instead of one multishot read per fd over
+    /// provided-buffer rings (io_uring dataplane; for kernels where
+    /// multishot misbehaves).
+    #[arg(long)]
+    pub no_multishot: bool,
 }
 
 pub fn default_control_path(iface: &str) -> PathBuf {

@@ -65,6 +65,8 @@ pub struct NodeConfig {
     pub cipher: CipherArg,
     /// TUN TSO/USO and UDP GSO/GRO, where the kernel's probe allows them.
     pub offload: bool,
+    /// Multishot reads over buffer rings where the kernel has them.
+    pub multishot: bool,
 }
 
 impl NodeConfig {
@@ -130,6 +132,7 @@ impl NodeConfig {
             io: a.io,
             cipher: a.cipher,
             offload: !a.no_offload,
+            multishot: !a.no_multishot,
         })
     }
 
@@ -213,6 +216,7 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         udp_gso: group.gso,
         udp_gro: group.gro,
     };
+    let multishot = use_uring && cfg.multishot && uring::multishot_supported();
     let node_id: u64 = rand::thread_rng().gen();
     let started_ms = unix_ms();
     let secret = cfg.secret.clone();
@@ -224,7 +228,7 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let listener = if role == Role::Core { listener } else { None };
 
     npd.configure(joined.addr, cfg.net.prefix_len())?;
-    info!(iface = %cfg.iface, addr = %joined.addr, net = %cfg.net, mtu = cfg.mtu, queues = n, %role, io = if use_uring { "io_uring" } else { "poll" }, offload = %offloads, "NPD up");
+    info!(iface = %cfg.iface, addr = %joined.addr, net = %cfg.net, mtu = cfg.mtu, queues = n, %role, io = if use_uring { "io_uring" } else { "poll" }, multishot, offload = %offloads, "NPD up");
 
     let identity = NodeIdentity::new(node_id, joined.addr, joined.underlay, role, started_ms);
     let mut members = Membership::new(identity, membership::swim_config(8), rand::random());
@@ -246,6 +250,7 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     for i in 0..n {
         let core_cfg = CoreConfig {
             index: i,
+            multishot,
             offload: npd.offload().then_some(OffloadConfig {
                 gso: group.gso,
                 gro: group.gro,
@@ -321,6 +326,7 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         next_keepalive: Instant::now(),
         fresh_attachments: BTreeMap::new(),
         use_uring,
+        multishot,
         offloads,
     };
     if let Some(e) = ctl.edge.as_mut() {
@@ -873,6 +879,7 @@ struct Control<'a> {
     /// (EN → CN) heard from CNs ENs just attached to; see `EdgeAttached`.
     fresh_attachments: BTreeMap<Ipv4Addr, (Ipv4Addr, Instant)>,
     use_uring: bool,
+    multishot: bool,
     offloads: Offloads,
 }
 
@@ -1453,6 +1460,7 @@ impl Control<'_> {
             mtu: self.cfg.mtu,
             cores: self.cfg.cores.clone().unwrap_or_default(),
             io: if self.use_uring { "uring" } else { "poll" }.to_string(),
+            multishot: self.multishot,
             cipher: cipher_name(self.cfg.cipher).to_string(),
             offload: self.offloads,
             key_fingerprint: self.secret.fingerprint(),

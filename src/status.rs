@@ -47,6 +47,9 @@ pub struct NodeInfo {
     pub cores: Vec<usize>,
     /// Dataplane I/O in use: "uring" or "poll".
     pub io: String,
+    /// io_uring: one multishot read per fd over buffer rings (else armed
+    /// single reads).
+    pub multishot: bool,
     /// Packet cipher: "blowfish" or "chacha20-poly1305".
     pub cipher: String,
     /// Kernel offloads in use.
@@ -259,9 +262,14 @@ pub fn format_table(v: &Value) -> String {
         })
         .collect();
     out.push_str(&format!(
-        "cipher {}  io {}  offload {}\n\n",
+        "cipher {}  io {}{}  offload {}\n\n",
         s("cipher"),
         s("io"),
+        if v.get("multishot").and_then(|x| x.as_bool()) == Some(true) {
+            " (multishot)"
+        } else {
+            ""
+        },
         if offloads.is_empty() {
             "none".to_string()
         } else {

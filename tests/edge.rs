@@ -872,11 +872,18 @@ fn dataplane_variant(tag: &str, extra: &[&str], offload: bool) {
         } else {
             "blowfish"
         };
+        // Every kernel CI runs on (6.7+) has multishot reads.
+        let multishot = !extra.contains(&"--no-multishot");
         for st in &sts {
             ensure!(
                 st["cipher"] == cipher,
                 "status cipher is not {cipher}: {}",
                 st["cipher"]
+            );
+            ensure!(
+                st["multishot"] == multishot,
+                "status multishot is not {multishot}: {}",
+                st["multishot"]
             );
             ensure!(
                 st["offload"]["tun"] == offload,
@@ -971,13 +978,15 @@ fn chacha_dataplane_two_cores() {
 #[test]
 fn chacha_plain_dataplane_one_core() {
     // The other corner: the modern suite without offloads, on one core
-    // (no cross-core handoff), so each cipher meets each I/O path.
+    // (no cross-core handoff), with armed single reads instead of
+    // multishot, so each cipher meets each I/O path.
     dataplane_variant(
         "chacha_plain",
         &[
             "--cipher",
             "chacha20-poly1305",
             "--no-offload",
+            "--no-multishot",
             "--cores",
             "0",
         ],

@@ -1,6 +1,7 @@
 //! Everything that owns a file descriptor: the NPD (TUN), the UDP sockets
 //! and the per-core io_uring loop. The rest of the dataplane is pure.
 
+mod bufring;
 pub mod poll;
 pub mod tun;
 pub mod udp;

@@ -6,9 +6,12 @@
 //! Loop: wait for ≥ 1 completion → load the route table → drain every
 //! completion (TUN reads → encrypt → UDP sends or link frames; UDP
 //! receives and link frames → decrypt → TUN writes, or relay) → re-arm
-//! reads → publish counters → one submit. Many reads stay armed on each
-//! fd, so one `io_uring_enter` moves a whole batch each way (the io_uring
-//! analogue of recvmmsg/sendmmsg).
+//! reads → publish counters → one submit. One multishot read (TUN) and
+//! one multishot receive (UDP) stay armed, fed from provided-buffer rings
+//! (see [`super::bufring`]), so one `io_uring_enter` moves a whole batch
+//! each way (the io_uring analogue of recvmmsg/sendmmsg) with one waiter
+//! per fd. Kernels without them (or `--no-multishot`) get many armed
+//! single reads instead.
 //!
 //! With offload (a TUN with virtio-net headers, UDP GSO/GRO), one TUN
 //! read is a TCP super-packet of up to 64 KiB: it is split into MTU-sized
@@ -45,6 +48,7 @@ use io_uring::{opcode, types, IoUring};
 use ela_control::router::LinkId;
 use ela_control::RouteTable;
 
+use super::bufring::BufRing;
 use super::IoError;
 use crate::crypto::{GroupSecret, MAX_PAYLOAD};
 use crate::forwarder::{Forwarder, Verdict};
@@ -267,6 +271,9 @@ pub struct OffloadConfig {
 
 pub struct CoreConfig {
     pub index: usize,
+    /// Use one multishot read/receive per fd over provided-buffer rings
+    /// (falls back to armed single reads when the kernel lacks them).
+    pub multishot: bool,
     /// `Some` when the TUN queue has virtio-net headers.
     pub offload: Option<OffloadConfig>,
     pub tun_fd: RawFd,
@@ -365,8 +372,24 @@ struct Link {
     closing: bool,
 }
 
+/// Multishot mode: one armed request per fd, fed from a buffer ring.
+struct Multishot {
+    tun: BufRing,
+    udp: BufRing,
+    /// The receive template: no name (the header authenticates the
+    /// sender), room for a UDP_GRO control message. The kernel lays each
+    /// buffer out as `io_uring_recvmsg_out` ‖ control ‖ payload.
+    msg: libc::msghdr,
+}
+
+const BGID_TUN: u16 = 0;
+const BGID_UDP: u16 = 1;
+/// `struct io_uring_recvmsg_out`: namelen, controllen, payloadlen, flags.
+const RECVMSG_OUT_LEN: usize = 16;
+
 struct Core {
     ring: IoUring,
+    ms: Option<Box<Multishot>>,
     cfg: CoreConfig,
     slots: Box<[Slot]>,
     bufs: Box<[u8]>,
@@ -431,6 +454,47 @@ pub fn probe() -> Result<(), IoError> {
     Ok(())
 }
 
+/// Whether this kernel has what multishot mode needs (buffer rings,
+/// `IORING_OP_READ_MULTISHOT`: Linux 6.7+); the node reports it.
+pub fn multishot_supported() -> bool {
+    let Ok(ring) = IoUring::new(8) else {
+        return false;
+    };
+    let mut p = io_uring::Probe::new();
+    if ring.submitter().register_probe(&mut p).is_err() || !p.is_supported(opcode::ReadMulti::CODE)
+    {
+        return false;
+    }
+    BufRing::register(&ring, 8, 0).is_ok()
+}
+
+fn setup_multishot(ring: &IoUring, offload: bool, core: usize) -> Option<Box<Multishot>> {
+    let mut p = io_uring::Probe::new();
+    if ring.submitter().register_probe(&mut p).is_err() || !p.is_supported(opcode::ReadMulti::CODE)
+    {
+        tracing::info!(core, "no multishot read in this kernel: armed single reads");
+        return None;
+    }
+    let (tun, udp) = if offload {
+        (OFFLOAD_TUN_READS, OFFLOAD_UDP_RECVS)
+    } else {
+        (TUN_READS, UDP_RECVS)
+    };
+    let rings = BufRing::register(ring, tun as u16, BGID_TUN)
+        .and_then(|t| Ok((t, BufRing::register(ring, udp as u16, BGID_UDP)?)));
+    let (tun, udp) = match rings {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(core, "no buffer rings ({e}): armed single reads");
+            return None;
+        }
+    };
+    // SAFETY: all-zero is a valid msghdr.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_controllen = if offload { CMSG_ROOM } else { 0 };
+    Some(Box::new(Multishot { tun, udp, msg }))
+}
+
 /// Runs a core until it receives `Command::Stop`. Call on the core's own
 /// (pinned) thread.
 pub fn run(cfg: CoreConfig) -> Result<(), IoError> {
@@ -451,8 +515,14 @@ pub fn run(cfg: CoreConfig) -> Result<(), IoError> {
         BUF_SIZE
     };
     let off = cfg.offload.clone().map(|o| Box::new(Offload::new(o)));
+    let ms = if cfg.multishot {
+        setup_multishot(&ring, cfg.offload.is_some(), cfg.index)
+    } else {
+        None
+    };
     let mut core = Core {
         ring,
+        ms,
         slots,
         bufs: vec![0u8; SLOTS * slot_size].into_boxed_slice(),
         slot_size,
@@ -476,6 +546,7 @@ pub fn run(cfg: CoreConfig) -> Result<(), IoError> {
     std::mem::forget(std::mem::take(&mut core.bufs));
     std::mem::forget(std::mem::replace(&mut core.slots, Box::new([])));
     std::mem::forget(std::mem::replace(&mut core.wake_buf, Box::new(0)));
+    std::mem::forget(core.ms.take());
     for l in core.links.iter_mut().filter_map(|l| l.take()) {
         std::mem::forget(l.decoder);
         std::mem::forget(l.iovs);
@@ -516,6 +587,10 @@ impl Core {
     }
 
     fn arm_reads(&mut self) {
+        if self.ms.is_some() {
+            self.arm_multishot();
+            return;
+        }
         let offload = self.off.is_some();
         let (tun_reads, udp_recvs) = if offload {
             (OFFLOAD_TUN_READS, OFFLOAD_UDP_RECVS)
@@ -568,6 +643,48 @@ impl Core {
                 .user_data(ud(OP_UDP_RECV, slot));
             self.push(e);
             self.udp_armed += 1;
+        }
+    }
+
+    /// Tops both buffer rings up from the free slots and (re-)arms a
+    /// multishot request on any fd whose request ended.
+    fn arm_multishot(&mut self) {
+        let offload = self.off.is_some();
+        // As in arm_reads: plain TUN packets land after the header room.
+        let (tun_at, tun_len) = if offload {
+            (0, OFFLOAD_SLOT)
+        } else {
+            (HEADER_LEN, BUF_SIZE - OVERHEAD - 64)
+        };
+        let size = self.slot_size;
+        let bufs = self.bufs.as_mut_ptr();
+        let Some(ms) = self.ms.as_mut() else { return };
+        for (ring, at, len) in [(&mut ms.tun, tun_at, tun_len), (&mut ms.udp, 0, size)] {
+            let before = ring.held();
+            while ring.held() < ring.capacity() {
+                let Some(slot) = self.free.pop() else { break };
+                // SAFETY: slot < SLOTS and at + len <= slot_size.
+                let p = unsafe { bufs.add(slot as usize * size + at) };
+                ring.provide(slot, p, len as u32);
+            }
+            if ring.held() != before {
+                ring.publish();
+            }
+        }
+        if self.tun_armed == 0 && ms.tun.held() > 0 {
+            let e = opcode::ReadMulti::new(types::Fd(self.cfg.tun_fd), 0, BGID_TUN)
+                .build()
+                .user_data(ud(OP_TUN_READ, 0));
+            self.tun_armed = 1;
+            self.push(e);
+        }
+        let Some(ms) = self.ms.as_mut() else { return };
+        if self.udp_armed == 0 && ms.udp.held() > 0 {
+            let e = opcode::RecvMsgMulti::new(types::Fd(self.cfg.udp_fd), &ms.msg, BGID_UDP)
+                .build()
+                .user_data(ud(OP_UDP_RECV, 0));
+            self.udp_armed = 1;
+            self.push(e);
         }
     }
 
@@ -852,7 +969,7 @@ impl Core {
     fn run(&mut self) -> Result<(), IoError> {
         self.arm_wake();
         self.arm_reads();
-        let mut batch = [(0u64, 0i32); MAX_BATCH];
+        let mut batch = [(0u64, 0i32, 0u32); MAX_BATCH];
         loop {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
@@ -871,7 +988,7 @@ impl Core {
             loop {
                 let mut n = 0;
                 for cqe in self.ring.completion() {
-                    batch[n] = (cqe.user_data(), cqe.result());
+                    batch[n] = (cqe.user_data(), cqe.result(), cqe.flags());
                     n += 1;
                     if n == MAX_BATCH {
                         break;
@@ -880,17 +997,25 @@ impl Core {
                 if n == 0 {
                     break;
                 }
-                for &(user_data, res) in &batch[..n] {
+                for &(user_data, res, flags) in &batch[..n] {
                     let op = user_data >> 32;
                     let idx = (user_data & 0xffff_ffff) as usize;
                     match op {
                         OP_TUN_READ => {
-                            self.tun_armed -= 1;
-                            self.on_tun_read(&routes, idx, res);
+                            let Some(slot) = self.multishot_cqe(true, res, flags, idx) else {
+                                continue;
+                            };
+                            self.on_tun_read(&routes, slot, res);
                         }
                         OP_UDP_RECV => {
-                            self.udp_armed -= 1;
-                            self.on_udp_recv(now, &routes, idx, res);
+                            let Some(slot) = self.multishot_cqe(false, res, flags, idx) else {
+                                continue;
+                            };
+                            if self.ms.is_some() {
+                                self.on_udp_recv_multishot(now, &routes, slot, res);
+                            } else {
+                                self.on_udp_recv(now, &routes, slot, res);
+                            }
                         }
                         OP_UDP_SEND => {
                             if res < 0 {
@@ -931,6 +1056,36 @@ impl Core {
             }
             self.publish();
         }
+    }
+
+    /// Bookkeeping of a TUN read / UDP receive completion: which slot it
+    /// filled, if any. In multishot mode the slot is the CQE's buffer id,
+    /// and a completion without `F_MORE` means the request ended (ENOBUFS
+    /// when the ring ran dry, or an error) and must be armed again.
+    fn multishot_cqe(&mut self, tun: bool, res: i32, flags: u32, idx: usize) -> Option<usize> {
+        let armed = if tun {
+            &mut self.tun_armed
+        } else {
+            &mut self.udp_armed
+        };
+        let Some(ms) = self.ms.as_mut() else {
+            *armed -= 1;
+            return Some(idx);
+        };
+        if !io_uring::cqueue::more(flags) {
+            *armed = 0;
+        }
+        let bid = io_uring::cqueue::buffer_select(flags)?;
+        if tun {
+            ms.tun.returned();
+        } else {
+            ms.udp.returned();
+        }
+        if res < 0 {
+            self.free.push(bid);
+            return None;
+        }
+        Some(bid as usize)
     }
 
     fn publish(&mut self) {
@@ -1232,16 +1387,62 @@ impl Core {
         } else {
             n
         };
+        self.on_datagram(now, routes, slot, 0, n, seg);
+    }
+
+    /// A multishot receive filled `res` bytes of `slot`:
+    /// `io_uring_recvmsg_out` ‖ control ‖ payload.
+    fn on_udp_recv_multishot(&mut self, now: Instant, routes: &RouteTable, slot: usize, res: i32) {
+        let Some(ms) = self.ms.as_ref() else { return };
+        let base = slot * self.slot_size;
+        let filled = &self.bufs[base..base + (res as usize).min(self.slot_size)];
+        let Ok(out) = types::RecvMsgOut::parse(filled, &ms.msg) else {
+            self.fwd.counters.udp_rx += 1;
+            self.fwd.counters.drop(DropReason::Malformed);
+            self.free.push(slot as u16);
+            return;
+        };
+        if out.is_payload_truncated() {
+            // Larger than a slot: cannot be one of ours.
+            self.fwd.counters.udp_rx += 1;
+            self.fwd.counters.drop(DropReason::TooBig);
+            self.free.push(slot as u16);
+            return;
+        }
+        let n = out.payload_data().len();
+        let seg = gro_segment_from_control(out.control_data()).unwrap_or(n);
+        let at = RECVMSG_OUT_LEN + ms.msg.msg_namelen as usize + ms.msg.msg_controllen;
+        if n == 0 {
+            self.free.push(slot as u16);
+            return;
+        }
+        self.on_datagram(now, routes, slot, at, n, seg);
+    }
+
+    /// A received datagram at `slot[at..at + n]`, a GRO super-datagram of
+    /// `seg`-byte segments when `seg < n`.
+    fn on_datagram(
+        &mut self,
+        now: Instant,
+        routes: &RouteTable,
+        slot: usize,
+        at: usize,
+        n: usize,
+        seg: usize,
+    ) {
         if seg >= n {
-            self.dispatch_inbound(now, routes, slot, n);
+            if !self.inbound(now, routes, slot, at, n, true) {
+                self.free.push(slot as u16);
+            }
             return;
         }
         // A GRO super-datagram: every segment but the last is `seg` bytes.
         // Each is opened in place, then handled like a lone datagram; the
         // slot is freed once all are done (handlers copy what they keep).
-        let mut at = 0;
-        while at < n {
-            let len = seg.min(n - at);
+        let end = at + n;
+        let mut at = at;
+        while at < end {
+            let len = seg.min(end - at);
             self.inbound(now, routes, slot, at, len, false);
             at += len;
         }
@@ -1360,6 +1561,30 @@ fn hand_off(cfg: &CoreConfig, counters: &mut Counters, pkt: &[u8]) -> bool {
     true
 }
 
+/// The segment size of a UDP GRO receive, from the control bytes a
+/// multishot receive laid out (`cmsghdr` records, as the kernel writes
+/// them; parsed by hand because there is no msghdr to walk).
+fn gro_segment_from_control(mut c: &[u8]) -> Option<usize> {
+    const HDR: usize = std::mem::size_of::<libc::cmsghdr>();
+    const ALIGN: usize = std::mem::size_of::<usize>();
+    while c.len() >= HDR {
+        // SAFETY: HDR bytes are there; read_unaligned copes with any
+        // alignment of the slice.
+        let h: libc::cmsghdr = unsafe { std::ptr::read_unaligned(c.as_ptr() as *const _) };
+        let len = h.cmsg_len as usize;
+        if len < HDR || len > c.len() {
+            return None;
+        }
+        if h.cmsg_level == libc::SOL_UDP && h.cmsg_type == libc::UDP_GRO && len >= HDR + 4 {
+            let v = i32::from_ne_bytes(c[HDR..HDR + 4].try_into().expect("4 bytes"));
+            return (v > 0).then_some(v as usize);
+        }
+        let step = (len + ALIGN - 1) & !(ALIGN - 1);
+        c = &c[step.min(c.len())..];
+    }
+    None
+}
+
 /// The segment size of a UDP GRO receive, from its control message.
 fn gro_segment_size(msg: &libc::msghdr) -> Option<usize> {
     // SAFETY: the kernel filled msg_control/msg_controllen; CMSG_* walk
@@ -1444,5 +1669,53 @@ pub(super) fn write_sockaddr(
             sin6.sin6_scope_id = a.scope_id();
             std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Control bytes as the kernel lays them out: `cmsghdr` ‖ data,
+    /// padded to the word size.
+    fn cmsg(level: i32, ty: i32, data: &[u8]) -> Vec<u8> {
+        const HDR: usize = std::mem::size_of::<libc::cmsghdr>();
+        // SAFETY: all-zero is a valid cmsghdr.
+        let mut h: libc::cmsghdr = unsafe { std::mem::zeroed() };
+        h.cmsg_len = (HDR + data.len()) as _;
+        h.cmsg_level = level;
+        h.cmsg_type = ty;
+        let mut v = vec![0u8; HDR];
+        // SAFETY: v has HDR bytes; unaligned write.
+        unsafe { std::ptr::write_unaligned(v.as_mut_ptr() as *mut libc::cmsghdr, h) };
+        v.extend_from_slice(data);
+        while v.len() % std::mem::size_of::<usize>() != 0 {
+            v.push(0);
+        }
+        v
+    }
+
+    #[test]
+    fn gro_segment_from_multishot_control_bytes() {
+        let gro = cmsg(libc::SOL_UDP, libc::UDP_GRO, &1400i32.to_ne_bytes());
+        assert_eq!(gro_segment_from_control(&gro), Some(1400));
+        // After another record.
+        let mut two = cmsg(libc::SOL_IP, libc::IP_TOS, &[0; 4]);
+        two.extend_from_slice(&gro);
+        assert_eq!(gro_segment_from_control(&two), Some(1400));
+        // None of ours, empty, zero size, truncated or lying lengths.
+        assert_eq!(gro_segment_from_control(&two[..8]), None);
+        assert_eq!(gro_segment_from_control(&[]), None);
+        let zero = cmsg(libc::SOL_UDP, libc::UDP_GRO, &0i32.to_ne_bytes());
+        assert_eq!(gro_segment_from_control(&zero), None);
+        let mut short = gro.clone();
+        short.truncate(gro.len() - 8);
+        assert_eq!(gro_segment_from_control(&short), None);
+        let mut liar = gro.clone();
+        liar[0] = 0xff;
+        assert_eq!(gro_segment_from_control(&liar), None);
+        let mut tiny = gro;
+        tiny[..8].copy_from_slice(&2usize.to_ne_bytes());
+        assert_eq!(gro_segment_from_control(&tiny), None);
     }
 }
