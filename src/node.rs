@@ -67,6 +67,7 @@ pub struct NodeConfig {
     pub offload: bool,
     /// Multishot reads over buffer rings where the kernel has them.
     pub multishot: bool,
+    pub busy_poll: Duration,
 }
 
 impl NodeConfig {
@@ -133,6 +134,7 @@ impl NodeConfig {
             cipher: a.cipher,
             offload: !a.no_offload,
             multishot: !a.no_multishot,
+            busy_poll: Duration::from_micros(a.busy_poll_us),
         })
     }
 
@@ -217,6 +219,9 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         udp_gro: group.gro,
     };
     let multishot = use_uring && cfg.multishot && uring::multishot_supported();
+    if !use_uring && !cfg.busy_poll.is_zero() {
+        warn!("--busy-poll-us applies to the io_uring dataplane only: the poll dataplane sleeps when idle");
+    }
     let node_id: u64 = rand::thread_rng().gen();
     let started_ms = unix_ms();
     let secret = cfg.secret.clone();
@@ -251,6 +256,7 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         let core_cfg = CoreConfig {
             index: i,
             multishot,
+            busy_poll: cfg.busy_poll,
             offload: npd.offload().then_some(OffloadConfig {
                 gso: group.gso,
                 gro: group.gro,
@@ -1461,6 +1467,11 @@ impl Control<'_> {
             cores: self.cfg.cores.clone().unwrap_or_default(),
             io: if self.use_uring { "uring" } else { "poll" }.to_string(),
             multishot: self.multishot,
+            busy_poll_us: if self.use_uring {
+                self.cfg.busy_poll.as_micros() as u64
+            } else {
+                0
+            },
             cipher: cipher_name(self.cfg.cipher).to_string(),
             offload: self.offloads,
             key_fingerprint: self.secret.fingerprint(),

@@ -50,6 +50,8 @@ pub struct NodeInfo {
     /// io_uring: one multishot read per fd over buffer rings (else armed
     /// single reads).
     pub multishot: bool,
+    /// `--busy-poll-us` (0: the cores sleep when idle).
+    pub busy_poll_us: u64,
     /// Packet cipher: "blowfish" or "chacha20-poly1305".
     pub cipher: String,
     /// Kernel offloads in use.

@@ -885,6 +885,15 @@ fn dataplane_variant(tag: &str, extra: &[&str], offload: bool) {
                 "status multishot is not {multishot}: {}",
                 st["multishot"]
             );
+            let busy: u64 = match extra.iter().position(|a| *a == "--busy-poll-us") {
+                Some(i) => extra[i + 1].parse()?,
+                None => 0,
+            };
+            ensure!(
+                st["busy_poll_us"] == busy,
+                "status busy_poll_us is not {busy}: {}",
+                st["busy_poll_us"]
+            );
             ensure!(
                 st["offload"]["tun"] == offload,
                 "status offload.tun is not {offload}: {}",
@@ -972,7 +981,12 @@ fn plain_dataplane_two_cores() {
 
 #[test]
 fn chacha_dataplane_two_cores() {
-    dataplane_variant("chacha", &["--cipher", "chacha20-poly1305"], true);
+    // Also the busy-polling loop (status reports it).
+    dataplane_variant(
+        "chacha",
+        &["--cipher", "chacha20-poly1305", "--busy-poll-us", "100"],
+        true,
+    );
 }
 
 #[test]

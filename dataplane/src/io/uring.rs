@@ -8,7 +8,7 @@
 //! receives and link frames → decrypt → TUN writes, or relay) → re-arm
 //! reads → publish counters → one submit. One multishot read (TUN) and
 //! one multishot receive (UDP) stay armed, fed from provided-buffer rings
-//! (see [`super::bufring`]), so one `io_uring_enter` moves a whole batch
+//! (see the `bufring` module), so one `io_uring_enter` moves a whole batch
 //! each way (the io_uring analogue of recvmmsg/sendmmsg) with one waiter
 //! per fd. Kernels without them (or `--no-multishot`) get many armed
 //! single reads instead.
@@ -274,6 +274,9 @@ pub struct CoreConfig {
     /// Use one multishot read/receive per fd over provided-buffer rings
     /// (falls back to armed single reads when the kernel lacks them).
     pub multishot: bool,
+    /// Spin this long on the completion queue after the last completion
+    /// before sleeping in the kernel (zero: never spin).
+    pub busy_poll: Duration,
     /// `Some` when the TUN queue has virtio-net headers.
     pub offload: Option<OffloadConfig>,
     pub tun_fd: RawFd,
@@ -970,7 +973,11 @@ impl Core {
         self.arm_wake();
         self.arm_reads();
         let mut batch = [(0u64, 0i32, 0u32); MAX_BATCH];
+        let mut active = Instant::now();
         loop {
+            if !self.cfg.busy_poll.is_zero() {
+                self.spin_until(active + self.cfg.busy_poll);
+            }
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
@@ -984,6 +991,7 @@ impl Core {
             }
             let now = Instant::now();
             self.batch_start = now;
+            active = now;
             self.fwd.begin_batch();
             loop {
                 let mut n = 0;
@@ -1055,6 +1063,22 @@ impl Core {
                 self.arm_reads();
             }
             self.publish();
+        }
+    }
+
+    /// Busy polling (`--busy-poll-us`): submits and checks for completions
+    /// without sleeping until `until` or one arrives. Waking a
+    /// sleeping core costs most of a hop's latency on a VM (an IPI and a
+    /// halt exit per wake-up, three per direction through a userspace
+    /// VPN), so this trades a core's idle time for latency, on request.
+    /// The submit is a syscall each time round: it also runs the task
+    /// work that turns a ready poll into a completion.
+    fn spin_until(&mut self, until: Instant) {
+        while self.ring.submit().is_ok()
+            && self.ring.completion().is_empty()
+            && Instant::now() < until
+        {
+            std::hint::spin_loop();
         }
     }
 
