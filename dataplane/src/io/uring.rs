@@ -1713,7 +1713,7 @@ mod tests {
         // SAFETY: v has HDR bytes; unaligned write.
         unsafe { std::ptr::write_unaligned(v.as_mut_ptr() as *mut libc::cmsghdr, h) };
         v.extend_from_slice(data);
-        while v.len() % std::mem::size_of::<usize>() != 0 {
+        while !v.len().is_multiple_of(std::mem::size_of::<usize>()) {
             v.push(0);
         }
         v
