@@ -26,11 +26,12 @@
 #   NO_INSTALL=1     never run apt-get / cargo install
 #   RESULTS_DIR=dir  default perf/results
 # System ids: raw ela-bf-1 ela-bf-2 ela-cc-1 ela-cc-2 ela-bf-1-nooff
+#             ela-bf-1-busy (opt-in --busy-poll-us $BUSY_POLL_US, default 200)
 #             ela-relay tinc wireguard-go boringtun openvpn-bf openvpn-gcm
 set -euo pipefail
 
 KNOBS=""   # the knobs set by the caller, for the "command" line of the table
-for v in QUICK DURATION LAT_SECS PINGS ROUNDS ONLY SKIP ELA_BIN ELA_ONE_CORE ELA_TWO_CORES NO_OFFLOAD_ROW \
+for v in QUICK DURATION LAT_SECS PINGS ROUNDS ONLY SKIP ELA_BIN ELA_ONE_CORE ELA_TWO_CORES NO_OFFLOAD_ROW BUSY_POLL_US \
          RELAY_CIPHER RELAY_CORES RELAY_ROLE; do
     case ${!v:-} in
         "") ;;
@@ -56,7 +57,7 @@ PEERS_ROOT=${PEERS_ROOT:-${HOME:-/root}/.cache/ela-fast-peers}
 NO_INSTALL=${NO_INSTALL:-0}
 RESULTS_DIR=${RESULTS_DIR:-$REPO/perf/results}
 
-ALL_SYSTEMS="raw ela-bf-1 ela-bf-2 ela-cc-1 ela-cc-2 ela-bf-1-nooff ela-relay tinc wireguard-go boringtun openvpn-bf openvpn-gcm"
+ALL_SYSTEMS="raw ela-bf-1 ela-bf-2 ela-cc-1 ela-cc-2 ela-bf-1-nooff ela-bf-1-busy ela-relay tinc wireguard-go boringtun openvpn-bf openvpn-gcm"
 
 PFX=cmp$$                      # namespace / interface prefix, unique per run
 UA=10.9.0.1 UB=10.9.0.2 UC=10.9.0.3   # underlay (veth) addresses
@@ -207,7 +208,7 @@ if want boringtun; then find_boringtun || true; fi
 if want ela-relay; then need nft nftables || true; fi
 
 ELA_BIN=${ELA_BIN:-}
-if want ela-bf-1 ela-bf-2 ela-cc-1 ela-cc-2 ela-bf-1-nooff ela-relay; then
+if want ela-bf-1 ela-bf-2 ela-cc-1 ela-cc-2 ela-bf-1-nooff ela-bf-1-busy ela-relay; then
     if [ -z "$ELA_BIN" ]; then
         log "cargo build --release"
         cargo build --release -q || die "cargo build failed"
@@ -655,6 +656,7 @@ run_one() {
         ela-cc-1) sys_ela ela-cc-1 chacha20-poly1305 "$ELA_ONE_CORE" "" ;;
         ela-cc-2) sys_ela ela-cc-2 chacha20-poly1305 "$ELA_TWO_CORES" "" ;;
         ela-bf-1-nooff) sys_ela ela-bf-1-nooff blowfish "$ELA_ONE_CORE" "--no-offload" ;;
+        ela-bf-1-busy) sys_ela ela-bf-1-busy blowfish "$ELA_ONE_CORE" "--busy-poll-us ${BUSY_POLL_US:-200}" ;;
         ela-relay) sys_ela_relay ;;
         tinc) sys_tinc ;;
         wireguard-go) sys_wireguard_go ;;
