@@ -838,6 +838,20 @@ fn poll_dataplane_all_pairs() {
             ensure!(st["io"] == "poll", "not on the poll dataplane: {st}");
         }
         ping_all_pairs(lab, &all)?;
+        // The poll cores keep the same latency histograms (published a few
+        // times a second).
+        std::thread::sleep(Duration::from_millis(400));
+        for m in &all {
+            let st = lab.status(&m.node)?;
+            for dir in ["tun_to_wire", "wire_to_tun"] {
+                ensure!(
+                    st["latency"][dir]["count"].as_u64().unwrap_or(0) > 0,
+                    "{} on poll recorded no {dir} latency: {}",
+                    m.node.name,
+                    st["latency"]
+                );
+            }
+        }
         Ok(())
     });
 }

@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ela_control::router::LinkId;
 use ela_control::RouteTable;
@@ -21,7 +21,7 @@ use super::uring::{
 use super::IoError;
 use crate::forwarder::{Forwarder, Verdict};
 use crate::framing::{self, FrameDecoder};
-use crate::stats::{Counters, DropReason};
+use crate::stats::{Counters, DropReason, Latency};
 use crate::wire::{HEADER_LEN, OVERHEAD};
 
 /// Packets read from each fd per wakeup before the others get a turn.
@@ -40,6 +40,8 @@ struct PollCore {
     fwd: Forwarder,
     buf: Vec<u8>,
     links: Vec<Option<PollLink>>,
+    lat: Latency,
+    lat_published: Instant,
 }
 
 /// Appends `pkt` as a frame to link `id`'s output; false (counted) if the
@@ -81,6 +83,8 @@ pub fn run(cfg: CoreConfig) -> Result<(), IoError> {
         fwd: Forwarder::new(cfg.secret.clone(), cfg.sequence.clone()),
         buf: vec![0u8; BUF_SIZE],
         links,
+        lat: Latency::default(),
+        lat_published: Instant::now(),
         cfg,
     };
     core.run();
@@ -154,8 +158,28 @@ impl PollCore {
         }
     }
 
-    fn publish(&self) {
-        self.cfg.stats[self.cfg.index].publish(&self.fwd.counters);
+    fn publish(&mut self) {
+        let stats = &self.cfg.stats[self.cfg.index];
+        stats.publish(&self.fwd.counters);
+        // As the io_uring cores: a copy a few times a second, not per batch.
+        if self.lat_published.elapsed() >= Duration::from_millis(200) {
+            self.lat_published = Instant::now();
+            stats.publish_latency(&self.lat);
+        }
+    }
+
+    /// A packet picked up at `t` whose verdict was carried out (`sent`):
+    /// record how long it was inside, as the io_uring cores do.
+    fn record(&mut self, t: Instant, to_wire: bool, sent: bool) {
+        if !sent {
+            return;
+        }
+        let h = if to_wire {
+            &mut self.lat.tun_to_wire
+        } else {
+            &mut self.lat.wire_to_tun
+        };
+        Latency::record(h, t.elapsed(), 1);
     }
 
     fn tun_batch(&mut self, routes: &RouteTable) {
@@ -169,8 +193,10 @@ impl PollCore {
             if n == 0 {
                 return;
             }
+            let t = Instant::now();
             let out = self.fwd.outbound(routes, &mut self.buf, n);
-            self.send(out.verdict, out.range.start, out.range.len());
+            let sent = self.send(out.verdict, out.range.start, out.range.len());
+            self.record(t, true, sent);
         }
     }
 
@@ -188,13 +214,17 @@ impl PollCore {
             if n < 0 {
                 return;
             }
+            let t = Instant::now();
             let out = self.fwd.inbound(now, routes, &mut self.buf, n as usize);
-            self.send(out.verdict, out.range.start, out.range.len());
+            let to_tun = out.verdict == Verdict::Tun;
+            let sent = self.send(out.verdict, out.range.start, out.range.len());
+            self.record(t, false, sent && to_tun);
         }
     }
 
-    /// Carries out a verdict on `self.buf[start..start + len]`.
-    fn send(&mut self, v: Verdict, start: usize, len: usize) {
+    /// Carries out a verdict on `self.buf[start..start + len]`; true if
+    /// the packet went out (sent, written or queued on a link).
+    fn send(&mut self, v: Verdict, start: usize, len: usize) -> bool {
         match v {
             Verdict::Udp(to) => {
                 // SAFETY: all-zero is a valid sockaddr_storage.
@@ -215,6 +245,7 @@ impl PollCore {
                 if rc < 0 {
                     self.fwd.counters.drop(DropReason::SendError);
                 }
+                rc >= 0
             }
             Verdict::Tun => {
                 // SAFETY: the range is inside buf.
@@ -228,25 +259,34 @@ impl PollCore {
                 if rc < 0 {
                     self.fwd.counters.drop(DropReason::TunWriteError);
                 }
+                rc >= 0
             }
             Verdict::Link(id) => {
                 if self.cfg.index == 0 {
                     let pkt = &self.buf[start..start + len];
-                    if queue_frame(&mut self.links, &mut self.fwd.counters, id, pkt) {
+                    let queued = queue_frame(&mut self.links, &mut self.fwd.counters, id, pkt);
+                    if queued {
                         self.flush_link(id);
                     }
+                    queued
                 } else {
                     let sh = &self.cfg.shared;
                     let mut v = sh.link_pool.pop().unwrap_or_default();
                     v.clear();
                     v.extend_from_slice(&self.buf[start..start + len]);
                     match sh.link_inbox.push((id, v)) {
-                        Ok(()) => poke(sh.cores[0].wake_fd),
-                        Err(_) => self.fwd.counters.drop(DropReason::LinkFull),
+                        Ok(()) => {
+                            poke(sh.cores[0].wake_fd);
+                            true
+                        }
+                        Err(_) => {
+                            self.fwd.counters.drop(DropReason::LinkFull);
+                            false
+                        }
                     }
                 }
             }
-            Verdict::Drop => {}
+            Verdict::Drop => false,
         }
     }
 
@@ -315,8 +355,11 @@ impl PollCore {
             };
             let n = frame.len();
             self.buf[..n].copy_from_slice(frame);
+            let t = Instant::now();
             let out = self.fwd.inbound(now, routes, &mut self.buf, n);
-            self.send(out.verdict, out.range.start, out.range.len());
+            let to_tun = out.verdict == Verdict::Tun;
+            let sent = self.send(out.verdict, out.range.start, out.range.len());
+            self.record(t, false, sent && to_tun);
         }
     }
 
