@@ -6,8 +6,9 @@
 //! every armed read on a fd sits in its wait queue, so one arriving packet
 //! woke all of them (64 on the TUN, 64 on the socket) and all but one
 //! failed with EAGAIN and re-armed. In a one-packet ping-pong that herd
-//! cost ≈ 20 µs of the one-way latency (sockperf p50 85–95 → 65–67 µs with
-//! one armed read per fd, 2-vCPU VM, `/tmp/lat`-style two-namespace run).
+//! cost ≈ 20 µs of the one-way latency (sockperf half-RTT p50 85–95 →
+//! 64–68 µs with multishot, both nodes on one core of a 2-vCPU VM, two
+//! namespaces, alternating builds in one run).
 //! One multishot request per fd keeps one waiter and still drains a burst
 //! in one wakeup.
 
