@@ -537,26 +537,32 @@ fn wrong_cipher_cannot_join_or_deliver() {
         let id2 = parse_node_id(&netns::self_node_id(&sts[1])?)?;
 
         let before = lab.status(&n1)?;
-        let other = lab.spawn_node(
-            h[2],
-            &NodeSpec::new(&key).addr(ip(9)).bootstrap(n1.listen).extra([
-                "--join-timeout",
-                "4",
-                "--cipher",
-                "chacha20-poly1305",
-            ]),
-        )?;
-        let st = lab
-            .wait_exit(other.pid, Duration::from_secs(12))
-            .ok_or_else(|| anyhow!("the other-cipher node still runs 12 s after start"))?;
-        ensure!(!st.success(), "the other-cipher node exited 0");
-        let log = fs::read_to_string(&other.log)?;
-        ensure!(
-            log.lines()
-                .any(|l| l.trim_start().starts_with("error:")
+        // Over UDP (a CN's join) and over TCP (an EN's).
+        for role in [None, Some("edge")] {
+            let mut args = vec!["--join-timeout", "4", "--cipher", "chacha20-poly1305"];
+            if let Some(r) = role {
+                args.extend(["--role", r]);
+            }
+            let other = lab.spawn_node(
+                h[2],
+                &NodeSpec::new(&key)
+                    .addr(ip(9))
+                    .bootstrap(n1.listen)
+                    .extra(args),
+            )?;
+            let st = lab
+                .wait_exit(other.pid, Duration::from_secs(12))
+                .ok_or_else(|| {
+                    anyhow!("the other-cipher node ({role:?}) still runs 12 s after start")
+                })?;
+            ensure!(!st.success(), "the other-cipher node ({role:?}) exited 0");
+            let log = fs::read_to_string(&other.log)?;
+            ensure!(
+                log.lines().any(|l| l.trim_start().starts_with("error:")
                     && l.contains("uses --cipher blowfish")),
-            "the other-cipher node did not say the cipher differs:\n{log}"
-        );
+                "the other-cipher node ({role:?}) did not say the cipher differs:\n{log}"
+            );
+        }
         let after = lab.status(&n1)?;
         ensure!(
             netns::counter(&after, "control.wrong_cipher")
