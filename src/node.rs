@@ -443,7 +443,9 @@ fn decide_and_join(
             }
             Err(e) if cfg.role == RoleArg::Core => return Err(e),
             Err(e) => {
-                if e.to_string().contains("different group key")
+                // A bootstrap that answered but cannot be joined will not
+                // change its mind over TCP.
+                if e.downcast_ref::<Refused>().is_some()
                     || e.downcast_ref::<CipherMismatch>().is_some()
                 {
                     return Err(e);
@@ -552,18 +554,21 @@ impl Refusals {
     }
 }
 
+/// The bootstrap answered, but nothing it sent could be accepted.
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    #[error("could not join: the bootstrap uses a different cipher than --cipher {0} (every member of a network must use the same --cipher)")]
+    Cipher(&'static str),
+    #[error("could not join: {0} answer(s) from the bootstrap failed authentication — it uses a different group key")]
+    GroupKey(u64),
+}
+
 fn join_error(cfg: &NodeConfig, refused: &Refusals, how: &str, wait: Duration) -> anyhow::Error {
     if refused.wrong_cipher > 0 {
-        return anyhow!(
-            "could not join: the bootstrap uses a different cipher than --cipher {} (every member of a network must use the same --cipher)",
-            cipher_name(cfg.cipher)
-        );
+        return Refused::Cipher(cipher_name(cfg.cipher)).into();
     }
     if refused.bad_tag > 0 {
-        return anyhow!(
-            "could not join: {} answer(s) from the bootstrap failed authentication — it uses a different group key",
-            refused.bad_tag
-        );
+        return Refused::GroupKey(refused.bad_tag).into();
     }
     anyhow!(
         "could not join: no member answered at {} over {how} within {} ms (wrong group key, UDP blocked, or no node there?)",
