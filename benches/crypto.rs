@@ -4,7 +4,7 @@
 //! per-epoch rekey cost (one HKDF + key schedule every 2^14 packets per
 //! sender).
 //!
-//! `CARGO_TARGET_DIR=/work/tgt-crypto cargo bench --bench crypto`; a filter
+//! `cargo bench --bench crypto`; a filter
 //! after `--` picks groups, e.g. `-- keystream`.
 
 use std::hint::black_box;

@@ -3,59 +3,19 @@
 //! open + inner check) on the other, and a relay's `inbound` (verify only).
 //! Compare with `crypto` to see what routing and bookkeeping add.
 
-use std::net::{Ipv4Addr, SocketAddr};
+mod common;
+
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
+use common::{ip_packet, table, A, B, C};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use ela_control::router::CoreNode;
-use ela_control::RouteTable;
 use ela_dataplane::crypto::GroupSecret;
 use ela_dataplane::forwarder::Forwarder;
 use ela_dataplane::wire::HEADER_LEN;
 
-const A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
-const B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
-const C: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
 const BATCH: usize = 64;
-
-fn table(me: Ipv4Addr, id: u64) -> RouteTable {
-    let ua = |n: u8| SocketAddr::from(([172, 31, 0, n], 7000));
-    RouteTable::new_core(
-        me,
-        id,
-        vec![
-            CoreNode {
-                overlay: A,
-                underlay: ua(1),
-                node_id: 1,
-            },
-            CoreNode {
-                overlay: B,
-                underlay: ua(2),
-                node_id: 2,
-            },
-            CoreNode {
-                overlay: C,
-                underlay: ua(3),
-                node_id: 3,
-            },
-        ],
-        vec![],
-        vec![(A, 1), (B, 2), (C, 3)],
-        1,
-    )
-}
-
-fn ip_packet(len: usize) -> Vec<u8> {
-    let mut ip = vec![0u8; len];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-    ip[12..16].copy_from_slice(&A.octets());
-    ip[16..20].copy_from_slice(&B.octets());
-    ip
-}
 
 fn bench(c: &mut Criterion) {
     let secret = Arc::new(GroupSecret::from_bytes([7; 32]));

@@ -6,72 +6,27 @@
 //!
 //! `cargo bench --bench offload`
 
-use std::net::{Ipv4Addr, SocketAddr};
+mod common;
+
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use ela_control::router::CoreNode;
-use ela_control::RouteTable;
 use ela_dataplane::crypto::{GroupSecret, Suite};
 use ela_dataplane::forwarder::{Forwarder, Verdict};
 use ela_dataplane::offload::{self, Send, MAX_SEGMENTS, VIRTIO_NET_HDR_LEN};
+
+use common::{table, A, B};
 use ela_dataplane::wire::{HEADER_LEN, TAG_LEN};
 
-const A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
-const B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 /// TCP payload per super-packet and per segment (MTU 1420 - 40).
 const PAYLOAD: usize = 60_000;
 const MSS: u16 = 1380;
 
-fn table(me: Ipv4Addr, id: u64) -> RouteTable {
-    let ua = |n: u8| SocketAddr::from(([172, 31, 0, n], 7000));
-    RouteTable::new_core(
-        me,
-        id,
-        vec![
-            CoreNode {
-                overlay: A,
-                underlay: ua(1),
-                node_id: 1,
-            },
-            CoreNode {
-                overlay: B,
-                underlay: ua(2),
-                node_id: 2,
-            },
-        ],
-        vec![],
-        vec![(A, 1), (B, 2)],
-        1,
-    )
-}
-
-/// A TCP/IPv4 super-packet as a TUN with TSO hands it over: virtio-net
-/// header (NEEDS_CSUM, GSO_TCPV4; little-endian fields) + IPv4 + TCP.
 fn tso_read(seq: u32) -> Vec<u8> {
-    let mut v = Vec::with_capacity(VIRTIO_NET_HDR_LEN + 40 + PAYLOAD);
-    v.push(1); // flags: NEEDS_CSUM
-    v.push(1); // gso_type: TCPV4
-    for x in [40u16, MSS, 20, 16] {
-        v.extend_from_slice(&x.to_le_bytes()); // hdr_len gso_size csum_start csum_offset
-    }
-    v.resize(VIRTIO_NET_HDR_LEN, 0);
-    let mut ip = vec![0u8; 40 + PAYLOAD];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&((40 + PAYLOAD) as u16).to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 6;
-    ip[12..16].copy_from_slice(&A.octets());
-    ip[16..20].copy_from_slice(&B.octets());
-    ip[20..22].copy_from_slice(&5000u16.to_be_bytes());
-    ip[22..24].copy_from_slice(&80u16.to_be_bytes());
-    ip[24..28].copy_from_slice(&seq.to_be_bytes());
-    ip[32] = 5 << 4;
-    ip[33] = 0x10;
-    v.extend_from_slice(&ip);
-    v
+    common::tso_read(seq, PAYLOAD, MSS)
 }
 
 fn bench(c: &mut Criterion) {

@@ -12,60 +12,25 @@
 //! 2-vCPU machine cannot show it, since both nodes of the test share the
 //! two CPUs with the kernel's network stack.
 
-use std::net::{Ipv4Addr, SocketAddr};
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use ela_control::router::CoreNode;
-use ela_control::RouteTable;
 use ela_dataplane::crypto::{GroupSecret, Suite};
 use ela_dataplane::forwarder::Forwarder;
 use ela_dataplane::wire::HEADER_LEN;
 
-const A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
-const B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 const BATCH: usize = 64;
 const LEN: usize = 1400;
 const RUN: Duration = Duration::from_millis(1500);
 
-fn table() -> RouteTable {
-    let ua = |n: u8| SocketAddr::from(([172, 31, 0, n], 7000));
-    RouteTable::new_core(
-        A,
-        1,
-        vec![
-            CoreNode {
-                overlay: A,
-                underlay: ua(1),
-                node_id: 1,
-            },
-            CoreNode {
-                overlay: B,
-                underlay: ua(2),
-                node_id: 2,
-            },
-        ],
-        vec![],
-        vec![(A, 1), (B, 2)],
-        1,
-    )
-}
-
-fn ip_packet() -> Vec<u8> {
-    let mut ip = vec![0u8; LEN];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&(LEN as u16).to_be_bytes());
-    ip[12..16].copy_from_slice(&A.octets());
-    ip[16..20].copy_from_slice(&B.octets());
-    ip
-}
-
 /// Bytes of plaintext sealed per second by `threads` cores together.
 fn run(suite: Suite, threads: usize, cores: &[core_affinity::CoreId]) -> f64 {
     let secret = Arc::new(GroupSecret::from_bytes([7; 32]).with_suite(suite));
-    let routes = Arc::new(ArcSwap::from_pointee(table()));
+    let routes = Arc::new(ArcSwap::from_pointee(common::table(common::A, 1)));
     let sequence = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let start = Arc::new(Barrier::new(threads + 1));
@@ -79,7 +44,7 @@ fn run(suite: Suite, threads: usize, cores: &[core_affinity::CoreId]) -> f64 {
                     core_affinity::set_for_current(c);
                 }
                 let mut fwd = Forwarder::new(secret, sequence);
-                let ip = ip_packet();
+                let ip = common::ip_packet(LEN);
                 let mut bufs = vec![vec![0u8; 2048]; BATCH];
                 let mut bytes = 0u64;
                 start.wait();

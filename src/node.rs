@@ -62,7 +62,6 @@ pub struct NodeConfig {
     pub mtu: u16,
     pub role: RoleArg,
     pub io: IoArg,
-    pub cipher: CipherArg,
     /// TUN TSO/USO and UDP GSO/GRO, where the kernel's probe allows them.
     pub offload: bool,
     /// Multishot reads over buffer rings where the kernel has them.
@@ -131,7 +130,6 @@ impl NodeConfig {
             mtu: a.mtu,
             role: a.role,
             io: a.io,
-            cipher: a.cipher,
             offload: !a.no_offload,
             multishot: !a.no_multishot,
             busy_poll: Duration::from_micros(a.busy_poll_us),
@@ -445,9 +443,7 @@ fn decide_and_join(
             Err(e) => {
                 // A bootstrap that answered but cannot be joined will not
                 // change its mind over TCP.
-                if e.downcast_ref::<Refused>().is_some()
-                    || e.downcast_ref::<CipherMismatch>().is_some()
-                {
+                if e.downcast_ref::<Refused>().is_some() {
                     return Err(e);
                 }
                 info!("no UDP answer from the bootstrap within {} ms: joining as an edge node over TCP", wait.as_millis());
@@ -554,18 +550,28 @@ impl Refusals {
     }
 }
 
-/// The bootstrap answered, but nothing it sent could be accepted.
+/// The bootstrap answered, but nothing it sent could be accepted: joining
+/// cannot work, and retrying over TCP would not change it.
 #[derive(Debug, thiserror::Error)]
 enum Refused {
+    /// It answered under another suite that opens with our group key.
+    #[error("could not join: {bootstrap} uses --cipher {theirs}, this node --cipher {ours} (every member of a network must use the same cipher)")]
+    CipherMismatch {
+        bootstrap: SocketAddr,
+        theirs: Suite,
+        ours: Suite,
+    },
+    /// Its answers carried another suite's id but did not authenticate
+    /// under any suite of our key.
     #[error("could not join: the bootstrap uses a different cipher than --cipher {0} (every member of a network must use the same --cipher)")]
-    Cipher(&'static str),
+    Cipher(Suite),
     #[error("could not join: {0} answer(s) from the bootstrap failed authentication — it uses a different group key")]
     GroupKey(u64),
 }
 
 fn join_error(cfg: &NodeConfig, refused: &Refusals, how: &str, wait: Duration) -> anyhow::Error {
     if refused.wrong_cipher > 0 {
-        return Refused::Cipher(cipher_name(cfg.cipher)).into();
+        return Refused::Cipher(cfg.secret.suite()).into();
     }
     if refused.bad_tag > 0 {
         return Refused::GroupKey(refused.bad_tag).into();
@@ -575,17 +581,6 @@ fn join_error(cfg: &NodeConfig, refused: &Refusals, how: &str, wait: Duration) -
         cfg.bootstrap.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(", "),
         wait.as_millis()
     )
-}
-
-/// The bootstrap answered under another cipher suite: it has our group key
-/// but runs another `--cipher`. Joining cannot work, and retrying over TCP
-/// would not change it.
-#[derive(Debug, thiserror::Error)]
-#[error("could not join: {bootstrap} uses --cipher {theirs}, this node --cipher {ours} (every member of a network must use the same cipher)")]
-struct CipherMismatch {
-    bootstrap: SocketAddr,
-    theirs: Suite,
-    ours: Suite,
 }
 
 /// Control codecs for the suites other than ours. A join that goes
@@ -620,17 +615,13 @@ impl OtherSuites {
             .collect()
     }
 
-    /// Called for an answer our own codec refused as `WrongCipher`.
-    fn check(
-        &mut self,
-        cfg: &NodeConfig,
-        pkt: &[u8],
-        from: SocketAddr,
-    ) -> Result<(), CipherMismatch> {
+    /// Called for an answer our own codec refused as `WrongCipher` (a
+    /// refused open leaves the bytes as they were).
+    fn check(&mut self, cfg: &NodeConfig, pkt: &[u8], from: SocketAddr) -> Result<(), Refused> {
         for c in &mut self.0 {
             let mut copy = pkt.to_vec();
             if let Ok((_, ControlMsg::JoinReply { .. })) = c.open(&mut copy, unix_ms()) {
-                return Err(CipherMismatch {
+                return Err(Refused::CipherMismatch {
                     bootstrap: from,
                     theirs: c.suite(),
                     ours: cfg.secret.suite(),
@@ -724,7 +715,6 @@ fn join_udp(
             Err(e) => return Err(e).context("receiving on the control socket"),
         };
         counters.rx.fetch_add(1, Ordering::Relaxed);
-        let copy = buf[..len].to_vec();
         match codec.open(&mut buf[..len], unix_ms()) {
             Ok((_, msg)) => {
                 if let Some(r) = parse_reply(msg) {
@@ -735,7 +725,7 @@ fn join_udp(
                 count_drop(counters, d);
                 refused.note(d);
                 if d == ControlDrop::WrongCipher {
-                    others.check(cfg, &copy, from)?;
+                    others.check(cfg, &buf[..len], from)?;
                 }
             }
         }
@@ -798,8 +788,7 @@ fn join_tcp(
                 while let Some(f) = dec.next_frame() {
                     let Ok(f) = f else { break 'read };
                     counters.rx.fetch_add(1, Ordering::Relaxed);
-                    let copy = f.to_vec();
-                    match codec.open(f, unix_ms()) {
+                    match codec.open(&mut *f, unix_ms()) {
                         Ok((_, msg)) => {
                             if let Some(r) = parse_reply(msg) {
                                 return Ok((r, *b));
@@ -809,7 +798,7 @@ fn join_tcp(
                             count_drop(counters, d);
                             refused.note(d);
                             if d == ControlDrop::WrongCipher {
-                                others.check(cfg, &copy, *b)?;
+                                others.check(cfg, f, *b)?;
                             }
                         }
                     }
@@ -1477,7 +1466,7 @@ impl Control<'_> {
             } else {
                 0
             },
-            cipher: cipher_name(self.cfg.cipher).to_string(),
+            cipher: self.secret.suite().name().to_string(),
             offload: self.offloads,
             key_fingerprint: self.secret.fingerprint(),
             primary,
@@ -1495,12 +1484,5 @@ impl Control<'_> {
                 })
                 .collect(),
         }
-    }
-}
-
-fn cipher_name(c: CipherArg) -> &'static str {
-    match c {
-        CipherArg::Blowfish => "blowfish",
-        CipherArg::Chacha20Poly1305 => "chacha20-poly1305",
     }
 }

@@ -24,8 +24,7 @@ use pi_tables::{P_INIT, S_INIT};
 /// cut into as few lane groups as [`LANES`] allows, the first ones of
 /// `LANES` blocks, the others of [`SHORT_LANES`].
 ///
-/// `CARGO_TARGET_DIR=/work/tgt-crypto cargo bench --bench crypto --
-/// keystream`: keystream xor'd into a 1400-byte payload, baseline x86-64
+/// `cargo bench --bench crypto -- keystream`: keystream xor'd into a 1400-byte payload, baseline x86-64
 /// codegen (no `target-cpu`), one core of the 2-core AMD EPYC (Zen 4) dev
 /// VM. Rust lanes as first measured; the assembly against the Rust 8
 /// lanes it replaced in back-to-back runs of both builds (crate 156 in

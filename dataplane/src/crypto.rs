@@ -716,9 +716,9 @@ pub mod poly1305 {
             }
         }
 
-        /// Absorbs `data` zero-padded to a multiple of 16 bytes, every block
-        /// a full one (RFC 8439 §2.8's `pad16`).
-        pub fn update_padded(&mut self, data: &[u8]) {
+        /// Absorbs the whole 16-byte blocks of `data` (two at a time where
+        /// it can); returns the partial block left over.
+        fn full_blocks<'a>(&mut self, data: &'a [u8]) -> &'a [u8] {
             let mut pairs = data.chunks_exact(2 * BLOCK_LEN);
             for pair in &mut pairs {
                 self.two_blocks(pair);
@@ -727,7 +727,13 @@ pub mod poly1305 {
             for b in &mut blocks {
                 self.block(b, 1 << 40);
             }
-            let rest = blocks.remainder();
+            blocks.remainder()
+        }
+
+        /// Absorbs `data` zero-padded to a multiple of 16 bytes, every block
+        /// a full one (RFC 8439 §2.8's `pad16`).
+        pub fn update_padded(&mut self, data: &[u8]) {
+            let rest = self.full_blocks(data);
             if !rest.is_empty() {
                 let mut b = [0u8; BLOCK_LEN];
                 b[..rest.len()].copy_from_slice(rest);
@@ -738,15 +744,7 @@ pub mod poly1305 {
         /// Absorbs the last, unpadded bytes of a message: a partial block
         /// gets a 1 byte appended instead of the 2^128 bit (§2.5.1).
         pub fn update_last(&mut self, data: &[u8]) {
-            let mut pairs = data.chunks_exact(2 * BLOCK_LEN);
-            for pair in &mut pairs {
-                self.two_blocks(pair);
-            }
-            let mut blocks = pairs.remainder().chunks_exact(BLOCK_LEN);
-            for b in &mut blocks {
-                self.block(b, 1 << 40);
-            }
-            let rest = blocks.remainder();
+            let rest = self.full_blocks(data);
             if !rest.is_empty() {
                 let mut b = [0u8; BLOCK_LEN];
                 b[..rest.len()].copy_from_slice(rest);

@@ -82,49 +82,32 @@ macro_rules! half_rounds_1_to_15 {
     };
 }
 
-/// Half-rounds k = 1..=15 (`y ^= P[k + 1]; y ^= F(x)`, (x, y) = (r, l)
-/// for odd k, (l, r) for even k) of 4 lanes; P[16] ends up in l.
-#[inline(always)]
-pub(super) fn half_rounds4(t: &Tables, l: &mut [u32; 4], r: &mut [u32; 4]) {
-    // SAFETY: the asm only reads `t` (S-box indices are bytes, so every
-    // load is within its 1 KiB box; P offsets are at most 64 < 72) and
-    // writes only its register operands; no stack use.
-    unsafe {
-        core::arch::asm!(
-            half_rounds_1_to_15!(l0 r0, l1 r1, l2 r2, l3 r3),
-            s = in(reg) t,
-            P = const P_OFFSET,
-            t = out(reg_abcd) _,
-            u = out(reg_abcd) _,
-            v = out(reg) _,
-            l0 = inout(reg) l[0], r0 = inout(reg) r[0],
-            l1 = inout(reg) l[1], r1 = inout(reg) r[1],
-            l2 = inout(reg) l[2], r2 = inout(reg) r[2],
-            l3 = inout(reg) l[3], r3 = inout(reg) r[3],
-            options(pure, readonly, nostack),
-        );
-    }
+/// Defines `$name`: half-rounds k = 1..=15 (`y ^= P[k + 1]; y ^= F(x)`,
+/// (x, y) = (r, l) for odd k, (l, r) for even k) of `$n` lanes; P[16]
+/// ends up in l. With 5 lanes, the 10 halves, the table pointer and the 3
+/// temporaries take 14 of the 15 usable registers.
+macro_rules! half_rounds_fn {
+    ($name:ident, $n:literal, $($i:literal $l:ident $r:ident),*) => {
+        #[inline(always)]
+        pub(super) fn $name(t: &Tables, l: &mut [u32; $n], r: &mut [u32; $n]) {
+            // SAFETY: the asm only reads `t` (S-box indices are bytes, so
+            // every load is within its 1 KiB box; P offsets are at most
+            // 64 < 72) and writes only its register operands; no stack use.
+            unsafe {
+                core::arch::asm!(
+                    half_rounds_1_to_15!($($l $r),*),
+                    s = in(reg) t,
+                    P = const P_OFFSET,
+                    t = out(reg_abcd) _,
+                    u = out(reg_abcd) _,
+                    v = out(reg) _,
+                    $($l = inout(reg) l[$i], $r = inout(reg) r[$i],)*
+                    options(pure, readonly, nostack),
+                );
+            }
+        }
+    };
 }
 
-/// [`half_rounds4`] for 5 lanes: 10 halves, the table pointer and the 3
-/// temporaries take 14 of the 15 usable registers.
-#[inline(always)]
-pub(super) fn half_rounds5(t: &Tables, l: &mut [u32; 5], r: &mut [u32; 5]) {
-    // SAFETY: as in `half_rounds4`.
-    unsafe {
-        core::arch::asm!(
-            half_rounds_1_to_15!(l0 r0, l1 r1, l2 r2, l3 r3, l4 r4),
-            s = in(reg) t,
-            P = const P_OFFSET,
-            t = out(reg_abcd) _,
-            u = out(reg_abcd) _,
-            v = out(reg) _,
-            l0 = inout(reg) l[0], r0 = inout(reg) r[0],
-            l1 = inout(reg) l[1], r1 = inout(reg) r[1],
-            l2 = inout(reg) l[2], r2 = inout(reg) r[2],
-            l3 = inout(reg) l[3], r3 = inout(reg) r[3],
-            l4 = inout(reg) l[4], r4 = inout(reg) r[4],
-            options(pure, readonly, nostack),
-        );
-    }
-}
+half_rounds_fn!(half_rounds4, 4, 0 l0 r0, 1 l1 r1, 2 l2 r2, 3 l3 r3);
+half_rounds_fn!(half_rounds5, 5, 0 l0 r0, 1 l1 r1, 2 l2 r2, 3 l3 r3, 4 l4 r4);

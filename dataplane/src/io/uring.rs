@@ -852,7 +852,7 @@ impl Core {
             let n = frame.len();
             let base = slot * self.slot_size;
             self.bufs[base..base + n].copy_from_slice(frame);
-            self.dispatch_inbound(now, routes, slot, n);
+            self.dispatch_inbound(now, routes, slot, 0, n);
         }
         self.arm_link_recv(id);
     }
@@ -1455,9 +1455,7 @@ impl Core {
         seg: usize,
     ) {
         if seg >= n {
-            if !self.inbound(now, routes, slot, at, n, true) {
-                self.free.push(slot as u16);
-            }
+            self.dispatch_inbound(now, routes, slot, at, n);
             return;
         }
         // A GRO super-datagram: every segment but the last is `seg` bytes.
@@ -1479,7 +1477,7 @@ impl Core {
                 if let Some(slot) = self.free.pop() {
                     let slot = slot as usize;
                     self.slot_buf(slot)[..v.len()].copy_from_slice(&v);
-                    self.dispatch_inbound(now, routes, slot, v.len());
+                    self.dispatch_inbound(now, routes, slot, 0, v.len());
                 } else {
                     self.fwd.counters.drop(DropReason::LinkFull);
                 }
@@ -1490,10 +1488,17 @@ impl Core {
         }
     }
 
-    /// A packet from the underlay (UDP or a link frame) in `slot[..n]`;
-    /// the slot goes with it or is freed.
-    fn dispatch_inbound(&mut self, now: Instant, routes: &RouteTable, slot: usize, n: usize) {
-        if !self.inbound(now, routes, slot, 0, n, true) {
+    /// A packet from the underlay (UDP or a link frame) in
+    /// `slot[at..at + n]`; the slot goes with it or is freed.
+    fn dispatch_inbound(
+        &mut self,
+        now: Instant,
+        routes: &RouteTable,
+        slot: usize,
+        at: usize,
+        n: usize,
+    ) {
+        if !self.inbound(now, routes, slot, at, n, true) {
             self.free.push(slot as u16);
         }
     }
