@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use arc_swap::ArcSwap;
 use ela_control::addr;
+use ela_control::attach::FreshAttachments;
 use ela_control::edge::{EdgeAction, EdgeLinks};
 use ela_control::membership::{self, Event, Membership, NodeIdentity};
 use ela_control::msg::{ControlMsg, MAX_REPLY_MEMBERS};
@@ -328,7 +329,7 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         connect_tx,
         connect_rx,
         next_keepalive: Instant::now(),
-        fresh_attachments: BTreeMap::new(),
+        fresh_attachments: FreshAttachments::new(),
         use_uring,
         multishot,
         offloads,
@@ -827,9 +828,6 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(100);
 /// …and a link silent for this long is dead (the peer vanished without a
 /// FIN: power loss, partition). Killed processes are noticed at once.
 const LINK_DEAD_AFTER: Duration = Duration::from_millis(500);
-/// How long a CN's direct word on where an EN is attached overrides
-/// membership (gossip converges well within it).
-const FRESH_ATTACHMENT_TTL: Duration = Duration::from_secs(5);
 /// A TCP connection that has not said who it is by then is dropped.
 const PENDING_LINK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -877,7 +875,7 @@ struct Control<'a> {
     connect_rx: Receiver<(Ipv4Addr, std::io::Result<TcpStream>)>,
     next_keepalive: Instant,
     /// (EN → CN) heard from CNs ENs just attached to; see `EdgeAttached`.
-    fresh_attachments: BTreeMap<Ipv4Addr, (Ipv4Addr, Instant)>,
+    fresh_attachments: FreshAttachments,
     use_uring: bool,
     multishot: bool,
     offloads: Offloads,
@@ -953,9 +951,7 @@ impl Control<'_> {
         if now >= self.next_keepalive {
             self.next_keepalive = now + KEEPALIVE_INTERVAL;
             self.keepalives(now);
-            let before = self.fresh_attachments.len();
-            self.fresh_attachments.retain(|_, (_, until)| *until > now);
-            if self.fresh_attachments.len() != before {
+            if self.fresh_attachments.expire(now) {
                 self.refresh();
             }
         }
@@ -1163,7 +1159,11 @@ impl Control<'_> {
                 }
             }
             ControlMsg::JoinReply { .. } => {}
-            ControlMsg::Attach { identity, primary } => {
+            ControlMsg::Attach {
+                identity,
+                primary,
+                seq,
+            } => {
                 let Source::Link(id) = from else { return };
                 if self.role != Role::Core || identity.role != Role::Edge {
                     return;
@@ -1178,14 +1178,24 @@ impl Control<'_> {
                     primary,
                 };
                 if primary {
-                    self.announce_attachment(en, en_node_id);
+                    // Recorded here too, so that a late announcement of an
+                    // older attachment from another CN cannot override it.
+                    let me = self.members.identity().overlay;
+                    self.fresh_attachments
+                        .observe(Instant::now(), en, en_node_id, seq, me);
+                    self.announce_attachment(en, en_node_id, seq);
                 }
                 // Routes change only with a primary, but status shows
                 // backups too.
                 self.refresh();
             }
             ControlMsg::Keepalive => {}
-            ControlMsg::EdgeAttached { en, en_node_id, cn } => {
+            ControlMsg::EdgeAttached {
+                en,
+                en_node_id,
+                seq,
+                cn,
+            } => {
                 if self.role != Role::Core {
                     return;
                 }
@@ -1194,10 +1204,13 @@ impl Control<'_> {
                 if known.is_some_and(|m| m.node_id != en_node_id) {
                     return;
                 }
-                debug!(%en, %cn, "edge node moved");
-                self.fresh_attachments
-                    .insert(en, (cn, Instant::now() + FRESH_ATTACHMENT_TTL));
-                self.refresh();
+                debug!(%en, %cn, seq, "edge node moved");
+                if self
+                    .fresh_attachments
+                    .observe(Instant::now(), en, en_node_id, seq, cn)
+                {
+                    self.refresh();
+                }
             }
         }
         self.flush();
@@ -1207,11 +1220,12 @@ impl Control<'_> {
     /// Tells every other CN that `en` is now attached here, so that they
     /// route to it through us at once after a failover (gossip of the EN's
     /// own announcement can take longer under load).
-    fn announce_attachment(&mut self, en: Ipv4Addr, en_node_id: u64) {
+    fn announce_attachment(&mut self, en: Ipv4Addr, en_node_id: u64, seq: u64) {
         let me = self.members.identity().clone();
         let msg = ControlMsg::EdgeAttached {
             en,
             en_node_id,
+            seq,
             cn: me.overlay,
         };
         for m in self.members.members() {
@@ -1312,12 +1326,13 @@ impl Control<'_> {
                             let _ = tx.send((cn, r));
                         });
                 }
-                EdgeAction::Attach { link, primary } => {
+                EdgeAction::Attach { link, primary, seq } => {
                     let me = self.members.identity().clone();
                     let p = self.codec.seal(
                         &ControlMsg::Attach {
                             identity: me.clone(),
                             primary,
+                            seq,
                         },
                         me.overlay,
                         Ipv4Addr::UNSPECIFIED,
@@ -1407,11 +1422,7 @@ impl Control<'_> {
                         _ => None,
                     })
                     .collect();
-                let fresh: Vec<(Ipv4Addr, Ipv4Addr)> = self
-                    .fresh_attachments
-                    .iter()
-                    .map(|(en, (cn, _))| (*en, *cn))
-                    .collect();
+                let fresh = self.fresh_attachments.hints();
                 membership::core_routes(me, &members, own, &fresh, &departed, self.generation)
             }
             Role::Edge => {

@@ -27,8 +27,15 @@ pub enum EdgeAction {
     /// Open a TCP link to this CN; answer with `connected` or
     /// `connect_failed`.
     Connect { cn: Ipv4Addr, underlay: SocketAddr },
-    /// Tell the CN on `link` that it is (or is not) our primary.
-    Attach { link: LinkId, primary: bool },
+    /// Tell the CN on `link` that it is (or is not) our primary. `seq` is
+    /// the attach sequence: it grows whenever the primary changes, so CNs
+    /// can order announcements of our attachment that reach them out of
+    /// order (see [`crate::attach`]).
+    Attach {
+        link: LinkId,
+        primary: bool,
+        seq: u64,
+    },
     /// Close a link we no longer want.
     Close { link: LinkId },
     /// The primary changed: rebuild the route table and republish where
@@ -60,6 +67,8 @@ pub struct EdgeLinks {
     connecting: BTreeMap<Ipv4Addr, Instant>,
     failed: BTreeMap<Ipv4Addr, Instant>,
     primary: Option<LinkId>,
+    /// Bumped on every primary change (see [`EdgeAction::Attach`]).
+    attach_seq: u64,
     actions: VecDeque<EdgeAction>,
     next_reconcile: Option<Instant>,
 }
@@ -73,6 +82,7 @@ impl EdgeLinks {
             connecting: BTreeMap::new(),
             failed: BTreeMap::new(),
             primary: None,
+            attach_seq: 0,
             actions: VecDeque::new(),
             next_reconcile: None,
         }
@@ -176,6 +186,7 @@ impl EdgeLinks {
     fn set_primary(&mut self, link: Option<LinkId>) {
         if self.primary != link {
             self.primary = link;
+            self.attach_seq += 1;
             let cn = link.map(|l| self.links[&l].cn);
             self.actions.push_back(EdgeAction::PrimaryChanged { cn });
         }
@@ -215,6 +226,7 @@ impl EdgeLinks {
                 self.actions.push_back(EdgeAction::Attach {
                     link: l,
                     primary: want_primary,
+                    seq: self.attach_seq,
                 });
             }
         }
@@ -310,18 +322,22 @@ mod tests {
         assert!(a.contains(&EdgeAction::PrimaryChanged { cn: Some(ip(10)) }));
         assert!(a.contains(&EdgeAction::Attach {
             link: 1,
-            primary: true
+            primary: true,
+            seq: 1
         }));
         e.connected(t0, ip(20), 2);
         let a = drain(&mut e);
         assert!(a.contains(&EdgeAction::PrimaryChanged { cn: Some(ip(20)) }));
         assert!(a.contains(&EdgeAction::Attach {
             link: 2,
-            primary: true
+            primary: true,
+            seq: 2
         }));
+        // The demoted CN hears the same sequence: it is no longer current.
         assert!(a.contains(&EdgeAction::Attach {
             link: 1,
-            primary: false
+            primary: false,
+            seq: 2
         }));
         assert_eq!(e.primary(), Some((ip(20), 2)));
         assert_eq!(e.backup(), Some((ip(10), 1)));
@@ -335,7 +351,8 @@ mod tests {
         assert!(a.contains(&EdgeAction::PrimaryChanged { cn: Some(ip(10)) }));
         assert!(a.contains(&EdgeAction::Attach {
             link: 1,
-            primary: true
+            primary: true,
+            seq: 3
         }));
         // New backup: nearest smaller than .10 among the rest, wrapping: .30.
         assert!(a.contains(&EdgeAction::Connect {

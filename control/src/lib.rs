@@ -7,8 +7,11 @@
 //! - [`router`]: the route table the dataplane reads and its lookup (§3.3).
 //! - [`membership`]: SWIM membership (foca) plus join and address claims.
 //! - [`msg`]: control messages carried inside authenticated control packets.
+//! - [`edge`]: an EN's links to its primary and backup CN (§3.3).
+//! - [`attach`]: where ENs are attached, as CNs announce it to each other.
 
 pub mod addr;
+pub mod attach;
 pub mod edge;
 pub mod membership;
 pub mod msg;

@@ -41,15 +41,20 @@ pub enum ControlMsg {
     Attach {
         identity: NodeIdentity,
         primary: bool,
+        /// The EN's attach sequence (see [`crate::edge::EdgeAction::Attach`]).
+        seq: u64,
     },
     /// Either way on a TCP link, every 100 ms: proves the link and the
     /// peer process alive faster than TCP would notice a silent death.
     Keepalive,
     /// CN → every CN, when an EN attaches to it as primary (a failover):
     /// route to the EN through `cn` now, without waiting for gossip.
+    /// `seq` is the EN's attach sequence from its `Attach`: it orders
+    /// announcements from different CNs (see [`crate::attach`]).
     EdgeAttached {
         en: Ipv4Addr,
         en_node_id: u64,
+        seq: u64,
         cn: Ipv4Addr,
     },
 }
@@ -107,11 +112,13 @@ mod tests {
                     5,
                 ),
                 primary: true,
+                seq: 3,
             },
             ControlMsg::Keepalive,
             ControlMsg::EdgeAttached {
                 en: Ipv4Addr::new(10, 0, 0, 8),
                 en_node_id: 8,
+                seq: u64::MAX,
                 cn: Ipv4Addr::new(10, 0, 0, 1),
             },
         ];
