@@ -14,7 +14,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ela_control::msg::ControlMsg;
-use ela_dataplane::crypto::{CryptoError, GroupSecret, PacketKeys, Suite};
+use ela_dataplane::crypto::{CryptoError, GroupSecret, PacketKeys, Suite, MAX_PAYLOAD};
 use ela_dataplane::wire::{Header, PacketType, HEADER_LEN, TAG_LEN};
 
 /// How far a control packet's timestamp may be from our clock. Members'
@@ -22,6 +22,9 @@ use ela_dataplane::wire::{Header, PacketType, HEADER_LEN, TAG_LEN};
 pub const MAX_AGE: Duration = Duration::from_secs(60);
 /// Control keys roll every hour.
 const EPOCH_MS: u64 = 3_600_000;
+/// The longest encoded [`ControlMsg`] one control packet carries: a
+/// sealed payload holds the 8-byte send time and the message.
+pub const MAX_CONTROL_BODY: usize = MAX_PAYLOAD - 8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ControlDrop {
@@ -103,7 +106,7 @@ impl ControlCodec {
             .expect("the current epoch is accepted");
         let n = keys
             .seal(&mut buf, payload_len)
-            .expect("control messages are far below MAX_PAYLOAD");
+            .expect("control messages are built to fit MAX_CONTROL_BODY");
         buf.truncate(n);
         buf
     }
@@ -160,6 +163,8 @@ impl ControlCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ela_control::membership::NodeIdentity;
+    use ela_control::Role;
 
     #[test]
     fn seal_open_replay_stale_wrong_key() {
@@ -186,6 +191,42 @@ mod tests {
         assert_eq!(other.open(&mut p3, now), Err(ControlDrop::BadTag));
         let mut short = vec![1u8; 10];
         assert_eq!(a.open(&mut short, now), Err(ControlDrop::Malformed));
+    }
+
+    /// A CN answering a join in a large group: before replies were cut
+    /// to what a packet carries, 1000 members (35 KB) made `seal` panic.
+    #[test]
+    fn join_reply_of_a_large_group_seals_and_opens() {
+        let s = GroupSecret::from_bytes([4; 32]);
+        let mut a = ControlCodec::new(&s);
+        let mut b = ControlCodec::new(&s);
+        let now = 1_764_000_000_000;
+        let members: Vec<_> = (0..5000u32)
+            .map(|i| {
+                NodeIdentity::new(
+                    rand::random(),
+                    Ipv4Addr::from(0x0a00_0000 + i),
+                    "172.31.3.4:7000".parse().unwrap(),
+                    Role::Core,
+                    now,
+                )
+            })
+            .collect();
+        let observed = "172.31.0.9:7000".parse().unwrap();
+        let msg = ControlMsg::join_reply(
+            observed,
+            Ipv4Addr::new(10, 0, 0, 0),
+            16,
+            members,
+            MAX_CONTROL_BODY,
+        );
+        let ControlMsg::JoinReply { members: kept, .. } = &msg else {
+            unreachable!()
+        };
+        assert!(kept.len() > 300, "only {} members fit", kept.len());
+        let ip = Ipv4Addr::new(10, 0, 0, 1);
+        let mut p = a.seal(&msg, ip, Ipv4Addr::UNSPECIFIED, now);
+        assert_eq!(b.open(&mut p, now + 1).unwrap().1, msg);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use ela_control::addr;
 use ela_control::attach::FreshAttachments;
 use ela_control::edge::{EdgeAction, EdgeLinks};
 use ela_control::membership::{self, Event, Membership, NodeIdentity};
-use ela_control::msg::{ControlMsg, MAX_REPLY_MEMBERS};
+use ela_control::msg::ControlMsg;
 use ela_control::router::{EdgeNode, LinkId};
 use ela_control::{NextHop, Role, RouteTable};
 use ela_dataplane::crypto::{GroupSecret, Suite};
@@ -40,7 +40,7 @@ use rand::Rng;
 use tracing::{debug, info, warn};
 
 use crate::cli::{self, CipherArg, IoArg, RoleArg, RunArgs};
-use crate::control_codec::{unix_ms, ControlCodec, ControlDrop};
+use crate::control_codec::{unix_ms, ControlCodec, ControlDrop, MAX_CONTROL_BODY};
 use crate::status::{self, ControlCounters, EdgeView, MemberView, NodeInfo, StatusShared};
 
 /// Retry period for JoinRequests while no bootstrap has answered.
@@ -1132,20 +1132,19 @@ impl Control<'_> {
                 if let Source::Udp(_) = from {
                     self.learn_own_underlay(via);
                 }
+                // Itself first, then as many members as one packet carries.
                 let me_id = self.members.identity().clone();
-                let mut ms = vec![me_id.clone()];
-                ms.extend(
-                    membership::resolve(&self.members.members())
-                        .into_iter()
-                        .filter(|m| m.node_id != me_id.node_id)
-                        .take(MAX_REPLY_MEMBERS - 1),
-                );
-                let reply = ControlMsg::JoinReply {
+                let me_node = me_id.node_id;
+                let others = membership::resolve(&self.members.members())
+                    .into_iter()
+                    .filter(move |m| m.node_id != me_node);
+                let reply = ControlMsg::join_reply(
                     observed,
-                    net_addr: self.cfg.net.network(),
-                    net_prefix: self.cfg.net.prefix_len(),
-                    members: ms,
-                };
+                    self.cfg.net.network(),
+                    self.cfg.net.prefix_len(),
+                    std::iter::once(me_id).chain(others),
+                    MAX_CONTROL_BODY,
+                );
                 let p = self
                     .codec
                     .seal(&reply, me, Ipv4Addr::UNSPECIFIED, unix_ms());

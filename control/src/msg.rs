@@ -9,10 +9,6 @@ use serde::{Deserialize, Serialize};
 use crate::membership::NodeIdentity;
 use crate::router::Role;
 
-/// A JoinReply larger than this would not fit one UDP datagram; the rest
-/// of the membership arrives by SWIM gossip right after the join.
-pub const MAX_REPLY_MEMBERS: usize = 1000;
-
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlMsg {
     /// A node asks a member to let it in (§3.2: it learns which addresses
@@ -66,6 +62,47 @@ pub enum MsgError {
 }
 
 impl ControlMsg {
+    /// A `JoinReply` listing the longest prefix of `members` whose
+    /// encoding fits `max_len` bytes: a control packet carries at most
+    /// one sealed payload (the caller's codec knows how much). The rest of
+    /// the membership reaches the joiner by SWIM gossip right after the
+    /// join. A count limit cannot do this: a member's encoding varies
+    /// (varints, IPv4 or IPv6 underlay, an EN's attachment).
+    pub fn join_reply(
+        observed: SocketAddr,
+        net_addr: Ipv4Addr,
+        net_prefix: u8,
+        members: impl IntoIterator<Item = NodeIdentity>,
+        max_len: usize,
+    ) -> ControlMsg {
+        // The reply without members, plus room for the list's length to
+        // grow from a 1-byte varint to the 3 bytes of any count that fits.
+        let empty = ControlMsg::JoinReply {
+            observed,
+            net_addr,
+            net_prefix,
+            members: Vec::new(),
+        };
+        let mut used = empty.encode().len() + 2;
+        let mut kept = Vec::new();
+        for m in members {
+            let len = postcard::to_allocvec(&m)
+                .expect("serialising to a Vec cannot fail")
+                .len();
+            if used + len > max_len {
+                break;
+            }
+            used += len;
+            kept.push(m);
+        }
+        ControlMsg::JoinReply {
+            observed,
+            net_addr,
+            net_prefix,
+            members: kept,
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         postcard::to_allocvec(self).expect("serialising to a Vec cannot fail")
     }
@@ -131,24 +168,51 @@ mod tests {
     }
 
     #[test]
-    fn full_reply_fits_a_datagram() {
-        let members: Vec<_> = (0..MAX_REPLY_MEMBERS as u32)
-            .map(|i| {
-                NodeIdentity::new(
+    fn join_reply_keeps_the_prefix_that_fits() {
+        // Members as large as they get: IPv6 underlay, maximal varints,
+        // an attachment.
+        let members: Vec<_> = (0..5000u32)
+            .map(|i| NodeIdentity {
+                attached: Some(Ipv4Addr::new(10, 0, 0, 1)),
+                ..NodeIdentity::new(
                     u64::MAX - i as u64,
                     Ipv4Addr::from(0x0a00_0000 + i),
-                    SocketAddr::from(([255, 255, 255, 255], 65535)),
+                    "[ffff::1]:65535".parse().unwrap(),
                     Role::Edge,
                     u64::MAX,
                 )
             })
             .collect();
-        let m = ControlMsg::JoinReply {
-            observed: "[ffff::1]:65535".parse().unwrap(),
-            net_addr: Ipv4Addr::new(10, 0, 0, 0),
-            net_prefix: 8,
-            members,
-        };
-        assert!(m.encode().len() < 65_000, "{}", m.encode().len());
+        let observed: SocketAddr = "[ffff::2]:65535".parse().unwrap();
+        let net = Ipv4Addr::new(10, 0, 0, 0);
+        for max_len in [100, 1000, 16_344, 65_000] {
+            let m = ControlMsg::join_reply(observed, net, 8, members.clone(), max_len);
+            let ControlMsg::JoinReply { members: kept, .. } = &m else {
+                unreachable!()
+            };
+            assert!(
+                m.encode().len() <= max_len,
+                "{max_len}: {}",
+                m.encode().len()
+            );
+            assert_eq!(kept[..], members[..kept.len()], "a prefix, in order");
+            // Full: one more member would not have fitted.
+            let mut more = kept.clone();
+            more.push(members[kept.len()].clone());
+            let bigger = ControlMsg::JoinReply {
+                observed,
+                net_addr: net,
+                net_prefix: 8,
+                members: more,
+            };
+            assert!(bigger.encode().len() > max_len - 2, "{max_len}: room left");
+        }
+        // Room for everyone: everyone.
+        let few = members[..3].to_vec();
+        let m = ControlMsg::join_reply(observed, net, 8, few.clone(), 65_000);
+        assert!(matches!(m, ControlMsg::JoinReply { members, .. } if members == few));
+        // Not even the header fits: an empty list, not a panic.
+        let m = ControlMsg::join_reply(observed, net, 8, few, 0);
+        assert!(matches!(m, ControlMsg::JoinReply { members, .. } if members.is_empty()));
     }
 }
