@@ -558,27 +558,34 @@ wg_keys() {
 
 wait_file() { local i; for i in $(seq 1 $(($2 * 10))); do [ -e "$1" ] && return 0; sleep 0.1; done; return 1; }
 
+# A userspace WireGuard (COMMAND... IFACE, with @SIDE@ in COMMAND replaced
+# by a or b) on each side of a fresh pair,
+# configured with wg over its UAPI socket, then measured. The socket lives
+# in /var/run/wireguard/IFACE.sock (shared across namespaces), so each side
+# gets an interface name of its own: ${PFX}<letter><side>.
+wg_userspace_pair() {
+    local id=$1 letter=$2; shift 2
+    make_pair; wg_keys
+    local h ifc pids=""
+    for h in a b; do
+        ifc=${PFX}$letter$h
+        bg $h "$id $h" "$LOGS/$id.$h.log" "${@//@SIDE@/$h}" "$ifc"
+        pids="$pids $LAST_PID"
+        wait_file "/var/run/wireguard/$ifc.sock" 10 || { fail $id "$id did not start (see $LOGS/$id.$h.log)"; return 0; }
+        wg_conf $h "$ifc"
+    done
+    wait_ping a $OB 20 || { fail $id "tunnel did not come up"; return 0; }
+    sleep 1
+    measure $id a b $OB $pids
+}
+
 sys_wireguard_go() {
     local id=wireguard-go
     KIND=peer
     LABEL="wireguard-go $(version_of wireguard-go), ChaCha20-Poly1305"
     command -v wireguard-go >/dev/null || { unavailable $id "wireguard-go missing"; return 0; }
     command -v wg >/dev/null || { unavailable $id "wg (wireguard-tools) missing"; return 0; }
-    make_pair; wg_keys
-    # The UAPI socket lives in /var/run/wireguard/IFACE.sock (shared across
-    # namespaces), so each side gets an interface name of its own.
-    local h ifc pids=""
-    for h in a b; do
-        ifc=${PFX}w$h
-        bg $h "wireguard-go $h" "$LOGS/$id.$h.log" \
-            env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f "$ifc"
-        pids="$pids $LAST_PID"
-        wait_file "/var/run/wireguard/$ifc.sock" 10 || { fail $id "wireguard-go did not start (see $LOGS/$id.$h.log)"; return 0; }
-        wg_conf $h "$ifc"
-    done
-    wait_ping a $OB 20 || { fail $id "tunnel did not come up"; return 0; }
-    sleep 1
-    measure $id a b $OB $pids
+    wg_userspace_pair $id w env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f
 }
 
 sys_boringtun() {
@@ -588,19 +595,7 @@ sys_boringtun() {
     LABEL="boringtun-cli $(version_of boringtun), ChaCha20-Poly1305, 4 threads (default)"
     [ -n "$BORINGTUN" ] || { unavailable $id "boringtun-cli missing (cargo install failed or NO_INSTALL=1)"; return 0; }
     command -v wg >/dev/null || { unavailable $id "wg (wireguard-tools) missing"; return 0; }
-    make_pair; wg_keys
-    local h ifc pids=""
-    for h in a b; do
-        ifc=${PFX}b$h
-        bg $h "boringtun $h" "$LOGS/$id.$h.log" "$BORINGTUN" --foreground --disable-drop-privileges \
-            --log "$LOGS/$id.$h.out" "$ifc"
-        pids="$pids $LAST_PID"
-        wait_file "/var/run/wireguard/$ifc.sock" 10 || { fail $id "boringtun did not start (see $LOGS/$id.$h.log)"; return 0; }
-        wg_conf $h "$ifc"
-    done
-    wait_ping a $OB 20 || { fail $id "tunnel did not come up"; return 0; }
-    sleep 1
-    measure $id a b $OB $pids
+    wg_userspace_pair $id b "$BORINGTUN" --foreground --disable-drop-privileges --log "$LOGS/$id.@SIDE@.out"
 }
 
 # OpenVPN 2.6 p2p over UDP in TLS mode (static-key mode cannot use AEAD

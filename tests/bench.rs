@@ -27,20 +27,22 @@ fn ip(d: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 0, 0, d)
 }
 
-fn stdout_json(what: &str, o: &Output) -> Result<Value> {
+/// The stdout of a command that must have succeeded.
+fn stdout_text(what: &str, o: &Output) -> Result<String> {
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
     ensure!(
         o.status.success(),
-        "{what} failed ({}):\n{}{}",
+        "{what} failed ({}):\n{out}{}",
         netns::describe_status(o.status),
-        String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    serde_json::from_slice(&o.stdout).with_context(|| {
-        format!(
-            "{what}: stdout is not one JSON object:\n{}",
-            String::from_utf8_lossy(&o.stdout)
-        )
-    })
+    Ok(out)
+}
+
+fn stdout_json(what: &str, o: &Output) -> Result<Value> {
+    let out = stdout_text(what, o)?;
+    serde_json::from_str(&out)
+        .with_context(|| format!("{what}: stdout is not one JSON object:\n{out}"))
 }
 
 fn num(v: &Value, k: &str) -> Result<f64> {
@@ -204,12 +206,7 @@ fn bench_latency_and_throughput_over_the_overlay() {
             ],
             Duration::from_secs(60),
         )?;
-        let out = String::from_utf8_lossy(&o.stdout);
-        ensure!(
-            o.status.success(),
-            "bench latency --interval-us 200 failed: {out}{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let out = stdout_text("bench latency --interval-us 200", &o)?;
         eprintln!("bench latency --count 2000 --interval-us 200:\n{out}");
         ensure!(
             out.contains("p99.9") && out.contains("count 2000"),
@@ -286,12 +283,7 @@ fn bench_latency_and_throughput_over_the_overlay() {
             ],
             Duration::from_secs(60),
         )?;
-        let out = String::from_utf8_lossy(&o.stdout);
-        ensure!(
-            o.status.success(),
-            "bench throughput failed: {out}{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let out = stdout_text("bench throughput", &o)?;
         eprintln!("bench throughput --duration 1:\n{out}");
         ensure!(
             out.contains("Gbit/s") && out.contains("cpu0"),

@@ -92,14 +92,6 @@ impl FreshAttachments {
     pub fn hints(&self) -> Vec<(Ipv4Addr, Ipv4Addr)> {
         self.by_en.iter().map(|(en, e)| (*en, e.cn)).collect()
     }
-
-    pub fn len(&self) -> usize {
-        self.by_en.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_en.is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -135,9 +127,9 @@ mod tests {
         assert!(!a.observe(later, ip(25), 7, 3, ip(20)));
         // The repeat extended the entry past the first deadline.
         assert!(!a.expire(t + FRESH_ATTACHMENT_TTL));
-        assert_eq!(a.len(), 1);
+        assert_eq!(a.hints().len(), 1);
         assert!(a.expire(later + FRESH_ATTACHMENT_TTL));
-        assert!(a.is_empty());
+        assert!(a.hints().is_empty());
     }
 
     #[test]

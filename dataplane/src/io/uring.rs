@@ -940,12 +940,8 @@ impl Core {
             }
             Command::CloseLink { id } => self.close_link(id),
             Command::SendFrame { id, packet } => {
-                if packet.len() <= BUF_SIZE {
-                    if let Some(slot) = self.free.pop() {
-                        let slot = slot as usize;
-                        self.slot_buf(slot)[..packet.len()].copy_from_slice(&packet);
-                        self.send_link(id, slot, 0, packet.len());
-                    }
+                if let Some(slot) = self.copy_to_slot(&packet) {
+                    self.send_link(id, slot, 0, packet.len());
                 }
             }
         }
@@ -957,16 +953,27 @@ impl Core {
             return;
         }
         while let Some((id, v)) = self.cfg.shared.link_inbox.pop() {
-            if let Some(slot) = self.free.pop() {
-                let slot = slot as usize;
-                let n = v.len().min(BUF_SIZE);
-                self.slot_buf(slot)[..n].copy_from_slice(&v[..n]);
-                self.send_link(id, slot, 0, n);
-            } else {
-                self.fwd.counters.drop(DropReason::LinkFull);
+            if let Some(slot) = self.copy_to_slot(&v) {
+                self.send_link(id, slot, 0, v.len());
             }
             let _ = self.cfg.shared.link_pool.push(v);
         }
+    }
+
+    /// A packet another thread handed over, copied into a free slot; a
+    /// packet no slot can hold, or no free slot, is counted as dropped.
+    fn copy_to_slot(&mut self, bytes: &[u8]) -> Option<usize> {
+        if bytes.len() > BUF_SIZE {
+            self.fwd.counters.drop(DropReason::TooBig);
+            return None;
+        }
+        let Some(slot) = self.free.pop() else {
+            self.fwd.counters.drop(DropReason::LinkFull);
+            return None;
+        };
+        let slot = slot as usize;
+        self.slot_buf(slot)[..bytes.len()].copy_from_slice(bytes);
+        Some(slot)
     }
 
     fn run(&mut self) -> Result<(), IoError> {
@@ -1473,16 +1480,8 @@ impl Core {
 
     fn drain_handoff(&mut self, now: Instant, routes: &RouteTable) {
         while let Some(v) = self.cfg.shared.handoff[self.cfg.index].pop() {
-            if v.len() <= BUF_SIZE {
-                if let Some(slot) = self.free.pop() {
-                    let slot = slot as usize;
-                    self.slot_buf(slot)[..v.len()].copy_from_slice(&v);
-                    self.dispatch_inbound(now, routes, slot, 0, v.len());
-                } else {
-                    self.fwd.counters.drop(DropReason::LinkFull);
-                }
-            } else {
-                self.fwd.counters.drop(DropReason::TooBig);
+            if let Some(slot) = self.copy_to_slot(&v) {
+                self.dispatch_inbound(now, routes, slot, 0, v.len());
             }
             let _ = self.cfg.shared.link_pool.push(v);
         }
