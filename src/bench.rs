@@ -26,6 +26,7 @@ use std::fs::File;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -415,7 +416,7 @@ fn latency(a: &LatencyArgs) -> anyhow::Result<()> {
         .map_err(|e| net_error(e, target, "probes", timeout))?;
     let source = sock.local_addr()?.ip();
     // Fail on an unwritable --hgrm/--plot now, not after the run.
-    let mut files = OutputFiles::create(&[&a.hgrm, &a.plot])?;
+    let files = OutputFiles::prepare(&[&a.hgrm, &a.plot])?;
     let p = Probing {
         target,
         nonce: rand::random(),
@@ -464,7 +465,6 @@ fn latency(a: &LatencyArgs) -> anyhow::Result<()> {
             plot: a.plot.display().to_string(),
         },
     };
-    files.write(0, &hgrm(&hist, HGRM_SCALE))?;
     let mode = if a.interval_us == 0 {
         "ping-pong".to_string()
     } else {
@@ -475,11 +475,10 @@ fn latency(a: &LatencyArgs) -> anyhow::Result<()> {
         "{count} of {} probes answered, {} B, {mode}; p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
         a.count, a.size, report.p50_us, report.p99_us, report.max_us
     );
-    files.write(
-        1,
+    files.commit(&[
+        &hgrm(&hist, HGRM_SCALE),
         &latency_svg(&percentile_rows(&hist), hist.max(), &title, &subtitle),
-    )?;
-    files.written = true;
+    ])?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -488,39 +487,210 @@ fn latency(a: &LatencyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--hgrm` and `--plot`: created (truncated) before the run, so that a
-/// bad path fails at once rather than after it; removed again unless the
-/// run gets to write them.
+/// `--hgrm` and `--plot`. A failed run must leave whatever was at those
+/// paths as it was, and a bad path should fail before the run, not after
+/// it. So a regular (or not yet existing) destination gets a new temporary
+/// file beside it at once (`create_new`: never one that exists), which
+/// replaces the destination by `rename` only when the run succeeded; a
+/// failed run removes only that temporary file. Anything else (`/dev/null`,
+/// a FIFO, `/dev/stdout`) is not a file to replace: it is opened at the end
+/// and written into as it is, never created, truncated, renamed over or
+/// removed.
 struct OutputFiles {
-    files: Vec<(File, PathBuf)>,
-    written: bool,
+    outs: Vec<Output>,
+}
+
+enum Output {
+    Staged(Staged),
+    /// Written straight into at commit.
+    Direct(PathBuf),
+}
+
+/// A temporary file we created, and the destination it is to replace.
+struct Staged {
+    file: File,
+    tmp: PathBuf,
+    id: (u64, u64),
+    dest: PathBuf,
+    /// Renamed into place: nothing of ours left to remove.
+    done: bool,
+}
+
+/// How a destination is written, decided from what is at the path now.
+#[derive(Debug, PartialEq, Eq)]
+enum Destination {
+    /// Regular file or nothing: staged, then renamed over this path (a
+    /// symlink's target, so that the link stays a link).
+    Replace(PathBuf),
+    /// Written into as it is.
+    Direct,
+}
+
+fn destination(p: &Path) -> anyhow::Result<Destination> {
+    // Paths in /dev and /proc name devices and open descriptors
+    // (/dev/stdout, /dev/fd/3), never a file to replace, even when the
+    // descriptor is a regular file (the shell's `> out`).
+    if p.starts_with("/dev") || p.starts_with("/proc") {
+        return Ok(Destination::Direct);
+    }
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_dir() => bail!("{} is a directory", p.display()),
+        Ok(m) if m.is_file() => {
+            let is_link = std::fs::symlink_metadata(p)
+                .with_context(|| format!("checking {}", p.display()))?
+                .file_type()
+                .is_symlink();
+            Ok(Destination::Replace(if is_link {
+                std::fs::canonicalize(p).with_context(|| format!("resolving {}", p.display()))?
+            } else {
+                p.to_path_buf()
+            }))
+        }
+        Ok(_) => Ok(Destination::Direct),
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            if std::fs::symlink_metadata(p).is_ok() {
+                bail!("{} is a symbolic link to nothing", p.display());
+            }
+            Ok(Destination::Replace(p.to_path_buf()))
+        }
+        Err(e) => Err(e).with_context(|| format!("checking {}", p.display())),
+    }
+}
+
+/// Creates a new temporary file in `dest`'s directory (so that `rename`
+/// replaces `dest` in one step), under a name nobody else uses.
+fn create_temp(dest: &Path) -> io::Result<(File, PathBuf)> {
+    let dir = match dest.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    // Short enough that the name stays within NAME_MAX (255).
+    let stem: String = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().chars().take(64).collect())
+        .unwrap_or_default();
+    loop {
+        let tmp = dir.join(format!(
+            ".{stem}.ela-fast-{:016x}.tmp",
+            rand::random::<u64>()
+        ));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((f, tmp)),
+            // 64 random bits: a clash is someone else's file; pick again.
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 impl OutputFiles {
-    fn create(paths: &[&Path]) -> anyhow::Result<OutputFiles> {
-        let mut out = OutputFiles {
-            files: Vec::new(),
-            written: false,
-        };
+    fn prepare(paths: &[&Path]) -> anyhow::Result<OutputFiles> {
+        let mut out = OutputFiles { outs: Vec::new() };
         for p in paths {
-            let f = File::create(p).with_context(|| format!("creating {}", p.display()))?;
-            out.files.push((f, p.to_path_buf()));
+            match destination(p)? {
+                Destination::Direct => {
+                    check_writable(p)?;
+                    out.outs.push(Output::Direct(p.to_path_buf()));
+                }
+                Destination::Replace(dest) => {
+                    // A file we may not write is not ours to replace either
+                    // (renaming over it would only need the directory).
+                    if dest.exists() {
+                        check_writable(&dest)?;
+                    }
+                    let (file, tmp) = create_temp(&dest)
+                        .with_context(|| format!("cannot write {}", p.display()))?;
+                    let m = match file.metadata() {
+                        Ok(m) => m,
+                        Err(e) => {
+                            // Just created by us (create_new).
+                            let _ = std::fs::remove_file(&tmp);
+                            return Err(e).with_context(|| format!("checking {}", tmp.display()));
+                        }
+                    };
+                    // A file being replaced keeps its permission bits (not
+                    // set-id bits: this is a new file).
+                    if let Ok(old) = std::fs::metadata(&dest) {
+                        let mode = old.permissions().mode() & 0o777;
+                        let _ = file.set_permissions(std::fs::Permissions::from_mode(mode));
+                    }
+                    out.outs.push(Output::Staged(Staged {
+                        file,
+                        tmp,
+                        id: (m.dev(), m.ino()),
+                        dest,
+                        done: false,
+                    }));
+                }
+            }
         }
         Ok(out)
     }
 
-    fn write(&mut self, i: usize, text: &str) -> anyhow::Result<()> {
-        let (f, p) = &mut self.files[i];
-        f.write_all(text.as_bytes())
-            .with_context(|| format!("writing {}", p.display()))
+    /// Writes `texts` (one per path, in order) and puts them in place.
+    fn commit(mut self, texts: &[&str]) -> anyhow::Result<()> {
+        for (o, text) in self.outs.iter_mut().zip(texts) {
+            match o {
+                Output::Staged(st) => st.file.write_all(text.as_bytes()).with_context(|| {
+                    format!("writing {} (into {})", st.dest.display(), st.tmp.display())
+                })?,
+                Output::Direct(p) => {
+                    // No create, no truncate: a FIFO or a device takes the
+                    // bytes; append, so that a file behind /dev/stdout or
+                    // /dev/fd/N loses nothing.
+                    let mut f = std::fs::OpenOptions::new()
+                        .append(true)
+                        .open(&*p)
+                        .with_context(|| format!("opening {}", p.display()))?;
+                    f.write_all(text.as_bytes())
+                        .with_context(|| format!("writing {}", p.display()))?;
+                }
+            }
+        }
+        for o in &mut self.outs {
+            if let Output::Staged(st) = o {
+                std::fs::rename(&st.tmp, &st.dest).with_context(|| {
+                    format!(
+                        "moving {} into place as {}",
+                        st.tmp.display(),
+                        st.dest.display()
+                    )
+                })?;
+                st.done = true;
+            }
+        }
+        Ok(())
     }
+}
+
+/// Fails now, before the run, on a destination we may not write.
+fn check_writable(p: &Path) -> anyhow::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| anyhow!("{} contains a NUL byte", p.display()))?;
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(e).with_context(|| format!("cannot write {}", p.display()));
+    }
+    Ok(())
 }
 
 impl Drop for OutputFiles {
     fn drop(&mut self) {
-        if !self.written {
-            for (_, p) in &self.files {
-                let _ = std::fs::remove_file(p);
+        for o in &self.outs {
+            if let Output::Staged(st) = o {
+                // Only our temporary file, and only if the name still
+                // names it.
+                let ours = std::fs::symlink_metadata(&st.tmp)
+                    .is_ok_and(|m| m.is_file() && (m.dev(), m.ino()) == st.id);
+                if !st.done && ours {
+                    let _ = std::fs::remove_file(&st.tmp);
+                }
             }
         }
     }
@@ -1726,6 +1896,166 @@ processes 1234
         assert_eq!(stat_cpu_ticks(s).unwrap(), 22);
         assert!(stat_cpu_ticks("garbage").is_err());
         assert!(read_self_ticks().is_ok());
+    }
+
+    /// A fresh directory under the system temp dir, removed (with only
+    /// what the test put in it) on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            let p = std::env::temp_dir().join(format!(
+                "ela-bench-{tag}-{}-{:016x}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            std::fs::create_dir(&p).unwrap();
+            TempDir(p)
+        }
+
+        /// Names in the directory, sorted.
+        fn names(&self) -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(&self.0)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn mkfifo(p: &Path) {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+        // SAFETY: `c` is a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    }
+
+    fn is_fifo(p: &Path) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_fifo())
+    }
+
+    #[test]
+    fn failed_runs_leave_existing_outputs_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = TempDir::new("keep");
+        let (old, new) = (d.0.join("old.hgrm"), d.0.join("new.svg"));
+        std::fs::write(&old, "precious").unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let files = OutputFiles::prepare(&[&old, &new]).unwrap();
+        // Both staged beside their destination, nothing touched yet.
+        assert_eq!(d.names().len(), 3, "{:?}", d.names());
+        assert_eq!(std::fs::read_to_string(&old).unwrap(), "precious");
+        drop(files); // the run failed
+        assert_eq!(std::fs::read_to_string(&old).unwrap(), "precious");
+        assert_eq!(
+            d.names(),
+            ["old.hgrm"],
+            "a failed run left or removed files"
+        );
+
+        // A successful run replaces the old file (keeping its mode) and
+        // creates the new one.
+        OutputFiles::prepare(&[&old, &new])
+            .unwrap()
+            .commit(&["hgrm", "svg"])
+            .unwrap();
+        assert_eq!(std::fs::read_to_string(&old).unwrap(), "hgrm");
+        assert_eq!(std::fs::read_to_string(&new).unwrap(), "svg");
+        let mode = std::fs::metadata(&old).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
+        assert_eq!(d.names(), ["new.svg", "old.hgrm"]);
+    }
+
+    #[test]
+    fn a_replaced_temporary_file_is_not_removed() {
+        let d = TempDir::new("tmp");
+        let dest = d.0.join("out.hgrm");
+        let files = OutputFiles::prepare(&[&dest]).unwrap();
+        let [tmp] = &d.names()[..] else {
+            panic!("{:?}", d.names())
+        };
+        let tmp = d.0.join(tmp);
+        let other = d.0.join("other");
+        std::fs::write(&other, "someone else's").unwrap();
+        std::fs::rename(&other, &tmp).unwrap();
+        drop(files);
+        assert_eq!(std::fs::read_to_string(&tmp).unwrap(), "someone else's");
+    }
+
+    #[test]
+    fn symlinks_fifos_and_devices_are_written_through() {
+        let d = TempDir::new("through");
+        // A symlink to a regular file: the target is replaced, the link
+        // stays.
+        let target = d.0.join("target.hgrm");
+        let link = d.0.join("link.hgrm");
+        std::fs::write(&target, "precious").unwrap();
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        drop(OutputFiles::prepare(&[&link]).unwrap());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
+        OutputFiles::prepare(&[&link])
+            .unwrap()
+            .commit(&["new"])
+            .unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "new");
+
+        // A FIFO: a failed run neither opens nor removes it; a successful
+        // one writes into it.
+        let fifo = d.0.join("fifo");
+        mkfifo(&fifo);
+        drop(OutputFiles::prepare(&[&fifo]).unwrap());
+        assert!(is_fifo(&fifo), "a failed run removed the FIFO");
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read_to_string(fifo).unwrap())
+        };
+        OutputFiles::prepare(&[&fifo])
+            .unwrap()
+            .commit(&["through the pipe"])
+            .unwrap();
+        assert_eq!(reader.join().unwrap(), "through the pipe");
+        assert!(is_fifo(&fifo));
+        assert_eq!(d.names(), ["fifo", "link.hgrm", "target.hgrm"]);
+
+        // Devices and descriptors are written into, never replaced. Only
+        // classified here: no test writes, let alone removes, in /dev.
+        for p in ["/dev/null", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/2"] {
+            assert_eq!(
+                destination(Path::new(p)).unwrap(),
+                Destination::Direct,
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn unusable_destinations_fail_before_the_run() {
+        let d = TempDir::new("bad");
+        let msg = |r: anyhow::Result<OutputFiles>| format!("{:#}", r.err().expect("accepted"));
+        let m = msg(OutputFiles::prepare(&[&d.0]));
+        assert!(m.contains("is a directory"), "{m}");
+        let dangling = d.0.join("dangling");
+        std::os::unix::fs::symlink(d.0.join("nothing"), &dangling).unwrap();
+        let m = msg(OutputFiles::prepare(&[&dangling]));
+        assert!(m.contains("symbolic link to nothing"), "{m}");
+        let m = msg(OutputFiles::prepare(&[&d.0.join("no/such/dir.hgrm")]));
+        assert!(m.contains("cannot write") && !m.contains('\n'), "{m}");
+        // The second path fails: the first one's temporary file goes.
+        let ok = d.0.join("ok.hgrm");
+        let _ = msg(OutputFiles::prepare(&[&ok, &d.0]));
+        assert_eq!(d.names(), ["dangling"]);
     }
 
     #[test]

@@ -113,10 +113,12 @@ pub struct LatencyArgs {
     /// Probes sent first and not recorded.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub warmup: u64,
-    /// Where to write the HdrHistogram percentile distribution (µs).
+    /// Where to write the HdrHistogram percentile distribution (µs). A file
+    /// there is replaced only when the run succeeds; a device or FIFO (e.g.
+    /// /dev/null) is written into as it is.
     #[arg(long, default_value = "latency.hgrm")]
     pub hgrm: PathBuf,
-    /// Where to write the SVG plot (latency vs percentile).
+    /// Where to write the SVG plot (latency vs percentile); as --hgrm.
     #[arg(long, default_value = "latency.svg")]
     pub plot: PathBuf,
     /// Print one JSON object instead of the table.
@@ -196,7 +198,10 @@ pub struct RunArgs {
     pub cores: Option<String>,
     #[arg(long, value_enum, default_value = "auto")]
     pub role: RoleArg,
-    /// Local control socket for `ela-fast status`.
+    /// Local control socket for `ela-fast status` (default
+    /// /run/ela-fast/IFACE.sock). Refused if the path exists and is not a
+    /// socket, or a running node answers on it; a dead node's socket is
+    /// replaced.
     #[arg(long)]
     pub control: Option<PathBuf>,
     /// Seconds to wait for a bootstrap member to answer.

@@ -8,6 +8,16 @@
 //! carries a random 64-bit nonce (its counter), its send time, and the
 //! hour (its key epoch, in the header). Packets older than [`MAX_AGE`], or
 //! whose nonce was already seen, are dropped.
+//!
+//! Every message is bound to its sender (header source), its recipient
+//! (header destination) and its channel: the sealed body starts with the
+//! send time and a 16-byte [`Channel`]. A message on an EN↔CN TCP link
+//! carries the nonce the *receiving* end chose for that connection (its
+//! `Hello`), so a frame captured on one link means nothing on another; a
+//! `JoinReply` carries its request's nonce; everything else is
+//! [`NO_CHANNEL`] and addressed to one member. The caller checks both
+//! (`Control::on_packet`), since only it knows which channel a packet
+//! came in on.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -22,9 +32,35 @@ use ela_dataplane::wire::{Header, PacketType, HEADER_LEN, TAG_LEN};
 pub const MAX_AGE: Duration = Duration::from_secs(60);
 /// Control keys roll every hour.
 const EPOCH_MS: u64 = 3_600_000;
+/// What binds a control message to the connection or request it answers.
+pub type Channel = [u8; 16];
+/// The channel of messages that are not bound to a link or a request.
+pub const NO_CHANNEL: Channel = [0; 16];
+/// Sealed body: send time, then the channel, then the message.
+const PREFIX: usize = 8 + 16;
 /// The longest encoded [`ControlMsg`] one control packet carries: a
-/// sealed payload holds the 8-byte send time and the message.
-pub const MAX_CONTROL_BODY: usize = MAX_PAYLOAD - 8;
+/// sealed payload holds the send time, the channel and the message.
+pub const MAX_CONTROL_BODY: usize = MAX_PAYLOAD - PREFIX;
+/// Header, send time, channel and tag around a message.
+pub const CONTROL_OVERHEAD: usize = HEADER_LEN + PREFIX + TAG_LEN;
+
+/// An authenticated, fresh control packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Opened {
+    pub hdr: Header,
+    pub channel: Channel,
+    pub msg: ControlMsg,
+}
+
+/// A fresh random channel nonce (never [`NO_CHANNEL`]).
+pub fn new_channel() -> Channel {
+    loop {
+        let c: Channel = rand::random();
+        if c != NO_CHANNEL {
+            return c;
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ControlDrop {
@@ -85,9 +121,16 @@ impl ControlCodec {
         self.keys.iter().find(|(e, _)| *e == epoch).map(|(_, k)| k)
     }
 
-    pub fn seal(&mut self, msg: &ControlMsg, src: Ipv4Addr, dst: Ipv4Addr, now_ms: u64) -> Vec<u8> {
+    pub fn seal(
+        &mut self,
+        msg: &ControlMsg,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        channel: &Channel,
+        now_ms: u64,
+    ) -> Vec<u8> {
         let body = msg.encode();
-        let payload_len = 8 + body.len();
+        let payload_len = PREFIX + body.len();
         let mut buf = vec![0u8; HEADER_LEN + payload_len + TAG_LEN];
         let epoch = epoch_at(now_ms);
         Header {
@@ -100,7 +143,8 @@ impl ControlCodec {
         }
         .write(&mut buf);
         buf[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&now_ms.to_be_bytes());
-        buf[HEADER_LEN + 8..HEADER_LEN + payload_len].copy_from_slice(&body);
+        buf[HEADER_LEN + 8..HEADER_LEN + PREFIX].copy_from_slice(channel);
+        buf[HEADER_LEN + PREFIX..HEADER_LEN + payload_len].copy_from_slice(&body);
         let keys = self
             .keys(epoch, now_ms)
             .expect("the current epoch is accepted");
@@ -111,24 +155,30 @@ impl ControlCodec {
         buf
     }
 
-    /// Authenticates without decrypting or recording the nonce: for
-    /// relaying a control packet to its destination unchanged.
-    pub fn verify(&mut self, pkt: &[u8], now_ms: u64) -> Option<Header> {
-        let hdr = Header::parse(pkt).ok()?;
-        if hdr.ptype != PacketType::Control {
-            return None;
-        }
-        self.keys(hdr.epoch, now_ms)?
-            .verify(pkt)
-            .is_ok()
-            .then_some(hdr)
+    /// For relaying a control packet to its destination unchanged: it
+    /// must authenticate and be fresh, and its nonce is recorded, so a
+    /// relay forwards no replay and nothing stale. Leaves `pkt` as it is.
+    pub fn check_relay(&mut self, pkt: &[u8], now_ms: u64) -> Result<Header, ControlDrop> {
+        let mut copy = pkt.to_vec();
+        let (hdr, _) = self.open_fresh(&mut copy, now_ms)?;
+        Ok(hdr)
     }
 
-    pub fn open(
+    pub fn open(&mut self, pkt: &mut [u8], now_ms: u64) -> Result<Opened, ControlDrop> {
+        let (hdr, plain) = self.open_fresh(pkt, now_ms)?;
+        let channel: Channel = plain[8..PREFIX].try_into().expect("16 bytes");
+        let msg = ControlMsg::decode(&plain[PREFIX..]).map_err(|_| ControlDrop::Undecodable)?;
+        Ok(Opened { hdr, channel, msg })
+    }
+
+    /// Authenticates, decrypts in place, and checks freshness: the send
+    /// time within [`MAX_AGE`] of ours and its hour the header's, and a
+    /// nonce not seen before. Returns the plaintext (≥ [`PREFIX`] bytes).
+    fn open_fresh<'p>(
         &mut self,
-        pkt: &mut [u8],
+        pkt: &'p mut [u8],
         now_ms: u64,
-    ) -> Result<(Header, ControlMsg), ControlDrop> {
+    ) -> Result<(Header, &'p [u8]), ControlDrop> {
         let hdr = Header::parse(pkt).map_err(|_| ControlDrop::Malformed)?;
         if hdr.ptype != PacketType::Control {
             return Err(ControlDrop::Malformed);
@@ -139,7 +189,7 @@ impl ControlCodec {
             _ => ControlDrop::BadTag,
         })?;
         let plain = &pkt[range];
-        if plain.len() < 8 {
+        if plain.len() < PREFIX {
             return Err(ControlDrop::Malformed);
         }
         let sent_ms = u64::from_be_bytes(plain[..8].try_into().expect("8 bytes"));
@@ -155,8 +205,7 @@ impl ControlCodec {
         if self.seen.insert(hdr.counter, sent_ms).is_some() {
             return Err(ControlDrop::Replay);
         }
-        let msg = ControlMsg::decode(&plain[8..]).map_err(|_| ControlDrop::Undecodable)?;
-        Ok((hdr, msg))
+        Ok((hdr, plain))
     }
 }
 
@@ -173,24 +222,76 @@ mod tests {
         let msg = ControlMsg::Swim(vec![9; 100]);
         let src = Ipv4Addr::new(10, 0, 0, 1);
         let now = 1_700_000_000_000;
-        let mut p = a.seal(&msg, src, Ipv4Addr::UNSPECIFIED, now);
+        let chan = [3u8; 16];
+        let mut p = a.seal(&msg, src, Ipv4Addr::UNSPECIFIED, &chan, now);
         let mut p2 = p.clone();
-        assert!(a.verify(&p, now).is_some());
-        let (h, m) = a.open(&mut p, now + 5).unwrap();
-        assert_eq!(m, msg);
-        assert_eq!(h.src, src);
+        let o = a.open(&mut p, now + 5).unwrap();
+        assert_eq!(o.msg, msg);
+        assert_eq!(o.hdr.src, src);
+        assert_eq!(o.channel, chan);
         assert_eq!(a.open(&mut p2, now + 6), Err(ControlDrop::Replay));
-        let mut old = a.seal(&msg, src, src, now - 61_000);
+        let mut old = a.seal(&msg, src, src, &NO_CHANNEL, now - 61_000);
         assert_eq!(a.open(&mut old, now), Err(ControlDrop::Stale));
         // Two hours old: not even a key for it.
-        let mut older = a.seal(&msg, src, src, now - 2 * EPOCH_MS);
+        let mut older = a.seal(&msg, src, src, &NO_CHANNEL, now - 2 * EPOCH_MS);
         assert_eq!(a.open(&mut older, now), Err(ControlDrop::Stale));
         let mut other = ControlCodec::new(&GroupSecret::from_bytes([2; 32]));
-        let mut p3 = a.seal(&msg, src, src, now);
-        assert!(other.verify(&p3, now).is_none());
+        let mut p3 = a.seal(&msg, src, src, &NO_CHANNEL, now);
+        assert_eq!(other.check_relay(&p3, now), Err(ControlDrop::BadTag));
         assert_eq!(other.open(&mut p3, now), Err(ControlDrop::BadTag));
         let mut short = vec![1u8; 10];
         assert_eq!(a.open(&mut short, now), Err(ControlDrop::Malformed));
+    }
+
+    /// The channel and the destination are inside what the tag covers: a
+    /// captured packet cannot be re-bound to another link or member.
+    #[test]
+    fn channel_and_destination_are_authenticated() {
+        let s = GroupSecret::from_bytes([5; 32]);
+        let mut a = ControlCodec::new(&s);
+        let mut b = ControlCodec::new(&s);
+        let now = 1_700_000_000_000;
+        let src = Ipv4Addr::new(10, 0, 0, 1);
+        let dst = Ipv4Addr::new(10, 0, 0, 2);
+        let p = a.seal(&ControlMsg::Keepalive, src, dst, &[7; 16], now);
+        // Flip any bit of the channel (payload bytes 8..24 after the
+        // header) or of the destination: it no longer opens.
+        for i in (HEADER_LEN + 8..HEADER_LEN + 24).chain(12..16) {
+            let mut q = p.clone();
+            q[i] ^= 1;
+            assert_eq!(b.open(&mut q, now), Err(ControlDrop::BadTag), "byte {i}");
+        }
+        let mut q = p.clone();
+        let o = b.open(&mut q, now).unwrap();
+        assert_eq!((o.channel, o.hdr.dst), ([7; 16], dst));
+    }
+
+    /// A relay forwards a control packet only if it is authentic, fresh
+    /// and new to it (issue 9: 12-minute-old packets were relayed).
+    #[test]
+    fn relays_check_freshness_and_replay() {
+        let s = GroupSecret::from_bytes([6; 32]);
+        let mut a = ControlCodec::new(&s);
+        let mut relay = ControlCodec::new(&s);
+        let mut dest = ControlCodec::new(&s);
+        let now = 1_700_000_000_000;
+        let (src, dst) = (Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 9));
+        let msg = ControlMsg::Swim(vec![1; 40]);
+        let mut p = a.seal(&msg, src, dst, &NO_CHANNEL, now);
+        let h = relay.check_relay(&p, now + 10).unwrap();
+        assert_eq!(h.dst, dst);
+        assert_eq!(relay.check_relay(&p, now + 20), Err(ControlDrop::Replay));
+        // Relaying leaves it intact for its recipient.
+        assert_eq!(dest.open(&mut p, now + 30).unwrap().msg, msg);
+        let old = a.seal(&msg, src, dst, &NO_CHANNEL, now - 12 * 60_000);
+        assert_eq!(relay.check_relay(&old, now), Err(ControlDrop::Stale));
+    }
+
+    #[test]
+    fn new_channels_are_never_the_empty_one() {
+        let a = new_channel();
+        assert_ne!(a, NO_CHANNEL);
+        assert_ne!(a, new_channel());
     }
 
     /// A CN answering a join in a large group: before replies were cut
@@ -218,6 +319,7 @@ mod tests {
             Ipv4Addr::new(10, 0, 0, 0),
             16,
             members,
+            None,
             MAX_CONTROL_BODY,
         );
         let ControlMsg::JoinReply { members: kept, .. } = &msg else {
@@ -225,8 +327,8 @@ mod tests {
         };
         assert!(kept.len() > 300, "only {} members fit", kept.len());
         let ip = Ipv4Addr::new(10, 0, 0, 1);
-        let mut p = a.seal(&msg, ip, Ipv4Addr::UNSPECIFIED, now);
-        assert_eq!(b.open(&mut p, now + 1).unwrap().1, msg);
+        let mut p = a.seal(&msg, ip, Ipv4Addr::UNSPECIFIED, &NO_CHANNEL, now);
+        assert_eq!(b.open(&mut p, now + 1).unwrap().msg, msg);
     }
 
     #[test]
@@ -238,9 +340,9 @@ mod tests {
         let ip = Ipv4Addr::new(10, 0, 0, 1);
         // Sent just before the hour, opened just after.
         let t = 1_700_000_000_000 / EPOCH_MS * EPOCH_MS + EPOCH_MS - 1_000;
-        let mut p = a.seal(&msg, ip, ip, t);
-        assert_eq!(b.open(&mut p, t + 2_000).unwrap().1, msg);
-        let q = a.seal(&msg, ip, ip, t + 2_000);
+        let mut p = a.seal(&msg, ip, ip, &NO_CHANNEL, t);
+        assert_eq!(b.open(&mut p, t + 2_000).unwrap().msg, msg);
+        let q = a.seal(&msg, ip, ip, &NO_CHANNEL, t + 2_000);
         assert_ne!(
             Header::parse(&p).unwrap().epoch,
             Header::parse(&q).unwrap().epoch

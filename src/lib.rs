@@ -8,4 +8,5 @@ pub mod control_codec;
 pub mod demo;
 pub mod netns;
 pub mod node;
+pub mod pending;
 pub mod status;

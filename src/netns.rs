@@ -1612,6 +1612,433 @@ pub fn contains_bytes(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
+// ---- hostile-network support (tests/hostile.rs) ------------------------
+//
+// Underlay MTU, packet captures that outlive one closure, a spoofing raw
+// sender, and the pcap parsing an attacker needs: UDP datagrams and
+// reassembled TCP streams.
+
+/// A tcpdump running in one host's namespace, writing a pcap into the lab
+/// directory; see [`Lab::start_capture`].
+#[derive(Debug)]
+pub struct Capture {
+    pid: u32,
+    pcap: PathBuf,
+    log: PathBuf,
+}
+
+impl Capture {
+    /// The pcap file being written.
+    pub fn path(&self) -> &Path {
+        &self.pcap
+    }
+}
+
+impl Lab {
+    /// Sets the MTU of a bridged host's underlay link: its `eth0` and its
+    /// port on the hub's bridge (both ends of the veth pair), so every
+    /// path to or from the host carries at most `mtu` bytes per IP packet.
+    /// Not for hosts behind a NAT router.
+    pub fn set_mtu(&self, h: HostId, mtu: u32) -> Result<()> {
+        ensure!(h.0 < self.hosts.len(), "no host {h:?} in this lab");
+        ensure!(
+            self.hosts[h.0].behind.is_none(),
+            "{} sits behind a NAT router; set_mtu handles bridged hosts only",
+            self.host_name(h)
+        );
+        let m = mtu.to_string();
+        self.ip(&["-n", self.netns(h), "link", "set", "eth0", "mtu", &m])?;
+        // `add_host` named the hub side of host index i `n<i+1>`.
+        let port = format!("n{}", h.0 + 1);
+        self.ip_in_hub(&["link", "set", &port, "mtu", &m])
+    }
+
+    /// Makes a bridged host's access link slow in one direction: what the
+    /// bridge delivers to `h` is limited to `kbit` kbit/s (a tc token
+    /// bucket on the hub side of its veth); what `h` sends is not. Undo
+    /// with [`Lab::clear_rate_limit`]. Needs `tc` (iproute2).
+    pub fn limit_rate_to(&self, h: HostId, kbit: u32) -> Result<()> {
+        ensure!(h.0 < self.hosts.len(), "no host {h:?} in this lab");
+        ensure!(
+            self.hosts[h.0].behind.is_none(),
+            "{} sits behind a NAT router; limit_rate_to handles bridged hosts only",
+            self.host_name(h)
+        );
+        let port = format!("n{}", h.0 + 1);
+        let rate = format!("{kbit}kbit");
+        self.tc_in_hub(&[
+            "qdisc", "replace", "dev", &port, "root", "tbf", "rate", &rate, "burst", "16kb",
+            "latency", "300ms",
+        ])
+    }
+
+    /// Undoes [`Lab::limit_rate_to`].
+    pub fn clear_rate_limit(&self, h: HostId) -> Result<()> {
+        ensure!(h.0 < self.hosts.len(), "no host {h:?} in this lab");
+        let port = format!("n{}", h.0 + 1);
+        self.tc_in_hub(&["qdisc", "del", "dev", &port, "root"])
+    }
+
+    fn tc_in_hub(&self, args: &[&str]) -> Result<()> {
+        let out = run_bounded(
+            Command::new("ip")
+                .args(["netns", "exec", self.hub.as_str(), "tc"])
+                .args(args),
+            Duration::from_secs(20),
+        )?;
+        ensure!(
+            out.status.success(),
+            "`tc {}` in the hub failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
+
+    /// Starts `tcpdump -i iface filter` in `h`'s namespace writing
+    /// `<dir>/<name>.pcap`, and returns once it is capturing. Stop it with
+    /// [`Lab::stop_capture`] ([`Drop`] stops it otherwise). Needs `tcpdump`.
+    pub fn start_capture(
+        &self,
+        h: HostId,
+        iface: &str,
+        filter: &str,
+        name: &str,
+    ) -> Result<Capture> {
+        let pcap = self.dir.join(format!("{name}.pcap"));
+        let log = self.dir.join(format!("tcpdump-{name}.log"));
+        let pcap_s = pcap.to_string_lossy().into_owned();
+        // -Z root: Debian's tcpdump otherwise drops to its own user and may
+        // not write into the lab dir. --immediate-mode -U: each packet is
+        // written as it arrives, so none is lost at SIGINT.
+        let pid = self.spawn(
+            h,
+            &[
+                "tcpdump",
+                "-i",
+                iface,
+                "-n",
+                "--immediate-mode",
+                "-U",
+                "-Z",
+                "root",
+                "-w",
+                &pcap_s,
+                filter,
+            ],
+            &log,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if fs::read_to_string(&log).is_ok_and(|s| s.contains("listening on")) {
+                return Ok(Capture { pid, pcap, log });
+            }
+            if let Some(st) = self.try_exit(pid) {
+                bail!(
+                    "tcpdump in {} exited ({}): {}",
+                    self.host_name(h),
+                    describe_status(st),
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            if Instant::now() >= deadline {
+                self.kill(pid, libc::SIGKILL);
+                bail!("tcpdump in {} did not start capturing", self.host_name(h));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops a capture (SIGINT, after 200 ms for the last packets to be
+    /// written) and reads it: the link type and every captured frame.
+    pub fn stop_capture(&self, c: Capture) -> Result<(u32, Vec<Vec<u8>>)> {
+        thread::sleep(Duration::from_millis(200));
+        self.kill(c.pid, libc::SIGINT);
+        let Some(st) = self.wait_exit(c.pid, Duration::from_secs(5)) else {
+            self.kill(c.pid, libc::SIGKILL);
+            bail!("tcpdump did not stop on SIGINT");
+        };
+        ensure!(
+            st.success(),
+            "tcpdump failed ({}): {}",
+            describe_status(st),
+            fs::read_to_string(&c.log).unwrap_or_default()
+        );
+        read_pcap(&c.pcap)
+    }
+}
+
+/// The IPv4 packet in a captured frame: Ethernet (linktype 1), Linux
+/// cooked (113) or raw IP (101, 12, 228); `None` for anything else.
+pub fn frame_ipv4(linktype: u32, frame: &[u8]) -> Option<&[u8]> {
+    let ip = match linktype {
+        1 if frame.len() >= 14 && frame[12..14] == [0x08, 0x00] => &frame[14..],
+        113 if frame.len() >= 16 && frame[14..16] == [0x08, 0x00] => &frame[16..],
+        101 | 12 | 228 => frame,
+        _ => return None,
+    };
+    if ip.len() < 20 || ip[0] >> 4 != 4 {
+        return None;
+    }
+    // Bounded by the total length (Ethernet pads short frames), unless the
+    // field is 0 or larger than what was captured (a GSO super-packet).
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    if total >= 20 && total <= ip.len() {
+        Some(&ip[..total])
+    } else {
+        Some(ip)
+    }
+}
+
+/// One captured UDP datagram.
+#[derive(Debug, Clone, Copy)]
+pub struct UdpDatagram<'a> {
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    /// The UDP payload. A GSO super-packet (several datagrams sent as one
+    /// and captured before segmentation) shows as one long payload.
+    pub payload: &'a [u8],
+}
+
+/// The UDP datagram in a captured frame, if it is IPv4/UDP (first
+/// fragment or unfragmented).
+pub fn udp_datagram(linktype: u32, frame: &[u8]) -> Option<UdpDatagram<'_>> {
+    let ip = frame_ipv4(linktype, frame)?;
+    let frag_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
+    if ip[9] != 17 || frag_offset != 0 {
+        return None;
+    }
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let udp = ip.get(ihl..)?;
+    if udp.len() < 8 {
+        return None;
+    }
+    let ulen = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+    let payload = if ulen >= 8 && ulen <= udp.len() {
+        &udp[8..ulen]
+    } else {
+        &udp[8..]
+    };
+    let addr = |a: &[u8], p: &[u8]| {
+        SocketAddrV4::new(
+            Ipv4Addr::new(a[0], a[1], a[2], a[3]),
+            u16::from_be_bytes([p[0], p[1]]),
+        )
+    };
+    Some(UdpDatagram {
+        src: addr(&ip[12..16], &udp[0..2]),
+        dst: addr(&ip[16..20], &udp[2..4]),
+        payload,
+    })
+}
+
+/// One direction of a captured TCP connection, its payload reassembled.
+#[derive(Debug, Clone)]
+pub struct TcpFlow {
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    /// The SYN was captured, so `data` starts at the first byte sent.
+    pub from_syn: bool,
+    /// The payload in sequence order, retransmitted bytes once, up to the
+    /// first hole in what was captured.
+    pub data: Vec<u8>,
+}
+
+/// Reassembles every TCP direction of a capture (IPv4 only), in order of
+/// first appearance. Sequence numbers count from the SYN when it was
+/// captured, else from the lowest one seen.
+pub fn tcp_flows(linktype: u32, frames: &[Vec<u8>]) -> Vec<TcpFlow> {
+    struct Acc {
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        isn: Option<u32>,
+        segs: Vec<(u32, Vec<u8>)>,
+    }
+    let mut flows: Vec<Acc> = Vec::new();
+    for f in frames {
+        let Some(ip) = frame_ipv4(linktype, f) else {
+            continue;
+        };
+        let frag = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff;
+        if ip[9] != 6 || frag != 0 {
+            continue;
+        }
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        let Some(tcp) = ip.get(ihl..) else {
+            continue;
+        };
+        if tcp.len() < 20 {
+            continue;
+        }
+        let doff = usize::from(tcp[12] >> 4) * 4;
+        let Some(payload) = tcp.get(doff..) else {
+            continue;
+        };
+        let src = SocketAddrV4::new(
+            Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+            u16::from_be_bytes([tcp[0], tcp[1]]),
+        );
+        let dst = SocketAddrV4::new(
+            Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+            u16::from_be_bytes([tcp[2], tcp[3]]),
+        );
+        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        let syn = tcp[13] & 0x02 != 0;
+        let i = match flows.iter().position(|a| a.src == src && a.dst == dst) {
+            // A new SYN on a known 4-tuple is a new connection.
+            Some(i) if !(syn && flows[i].isn.is_some_and(|s| s != seq)) => i,
+            _ => {
+                flows.push(Acc {
+                    src,
+                    dst,
+                    isn: None,
+                    segs: Vec::new(),
+                });
+                flows.len() - 1
+            }
+        };
+        let acc = &mut flows[i];
+        if syn {
+            acc.isn = Some(seq);
+        }
+        if !payload.is_empty() {
+            acc.segs.push((seq, payload.to_vec()));
+        }
+    }
+    flows
+        .into_iter()
+        .map(|a| {
+            let base = match a.isn {
+                Some(isn) => isn.wrapping_add(1),
+                None => a
+                    .segs
+                    .iter()
+                    .map(|s| s.0)
+                    .min_by_key(|&s| s.wrapping_sub(a.segs.first().map_or(0, |f| f.0)) as i32)
+                    .unwrap_or(0),
+            };
+            let mut segs: Vec<(u32, &[u8])> = a
+                .segs
+                .iter()
+                .map(|(s, p)| (s.wrapping_sub(base), p.as_slice()))
+                .filter(|(rel, _)| *rel < 1 << 31)
+                .collect();
+            segs.sort_by_key(|s| s.0);
+            let mut data: Vec<u8> = Vec::new();
+            for (rel, p) in segs {
+                let rel = rel as usize;
+                if rel > data.len() {
+                    break; // a hole: nothing after it is in order
+                }
+                let skip = data.len() - rel;
+                if skip < p.len() {
+                    data.extend_from_slice(&p[skip..]);
+                }
+            }
+            TcpFlow {
+                src: a.src,
+                dst: a.dst,
+                from_syn: a.isn.is_some(),
+                data,
+            }
+        })
+        .collect()
+}
+
+/// The one's-complement sum of RFC 1071 over `b`, folded and inverted.
+fn inet_checksum(b: &[u8]) -> u16 {
+    let mut sum: u32 = b
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4/UDP packet `src -> dst` carrying `payload`, with whatever source
+/// the caller names: header checksum set, UDP checksum 0 (none, as IPv4
+/// allows), TTL 64, no fragmentation. For [`send_raw_ipv4`].
+pub fn ipv4_udp_packet(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let total = 20 + 8 + payload.len();
+    assert!(total <= usize::from(u16::MAX), "UDP payload too large");
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[4..6].copy_from_slice(&rand::random::<u16>().to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.ip().octets());
+    p[16..20].copy_from_slice(&dst.ip().octets());
+    let c = inet_checksum(&p[..20]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p[20..22].copy_from_slice(&src.port().to_be_bytes());
+    p[22..24].copy_from_slice(&dst.port().to_be_bytes());
+    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p[28..].copy_from_slice(payload);
+    p
+}
+
+/// Sends one whole IPv4 packet (header included, e.g. from
+/// [`ipv4_udp_packet`]) through a raw `IPPROTO_RAW` socket, so its source
+/// address can be anyone's. Lab use only: it refuses to run on a thread
+/// that is in the process's own network namespace (call it inside
+/// [`Lab::in_netns`]) and to send anywhere but the lab underlay
+/// `172.31.0.0/24`.
+pub fn send_raw_ipv4(packet: &[u8]) -> Result<usize> {
+    ensure!(
+        packet.len() >= 20 && packet[0] >> 4 == 4,
+        "not an IPv4 packet"
+    );
+    let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+    ensure!(
+        dst.octets()[..3] == UNDERLAY_NET,
+        "raw sends go to the lab underlay only, not {dst}"
+    );
+    // The process (its main thread) stays in the namespace it started in;
+    // only threads that entered a lab namespace may send.
+    let here = fs::metadata("/proc/thread-self/ns/net").context("reading this thread's netns")?;
+    let home = fs::metadata("/proc/self/ns/net").context("reading the process's netns")?;
+    {
+        use std::os::unix::fs::MetadataExt;
+        ensure!(
+            (here.dev(), here.ino()) != (home.dev(), home.ino()),
+            "refusing a raw send from the process's own network namespace (use Lab::in_netns)"
+        );
+    }
+    // SAFETY: plain socket(2); the fd is owned (and closed) below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    ensure!(
+        fd >= 0,
+        "raw socket: {} (needs CAP_NET_RAW)",
+        io::Error::last_os_error()
+    );
+    // SAFETY: `fd` was just returned by socket(2) and is owned by no one else.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(dst.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: valid buffer and sockaddr for the duration of the call.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&sa as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    ensure!(n >= 0, "raw sendto {dst}: {}", io::Error::last_os_error());
+    Ok(n as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,8 +40,69 @@ use rand::Rng;
 use tracing::{debug, info, warn};
 
 use crate::cli::{self, CipherArg, IoArg, RoleArg, RunArgs};
-use crate::control_codec::{unix_ms, ControlCodec, ControlDrop, MAX_CONTROL_BODY};
+use crate::control_codec::{
+    new_channel, unix_ms, Channel, ControlCodec, ControlDrop, Opened, CONTROL_OVERHEAD,
+    MAX_CONTROL_BODY, NO_CHANNEL,
+};
+use crate::pending::{Admission, Admit, PendingConn, Read1, PENDING_TIMEOUT};
 use crate::status::{self, ControlCounters, EdgeView, MemberView, NodeInfo, StatusShared};
+
+/// Runs dataplane core `i`. A node whose dataplane is gone must not stay
+/// in the group as a black hole: when the core fails *or panics*, the node
+/// stops with the error (the control loop sees `stop` within a tick, and
+/// `run` returns what `fatal` carries), and the process exits non-zero.
+fn supervise_core<E: fmt::Display>(
+    i: usize,
+    run: impl FnOnce() -> Result<(), E>,
+    fatal: &Sender<String>,
+    stop: &AtomicBool,
+) {
+    let err = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => format!("dataplane core {i} stopped: {e}"),
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            format!("dataplane core {i} panicked: {what}")
+        }
+    };
+    tracing::error!("{err}");
+    let _ = fatal.send(err);
+    stop.store(true, Ordering::Relaxed);
+}
+
+/// How a control packet reached us.
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    Udp,
+    /// An established EN↔CN link, with the nonce of our `Hello` on it.
+    Link(Channel),
+}
+
+/// Whether an authentic, fresh control message is bound to us and to the
+/// way it came: link messages (`Attach`, `Keepalive`) to the nonce of our
+/// `Hello` on that very link; a `Hello` on a link and a `JoinRequest` over
+/// UDP to nothing (they start a binding); SWIM and `EdgeAttached` to no
+/// link but to our overlay address. Anything else is refused: a message
+/// captured anywhere means nothing to another member or on another
+/// connection. (Pending connections apply the same rule for `Hello`,
+/// `JoinRequest` and `Attach` in `on_pending_frame`.)
+fn is_bound(msg: &ControlMsg, via: Via, channel: &Channel, dst: Ipv4Addr, me: Ipv4Addr) -> bool {
+    match (msg, via) {
+        (ControlMsg::Attach { .. } | ControlMsg::Keepalive, Via::Link(mine)) => *channel == mine,
+        (ControlMsg::Hello { .. }, Via::Link(_)) => *channel == NO_CHANNEL,
+        (ControlMsg::JoinRequest { .. }, Via::Udp) => {
+            *channel == NO_CHANNEL && dst.is_unspecified()
+        }
+        (ControlMsg::Swim(_) | ControlMsg::EdgeAttached { .. }, _) => {
+            *channel == NO_CHANNEL && dst == me
+        }
+        _ => false,
+    }
+}
 
 /// Retry period for JoinRequests while no bootstrap has answered.
 const JOIN_RETRY: Duration = Duration::from_millis(300);
@@ -185,7 +246,30 @@ fn hex_id(id: u64) -> String {
 /// concludes UDP is blocked and joins over TCP as an edge node.
 const UDP_PROBE: Duration = Duration::from_millis(1500);
 
+/// Raises the soft limit on open files to the hard one: a CN holds a
+/// descriptor per edge link, and systemd's default soft limit (1024) is
+/// far below what a gateway serves. Accepting degrades gracefully past
+/// whatever limit remains (see `Control::accept_links`).
+fn raise_fd_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a stack struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
 pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    raise_fd_limit();
+    // Claim the control path first: a path that is not ours to replace
+    // (or another live node's socket) fails the start before anything
+    // else happens.
+    let control_socket = status::ControlSocket::bind(&cfg.control)?;
     let n = cfg.n_cores();
     let use_uring = match cfg.io {
         IoArg::Uring => {
@@ -282,18 +366,18 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                     }
                 }
                 let _ = ready.send(Ok(()));
-                let res = if use_uring {
-                    uring::run(core_cfg)
-                } else {
-                    ela_dataplane::io::poll::run(core_cfg)
-                };
-                if let Err(e) = res {
-                    // A node whose dataplane is gone must not stay in the
-                    // group as a black hole: stop the node with the error.
-                    tracing::error!(core = i, "dataplane core stopped: {e}");
-                    let _ = fatal_tx.send(format!("dataplane core {i} stopped: {e}"));
-                    stop_core.store(true, Ordering::Relaxed);
-                }
+                supervise_core(
+                    i,
+                    || {
+                        if use_uring {
+                            uring::run(core_cfg)
+                        } else {
+                            ela_dataplane::io::poll::run(core_cfg)
+                        }
+                    },
+                    &fatal_tx,
+                    &stop_core,
+                );
             })
             .context("spawning a dataplane thread")?;
         threads.push(t);
@@ -325,6 +409,9 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         cores: core_shared.clone(),
         links: BTreeMap::new(),
         next_link: 0,
+        pending: Vec::new(),
+        admission: Admission::default(),
+        accept_paused_until: None,
         edge: (role == Role::Edge).then(|| EdgeLinks::new(joined.addr)),
         connect_tx,
         connect_rx,
@@ -348,7 +435,7 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     });
     ctl.status = Some(shared.clone());
     let status_stop = Arc::new(AtomicBool::new(false));
-    let status_thread = status::serve(&cfg.control, shared.clone(), status_stop.clone())?;
+    let status_thread = status::serve_socket(control_socket, shared.clone(), status_stop.clone())?;
     info!(control = %cfg.control.display(), "node up");
     // `bench` answers on the NPD only; a responder that cannot bind is a
     // warning, not fatal.
@@ -462,6 +549,7 @@ struct Reply {
     observed: SocketAddr,
     net: Ipv4Net,
     members: Vec<NodeIdentity>,
+    offer: Option<Ipv4Addr>,
 }
 
 fn accept_reply(
@@ -497,7 +585,12 @@ fn accept_reply(
         .filter(|m| !predecessor(m))
         .map(|m| m.overlay)
         .collect();
-    let a = addr::choose(cfg.net, cfg.addr, &taken, &mut rand::thread_rng())?;
+    // The member offers the address we asked for if it is free, else a
+    // free one; it knows every taken address even when the list it sent
+    // was cut short, so its offer avoids most conflicts (§3.2 settles
+    // the rest).
+    let want = reply.offer.or(cfg.addr);
+    let a = addr::choose(cfg.net, want, &taken, &mut rand::thread_rng())?;
     if let Some(req) = cfg.addr {
         if req != a {
             info!(requested = %req, got = %a, "requested address is taken; took a free one");
@@ -524,10 +617,12 @@ fn parse_reply(msg: ControlMsg) -> Option<Reply> {
             net_addr,
             net_prefix,
             members,
+            offer,
         } => Some(Reply {
             observed,
             net: Ipv4Net::new(net_addr, net_prefix).ok()?,
             members,
+            offer,
         }),
         _ => None,
     }
@@ -612,16 +707,21 @@ impl OtherSuites {
     ) -> Vec<Vec<u8>> {
         self.0
             .iter_mut()
-            .map(|c| join_request(cfg, c, node_id, role, via))
+            .map(|c| join_request(cfg, c, node_id, role, via, &NO_CHANNEL).0)
             .collect()
     }
 
     /// Called for an answer our own codec refused as `WrongCipher` (a
-    /// refused open leaves the bytes as they were).
+    /// refused open leaves the bytes as they were): a `JoinReply` over
+    /// UDP, or a CN's `Hello` over TCP.
     fn check(&mut self, cfg: &NodeConfig, pkt: &[u8], from: SocketAddr) -> Result<(), Refused> {
         for c in &mut self.0 {
             let mut copy = pkt.to_vec();
-            if let Ok((_, ControlMsg::JoinReply { .. })) = c.open(&mut copy, unix_ms()) {
+            if let Ok(Opened {
+                msg: ControlMsg::JoinReply { .. } | ControlMsg::Hello { .. },
+                ..
+            }) = c.open(&mut copy, unix_ms())
+            {
                 return Err(Refused::CipherMismatch {
                     bootstrap: from,
                     theirs: c.suite(),
@@ -634,26 +734,40 @@ impl OtherSuites {
 }
 
 /// A sealed JoinRequest to bootstrap `via` (sent from no overlay address:
-/// the joiner has none yet).
+/// the joiner has none yet), padded to [`JOIN_REQUEST_BYTES`], on
+/// `channel` (the CN's `Hello` nonce over TCP, none over UDP). Returns the
+/// packet and the nonce its reply will carry.
 fn join_request(
     cfg: &NodeConfig,
     codec: &mut ControlCodec,
     node_id: u64,
     role: Role,
     via: SocketAddr,
-) -> Vec<u8> {
-    let msg = ControlMsg::JoinRequest {
+    channel: &Channel,
+) -> (Vec<u8>, Channel) {
+    let nonce = new_channel();
+    let msg = |pad: usize| ControlMsg::JoinRequest {
         node_id,
         requested: cfg.addr,
         role,
         via,
+        nonce,
+        pad: vec![0; pad],
     };
-    codec.seal(
-        &msg,
+    let bare = CONTROL_OVERHEAD + msg(0).encode().len();
+    // The pad's length prefix grows with it: a varint of 1–2 bytes.
+    let mut pad = JOIN_REQUEST_BYTES.saturating_sub(bare + 1);
+    while pad > 0 && CONTROL_OVERHEAD + msg(pad).encode().len() > JOIN_REQUEST_BYTES {
+        pad -= 1;
+    }
+    let p = codec.seal(
+        &msg(pad),
         Ipv4Addr::UNSPECIFIED,
         Ipv4Addr::UNSPECIFIED,
+        channel,
         unix_ms(),
-    )
+    );
+    (p, nonce)
 }
 
 /// Asks the bootstrap members over UDP; the answer proves UDP both ways.
@@ -674,6 +788,8 @@ fn join_udp(
     let mut refused = Refusals::default();
     let mut others = OtherSuites::new(cfg);
     let mut round = 0u32;
+    // Nonces of the requests sent: a reply must answer one of them.
+    let mut asked: Vec<Channel> = Vec::new();
     loop {
         if stop.load(Ordering::Relaxed) {
             bail!("interrupted while joining");
@@ -684,7 +800,9 @@ fn join_udp(
         }
         if now >= next_send {
             for b in &cfg.bootstrap {
-                let mut ps = vec![join_request(cfg, codec, node_id, Role::Core, *b)];
+                let (p, nonce) = join_request(cfg, codec, node_id, Role::Core, *b, &NO_CHANNEL);
+                asked.push(nonce);
+                let mut ps = vec![p];
                 // Only once our own suite went unanswered: a healthy join
                 // should not draw answers we then count as wrong_cipher.
                 if round > 0 {
@@ -717,7 +835,11 @@ fn join_udp(
         };
         counters.rx.fetch_add(1, Ordering::Relaxed);
         match codec.open(&mut buf[..len], unix_ms()) {
-            Ok((_, msg)) => {
+            Ok(Opened { channel, msg, .. }) => {
+                if !asked.contains(&channel) {
+                    counters.unbound.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 if let Some(r) = parse_reply(msg) {
                     return Ok((r, from));
                 }
@@ -733,7 +855,9 @@ fn join_udp(
     }
 }
 
-/// Asks the bootstrap members over TCP (an edge node's join).
+/// Asks the bootstrap members over TCP (an edge node's join): our
+/// `Hello`, the CN's `Hello`, then a `JoinRequest` bound to the CN's nonce
+/// and a `JoinReply` bound to the request's.
 fn join_tcp(
     cfg: &NodeConfig,
     node_id: u64,
@@ -745,7 +869,6 @@ fn join_tcp(
     let deadline = Instant::now() + wait;
     let mut refused = Refusals::default();
     let mut others = OtherSuites::new(cfg);
-    let mut round = 0u32;
     while Instant::now() < deadline {
         for b in &cfg.bootstrap {
             if stop.load(Ordering::Relaxed) {
@@ -759,19 +882,19 @@ fn join_tcp(
                 continue;
             };
             let _ = s.set_nodelay(true);
-            let mut ps = vec![join_request(cfg, codec, node_id, Role::Edge, *b)];
-            if round > 0 {
-                ps.extend(others.requests(cfg, node_id, Role::Edge, *b));
-            }
-            let mut frame = Vec::new();
-            for p in &ps {
-                frame.extend_from_slice(&framing::prefix(p.len()));
-                frame.extend_from_slice(p);
-            }
-            if s.write_all(&frame).is_err() {
+            let my_nonce = new_channel();
+            let hello = codec.seal(
+                &ControlMsg::Hello { nonce: my_nonce },
+                Ipv4Addr::UNSPECIFIED,
+                Ipv4Addr::UNSPECIFIED,
+                &NO_CHANNEL,
+                unix_ms(),
+            );
+            if write_frame(&mut s, &hello).is_err() {
                 continue;
             }
-            counters.tx.fetch_add(ps.len() as u64, Ordering::Relaxed);
+            counters.tx.fetch_add(1, Ordering::Relaxed);
+            let mut asked: Option<Channel> = None;
             let mut dec = FrameDecoder::new(0);
             let until = Instant::now() + Duration::from_secs(2).min(left);
             'read: while Instant::now() < until {
@@ -790,7 +913,24 @@ fn join_tcp(
                     let Ok(f) = f else { break 'read };
                     counters.rx.fetch_add(1, Ordering::Relaxed);
                     match codec.open(&mut *f, unix_ms()) {
-                        Ok((_, msg)) => {
+                        Ok(Opened {
+                            msg: ControlMsg::Hello { nonce },
+                            channel,
+                            ..
+                        }) if channel == NO_CHANNEL && asked.is_none() => {
+                            let (p, req) =
+                                join_request(cfg, codec, node_id, Role::Edge, *b, &nonce);
+                            if write_frame(&mut s, &p).is_err() {
+                                break 'read;
+                            }
+                            counters.tx.fetch_add(1, Ordering::Relaxed);
+                            asked = Some(req);
+                        }
+                        Ok(Opened { msg, channel, .. }) => {
+                            if asked != Some(channel) {
+                                counters.unbound.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
                             if let Some(r) = parse_reply(msg) {
                                 return Ok((r, *b));
                             }
@@ -806,10 +946,15 @@ fn join_tcp(
                 }
             }
         }
-        round += 1;
         std::thread::sleep(JOIN_RETRY);
     }
     Err(join_error(cfg, &refused, "TCP", wait))
+}
+
+fn write_frame(s: &mut TcpStream, body: &[u8]) -> std::io::Result<()> {
+    let mut frame = framing::prefix(body.len()).to_vec();
+    frame.extend_from_slice(body);
+    s.write_all(&frame)
 }
 
 fn count_drop(c: &ControlCounters, d: ControlDrop) {
@@ -828,13 +973,26 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(100);
 /// …and a link silent for this long is dead (the peer vanished without a
 /// FIN: power loss, partition). Killed processes are noticed at once.
 const LINK_DEAD_AFTER: Duration = Duration::from_millis(500);
-/// A TCP connection that has not said who it is by then is dropped.
-const PENDING_LINK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the listener rests when the process is out of file
+/// descriptors and no unauthenticated connection is left to close: a
+/// failing accept must not spin the control thread.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// A JoinRequest is padded to this many bytes on the wire, so that the
+/// reply, which may be no larger (it goes to an address nobody verified),
+/// still holds a useful part of the member list. Below any path's MTU
+/// (IPv6's minimum is 1280), so neither needs IP fragments.
+const JOIN_REQUEST_BYTES: usize = 1200;
+
+/// What became of a pending connection after one of its frames.
+enum PendingStep {
+    Keep,
+    Close,
+    /// It authenticated and is a link now (removed from `pending`).
+    Attached,
+}
 
 #[derive(Clone, Debug)]
 enum LinkKind {
-    /// CN side: accepted, not attached yet.
-    Pending,
     /// CN side: an EN, and whether we are its primary.
     Edge { en: NodeIdentity, primary: bool },
     /// EN side: a link to this CN.
@@ -845,6 +1003,13 @@ struct CtlLink {
     kind: LinkKind,
     peer: SocketAddr,
     since: Instant,
+    /// Our `Hello` nonce on this connection: the peer's link messages
+    /// must carry it as their channel.
+    my_nonce: Channel,
+    /// The peer's, which ours carry (unknown until its `Hello` arrives).
+    peer_nonce: Option<Channel>,
+    /// EN side: an `Attach` to send once the CN's nonce is known.
+    attach_waiting: Option<(bool, u64)>,
 }
 
 /// Where a control packet came from (answers go back the same way).
@@ -870,6 +1035,12 @@ struct Control<'a> {
     cores: Arc<Shared>,
     links: BTreeMap<LinkId, CtlLink>,
     next_link: LinkId,
+    /// CN side: accepted TCP connections that have not authenticated,
+    /// oldest first (see `crate::pending`).
+    pending: Vec<PendingConn>,
+    admission: Admission,
+    /// Accepting rests until then (out of file descriptors).
+    accept_paused_until: Option<Instant>,
     edge: Option<EdgeLinks>,
     connect_tx: Sender<(Ipv4Addr, std::io::Result<TcpStream>)>,
     connect_rx: Receiver<(Ipv4Addr, std::io::Result<TcpStream>)>,
@@ -903,14 +1074,17 @@ impl Control<'_> {
                 .saturating_duration_since(now)
                 .as_millis()
                 .clamp(1, CONTROL_TICK.as_millis()) as u64;
-            ela_dataplane::io::wait_readable(
-                &[
-                    self.socket.as_raw_fd(),
-                    self.cores.control_wake,
-                    self.listener.as_ref().map_or(-1, |l| l.as_raw_fd()),
-                ],
-                Duration::from_millis(ms),
-            );
+            let listening = self.accept_paused_until.is_none_or(|t| now >= t);
+            let mut fds = vec![
+                self.socket.as_raw_fd(),
+                self.cores.control_wake,
+                match &self.listener {
+                    Some(l) if listening => l.as_raw_fd(),
+                    _ => -1,
+                },
+            ];
+            fds.extend(self.pending.iter().map(|p| p.stream.as_raw_fd()));
+            ela_dataplane::io::wait_readable(&fds, Duration::from_millis(ms));
             loop {
                 match self.socket.recv_from(&mut buf) {
                     Ok((len, from)) => self.on_packet(&mut buf[..len], Source::Udp(from)),
@@ -924,6 +1098,7 @@ impl Control<'_> {
                 }
             }
             self.accept_links();
+            self.poll_pending();
             self.cores.clear_control_wake();
             while let Some(ev) = self.cores.events.pop() {
                 match ev {
@@ -973,13 +1148,27 @@ impl Control<'_> {
         None
     }
 
-    fn add_link(&mut self, stream: TcpStream, kind: LinkKind) -> Option<LinkId> {
+    /// Hands an authenticated (CN side) or freshly connected (EN side)
+    /// stream to core 0 as a link; `initial` is what was read past the
+    /// handshake and belongs to the link's frame stream.
+    fn add_link(
+        &mut self,
+        stream: TcpStream,
+        kind: LinkKind,
+        my_nonce: Channel,
+        peer_nonce: Option<Channel>,
+        initial: Vec<u8>,
+    ) -> Option<LinkId> {
         let _ = stream.set_nodelay(true);
         let peer = stream.peer_addr().ok()?;
         stream.set_nonblocking(true).ok()?;
         let id = self.alloc_link()?;
         let fd: OwnedFd = stream.into();
-        if self.cores.send(0, Command::AddLink { id, fd }).is_err() {
+        if self
+            .cores
+            .send(0, Command::AddLink { id, fd, initial })
+            .is_err()
+        {
             return None;
         }
         self.links.insert(
@@ -988,22 +1177,44 @@ impl Control<'_> {
                 kind,
                 peer,
                 since: Instant::now(),
+                my_nonce,
+                peer_nonce,
+                attach_waiting: None,
             },
         );
         Some(id)
     }
 
+    /// Accepts what is waiting on the listener as pending connections,
+    /// within [`Admission`]'s bounds.
     fn accept_links(&mut self) {
+        let now = Instant::now();
+        if self.accept_paused_until.is_some_and(|t| now < t) {
+            return;
+        }
+        self.accept_paused_until = None;
         loop {
             let Some(l) = self.listener.as_ref() else {
                 return;
             };
             match l.accept() {
-                Ok((s, peer)) => {
-                    debug!(%peer, "edge link accepted");
-                    let _ = self.add_link(s, LinkKind::Pending);
-                }
+                Ok((s, peer)) => self.admit(s, peer, now),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    // The listener stays readable while the backlog waits:
+                    // free a descriptor held by an unauthenticated
+                    // connection, or rest, rather than spin.
+                    if self.pending.is_empty() {
+                        warn!(
+                            "out of file descriptors: not accepting edge links for {} ms",
+                            ACCEPT_BACKOFF.as_millis()
+                        );
+                        self.accept_paused_until = Some(now + ACCEPT_BACKOFF);
+                        return;
+                    }
+                    self.close_pending(0);
+                }
                 Err(e) => {
                     debug!("accept: {e}");
                     return;
@@ -1012,22 +1223,261 @@ impl Control<'_> {
         }
     }
 
+    fn admit(&mut self, s: TcpStream, peer: SocketAddr, now: Instant) {
+        match self.admission.decide(peer.ip()) {
+            Admit::Yes => {}
+            Admit::EvictOldestOf(ip) => {
+                if let Some(i) = self.pending.iter().position(|p| p.peer.ip() == ip) {
+                    self.close_pending(i);
+                }
+            }
+            Admit::EvictOldest => {
+                self.close_pending(0);
+            }
+        }
+        if s.set_nonblocking(true).is_err() {
+            return;
+        }
+        let _ = s.set_nodelay(true);
+        let mut conn = PendingConn::new(s, peer, now, new_channel());
+        let me = self.members.identity().overlay;
+        let hello = self.codec.seal(
+            &ControlMsg::Hello {
+                nonce: conn.my_nonce,
+            },
+            me,
+            Ipv4Addr::UNSPECIFIED,
+            &NO_CHANNEL,
+            unix_ms(),
+        );
+        if !conn.send_frame(&hello) {
+            return;
+        }
+        self.counters.tx.fetch_add(1, Ordering::Relaxed);
+        debug!(%peer, "TCP connection accepted");
+        self.admission.added(peer.ip());
+        self.pending.push(conn);
+        self.counters
+            .conns_pending
+            .store(self.pending.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Takes pending connection `i` out (it closes when dropped, unless
+    /// the caller makes it a link).
+    fn take_pending(&mut self, i: usize) -> PendingConn {
+        let p = self.pending.remove(i);
+        self.admission.removed(p.peer.ip());
+        self.counters
+            .conns_pending
+            .store(self.pending.len() as u64, Ordering::Relaxed);
+        p
+    }
+
+    /// Closes pending connection `i` before it authenticated.
+    fn close_pending(&mut self, i: usize) {
+        let p = self.take_pending(i);
+        debug!(peer = %p.peer, "unauthenticated TCP connection closed");
+        drop(p);
+        self.counters.conns_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads the pending connections: frames, time-outs, hang-ups.
+    fn poll_pending(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.pending.len() {
+            if now.saturating_duration_since(self.pending[i].since) > PENDING_TIMEOUT {
+                self.close_pending(i);
+                continue;
+            }
+            let step = match self.pending[i].next_frame() {
+                Read1::Frame(mut f) => self.on_pending_frame(i, &mut f),
+                Read1::Idle => {
+                    i += 1;
+                    continue;
+                }
+                Read1::Gone => PendingStep::Close,
+            };
+            match step {
+                // Read on: more frames may be buffered.
+                PendingStep::Keep => {
+                    if !self.pending[i].flush() {
+                        self.close_pending(i);
+                    }
+                }
+                PendingStep::Close => self.close_pending(i),
+                PendingStep::Attached => {}
+            }
+        }
+    }
+
+    /// A frame from pending connection `i`: its `Hello`, then an `Attach`
+    /// (it becomes a link) or a `JoinRequest` (answered here), each bound
+    /// to the nonce of our `Hello`. Anything else ends it.
+    fn on_pending_frame(&mut self, i: usize, pkt: &mut [u8]) -> PendingStep {
+        self.counters.rx.fetch_add(1, Ordering::Relaxed);
+        let Opened { hdr, channel, msg } = match self.codec.open(pkt, unix_ms()) {
+            Ok(o) => o,
+            Err(d) => {
+                count_drop(&self.counters, d);
+                return PendingStep::Close;
+            }
+        };
+        let conn = &mut self.pending[i];
+        match msg {
+            ControlMsg::Hello { nonce } if channel == NO_CHANNEL && conn.peer_nonce.is_none() => {
+                conn.peer_nonce = Some(nonce);
+                PendingStep::Keep
+            }
+            _ if channel != conn.my_nonce => {
+                debug!(peer = %conn.peer, ?msg, "control message not bound to this connection");
+                self.counters.unbound.fetch_add(1, Ordering::Relaxed);
+                PendingStep::Close
+            }
+            ControlMsg::JoinRequest { .. } => {
+                let observed = conn.peer;
+                match self.join_reply(&msg, observed, MAX_CONTROL_BODY + CONTROL_OVERHEAD) {
+                    Some(reply) if self.pending[i].send_frame(&reply) => {
+                        self.counters.tx.fetch_add(1, Ordering::Relaxed);
+                        self.counters.joins_answered.fetch_add(1, Ordering::Relaxed);
+                        PendingStep::Keep
+                    }
+                    _ => PendingStep::Close,
+                }
+            }
+            ControlMsg::Attach {
+                identity,
+                primary,
+                seq,
+            } => {
+                let Some(peer_nonce) = conn.peer_nonce else {
+                    return PendingStep::Close;
+                };
+                if self.role != Role::Core
+                    || identity.role != Role::Edge
+                    || hdr.src != identity.overlay
+                {
+                    return PendingStep::Close;
+                }
+                let conn = self.take_pending(i);
+                let my_nonce = conn.my_nonce;
+                let (stream, initial) = conn.into_link();
+                let kind = LinkKind::Edge {
+                    en: identity.clone(),
+                    primary,
+                };
+                match self.add_link(stream, kind, my_nonce, Some(peer_nonce), initial) {
+                    Some(id) => self.attached(id, identity, primary, seq),
+                    None => warn!(en = %identity.overlay, "no link id free for an edge node"),
+                }
+                PendingStep::Attached
+            }
+            _ => PendingStep::Close,
+        }
+    }
+
+    /// Link `id` now carries `identity`'s attachment (first or again).
+    fn attached(&mut self, id: LinkId, identity: NodeIdentity, primary: bool, seq: u64) {
+        info!(en = %identity.overlay, primary, link = id, "edge node attached");
+        let (en, en_node_id) = (identity.overlay, identity.node_id);
+        if let Some(l) = self.links.get_mut(&id) {
+            l.kind = LinkKind::Edge {
+                en: identity,
+                primary,
+            };
+        }
+        if primary {
+            // Recorded here too, so that a late announcement of an
+            // older attachment from another CN cannot override it.
+            let me = self.members.identity().overlay;
+            self.fresh_attachments
+                .observe(Instant::now(), en, en_node_id, seq, me);
+            self.announce_attachment(en, en_node_id, seq);
+        }
+        // Routes change only with a primary, but status shows backups too.
+        self.refresh();
+    }
+
+    /// The reply to a `JoinRequest` that authenticated, at most `budget`
+    /// bytes sealed, bound to the request's nonce. §3.2 is decided with
+    /// everything we know (the offer), even when the list is cut short.
+    fn join_reply(
+        &mut self,
+        req: &ControlMsg,
+        observed: SocketAddr,
+        budget: usize,
+    ) -> Option<Vec<u8>> {
+        let ControlMsg::JoinRequest {
+            node_id,
+            requested,
+            role,
+            nonce,
+            ..
+        } = req
+        else {
+            return None;
+        };
+        if self.role != Role::Core || *nonce == NO_CHANNEL {
+            return None;
+        }
+        debug!(%observed, node = %hex_id(*node_id), %role, "join request");
+        let me_id = self.members.identity().clone();
+        let me = me_id.overlay;
+        let me_node = me_id.node_id;
+        let members = membership::resolve(&self.members.members());
+        let taken: BTreeSet<Ipv4Addr> = members.iter().map(|m| m.overlay).collect();
+        let offer = addr::choose(self.cfg.net, *requested, &taken, &mut rand::thread_rng()).ok();
+        let others = members.into_iter().filter(move |m| m.node_id != me_node);
+        let body = budget.checked_sub(CONTROL_OVERHEAD)?.min(MAX_CONTROL_BODY);
+        // Itself first, then as many members as fit.
+        let reply = ControlMsg::join_reply(
+            observed,
+            self.cfg.net.network(),
+            self.cfg.net.prefix_len(),
+            std::iter::once(me_id).chain(others),
+            offer,
+            body,
+        );
+        Some(
+            self.codec
+                .seal(&reply, me, Ipv4Addr::UNSPECIFIED, nonce, unix_ms()),
+        )
+    }
+
     fn on_connected(&mut self, cn: Ipv4Addr, res: std::io::Result<TcpStream>) {
         let now = Instant::now();
         let id = match res {
-            Ok(s) => self.add_link(s, LinkKind::Core { cn }),
+            Ok(mut s) => {
+                // Our Hello first: the CN binds what it sends us to it.
+                let my_nonce = new_channel();
+                let me = self.members.identity().overlay;
+                let hello = self.codec.seal(
+                    &ControlMsg::Hello { nonce: my_nonce },
+                    me,
+                    Ipv4Addr::UNSPECIFIED,
+                    &NO_CHANNEL,
+                    unix_ms(),
+                );
+                match write_frame(&mut s, &hello) {
+                    Ok(()) => self.add_link(s, LinkKind::Core { cn }, my_nonce, None, Vec::new()),
+                    Err(e) => {
+                        debug!(%cn, "edge link hello failed: {e}");
+                        None
+                    }
+                }
+            }
             Err(e) => {
                 debug!(%cn, "edge link connect failed: {e}");
                 None
             }
         };
-        if let Some(e) = self.edge.as_mut() {
-            match id {
-                Some(id) => {
-                    info!(%cn, link = id, "link to core node up");
-                    e.connected(now, cn, id)
-                }
-                None => e.connect_failed(now, cn),
+        // The link counts as connected once the CN's Hello arrives (see
+        // `on_packet`): until then it carries nothing but our Hello, since
+        // the CN takes nothing else from a connection that has not
+        // authenticated.
+        if id.is_none() {
+            if let Some(e) = self.edge.as_mut() {
+                e.connect_failed(now, cn);
             }
         }
         self.edge_actions();
@@ -1045,13 +1495,17 @@ impl Control<'_> {
                 }
             }
             LinkKind::Core { cn } => {
-                info!(%cn, link = id, "link to core node down");
                 if let Some(e) = self.edge.as_mut() {
-                    e.link_down(Instant::now(), id);
+                    if l.peer_nonce.is_some() {
+                        info!(%cn, link = id, "link to core node down");
+                        e.link_down(Instant::now(), id);
+                    } else {
+                        debug!(%cn, "edge link closed before the core node's hello");
+                        e.connect_failed(Instant::now(), cn);
+                    }
                 }
                 self.edge_actions();
             }
-            LinkKind::Pending => {}
         }
     }
 
@@ -1070,23 +1524,21 @@ impl Control<'_> {
             // then (and for an id reused from an old link) count from when
             // we handed it over.
             let seen = (base + Duration::from_nanos(self.cores.link_seen_ns(id))).max(l.since);
-            match l.kind {
-                LinkKind::Pending => {
-                    if now.saturating_duration_since(l.since) > PENDING_LINK_TIMEOUT {
-                        dead.push(id);
-                    }
-                    continue;
-                }
-                _ => {
-                    if now.saturating_duration_since(seen) > LINK_DEAD_AFTER {
-                        dead.push(id);
-                        continue;
-                    }
-                }
+            if now.saturating_duration_since(seen) > LINK_DEAD_AFTER {
+                dead.push(id);
+                continue;
             }
-            let p = self
-                .codec
-                .seal(&ControlMsg::Keepalive, me, Ipv4Addr::UNSPECIFIED, unix_ms());
+            // Until the peer's Hello arrives there is nothing to bind to.
+            let Some(channel) = l.peer_nonce else {
+                continue;
+            };
+            let p = self.codec.seal(
+                &ControlMsg::Keepalive,
+                me,
+                Ipv4Addr::UNSPECIFIED,
+                &channel,
+                unix_ms(),
+            );
             self.send_frame(id, p);
         }
         for id in dead {
@@ -1097,6 +1549,7 @@ impl Control<'_> {
 
     fn on_packet(&mut self, pkt: &mut [u8], from: Source) {
         self.counters.rx.fetch_add(1, Ordering::Relaxed);
+        let len = pkt.len();
         let me = self.members.identity().overlay;
         // A control packet for another node (SWIM to or from an EN) is
         // relayed unchanged, like data.
@@ -1106,53 +1559,29 @@ impl Control<'_> {
                 return;
             }
         }
-        let (_, msg) = match self.codec.open(pkt, unix_ms()) {
+        let Opened { hdr, channel, msg } = match self.codec.open(pkt, unix_ms()) {
             Ok(x) => x,
             Err(d) => {
                 count_drop(&self.counters, d);
                 return;
             }
         };
+        if !self.bound_to_us(&hdr, &channel, &msg, &from) {
+            self.counters.unbound.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         match msg {
             ControlMsg::Swim(data) => self.members.handle_swim(Instant::now(), &data),
-            ControlMsg::JoinRequest {
-                node_id, via, role, ..
-            } => {
-                if self.role != Role::Core {
+            ControlMsg::JoinRequest { via, .. } => {
+                // Over TCP, joins are answered before the link exists.
+                let Source::Udp(observed) = from else { return };
+                // An unverified source address gets no more than it sent.
+                let Some(p) = self.join_reply(&msg, observed, len) else {
                     return;
-                }
-                let observed = match from {
-                    Source::Udp(a) => a,
-                    Source::Link(id) => match self.links.get(&id) {
-                        Some(l) => l.peer,
-                        None => return,
-                    },
                 };
-                debug!(%observed, node = %hex_id(node_id), %role, "join request");
-                if let Source::Udp(_) = from {
-                    self.learn_own_underlay(via);
-                }
-                // Itself first, then as many members as one packet carries.
-                let me_id = self.members.identity().clone();
-                let me_node = me_id.node_id;
-                let others = membership::resolve(&self.members.members())
-                    .into_iter()
-                    .filter(move |m| m.node_id != me_node);
-                let reply = ControlMsg::join_reply(
-                    observed,
-                    self.cfg.net.network(),
-                    self.cfg.net.prefix_len(),
-                    std::iter::once(me_id).chain(others),
-                    MAX_CONTROL_BODY,
-                );
-                let p = self
-                    .codec
-                    .seal(&reply, me, Ipv4Addr::UNSPECIFIED, unix_ms());
-                let sent = match from {
-                    Source::Udp(a) => self.socket.send_to(&p, a).is_ok(),
-                    Source::Link(id) => self.send_frame(id, p),
-                };
-                if sent {
+                debug_assert!(p.len() <= len);
+                self.learn_own_underlay(via);
+                if self.socket.send_to(&p, observed).is_ok() {
                     self.counters.tx.fetch_add(1, Ordering::Relaxed);
                     self.counters.joins_answered.fetch_add(1, Ordering::Relaxed);
                 }
@@ -1163,39 +1592,51 @@ impl Control<'_> {
                 primary,
                 seq,
             } => {
+                // A CN's EN re-declaring itself on its link (a failover).
                 let Source::Link(id) = from else { return };
-                if self.role != Role::Core || identity.role != Role::Edge {
+                if self.role != Role::Core
+                    || identity.role != Role::Edge
+                    || hdr.src != identity.overlay
+                {
                     return;
                 }
+                // One link carries one EN session.
+                match self.links.get(&id).map(|l| &l.kind) {
+                    Some(LinkKind::Edge { en, .. }) if en.node_id == identity.node_id => {}
+                    _ => return,
+                }
+                self.attached(id, identity, primary, seq);
+            }
+            ControlMsg::Keepalive => {}
+            ControlMsg::Hello { nonce } => {
+                // EN side: the CN's nonce; now our Attach can be bound.
+                let Source::Link(id) = from else { return };
                 let Some(l) = self.links.get_mut(&id) else {
                     return;
                 };
-                info!(en = %identity.overlay, primary, link = id, "edge node attached");
-                let (en, en_node_id) = (identity.overlay, identity.node_id);
-                l.kind = LinkKind::Edge {
-                    en: identity,
-                    primary,
-                };
-                if primary {
-                    // Recorded here too, so that a late announcement of an
-                    // older attachment from another CN cannot override it.
-                    let me = self.members.identity().overlay;
-                    self.fresh_attachments
-                        .observe(Instant::now(), en, en_node_id, seq, me);
-                    self.announce_attachment(en, en_node_id, seq);
+                if l.peer_nonce.is_some() {
+                    return;
                 }
-                // Routes change only with a primary, but status shows
-                // backups too.
-                self.refresh();
+                l.peer_nonce = Some(nonce);
+                let waiting = l.attach_waiting.take();
+                if let LinkKind::Core { cn } = l.kind {
+                    if let Some(e) = self.edge.as_mut() {
+                        info!(%cn, link = id, "link to core node up");
+                        e.connected(Instant::now(), cn, id);
+                    }
+                }
+                if let Some((primary, seq)) = waiting {
+                    self.send_attach(id, primary, seq);
+                }
+                self.edge_actions();
             }
-            ControlMsg::Keepalive => {}
             ControlMsg::EdgeAttached {
                 en,
                 en_node_id,
                 seq,
                 cn,
             } => {
-                if self.role != Role::Core {
+                if self.role != Role::Core || hdr.src != cn {
                     return;
                 }
                 // Only for the EN session membership knows (or a new one).
@@ -1216,6 +1657,48 @@ impl Control<'_> {
         self.apply_events();
     }
 
+    fn bound_to_us(
+        &self,
+        hdr: &Header,
+        channel: &Channel,
+        msg: &ControlMsg,
+        from: &Source,
+    ) -> bool {
+        let via = match from {
+            Source::Udp(_) => Via::Udp,
+            Source::Link(id) => match self.links.get(id) {
+                Some(l) => Via::Link(l.my_nonce),
+                None => return false,
+            },
+        };
+        is_bound(msg, via, channel, hdr.dst, self.members.identity().overlay)
+    }
+
+    /// Sends an EN's `Attach` on `link`, bound to the CN's nonce (or
+    /// keeps it until the CN's `Hello` brings one).
+    fn send_attach(&mut self, link: LinkId, primary: bool, seq: u64) {
+        let Some(l) = self.links.get_mut(&link) else {
+            return;
+        };
+        let Some(channel) = l.peer_nonce else {
+            l.attach_waiting = Some((primary, seq));
+            return;
+        };
+        let me = self.members.identity().clone();
+        let p = self.codec.seal(
+            &ControlMsg::Attach {
+                identity: me.clone(),
+                primary,
+                seq,
+            },
+            me.overlay,
+            Ipv4Addr::UNSPECIFIED,
+            &channel,
+            unix_ms(),
+        );
+        self.send_frame(link, p);
+    }
+
     /// Tells every other CN that `en` is now attached here, so that they
     /// route to it through us at once after a failover (gossip of the EN's
     /// own announcement can take longer under load).
@@ -1231,7 +1714,9 @@ impl Control<'_> {
             if m.role != Role::Core || m.node_id == me.node_id || m.underlay.ip().is_unspecified() {
                 continue;
             }
-            let p = self.codec.seal(&msg, me.overlay, m.overlay, unix_ms());
+            let p = self
+                .codec
+                .seal(&msg, me.overlay, m.overlay, &NO_CHANNEL, unix_ms());
             if self.socket.send_to(&p, m.underlay).is_ok() {
                 self.counters.tx.fetch_add(1, Ordering::Relaxed);
             }
@@ -1239,11 +1724,14 @@ impl Control<'_> {
     }
 
     fn relay(&mut self, pkt: &mut [u8], h: Header) {
-        if self.role != Role::Core
-            || h.hops >= MAX_HOPS
-            || self.codec.verify(pkt, unix_ms()).is_none()
-        {
+        if self.role != Role::Core || h.hops >= MAX_HOPS {
             self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        // Authentic, fresh and not seen before: a relay must not forward
+        // replays or old packets any more than a recipient accepts them.
+        if let Err(d) = self.codec.check_relay(pkt, unix_ms()) {
+            count_drop(&self.counters, d);
             return;
         }
         pkt[HOPS_OFFSET] = h.hops + 1;
@@ -1280,9 +1768,13 @@ impl Control<'_> {
     fn flush(&mut self) {
         let me = self.members.identity().overlay;
         while let Some(t) = self.members.poll_transmit() {
-            let p = self
-                .codec
-                .seal(&ControlMsg::Swim(t.payload), me, t.to.overlay, unix_ms());
+            let p = self.codec.seal(
+                &ControlMsg::Swim(t.payload),
+                me,
+                t.to.overlay,
+                &NO_CHANNEL,
+                unix_ms(),
+            );
             let sent = match (self.role, t.to.role) {
                 (Role::Core, Role::Core) => {
                     !t.to.underlay.ip().is_unspecified()
@@ -1325,20 +1817,7 @@ impl Control<'_> {
                             let _ = tx.send((cn, r));
                         });
                 }
-                EdgeAction::Attach { link, primary, seq } => {
-                    let me = self.members.identity().clone();
-                    let p = self.codec.seal(
-                        &ControlMsg::Attach {
-                            identity: me.clone(),
-                            primary,
-                            seq,
-                        },
-                        me.overlay,
-                        Ipv4Addr::UNSPECIFIED,
-                        unix_ms(),
-                    );
-                    self.send_frame(link, p);
-                }
+                EdgeAction::Attach { link, primary, seq } => self.send_attach(link, primary, seq),
                 EdgeAction::Close { link } => {
                     let _ = self.cores.send(0, Command::CloseLink { id: link });
                 }
@@ -1494,5 +1973,109 @@ impl Control<'_> {
                 })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_messages_must_be_bound_to_us_and_their_channel() {
+        let me = Ipv4Addr::new(10, 0, 0, 10);
+        let other = Ipv4Addr::new(10, 0, 0, 20);
+        let none = Ipv4Addr::UNSPECIFIED;
+        let mine = [7u8; 16];
+        let theirs = [8u8; 16];
+        let id = NodeIdentity::new(
+            5,
+            Ipv4Addr::new(10, 0, 0, 15),
+            "172.31.0.5:1".parse().unwrap(),
+            Role::Edge,
+            1,
+        );
+        let attach = ControlMsg::Attach {
+            identity: id,
+            primary: true,
+            seq: 1,
+        };
+        let join = ControlMsg::JoinRequest {
+            node_id: 1,
+            requested: None,
+            role: Role::Edge,
+            via: "172.31.0.1:7000".parse().unwrap(),
+            nonce: [1; 16],
+            pad: vec![],
+        };
+        let swim = ControlMsg::Swim(vec![1]);
+        let moved = ControlMsg::EdgeAttached {
+            en: other,
+            en_node_id: 1,
+            seq: 1,
+            cn: other,
+        };
+        let hello = ControlMsg::Hello { nonce: theirs };
+        let reply = ControlMsg::JoinReply {
+            observed: "172.31.0.1:7000".parse().unwrap(),
+            net_addr: Ipv4Addr::new(10, 0, 0, 0),
+            net_prefix: 24,
+            members: vec![],
+            offer: None,
+        };
+        let link = Via::Link(mine);
+        // Link messages: only on a link, only with our nonce on it (a
+        // captured Attach replayed on another connection carries another).
+        for m in [&attach, &ControlMsg::Keepalive] {
+            assert!(is_bound(m, link, &mine, none, me));
+            assert!(!is_bound(m, link, &theirs, none, me));
+            assert!(!is_bound(m, link, &NO_CHANNEL, none, me));
+            assert!(!is_bound(m, Via::Udp, &mine, none, me));
+            assert!(!is_bound(m, Via::Udp, &NO_CHANNEL, me, me));
+        }
+        assert!(is_bound(&hello, link, &NO_CHANNEL, none, me));
+        assert!(!is_bound(&hello, link, &mine, none, me));
+        assert!(!is_bound(&hello, Via::Udp, &NO_CHANNEL, none, me));
+        assert!(is_bound(&join, Via::Udp, &NO_CHANNEL, none, me));
+        assert!(!is_bound(&join, Via::Udp, &NO_CHANNEL, other, me));
+        assert!(!is_bound(&join, link, &mine, none, me));
+        // Member messages: addressed to us, on no channel, any way.
+        for m in [&swim, &moved] {
+            for via in [Via::Udp, link] {
+                assert!(is_bound(m, via, &NO_CHANNEL, me, me));
+                assert!(!is_bound(m, via, &NO_CHANNEL, other, me));
+                assert!(!is_bound(m, via, &NO_CHANNEL, none, me));
+                assert!(!is_bound(m, via, &mine, me, me));
+            }
+        }
+        // Replies are taken only by the joiner that asked (join_udp/tcp).
+        assert!(!is_bound(&reply, Via::Udp, &NO_CHANNEL, none, me));
+        assert!(!is_bound(&reply, link, &mine, none, me));
+    }
+
+    #[test]
+    fn a_core_that_panics_or_fails_stops_the_node_loudly() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = AtomicBool::new(false);
+        supervise_core(3, || Ok::<(), String>(()), &tx, &stop);
+        assert!(!stop.load(Ordering::Relaxed));
+        assert!(rx.try_recv().is_err());
+        supervise_core(
+            1,
+            || -> Result<(), String> { panic!("slot {} out of range", 600) },
+            &tx,
+            &stop,
+        );
+        assert!(stop.load(Ordering::Relaxed));
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            "dataplane core 1 panicked: slot 600 out of range"
+        );
+        let stop = AtomicBool::new(false);
+        supervise_core(0, || Err("ring gone"), &tx, &stop);
+        assert!(stop.load(Ordering::Relaxed));
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            "dataplane core 0 stopped: ring gone"
+        );
     }
 }

@@ -5,9 +5,9 @@
 //! Protocol: the client sends one line `status\n`; the node answers with
 //! one JSON object and closes.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,6 +20,7 @@ use arc_swap::ArcSwap;
 use ela_dataplane::stats::{self, CoreStats, DropReason};
 use serde::Serialize;
 use serde_json::{json, Value};
+use tracing::warn;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct MemberView {
@@ -86,6 +87,16 @@ pub struct ControlCounters {
     pub replay: AtomicU64,
     pub malformed: AtomicU64,
     pub joins_answered: AtomicU64,
+    /// Authentic and fresh, but not bound to us or to the link or request
+    /// it came on (a replay to another member or connection).
+    pub unbound: AtomicU64,
+    /// TCP connections that ended before they attached as an edge link:
+    /// over the per-address or total limit of unauthenticated
+    /// connections, silent past the handshake timeout, not speaking our
+    /// protocol, or a joiner hanging up after its JoinReply.
+    pub conns_refused: AtomicU64,
+    /// Accepted TCP connections not yet authenticated (a gauge).
+    pub conns_pending: AtomicU64,
 }
 
 pub struct StatusShared {
@@ -131,6 +142,9 @@ pub fn snapshot(s: &StatusShared) -> Value {
             "stale": c.stale.load(r),
             "replay": c.replay.load(r), "malformed": c.malformed.load(r),
             "joins_answered": c.joins_answered.load(r),
+            "unbound": c.unbound.load(r),
+            "conns_refused": c.conns_refused.load(r),
+            "conns_pending": c.conns_pending.load(r),
         },
     });
     let info_v = serde_json::to_value(&**info).expect("NodeInfo serialises");
@@ -158,32 +172,171 @@ fn latency_json(h: &hdrhistogram::Histogram<u64>) -> Value {
     })
 }
 
-/// Binds the socket (replacing a stale one) and serves until `stop`.
+/// The control socket this node bound. Its file is removed when this is
+/// dropped, but only while the path still names the very socket `bind`
+/// created (same device and inode): if another node, or anyone, has since
+/// put something else there, it is theirs and stays.
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    id: FileId,
+}
+
+/// Device and inode: what tells "the file we created" from a later one at
+/// the same path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    fn of(m: &std::fs::Metadata) -> FileId {
+        FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+        }
+    }
+}
+
+/// Whether `path` (not followed if a symlink) is still the socket `id`.
+fn is_our_socket(path: &Path, id: FileId) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket() && FileId::of(&m) == id)
+}
+
+/// What a non-socket at the control path is, for the error message.
+fn kind_of(m: &std::fs::Metadata) -> &'static str {
+    let t = m.file_type();
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else {
+        "not a socket"
+    }
+}
+
+impl ControlSocket {
+    /// Binds the control socket at `path`. Never removes anything ela-fast
+    /// did not create, with one exception: a socket nobody listens on any
+    /// more, which a node that crashed left behind. Refuses (one line,
+    /// saying what to do) a path that exists and is not a socket, and a
+    /// socket a live node answers on. Creates the parent directory only if
+    /// it is missing; an existing one keeps its owner and mode.
+    pub fn bind(path: &Path) -> anyhow::Result<ControlSocket> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // `create_dir_all` leaves existing directories alone.
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("checking control path {}", path.display()))
+            }
+            Ok(m) if m.file_type().is_socket() => remove_if_stale(path, FileId::of(&m))?,
+            // Symlinks included: what one points to is not ours either.
+            Ok(m) => bail!(
+                "control path {} exists and is {}, not a socket; refusing to replace it \
+                 (remove it yourself or pass another --control)",
+                path.display(),
+                kind_of(&m)
+            ),
+        }
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("binding control socket {}", path.display()))?;
+        // Recorded right after bind, so that exit removes this socket and
+        // no other.
+        let id = std::fs::symlink_metadata(path)
+            .map(|m| FileId::of(&m))
+            .with_context(|| format!("checking control socket {}", path.display()))?;
+        let sock = ControlSocket {
+            listener,
+            path: path.to_path_buf(),
+            id,
+        };
+        // From here on, an error drops `sock`, which removes what we bound.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restricting control socket {}", path.display()))?;
+        Ok(sock)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if m.file_type().is_socket() && FileId::of(&m) == self.id => {
+                let _ = std::fs::remove_file(&self.path);
+            }
+            Ok(_) => warn!(
+                control = %self.path.display(),
+                "the control socket was replaced while this node ran; leaving the new one"
+            ),
+            // Already gone: nothing of ours to remove.
+            Err(_) => {}
+        }
+    }
+}
+
+/// An existing socket at the control path: removed if nobody answers on
+/// it (a crashed node's), refused if a live node does or if it cannot be
+/// told.
+fn remove_if_stale(path: &Path, id: FileId) -> anyhow::Result<()> {
+    match UnixStream::connect(path) {
+        Ok(_) => bail!(
+            "another node is using the control socket {} (stop it, or give this node \
+             another --control or --iface)",
+            path.display()
+        ),
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+            // Only the socket we probed: if it was replaced meanwhile, the
+            // bind below fails instead of taking another's path.
+            if is_our_socket(path, id) {
+                std::fs::remove_file(path).with_context(|| {
+                    format!("removing the stale control socket {}", path.display())
+                })?;
+            }
+            Ok(())
+        }
+        // Gone since we looked: nothing to remove.
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => bail!(
+            "control socket {} exists and cannot be probed ({e}); refusing to replace it \
+             (remove it yourself or pass another --control)",
+            path.display()
+        ),
+    }
+}
+
+/// Binds the socket (see [`ControlSocket::bind`]) and serves until `stop`.
 pub fn serve(
     path: &Path,
     shared: Arc<StatusShared>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<JoinHandle<()>> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            bail!(
-                "control socket {} is in use by another running node (use --control or --iface)",
-                path.display()
-            );
-        }
-        let _ = std::fs::remove_file(path);
-    }
-    let l = UnixListener::bind(path)
-        .with_context(|| format!("binding control socket {}", path.display()))?;
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-    l.set_nonblocking(true)?;
-    let path = path.to_path_buf();
+    serve_socket(ControlSocket::bind(path)?, shared, stop)
+}
+
+/// Serves on a bound socket until `stop`, then removes it (if still ours).
+pub fn serve_socket(
+    sock: ControlSocket,
+    shared: Arc<StatusShared>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<JoinHandle<()>> {
+    sock.listener.set_nonblocking(true)?;
     Ok(std::thread::Builder::new()
         .name("ela-status".into())
         .spawn(move || {
+            let l = &sock.listener;
             while !stop.load(Ordering::Relaxed) {
                 // Sleep in poll(2) until a client connects (or 250 ms, to
                 // notice `stop`): an idle node should not wake up often.
@@ -192,7 +345,7 @@ pub fn serve(
                     let _ = answer(s, &shared);
                 }
             }
-            let _ = std::fs::remove_file(&path);
+            drop(sock);
         })?)
 }
 
@@ -375,4 +528,163 @@ pub fn format_table(v: &Value) -> String {
         n("/control/replay")
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    /// A fresh directory under the system temp dir, removed (with only what
+    /// the test put in it) on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            let p = std::env::temp_dir().join(format!(
+                "ela-status-{tag}-{}-{:016x}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            fs::create_dir(&p).unwrap();
+            TempDir(p)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// The error as `main` prints it: must be one line.
+    fn one_line_err(r: anyhow::Result<ControlSocket>) -> String {
+        let msg = format!("{:#}", r.err().expect("bind should have been refused"));
+        assert!(!msg.contains('\n'), "more than one line: {msg}");
+        msg
+    }
+
+    #[test]
+    fn what_is_not_a_socket_is_refused_and_kept() {
+        let d = TempDir::new("notsock");
+        let file = d.0.join("file.sock");
+        fs::write(&file, "precious").unwrap();
+        let msg = one_line_err(ControlSocket::bind(&file));
+        assert!(
+            msg.contains(&*file.to_string_lossy())
+                && msg.contains("a regular file, not a socket")
+                && msg.contains("--control"),
+            "{msg}"
+        );
+        assert_eq!(fs::read_to_string(&file).unwrap(), "precious");
+
+        let dir = d.0.join("dir.sock");
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join("inside"), "kept").unwrap();
+        let msg = one_line_err(ControlSocket::bind(&dir));
+        assert!(msg.contains("a directory, not a socket"), "{msg}");
+        assert_eq!(fs::read_to_string(dir.join("inside")).unwrap(), "kept");
+
+        // A symlink, even to a socket, is not ours to replace.
+        let live = d.0.join("live.sock");
+        let _l = UnixListener::bind(&live).unwrap();
+        for (name, to) in [("link.sock", &file), ("link2.sock", &live)] {
+            let link = d.0.join(name);
+            std::os::unix::fs::symlink(to, &link).unwrap();
+            let msg = one_line_err(ControlSocket::bind(&link));
+            assert!(msg.contains("a symbolic link, not a socket"), "{msg}");
+            assert_eq!(&fs::read_link(&link).unwrap(), to);
+        }
+        assert_eq!(fs::read_to_string(&file).unwrap(), "precious");
+        assert!(fs::symlink_metadata(&live).unwrap().file_type().is_socket());
+    }
+
+    #[test]
+    fn a_stale_socket_is_replaced() {
+        let d = TempDir::new("stale");
+        let path = d.0.join("ctl.sock");
+        // A node that died without cleaning up: the file stays, nobody
+        // listens.
+        drop(UnixListener::bind(&path).unwrap());
+        assert!(UnixStream::connect(&path).is_err());
+        let sock = ControlSocket::bind(&path).unwrap();
+        assert!(UnixStream::connect(&path).is_ok(), "not our socket now");
+        let m = fs::symlink_metadata(&path).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
+        drop(sock);
+        assert!(!path.exists(), "our socket was left behind at exit");
+    }
+
+    #[test]
+    fn a_live_socket_is_refused() {
+        let d = TempDir::new("live");
+        let path = d.0.join("ctl.sock");
+        let other = UnixListener::bind(&path).unwrap();
+        let id = FileId::of(&fs::symlink_metadata(&path).unwrap());
+        let msg = one_line_err(ControlSocket::bind(&path));
+        assert!(
+            msg.contains("another node is using the control socket")
+                && msg.contains(&*path.to_string_lossy()),
+            "{msg}"
+        );
+        // The other node keeps its socket, and it still reaches it.
+        assert!(is_our_socket(&path, id));
+        let _c = UnixStream::connect(&path).unwrap();
+        other.set_nonblocking(true).unwrap();
+        // One probe from the refused bind, then ours.
+        let mut accepted = 0;
+        while other.accept().is_ok() {
+            accepted += 1;
+        }
+        assert_eq!(accepted, 2);
+    }
+
+    #[test]
+    fn exit_removes_only_our_own_socket() {
+        let d = TempDir::new("exit");
+        let path = d.0.join("ctl.sock");
+
+        // Replaced by another socket (another node took the path over).
+        let sock = ControlSocket::bind(&path).unwrap();
+        fs::remove_file(&path).unwrap();
+        let other = UnixListener::bind(&path).unwrap();
+        drop(sock);
+        assert!(path.exists(), "removed the socket that replaced ours");
+        let _c = UnixStream::connect(&path).unwrap();
+        other.set_nonblocking(true).unwrap();
+        assert!(other.accept().is_ok());
+        drop(other);
+        fs::remove_file(&path).unwrap();
+
+        // Replaced by a regular file.
+        let sock = ControlSocket::bind(&path).unwrap();
+        let tmp = d.0.join("new");
+        fs::write(&tmp, "precious").unwrap();
+        fs::rename(&tmp, &path).unwrap();
+        drop(sock);
+        assert_eq!(fs::read_to_string(&path).unwrap(), "precious");
+        fs::remove_file(&path).unwrap();
+
+        // Untouched: removed.
+        drop(ControlSocket::bind(&path).unwrap());
+        assert!(fs::symlink_metadata(&path).is_err());
+    }
+
+    #[test]
+    fn the_parent_directory_is_created_only_if_missing() {
+        let d = TempDir::new("parent");
+        let path = d.0.join("a/b/ctl.sock");
+        let sock = ControlSocket::bind(&path).unwrap();
+        assert!(d.0.join("a/b").is_dir());
+        drop(sock);
+        assert!(d.0.join("a/b").is_dir(), "exit removed a directory");
+
+        let dir = d.0.join("mine");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o751)).unwrap();
+        let sock = ControlSocket::bind(&dir.join("ctl.sock")).unwrap();
+        drop(sock);
+        let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o751, "the existing directory's mode changed");
+    }
 }

@@ -76,6 +76,73 @@ fn responder_ticks(pid: u32) -> Result<u64> {
     Err(anyhow!("node {pid} has no ela-bench thread"))
 }
 
+/// `mkfifo(path)`.
+fn mkfifo(path: &Path) -> Result<()> {
+    let c = cstr(path)?;
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+        return Err(std::io::Error::last_os_error()).context(format!("mkfifo {}", path.display()));
+    }
+    Ok(())
+}
+
+/// A character device 1:3 (what /dev/null is) at `path`. `false` where
+/// this root may not make devices (a user namespace); the test then uses
+/// only the FIFO, and says so.
+fn make_null_device(path: &Path) -> Result<bool> {
+    let c = cstr(path)?;
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
+    if unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EPERM) {
+        eprintln!("NOTE: mknod not permitted here ({e}); the device case is not tested");
+        return Ok(false);
+    }
+    Err(e).context(format!("mknod {}", path.display()))
+}
+
+fn cstr(path: &Path) -> Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    Ok(std::ffi::CString::new(path.as_os_str().as_bytes())?)
+}
+
+fn is_fifo(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_fifo())
+}
+
+/// A character device 1:3, by stat only.
+fn is_null_device(path: &Path) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    fs::symlink_metadata(path)
+        .is_ok_and(|m| m.file_type().is_char_device() && m.rdev() == libc::makedev(1, 3))
+}
+
+/// Lets a reader blocked opening `fifo` go (it reads end-of-file) if no
+/// writer ever came; harmless when one did.
+fn unblock_fifo_reader(fifo: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fifo);
+}
+
+/// The bench's temporary files (`.NAME.ela-fast-XXXX.tmp`) in `dir`.
+fn temp_files(dir: &Path) -> Result<Vec<String>> {
+    let mut v = Vec::new();
+    for e in fs::read_dir(dir)? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.ends_with(".tmp") {
+            v.push(name);
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
 #[test]
 fn bench_latency_and_throughput_over_the_overlay() {
     netns::lab_test("bench", BIN, |lab: &mut Lab| {
@@ -341,6 +408,103 @@ fn bench_latency_and_throughput_over_the_overlay() {
                 String::from_utf8_lossy(&o.stderr).trim()
             );
         }
+
+        // 4b. What was at --hgrm/--plot before a failed run stays as it
+        //     was: regular files, a FIFO, a character device (a copy of
+        //     /dev/null made here: no test risks the real one). The bench
+        //     removes only its own temporary files.
+        let kept_hgrm = dir.join("kept.hgrm");
+        let kept_plot = dir.join("kept.svg");
+        fs::write(&kept_hgrm, "precious hgrm")?;
+        fs::write(&kept_plot, "precious svg")?;
+        let fifo = dir.join("out.fifo");
+        mkfifo(&fifo)?;
+        let null = dir.join("null");
+        let device = make_null_device(&null)?;
+        let before = temp_files(&dir)?;
+        let mut cases = vec![("regular files", &kept_hgrm, &kept_plot)];
+        if device {
+            cases.push(("a FIFO and a device", &fifo, &null));
+        } else {
+            cases.push(("a FIFO and a regular file", &fifo, &kept_plot));
+        }
+        for (what, hgrm, plot) in cases {
+            let (h, p) = (hgrm.to_string_lossy(), plot.to_string_lossy());
+            let o = lab.exec_timeout(
+                h1,
+                &[
+                    BIN, "bench", "latency", "--target", &nobody, "--count", "500", "--hgrm", &h,
+                    "--plot", &p,
+                ],
+                Duration::from_secs(30),
+            )?;
+            check_clean_failure(what, &o, "no answer from 10.0.0.77:7100")?;
+            ensure!(
+                fs::read_to_string(&kept_hgrm).ok().as_deref() == Some("precious hgrm")
+                    && fs::read_to_string(&kept_plot).ok().as_deref() == Some("precious svg"),
+                "{what}: a failed run changed or removed {} or {}",
+                kept_hgrm.display(),
+                kept_plot.display()
+            );
+            ensure!(is_fifo(&fifo), "{what}: the FIFO is gone");
+            ensure!(
+                !device || is_null_device(&null),
+                "{what}: the device is gone"
+            );
+            ensure!(
+                temp_files(&dir)? == before,
+                "{what}: temporary files left behind: {:?}",
+                temp_files(&dir)?
+            );
+        }
+
+        //     A run that succeeds writes into the FIFO and the device as they
+        //     are (the device discards), and replaces a regular file.
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || fs::read_to_string(fifo))
+        };
+        let plot_into = if device { &null } else { &kept_plot };
+        let o = lab.exec_timeout(
+            h1,
+            &[
+                BIN,
+                "bench",
+                "latency",
+                "--target",
+                &target,
+                "--count",
+                "200",
+                "--hgrm",
+                &fifo.to_string_lossy(),
+                "--plot",
+                &plot_into.to_string_lossy(),
+            ],
+            Duration::from_secs(60),
+        );
+        unblock_fifo_reader(&fifo);
+        let read = reader
+            .join()
+            .map_err(|_| anyhow!("the FIFO reader panicked"))?;
+        let o = o?;
+        stdout_text("bench latency into a FIFO and a device", &o)?;
+        let text = read.context("reading the FIFO")?;
+        let parsed = bench::parse_hgrm(&text).context("parsing the .hgrm from the FIFO")?;
+        ensure!(parsed.total_count == 200, "FIFO .hgrm: {text}");
+        ensure!(is_fifo(&fifo), "the FIFO is gone after a successful run");
+        ensure!(!device || is_null_device(&null), "the device is gone");
+        if !device {
+            ensure!(
+                fs::read_to_string(&kept_plot)?.contains("<svg"),
+                "the regular --plot was not replaced"
+            );
+        }
+        ensure!(temp_files(&dir)? == before, "temporary files left behind");
+        // The real /dev/null is only looked at, never used.
+        ensure!(
+            is_null_device(Path::new("/dev/null")),
+            "/dev/null is no longer the null device"
+        );
 
         // 5. Through an edge node (behind a NAT, so `--role auto` makes it
         //    one): its overlay traffic rides a TCP link to its core node

@@ -21,14 +21,26 @@ pub enum ControlMsg {
         /// The address the joiner sent this to: tells a member listening
         /// on a wildcard address how others reach it.
         via: SocketAddr,
+        /// Fresh per request; the reply carries it as its channel, so a
+        /// reply answers exactly one request.
+        nonce: [u8; 16],
+        /// Makes the request as large as the reply may be: a member never
+        /// sends more to an address it has not verified than it got from
+        /// it, so a request replayed with a forged source reflects no
+        /// more than it brought.
+        pad: Vec<u8>,
     },
     /// The member's answer: how it sees the joiner's underlay address, the
-    /// group's overlay network, and the members it knows (itself first).
+    /// group's overlay network, the members it knows (itself first) as far
+    /// as they fit, and an address the joiner may take (the requested one
+    /// if it is free, else a random free one: the member knows every
+    /// taken address even when the list is cut short).
     JoinReply {
         observed: SocketAddr,
         net_addr: Ipv4Addr,
         net_prefix: u8,
         members: Vec<NodeIdentity>,
+        offer: Option<Ipv4Addr>,
     },
     /// A SWIM message for foca.
     Swim(Vec<u8>),
@@ -53,6 +65,10 @@ pub enum ControlMsg {
         seq: u64,
         cn: Ipv4Addr,
     },
+    /// The first message each end of an EN↔CN TCP connection sends: the
+    /// nonce its peer must bind every link message to (see
+    /// `control_codec::Channel` in the binary).
+    Hello { nonce: [u8; 16] },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -73,6 +89,7 @@ impl ControlMsg {
         net_addr: Ipv4Addr,
         net_prefix: u8,
         members: impl IntoIterator<Item = NodeIdentity>,
+        offer: Option<Ipv4Addr>,
         max_len: usize,
     ) -> ControlMsg {
         // The reply without members, plus room for the list's length to
@@ -82,6 +99,7 @@ impl ControlMsg {
             net_addr,
             net_prefix,
             members: Vec::new(),
+            offer,
         };
         let mut used = empty.encode().len() + 2;
         let mut kept = Vec::new();
@@ -100,6 +118,7 @@ impl ControlMsg {
             net_addr,
             net_prefix,
             members: kept,
+            offer,
         }
     }
 
@@ -132,12 +151,15 @@ mod tests {
                 requested: Some(Ipv4Addr::new(10, 0, 0, 9)),
                 role: Role::Core,
                 via: "172.31.0.1:7000".parse().unwrap(),
+                nonce: [5; 16],
+                pad: vec![0; 900],
             },
             ControlMsg::JoinReply {
                 observed: "172.31.0.9:7000".parse().unwrap(),
                 net_addr: Ipv4Addr::new(10, 0, 0, 0),
                 net_prefix: 24,
                 members: vec![id],
+                offer: Some(Ipv4Addr::new(10, 0, 0, 77)),
             },
             ControlMsg::Swim(vec![1, 2, 3]),
             ControlMsg::Attach {
@@ -158,6 +180,7 @@ mod tests {
                 seq: u64::MAX,
                 cn: Ipv4Addr::new(10, 0, 0, 1),
             },
+            ControlMsg::Hello { nonce: [0xa5; 16] },
         ];
         for m in msgs {
             assert_eq!(ControlMsg::decode(&m.encode()).unwrap(), m);
@@ -185,8 +208,9 @@ mod tests {
             .collect();
         let observed: SocketAddr = "[ffff::2]:65535".parse().unwrap();
         let net = Ipv4Addr::new(10, 0, 0, 0);
+        let offer = Some(Ipv4Addr::new(10, 255, 255, 254));
         for max_len in [100, 1000, 16_344, 65_000] {
-            let m = ControlMsg::join_reply(observed, net, 8, members.clone(), max_len);
+            let m = ControlMsg::join_reply(observed, net, 8, members.clone(), offer, max_len);
             let ControlMsg::JoinReply { members: kept, .. } = &m else {
                 unreachable!()
             };
@@ -204,15 +228,16 @@ mod tests {
                 net_addr: net,
                 net_prefix: 8,
                 members: more,
+                offer,
             };
             assert!(bigger.encode().len() > max_len - 2, "{max_len}: room left");
         }
         // Room for everyone: everyone.
         let few = members[..3].to_vec();
-        let m = ControlMsg::join_reply(observed, net, 8, few.clone(), 65_000);
+        let m = ControlMsg::join_reply(observed, net, 8, few.clone(), offer, 65_000);
         assert!(matches!(m, ControlMsg::JoinReply { members, .. } if members == few));
         // Not even the header fits: an empty list, not a panic.
-        let m = ControlMsg::join_reply(observed, net, 8, few, 0);
+        let m = ControlMsg::join_reply(observed, net, 8, few, offer, 0);
         assert!(matches!(m, ControlMsg::JoinReply { members, .. } if members.is_empty()));
     }
 }

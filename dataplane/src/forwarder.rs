@@ -35,12 +35,25 @@ use crate::wire::{self, Header, PacketType, HEADER_LEN, HOPS_OFFSET, MAX_HOPS, T
 /// touched once per batch rather than once per packet.
 pub const COUNTER_RESERVATION: u64 = 64;
 
-/// At most this many keys derived for packets that then failed to
-/// authenticate, per sender per second: a forger flipping epochs must not
-/// make us run HKDF + Blowfish key setup (~30 µs) per packet. A derivation
-/// whose packet authenticates resets the count, so honest senders that
-/// rekey many times a second are never limited.
+/// Keys derived for a sender's *jump* (an epoch more than one ahead of
+/// the newest one authenticated, or any epoch before the first) per
+/// second, unless the packet then authenticates (which refunds the
+/// budget). Derivation is HKDF plus, for Blowfish, a key schedule
+/// (~30 µs): a forger must not buy one per packet.
 const UNVERIFIED_DERIVES_PER_SEC: u32 = 16;
+
+/// How fast a sender's epoch can possibly advance: 2^10 epochs/s is 2^24
+/// packets/s, several times the packet rate of a 100 Gbit/s link at our
+/// MTU. A packet claiming an epoch further ahead of the newest one
+/// authenticated than this allows for the time since is a forgery and
+/// costs no derivation, so random-epoch floods never reach the budget.
+const MAX_EPOCHS_PER_SEC: u64 = 1 << 10;
+/// Headroom over [`MAX_EPOCHS_PER_SEC`] for a burst right after the
+/// anchor moved.
+const EPOCH_JUMP_SLACK: u64 = 64;
+/// Epochs are the counter's high bits; no real sender gets near 2^32 of
+/// them (2^46 packets), and the header carries only the low 32 bits.
+const MAX_EPOCH: u64 = u32::MAX as u64;
 
 /// Where a packet goes next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,16 +89,35 @@ struct EpochKeys {
     keys: PacketKeys,
 }
 
+/// Which cached keys a packet uses.
+#[derive(Clone, Copy)]
+enum Slot {
+    Cur,
+    Prev,
+    Next,
+    Jump,
+}
+
 /// What a core knows about one sender.
+///
+/// Key derivations are what an unauthenticated packet could make us
+/// spend, so they are rationed by how an honest sender behaves: its
+/// epochs only grow. The newest authenticated epoch (`cur`) anchors the
+/// cache; the epoch after it (`next`) and the one before it (`prev`, for
+/// stragglers) are derived on demand without a budget, since each costs
+/// at most one derivation per anchor move and a forger repeating them
+/// hits the cache. Anything else (a jump, when the sender's traffic went
+/// elsewhere for a while) must be plausible for the time since the
+/// anchor moved and is budgeted; its one cached key makes a repeated
+/// forgery free. Older epochs are behind the replay window.
 struct Peer {
     node_id: u64,
-    /// The two newest epochs seen authenticated; packets straddling a
-    /// rekey find the older one here.
     cur: Option<EpochKeys>,
+    /// When `cur` was first authenticated.
+    anchored_at: Option<Instant>,
     prev: Option<EpochKeys>,
-    /// Keys derived for a packet that failed to authenticate, kept so a
-    /// forger repeating that epoch costs nothing more.
-    spare: Option<EpochKeys>,
+    next: Option<EpochKeys>,
+    jump: Option<EpochKeys>,
     window: ReplayWindow,
     derive_window_start: Option<Instant>,
     derives_in_window: u32,
@@ -96,11 +128,107 @@ impl Peer {
         Peer {
             node_id,
             cur: None,
+            anchored_at: None,
             prev: None,
-            spare: None,
+            next: None,
+            jump: None,
             window: ReplayWindow::new(),
             derive_window_start: None,
             derives_in_window: 0,
+        }
+    }
+
+    fn slot(&self, s: Slot) -> &Option<EpochKeys> {
+        match s {
+            Slot::Cur => &self.cur,
+            Slot::Prev => &self.prev,
+            Slot::Next => &self.next,
+            Slot::Jump => &self.jump,
+        }
+    }
+
+    fn slot_mut(&mut self, s: Slot) -> &mut Option<EpochKeys> {
+        match s {
+            Slot::Cur => &mut self.cur,
+            Slot::Prev => &mut self.prev,
+            Slot::Next => &mut self.next,
+            Slot::Jump => &mut self.jump,
+        }
+    }
+
+    fn cached(&self, epoch: u64) -> Option<Slot> {
+        [Slot::Cur, Slot::Next, Slot::Prev, Slot::Jump]
+            .into_iter()
+            .find(|&s| self.slot(s).as_ref().is_some_and(|k| k.epoch == epoch))
+    }
+
+    /// Where keys for an uncached `epoch` may be derived, or why not.
+    fn plan(&mut self, now: Instant, epoch: u64) -> Result<Slot, DropReason> {
+        let (Some(cur), Some(at)) = (self.cur.as_ref().map(|k| k.epoch), self.anchored_at) else {
+            return self
+                .budget(now)
+                .then_some(Slot::Jump)
+                .ok_or(DropReason::RekeyLimited);
+        };
+        if epoch == cur + 1 {
+            return Ok(Slot::Next);
+        }
+        if epoch + 1 == cur {
+            return Ok(Slot::Prev);
+        }
+        if epoch < cur {
+            // Every counter of it is older than the replay window.
+            return Err(DropReason::Replay);
+        }
+        let elapsed_ms = now.saturating_duration_since(at).as_millis() as u64;
+        let reach = EPOCH_JUMP_SLACK + MAX_EPOCHS_PER_SEC * elapsed_ms / 1000;
+        if epoch - cur > reach || !self.budget(now) {
+            return Err(DropReason::RekeyLimited);
+        }
+        Ok(Slot::Jump)
+    }
+
+    #[cold]
+    fn budget(&mut self, now: Instant) -> bool {
+        match self.derive_window_start {
+            Some(t) if now.saturating_duration_since(t) < Duration::from_secs(1) => {
+                if self.derives_in_window >= UNVERIFIED_DERIVES_PER_SEC {
+                    return false;
+                }
+                self.derives_in_window += 1;
+            }
+            _ => {
+                self.derive_window_start = Some(now);
+                self.derives_in_window = 1;
+            }
+        }
+        true
+    }
+
+    /// A packet of `epoch` authenticated: move the anchor if it is newer.
+    fn promote(&mut self, now: Instant, epoch: u64) {
+        let Some(slot) = self.cached(epoch) else {
+            return;
+        };
+        if matches!(slot, Slot::Jump) {
+            // The derivation paid off: whoever asked for it holds the key.
+            self.derives_in_window = 0;
+        }
+        if self.cur.as_ref().is_some_and(|c| c.epoch >= epoch) {
+            return;
+        }
+        let keys = self.slot_mut(slot).take();
+        let old = std::mem::replace(&mut self.cur, keys);
+        self.anchored_at = Some(now);
+        // The old anchor was the newest epoch: the nearest below the new.
+        if old.is_some() {
+            self.prev = old;
+        }
+        if self.next.as_ref().is_some_and(|n| n.epoch <= epoch) {
+            self.next = None;
+        }
+        if self.jump.as_ref().is_some_and(|j| j.epoch <= epoch) {
+            self.jump = None;
         }
     }
 }
@@ -114,6 +242,9 @@ pub struct Forwarder {
     own_keys: Option<(u64, u64, PacketKeys)>,
     peers: HashMap<u32, Peer>,
     pub counters: Counters,
+    /// Keys derived for received packets (tests check what forgeries cost).
+    #[cfg(test)]
+    derived: u64,
 }
 
 impl Forwarder {
@@ -126,6 +257,8 @@ impl Forwarder {
             own_keys: None,
             peers: HashMap::with_capacity(64),
             counters: Counters::default(),
+            #[cfg(test)]
+            derived: 0,
         }
     }
 
@@ -239,7 +372,8 @@ impl Forwarder {
             self.counters.drop(DropReason::Control);
             return Out::drop();
         }
-        if hdr.epoch != crypto::wire_epoch(hdr.counter) {
+        if hdr.epoch != crypto::wire_epoch(hdr.counter) || crypto::epoch_of(hdr.counter) > MAX_EPOCH
+        {
             self.counters.drop(DropReason::Malformed);
             return Out::drop();
         }
@@ -277,15 +411,31 @@ impl Forwarder {
             self.counters.drop(DropReason::HopLimit);
             return Out::drop();
         }
-        let Some(keys) = self.keys_for(now, hdr.src, node_id, crypto::epoch_of(hdr.counter)) else {
-            self.counters.drop(DropReason::RekeyLimited);
+        // A relay keeps the sender's replay window too (one window for all
+        // of a sender's packets through this node, whatever their
+        // destination: they share one counter sequence), so captured
+        // traffic replayed at a relay is not forwarded.
+        if self.is_replay(hdr.src, node_id, hdr.counter) {
+            self.counters.drop(DropReason::Replay);
             return Out::drop();
+        }
+        let epoch = crypto::epoch_of(hdr.counter);
+        let keys = match self.keys_for(now, hdr.src, node_id, epoch) {
+            Ok(k) => k,
+            Err(r) => {
+                self.counters.drop(r);
+                return Out::drop();
+            }
         };
         if let Err(e) = keys.verify(pkt) {
             self.counters.drop(auth_drop(e));
             return Out::drop();
         }
-        self.promote(hdr.src, crypto::epoch_of(hdr.counter));
+        let peer = self.authenticated(now, hdr.src, epoch);
+        if !peer.window.update(hdr.counter) {
+            self.counters.drop(DropReason::Replay);
+            return Out::drop();
+        }
         pkt[HOPS_OFFSET] = hdr.hops + 1;
         self.counters.forwarded += 1;
         self.counters.udp_tx += 1;
@@ -296,18 +446,18 @@ impl Forwarder {
     }
 
     fn deliver(&mut self, now: Instant, hdr: Header, node_id: u64, pkt: &mut [u8]) -> Out {
-        let src = u32::from(hdr.src);
         // Cheap check first so replays cost no MAC.
-        if let Some(p) = self.peers.get(&src) {
-            if p.node_id == node_id && !p.window.check(hdr.counter) {
-                self.counters.drop(DropReason::Replay);
-                return Out::drop();
-            }
+        if self.is_replay(hdr.src, node_id, hdr.counter) {
+            self.counters.drop(DropReason::Replay);
+            return Out::drop();
         }
         let epoch = crypto::epoch_of(hdr.counter);
-        let Some(keys) = self.keys_for(now, hdr.src, node_id, epoch) else {
-            self.counters.drop(DropReason::RekeyLimited);
-            return Out::drop();
+        let keys = match self.keys_for(now, hdr.src, node_id, epoch) {
+            Ok(k) => k,
+            Err(r) => {
+                self.counters.drop(r);
+                return Out::drop();
+            }
         };
         let range = match keys.open(pkt) {
             Ok(r) => r,
@@ -316,19 +466,23 @@ impl Forwarder {
                 return Out::drop();
             }
         };
-        self.promote(hdr.src, epoch);
-        let peer = self.peers.get_mut(&src).expect("created by keys_for");
+        let peer = self.authenticated(now, hdr.src, epoch);
         if !peer.window.update(hdr.counter) {
             self.counters.drop(DropReason::Replay);
             return Out::drop();
         }
-        match wire::ipv4_src_dst(&pkt[range.clone()]) {
-            Some((s, d)) if s == hdr.src && d == hdr.dst => {}
+        // Validate what was decrypted before anything uses it: an IPv4
+        // packet between the authenticated addresses, cut to its own
+        // length (a member's padding must not reach the TUN or GRO).
+        let range = match wire::Ipv4Inner::parse(&pkt[range.clone()]) {
+            Some(ip) if ip.src == hdr.src && ip.dst == hdr.dst => {
+                range.start..range.start + ip.total_len
+            }
             _ => {
                 self.counters.drop(DropReason::InnerMismatch);
                 return Out::drop();
             }
-        }
+        };
         self.counters.tun_tx += 1;
         self.counters.rx_bytes += range.len() as u64;
         Out {
@@ -337,15 +491,24 @@ impl Forwarder {
         }
     }
 
-    /// Keys for `epoch` of the sender session `(addr, node_id)`: cached, or
-    /// derived (cold, rate-limited). A new node id resets the peer.
+    /// True if `counter` of this sender session was seen or is too old.
+    #[inline]
+    fn is_replay(&self, addr: Ipv4Addr, node_id: u64, counter: u64) -> bool {
+        self.peers
+            .get(&u32::from(addr))
+            .is_some_and(|p| p.node_id == node_id && !p.window.check(counter))
+    }
+
+    /// Keys for `epoch` of the sender session `(addr, node_id)`: cached,
+    /// or derived if [`Peer::plan`] allows it (cold). A new node id resets
+    /// the peer.
     fn keys_for(
         &mut self,
         now: Instant,
         addr: Ipv4Addr,
         node_id: u64,
         epoch: u64,
-    ) -> Option<&PacketKeys> {
+    ) -> Result<&PacketKeys, DropReason> {
         let peer = self
             .peers
             .entry(u32::from(addr))
@@ -353,69 +516,39 @@ impl Forwarder {
         if peer.node_id != node_id {
             *peer = Peer::new(node_id);
         }
-        let slot = if peer.cur.as_ref().is_some_and(|k| k.epoch == epoch) {
-            0
-        } else if peer.prev.as_ref().is_some_and(|k| k.epoch == epoch) {
-            1
-        } else if peer.spare.as_ref().is_some_and(|k| k.epoch == epoch) {
-            2
-        } else {
-            if !Self::may_derive(peer, now) {
-                return None;
-            }
-            peer.spare = Some(EpochKeys {
-                epoch,
-                keys: PacketKeys::derive_data(&self.secret, node_id, epoch),
-            });
-            2
-        };
-        let k = match slot {
-            0 => peer.cur.as_ref(),
-            1 => peer.prev.as_ref(),
-            _ => peer.spare.as_ref(),
-        };
-        k.map(|k| &k.keys)
-    }
-
-    #[cold]
-    fn may_derive(peer: &mut Peer, now: Instant) -> bool {
-        match peer.derive_window_start {
-            Some(t) if now.saturating_duration_since(t) < Duration::from_secs(1) => {
-                if peer.derives_in_window >= UNVERIFIED_DERIVES_PER_SEC {
-                    return false;
+        let slot = match peer.cached(epoch) {
+            Some(s) => s,
+            None => {
+                let s = peer.plan(now, epoch)?;
+                #[cfg(test)]
+                {
+                    self.derived += 1;
                 }
-                peer.derives_in_window += 1;
+                *peer.slot_mut(s) = Some(EpochKeys {
+                    epoch,
+                    keys: PacketKeys::derive_data(&self.secret, node_id, epoch),
+                });
+                s
             }
-            _ => {
-                peer.derive_window_start = Some(now);
-                peer.derives_in_window = 1;
-            }
-        }
-        true
+        };
+        Ok(&peer
+            .slot(slot)
+            .as_ref()
+            .expect("cached or just derived")
+            .keys)
     }
 
-    /// After a packet of `epoch` authenticated: make its keys current.
+    /// After a packet of `epoch` from `addr` authenticated.
     #[inline]
-    fn promote(&mut self, addr: Ipv4Addr, epoch: u64) {
-        let Some(peer) = self.peers.get_mut(&u32::from(addr)) else {
-            return;
-        };
-        if peer.spare.as_ref().is_some_and(|k| k.epoch == epoch) {
-            // The derivation paid off: a sender rekeying often (a fast
-            // one does so many times a second) is not a forger.
-            peer.derives_in_window = 0;
-            let k = peer.spare.take();
-            match &peer.cur {
-                Some(c) if c.epoch > epoch => {
-                    // An older epoch straggling in after a newer one.
-                    peer.prev = k;
-                }
-                _ => {
-                    peer.prev = peer.cur.take();
-                    peer.cur = k;
-                }
-            }
+    fn authenticated(&mut self, now: Instant, addr: Ipv4Addr, epoch: u64) -> &mut Peer {
+        let peer = self
+            .peers
+            .get_mut(&u32::from(addr))
+            .expect("created by keys_for");
+        if peer.cur.as_ref().is_none_or(|c| c.epoch != epoch) {
+            peer.promote(now, epoch);
         }
+        peer
     }
 
     /// Forget senders no longer in the table (called by the io loop when
@@ -615,7 +748,7 @@ mod tests {
         assert_eq!(out.verdict, Verdict::Tun);
         assert_eq!(plain, icmp(A, B, b"relay me"));
         // A forged packet is not relayed.
-        let mut forged = wire.clone();
+        let (_, mut forged) = send(&mut a, &icmp(A, B, b"forge me"));
         let last = forged.len() - 1;
         forged[last] ^= 1;
         let (out, _) = recv(&mut c, &forged);
@@ -679,14 +812,17 @@ mod tests {
                 rng ^= rng << 17;
                 *x = rng as u8;
             }
-            // Half of them look like v1 data from a member.
+            // Half of them look like current-version data from a member,
+            // so they reach key lookup and authentication.
             if len >= 40 && len % 2 == 0 {
-                buf[0] = 1;
-                buf[1] = 0;
-                buf[3] = 0;
+                buf[0] = wire::VERSION;
+                buf[1] = PacketType::Data as u8;
+                buf[3] = s.suite() as u8;
                 buf[8..12].copy_from_slice(&A.octets());
                 buf[12..16].copy_from_slice(&B.octets());
-                let c = u64::from_be_bytes(buf[16..24].try_into().unwrap());
+                // A counter of epoch 0, as a new sender's would be.
+                let c = (u64::from(buf[23]) << 8 | u64::from(buf[22])) & 0x3fff;
+                buf[16..24].copy_from_slice(&c.to_be_bytes());
                 buf[4..8].copy_from_slice(&crypto::wire_epoch(c).to_be_bytes());
             }
             let out = b.fwd.inbound(Instant::now(), &b.routes, &mut buf, len);
@@ -694,6 +830,10 @@ mod tests {
         }
         assert_eq!(b.fwd.counters.tun_tx, 0);
         assert_eq!(b.fwd.counters.drops_total(), 300);
+        // The member-like half got as far as the tag check (130 of them:
+        // the even lengths from 40 to 298), not stopped at the header.
+        #[cfg(not(feature = "null-cipher"))]
+        assert_eq!(b.fwd.counters.drops[DropReason::BadTag as usize], 130);
     }
 
     #[test]
@@ -769,6 +909,34 @@ mod tests {
         }
     }
 
+    /// A packet from `A` to `B` with `counter`, sealed under `key`'s
+    /// secret as A's session 11 (a forgery unless `key` is the group's).
+    fn sealed_as_a(key: &GroupSecret, counter: u64, ip: &[u8]) -> Vec<u8> {
+        let mut buf = vec![0u8; 256];
+        buf[HEADER_LEN..HEADER_LEN + ip.len()].copy_from_slice(ip);
+        Header {
+            ptype: PacketType::Data,
+            hops: 0,
+            epoch: crypto::wire_epoch(counter),
+            src: A,
+            dst: B,
+            counter,
+        }
+        .write(&mut buf);
+        let len = PacketKeys::derive_data(key, 11, crypto::epoch_of(counter))
+            .seal(&mut buf, ip.len())
+            .unwrap();
+        buf.truncate(len);
+        buf
+    }
+
+    fn recv_at(to: &mut Node, now: Instant, wire: &[u8]) -> Verdict {
+        let mut buf = wire.to_vec();
+        to.fwd
+            .inbound(now, &to.routes, &mut buf, wire.len())
+            .verdict
+    }
+
     #[test]
     #[cfg_attr(feature = "null-cipher", ignore = "the null cipher accepts forgeries")]
     fn forged_epochs_are_rate_limited() {
@@ -778,28 +946,165 @@ mod tests {
         let mut limited = 0;
         for i in 0..100u64 {
             let counter = (i + 10) << crypto::EPOCH_SHIFT;
-            let mut buf = vec![0u8; 256];
-            let ip = icmp(A, B, b"forged");
-            buf[HEADER_LEN..HEADER_LEN + ip.len()].copy_from_slice(&ip);
-            Header {
-                ptype: PacketType::Data,
-                hops: 0,
-                epoch: crypto::wire_epoch(counter),
-                src: A,
-                dst: B,
-                counter,
-            }
-            .write(&mut buf);
-            let len = PacketKeys::derive_data(&secret(99), 11, 0)
-                .seal(&mut buf, ip.len())
-                .unwrap();
-            let out = b.fwd.inbound(now, &b.routes, &mut buf, len);
-            assert_eq!(out.verdict, Verdict::Drop);
+            let w = sealed_as_a(&secret(99), counter, &icmp(A, B, b"forged"));
+            assert_eq!(recv_at(&mut b, now, &w), Verdict::Drop);
             if b.fwd.counters.drops[DropReason::RekeyLimited as usize] > 0 {
                 limited += 1;
             }
         }
         assert!(limited > 50, "derivations were not limited");
         assert_eq!(b.fwd.counters.tun_tx, 0);
+    }
+
+    /// The issue-9 attack: forged headers naming a live sender, with
+    /// random epochs, must not spend what the sender's next epochs need.
+    #[test]
+    #[cfg_attr(feature = "null-cipher", ignore = "the null cipher accepts forgeries")]
+    fn forged_epoch_flood_does_not_stall_an_honest_sender() {
+        let s = secret(13);
+        let mut b = node(&s, B, 22);
+        let t0 = Instant::now();
+        let per_epoch = 1u64 << crypto::EPOCH_SHIFT;
+        let base = 1000 * per_epoch;
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next_rand = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        // The sender is established at epoch 1000.
+        let w = sealed_as_a(&s, base, &icmp(A, B, b"hello"));
+        assert_eq!(recv_at(&mut b, t0, &w), Verdict::Tun);
+        let derives_before = b.fwd.counters.drops[DropReason::RekeyLimited as usize];
+        // Over ten (fake) seconds: 200 forgeries a second with random
+        // counters and the anchor's epoch and the next;
+        // meanwhile the honest sender rekeys every 50 ms (and sometimes
+        // jumps ahead, as when its traffic went elsewhere).
+        let mut honest = base;
+        let mut delivered = 0;
+        for ms in 0..10_000u64 {
+            let now = t0 + Duration::from_millis(ms);
+            if ms % 5 == 0 {
+                let r = next_rand();
+                let cur = crypto::epoch_of(honest);
+                // Random counters (an off-path forger), or the anchor's
+                // epoch and the next one (a forger who reads headers).
+                let counter = match r % 3 {
+                    0 => r >> 2,
+                    1 => ((cur + 1) << crypto::EPOCH_SHIFT) | ((r >> 20) % per_epoch),
+                    _ => (cur << crypto::EPOCH_SHIFT) | ((r >> 20) % per_epoch),
+                };
+                let w = sealed_as_a(&secret(98), counter, &icmp(A, B, b"forged"));
+                assert_eq!(recv_at(&mut b, now, &w), Verdict::Drop);
+            }
+            if ms % 50 == 0 {
+                let step = if ms % 1000 == 0 { 7 } else { 1 };
+                honest = (crypto::epoch_of(honest) + step) << crypto::EPOCH_SHIFT;
+                let w = sealed_as_a(&s, honest, &icmp(A, B, b"honest"));
+                assert_eq!(
+                    recv_at(&mut b, now, &w),
+                    Verdict::Tun,
+                    "honest epoch {} at {ms} ms: {:?}",
+                    crypto::epoch_of(honest),
+                    b.fwd.counters
+                );
+                delivered += 1;
+            }
+        }
+        assert_eq!(delivered, 200);
+        assert_eq!(b.fwd.counters.drops[DropReason::InnerMismatch as usize], 0);
+        // The forgeries cost no derivation: only the honest epochs did
+        // (and, once each, the epoch after each anchor).
+        assert!(b.fwd.derived <= 2 * 201, "{} derivations", b.fwd.derived);
+        assert_eq!(
+            b.fwd.counters.drops[DropReason::RekeyLimited as usize],
+            derives_before
+        );
+    }
+
+    #[test]
+    #[cfg_attr(feature = "null-cipher", ignore = "the null cipher accepts forgeries")]
+    fn implausible_and_stale_epochs_cost_no_derivation() {
+        let s = secret(14);
+        let mut b = node(&s, B, 22);
+        let t0 = Instant::now();
+        let per_epoch = 1u64 << crypto::EPOCH_SHIFT;
+        assert_eq!(
+            recv_at(
+                &mut b,
+                t0,
+                &sealed_as_a(&s, 500 * per_epoch, &icmp(A, B, b"x"))
+            ),
+            Verdict::Tun
+        );
+        // Far ahead of what the sender could have sent since: refused.
+        let far = sealed_as_a(&s, 10_000 * per_epoch, &icmp(A, B, b"far"));
+        assert_eq!(recv_at(&mut b, t0, &far), Verdict::Drop);
+        assert_eq!(b.fwd.counters.drops[DropReason::RekeyLimited as usize], 1);
+        // Twenty seconds later the same epoch is reachable: an honest sender
+        // whose traffic went elsewhere meanwhile gets through.
+        assert_eq!(
+            recv_at(&mut b, t0 + Duration::from_secs(20), &far),
+            Verdict::Tun
+        );
+        // Two epochs behind the anchor: older than the replay window.
+        let old = sealed_as_a(&s, 9_998 * per_epoch + 5, &icmp(A, B, b"old"));
+        assert_eq!(
+            recv_at(&mut b, t0 + Duration::from_secs(20), &old),
+            Verdict::Drop
+        );
+        assert_eq!(b.fwd.counters.drops[DropReason::Replay as usize], 1);
+        // Counters whose epoch does not fit the header's 32 bits.
+        let huge = sealed_as_a(&s, u64::MAX - 3, &icmp(A, B, b"huge"));
+        assert_eq!(
+            recv_at(&mut b, t0 + Duration::from_secs(20), &huge),
+            Verdict::Drop
+        );
+        assert_eq!(b.fwd.counters.drops[DropReason::Malformed as usize], 1);
+    }
+
+    #[test]
+    #[cfg_attr(feature = "null-cipher", ignore = "the null cipher accepts forgeries")]
+    fn a_relay_does_not_forward_replays() {
+        let s = secret(15);
+        let mut a = node(&s, A, 11);
+        let mut c = node(&s, C, 33);
+        let mut wires = Vec::new();
+        for i in 0..50u8 {
+            wires.push(send(&mut a, &icmp(A, B, &[i; 16])).1);
+        }
+        for w in &wires {
+            assert_eq!(recv(&mut c, w).0.verdict, Verdict::Udp(ua(2)));
+        }
+        // Captured and replayed, in any order: none is forwarded again.
+        for w in wires.iter().rev() {
+            assert_eq!(recv(&mut c, w).0.verdict, Verdict::Drop);
+        }
+        assert_eq!(c.fwd.counters.forwarded, 50);
+        assert_eq!(c.fwd.counters.drops[DropReason::Replay as usize], 50);
+        // The sender's later packets still pass.
+        let (_, w) = send(&mut a, &icmp(A, B, b"later"));
+        assert_eq!(recv(&mut c, &w).0.verdict, Verdict::Udp(ua(2)));
+    }
+
+    #[test]
+    fn decrypted_packets_are_cut_to_their_ip_length_or_dropped() {
+        let s = secret(16);
+        let mut b = node(&s, B, 22);
+        let ip = icmp(A, B, b"padded");
+        // A member pads its packet: delivered without the padding.
+        let mut padded = ip.clone();
+        padded.extend_from_slice(&[0xab; 20]);
+        let w = sealed_as_a(&s, 1, &padded);
+        let (out, plain) = recv(&mut b, &w);
+        assert_eq!(out.verdict, Verdict::Tun);
+        assert_eq!(plain, ip);
+        // A total length beyond what was sent: dropped.
+        let mut long = ip.clone();
+        long[2..4].copy_from_slice(&(ip.len() as u16 + 1).to_be_bytes());
+        let (out, _) = recv(&mut b, &sealed_as_a(&s, 2, &long));
+        assert_eq!(out.verdict, Verdict::Drop);
+        assert_eq!(b.fwd.counters.drops[DropReason::InnerMismatch as usize], 1);
     }
 }

@@ -225,7 +225,15 @@ struct Flow {
 pub struct Gro {
     flows: [Flow; GRO_FLOWS],
     next_victim: usize,
+    /// Which buffers of the batch are heads that segments were merged
+    /// into: decided by counting merges, never from a length field a
+    /// sender controls.
+    merged: [u64; GRO_MAX_BUFS / 64],
 }
+
+/// Buffers per [`Gro::coalesce`] call that may be merged; any beyond are
+/// written as they are.
+pub const GRO_MAX_BUFS: usize = 256;
 
 /// What [`Gro::coalesce`] needs to know of one packet.
 struct TcpView {
@@ -307,9 +315,15 @@ impl Gro {
         for f in self.flows.iter_mut() {
             f.open = false;
         }
+        self.merged = [0; GRO_MAX_BUFS / 64];
         let h = VIRTIO_NET_HDR_LEN;
         for i in 0..bufs.len() {
-            let Some(v) = bufs[i].get(h..).and_then(tcp_candidate) else {
+            let candidate = if i < GRO_MAX_BUFS {
+                bufs[i].get(h..).and_then(tcp_candidate)
+            } else {
+                None
+            };
+            let Some(v) = candidate else {
                 // Not coalescible; it must not be overtaken by later
                 // segments of its connection either.
                 if let Some(p) = bufs[i].get(h..) {
@@ -334,6 +348,7 @@ impl Gro {
                     && same_headers(&head[h..], pkt, v.headers)
                 {
                     head.extend_from_slice(&pkt[v.headers..]);
+                    self.merged[f.head / 64] |= 1 << (f.head % 64);
                     if v.psh {
                         head[h + 33] |= 0x08;
                     }
@@ -368,7 +383,8 @@ impl Gro {
             out.push(i);
         }
         for &i in out.iter() {
-            finish(&mut bufs[i]);
+            let merged = i < GRO_MAX_BUFS && self.merged[i / 64] & (1 << (i % 64)) != 0;
+            finish(&mut bufs[i], merged);
         }
     }
 
@@ -397,21 +413,19 @@ fn same_headers(a: &[u8], b: &[u8], headers: usize) -> bool {
 }
 
 /// Writes the virtio-net header of one packet to be written. A merged
-/// run (its buffer now longer than its IP length field says) also gets
-/// its IP length and checksum fixed and its TCP checksum left to the
-/// kernel: the pseudo-header sum in the field, NEEDS_CSUM, and the first
-/// segment's payload as the GSO size.
-fn finish(buf: &mut [u8]) {
+/// run also gets its IP length and checksum fixed and its TCP checksum
+/// left to the kernel: the pseudo-header sum in the field, NEEDS_CSUM,
+/// and the first segment's payload as the GSO size. Anything else is
+/// written as it came, without offload.
+fn finish(buf: &mut [u8], merged: bool) {
     let h = VIRTIO_NET_HDR_LEN;
     let (vh, p) = buf.split_at_mut(h);
     let mut hdr = VirtioNetHdr::default();
-    let first_len = if p.len() >= 40 {
-        u16::from_be_bytes([p[2], p[3]]) as usize
-    } else {
-        p.len()
-    };
-    if p.len() > first_len {
-        // Only tcp_candidate packets are ever merged into: IPv4, IHL 5.
+    if merged {
+        // Only tcp_candidate packets (IPv4, IHL 5, total length = their
+        // length) are merged into, so the head's length field still
+        // holds the first segment's length.
+        let first_len = u16::from_be_bytes([p[2], p[3]]) as usize;
         let headers = 20 + (p[32] >> 4) as usize * 4;
         let total = p.len() as u16;
         p[2..4].copy_from_slice(&total.to_be_bytes());
@@ -719,17 +733,61 @@ mod tests {
                     b.truncate(VIRTIO_NET_HDR_LEN + rnd() as usize % 50);
                 }
             }
+            let before = bufs.clone();
             let payload_in: usize = bufs.iter().map(|b| b.len() - VIRTIO_NET_HDR_LEN).sum();
             let mut out = Vec::new();
             Gro::new().coalesce(&mut bufs, &mut out);
-            // Every byte is in some written buffer: merged segments add
-            // their payload (not their headers) to a head.
+            assert!(out.windows(2).all(|w| w[0] < w[1]), "order kept");
+            // Every byte is in some written buffer: a merged segment adds
+            // its payload, not its headers, to a head, and only segments
+            // that are coalescible TCP are merged.
+            let mut headers_dropped = 0;
+            for (i, b) in before.iter().enumerate() {
+                if !out.contains(&i) {
+                    let v =
+                        tcp_candidate(&b[VIRTIO_NET_HDR_LEN..]).expect("merged a non-candidate");
+                    headers_dropped += v.headers;
+                }
+            }
             let written: usize = out
                 .iter()
                 .map(|&i| bufs[i].len() - VIRTIO_NET_HDR_LEN)
                 .sum();
-            assert!(written <= payload_in);
-            assert!(out.windows(2).all(|w| w[0] < w[1]), "order kept");
+            assert_eq!(written + headers_dropped, payload_in, "round {round}");
+            for &i in &out {
+                let p = &bufs[i][VIRTIO_NET_HDR_LEN..];
+                if vnet(&bufs[i]).gso_type == GSO_NONE {
+                    // Written as it came.
+                    assert_eq!(
+                        bufs[i][VIRTIO_NET_HDR_LEN..],
+                        before[i][VIRTIO_NET_HDR_LEN..]
+                    );
+                } else {
+                    // A merged run: its IP length was made to cover it.
+                    assert!(p.len() > before[i].len() - VIRTIO_NET_HDR_LEN);
+                    assert_eq!(u16::from_be_bytes([p[2], p[3]]) as usize, p.len());
+                }
+            }
+        }
+    }
+
+    /// Issue 9, point 7: a member's packet whose IP total length is
+    /// smaller than the packet was taken for a merged run and rewritten
+    /// into a TCP GSO packet (a debug build panicked).
+    #[test]
+    fn a_short_total_length_is_not_a_merged_run() {
+        for short_by in [1usize, 20, 40] {
+            let mut bufs = segments(1380, 1380, 0x10, 0, 1);
+            let len = bufs[0].len() - VIRTIO_NET_HDR_LEN;
+            let field = (len - short_by) as u16;
+            bufs[0][VIRTIO_NET_HDR_LEN + 2..VIRTIO_NET_HDR_LEN + 4]
+                .copy_from_slice(&field.to_be_bytes());
+            let before = bufs[0].clone();
+            let mut out = Vec::new();
+            Gro::new().coalesce(&mut bufs, &mut out);
+            assert_eq!(out, vec![0]);
+            assert_eq!(vnet(&bufs[0]).gso_type, GSO_NONE, "short by {short_by}");
+            assert_eq!(bufs[0][VIRTIO_NET_HDR_LEN..], before[VIRTIO_NET_HDR_LEN..]);
         }
     }
 

@@ -148,6 +148,31 @@ pub fn ipv4_src_dst(pkt: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
     Some((src, dst))
 }
 
+/// A decrypted IPv4 packet, checked once before anything uses it
+/// (boringtun's `validate_decapsulated_packet`, smoltcp's `new_checked`):
+/// version 4, a header of at least 20 bytes, and a total length that
+/// covers the header and fits in what was decrypted. Bytes past the
+/// total length are padding the caller must cut off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Inner {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub total_len: usize,
+}
+
+impl Ipv4Inner {
+    pub fn parse(pkt: &[u8]) -> Option<Ipv4Inner> {
+        let (src, dst) = ipv4_src_dst(pkt)?;
+        let header = usize::from(pkt[0] & 0x0f) * 4;
+        let total_len = usize::from(u16::from_be_bytes([pkt[2], pkt[3]]));
+        (total_len >= header && total_len <= pkt.len()).then_some(Ipv4Inner {
+            src,
+            dst,
+            total_len,
+        })
+    }
+}
+
 /// Callers pass slices cut with constant ranges of length `N`, so the
 /// conversion cannot fail.
 fn array<const N: usize>(s: &[u8]) -> [u8; N] {
@@ -289,13 +314,19 @@ mod tests {
 
     #[test]
     fn errors_have_messages() {
-        for e in [
-            WireError::Truncated,
-            WireError::BadVersion,
-            WireError::BadType,
-            WireError::UnknownSuite,
-        ] {
-            assert!(!e.to_string().is_empty());
+        // Operators read these in logs: each names what was wrong, and no
+        // two read alike.
+        let cases = [
+            (WireError::Truncated, "shorter"),
+            (WireError::BadVersion, "version"),
+            (WireError::BadType, "type"),
+            (WireError::UnknownSuite, "cipher suite"),
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for (e, word) in cases {
+            let m = e.to_string();
+            assert!(m.contains(word), "{e:?}: {m:?} does not say {word:?}");
+            assert!(seen.insert(m.clone()), "{e:?}: {m:?} said twice");
         }
     }
 
@@ -388,5 +419,33 @@ mod tests {
         p[0] = 0x46; // IHL 6: 24-byte header
         assert!(ipv4_src_dst(&p[..24]).is_some());
         assert_eq!(ipv4_src_dst(&p[..23]), None);
+    }
+
+    #[test]
+    fn inner_packets_are_checked_and_cut_to_their_length() {
+        let mut p = ICMP.to_vec();
+        let total = p.len();
+        let ok = Ipv4Inner::parse(&p).unwrap();
+        assert_eq!(ok.total_len, total);
+        assert_eq!((ok.src, ok.dst), ipv4_src_dst(&p).unwrap());
+        // Padding after the packet: parsed, and the length says where to cut.
+        p.extend_from_slice(&[0xee; 9]);
+        assert_eq!(Ipv4Inner::parse(&p).unwrap().total_len, total);
+        // A total length beyond what arrived, or shorter than the header.
+        for bad in [total as u16 + 10, 19, 0] {
+            let mut q = ICMP.to_vec();
+            q[2..4].copy_from_slice(&bad.to_be_bytes());
+            assert_eq!(Ipv4Inner::parse(&q), None, "total {bad}");
+        }
+        // Shorter than its own header (IHL 6 = 24 bytes, total 20).
+        let mut q = ICMP.to_vec();
+        q[0] = 0x46;
+        q[2..4].copy_from_slice(&20u16.to_be_bytes());
+        assert_eq!(Ipv4Inner::parse(&q), None);
+        for len in 0..ICMP.len() {
+            if let Some(i) = Ipv4Inner::parse(&ICMP[..len]) {
+                assert!(i.total_len <= len);
+            }
+        }
     }
 }

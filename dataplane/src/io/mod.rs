@@ -1,11 +1,19 @@
 //! Everything that owns a file descriptor: the NPD (TUN), the UDP sockets
-//! and the per-core io_uring loop. The rest of the dataplane is pure.
+//! and the per-core loops (io_uring, or poll(2) as the fallback), with
+//! what they share (`shared`, `link`, `cmsg`). The rest of the dataplane
+//! is pure.
 
 mod bufring;
+mod cmsg;
+mod link;
 pub mod poll;
+pub mod shared;
 pub mod tun;
 pub mod udp;
 pub mod uring;
+
+#[doc(hidden)] // for the fuzz targets (fuzz/) only
+pub use cmsg::gro_segment_from_control;
 
 use std::io;
 use std::net::SocketAddr;

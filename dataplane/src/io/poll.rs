@@ -1,6 +1,9 @@
 //! The dataplane without io_uring: the same per-core design (own TUN
 //! queue, socket, buffers, counters; route table loaded once per batch;
-//! EN links on core 0) driven by poll(2) and non-blocking syscalls.
+//! EN links on core 0; data packets opened on their sender's core, with
+//! link frames handed over like on io_uring) driven by poll(2) and
+//! non-blocking syscalls, over the same shared queues, link table and
+//! link budget (`io::shared`, `io::link`).
 //!
 //! For kernels or containers where io_uring is disabled (e.g. Docker's
 //! default seccomp profile, `kernel.io_uring_disabled`). One syscall per
@@ -14,55 +17,91 @@ use std::time::{Duration, Instant};
 use ela_control::router::LinkId;
 use ela_control::RouteTable;
 
-use super::uring::{
-    classify_frame, poke, write_sockaddr, Command, CoreConfig, CoreEvent, LinkFrame, BUF_SIZE,
-    LINK_RECV_BYTES, MAX_LINKS,
+use super::cmsg::write_sockaddr;
+use super::link::{Budget, Class, Limits, LinkTable, LinkUse, Pool};
+use super::shared::{
+    classify_frame, hand_off, Command, CoreConfig, CoreEvent, LinkFrame, BUF_SIZE, LINK_RECV_BYTES,
+    MAX_LINKS,
 };
 use super::IoError;
 use crate::forwarder::{Forwarder, Verdict};
-use crate::framing::{self, FrameDecoder};
+use crate::framing::{self, FrameDecoder, LEN_PREFIX};
 use crate::stats::{Counters, DropReason, Latency};
 use crate::wire::{HEADER_LEN, OVERHEAD};
 
 /// Packets read from each fd per wakeup before the others get a turn.
 const BATCH: usize = 64;
-/// Bytes a link may hold unsent before packets for it are dropped.
+/// Bytes one link may hold unsent (a hard cap; the budget's dynamic
+/// threshold binds first while other links hold some).
 const LINK_OUT_BYTES: usize = 1 << 20;
+/// Bytes all links together may hold unsent: one stalled link costs at
+/// most half of it, and the node's memory stays bounded whatever the
+/// number of links.
+const LINKS_OUT_BYTES: usize = 8 << 20;
+/// Room only control frames may use, all links together and per link
+/// (see `io::link`).
+const LINK_RESERVE_BYTES: usize = 1 << 20;
+const LINK_RESERVE_FRAMES: usize = 256;
+const LINK_RESERVE_PER_LINK: usize = 4;
+
+const LIMITS: Limits = Limits {
+    // Bytes bind here (memory); frame counts only as far as bytes allow.
+    data_frames: LINKS_OUT_BYTES / OVERHEAD,
+    data_bytes: LINKS_OUT_BYTES,
+    reserve_frames: LINK_RESERVE_FRAMES,
+    reserve_bytes: LINK_RESERVE_BYTES,
+    link_frames: LINK_OUT_BYTES / OVERHEAD,
+    link_bytes: LINK_OUT_BYTES,
+    link_reserve_frames: LINK_RESERVE_PER_LINK,
+};
 
 struct PollLink {
     fd: OwnedFd,
     decoder: FrameDecoder,
     out: VecDeque<u8>,
+    /// The frames in `out`, in order: body length and the pool charged.
+    frames: VecDeque<(usize, Pool)>,
+    /// Bytes of the first of `frames` (prefix included) already sent.
+    head_sent: usize,
+    usage: LinkUse,
 }
 
 struct PollCore {
     cfg: CoreConfig,
     fwd: Forwarder,
     buf: Vec<u8>,
-    links: Vec<Option<PollLink>>,
+    links: LinkTable<PollLink>,
+    budget: Budget,
     lat: Latency,
     lat_published: Instant,
 }
 
 /// Appends `pkt` as a frame to link `id`'s output; false (counted) if the
-/// link is gone or full. A free function so callers can pass a slice of
-/// their own receive buffer without copying it first.
+/// link is gone or its budget refuses. A free function so callers can
+/// pass a slice of their own receive buffer without copying it first.
 fn queue_frame(
-    links: &mut [Option<PollLink>],
+    links: &mut LinkTable<PollLink>,
+    budget: &mut Budget,
     counters: &mut Counters,
     id: LinkId,
+    class: Class,
     pkt: &[u8],
 ) -> bool {
-    let Some(l) = links.get_mut(id as usize).and_then(|l| l.as_mut()) else {
+    if pkt.len() > BUF_SIZE {
+        counters.drop(DropReason::TooBig);
+        return false;
+    }
+    let Some(l) = links.get_mut(id) else {
         counters.drop(DropReason::NoRoute);
         return false;
     };
-    if l.out.len() + pkt.len() > LINK_OUT_BYTES {
+    let Some(pool) = budget.take(&mut l.usage, class, pkt.len()) else {
         counters.drop(DropReason::LinkFull);
         return false;
-    }
+    };
     l.out.extend(framing::prefix(pkt.len()));
     l.out.extend(pkt);
+    l.frames.push_back((pkt.len(), pool));
     true
 }
 
@@ -74,15 +113,12 @@ fn nonblocking_read(fd: RawFd, buf: &mut [u8]) -> Option<usize> {
 
 /// Runs a core on poll(2) until `Command::Stop`.
 pub fn run(cfg: CoreConfig) -> Result<(), IoError> {
-    let links = if cfg.index == 0 {
-        (0..MAX_LINKS).map(|_| None).collect()
-    } else {
-        Vec::new()
-    };
+    let links = LinkTable::new(if cfg.index == 0 { MAX_LINKS } else { 0 });
     let mut core = PollCore {
         fwd: Forwarder::new(cfg.secret.clone(), cfg.sequence.clone()),
         buf: vec![0u8; BUF_SIZE],
         links,
+        budget: Budget::new(LIMITS),
         lat: Latency::default(),
         lat_published: Instant::now(),
         cfg,
@@ -106,19 +142,17 @@ impl PollCore {
                     revents: 0,
                 });
             }
-            for (id, l) in self.links.iter().enumerate() {
-                if let Some(l) = l {
-                    let mut events = libc::POLLIN;
-                    if !l.out.is_empty() {
-                        events |= libc::POLLOUT;
-                    }
-                    pfds.push(libc::pollfd {
-                        fd: l.fd.as_raw_fd(),
-                        events,
-                        revents: 0,
-                    });
-                    ids.push(id as LinkId);
+            for (id, l) in self.links.iter() {
+                let mut events = libc::POLLIN;
+                if !l.out.is_empty() {
+                    events |= libc::POLLOUT;
                 }
+                pfds.push(libc::pollfd {
+                    fd: l.fd.as_raw_fd(),
+                    events,
+                    revents: 0,
+                });
+                ids.push(id);
             }
             // SAFETY: pfds is a valid array for the call's duration.
             unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
@@ -129,14 +163,24 @@ impl PollCore {
                 let mut v = [0u8; 8];
                 let _ = nonblocking_read(wake_fd, &mut v);
                 while let Some(cmd) = self.cfg.shared.cores[self.cfg.index].commands.pop() {
-                    if !self.on_command(cmd) {
+                    if !self.on_command(now, &routes, cmd) {
                         self.publish();
                         return;
                     }
                 }
                 while let Some((id, v)) = self.cfg.shared.link_inbox.pop() {
-                    self.link_send(id, &v);
-                    let _ = self.cfg.shared.link_pool.push(v);
+                    self.link_send(id, Class::Data, &v);
+                    self.cfg.shared.recycle(v);
+                }
+                while let Some(v) = self.cfg.shared.handoff[self.cfg.index].pop() {
+                    let n = v.len();
+                    if n <= self.buf.len() {
+                        self.buf[..n].copy_from_slice(&v);
+                        self.inbound(now, &routes, n);
+                    } else {
+                        self.fwd.counters.drop(DropReason::TooBig);
+                    }
+                    self.cfg.shared.recycle(v);
                 }
             }
             if pfds[0].revents != 0 {
@@ -214,12 +258,22 @@ impl PollCore {
             if n < 0 {
                 return;
             }
-            let t = Instant::now();
-            let out = self.fwd.inbound(now, routes, &mut self.buf, n as usize);
-            let to_tun = out.verdict == Verdict::Tun;
-            let sent = self.send(out.verdict, out.range.start, out.range.len());
-            self.record(t, false, sent && to_tun);
+            self.inbound(now, routes, n as usize);
         }
+    }
+
+    /// A packet from the underlay (datagram, link frame or handed over)
+    /// in `self.buf[..n]`: opened here if this core owns its sender, else
+    /// handed over to the core that does.
+    fn inbound(&mut self, now: Instant, routes: &RouteTable, n: usize) {
+        if hand_off(&self.cfg, &mut self.fwd.counters, &self.buf[..n]) {
+            return;
+        }
+        let t = Instant::now();
+        let out = self.fwd.inbound(now, routes, &mut self.buf, n);
+        let to_tun = out.verdict == Verdict::Tun;
+        let sent = self.send(out.verdict, out.range.start, out.range.len());
+        self.record(t, false, sent && to_tun);
     }
 
     /// Carries out a verdict on `self.buf[start..start + len]`; true if
@@ -262,42 +316,45 @@ impl PollCore {
                 rc >= 0
             }
             Verdict::Link(id) => {
-                if self.cfg.index == 0 {
-                    let pkt = &self.buf[start..start + len];
-                    let queued = queue_frame(&mut self.links, &mut self.fwd.counters, id, pkt);
-                    if queued {
-                        self.flush_link(id);
-                    }
-                    queued
-                } else {
-                    let sh = &self.cfg.shared;
-                    let mut v = sh.link_pool.pop().unwrap_or_default();
-                    v.clear();
-                    v.extend_from_slice(&self.buf[start..start + len]);
-                    match sh.link_inbox.push((id, v)) {
-                        Ok(()) => {
-                            poke(sh.cores[0].wake_fd);
-                            true
-                        }
-                        Err(_) => {
-                            self.fwd.counters.drop(DropReason::LinkFull);
-                            false
-                        }
-                    }
+                let pkt = &self.buf[start..start + len];
+                if self.cfg.index != 0 {
+                    return self
+                        .cfg
+                        .shared
+                        .to_link_core(&mut self.fwd.counters, id, pkt);
                 }
+                let queued = queue_frame(
+                    &mut self.links,
+                    &mut self.budget,
+                    &mut self.fwd.counters,
+                    id,
+                    Class::Data,
+                    pkt,
+                );
+                if queued {
+                    self.flush_link(id);
+                }
+                queued
             }
             Verdict::Drop => false,
         }
     }
 
-    fn link_send(&mut self, id: LinkId, pkt: &[u8]) {
-        if queue_frame(&mut self.links, &mut self.fwd.counters, id, pkt) {
+    fn link_send(&mut self, id: LinkId, class: Class, pkt: &[u8]) {
+        if self.cfg.index != 0 {
+            self.cfg
+                .shared
+                .to_link_core(&mut self.fwd.counters, id, pkt);
+            return;
+        }
+        let (links, budget, counters) = (&mut self.links, &mut self.budget, &mut self.fwd.counters);
+        if queue_frame(links, budget, counters, id, class, pkt) {
             self.flush_link(id);
         }
     }
 
     fn flush_link(&mut self, id: LinkId) {
-        let Some(l) = self.links.get_mut(id as usize).and_then(|l| l.as_mut()) else {
+        let Some(l) = self.links.get_mut(id) else {
             return;
         };
         while !l.out.is_empty() {
@@ -319,12 +376,23 @@ impl PollCore {
                 self.close_link(id);
                 return;
             }
-            l.out.drain(..n as usize);
+            let n = n as usize;
+            l.out.drain(..n);
+            l.head_sent += n;
+            while let Some(&(len, pool)) = l.frames.front() {
+                let total = LEN_PREFIX + len;
+                if l.head_sent < total {
+                    break;
+                }
+                l.head_sent -= total;
+                l.frames.pop_front();
+                self.budget.give(&mut l.usage, pool, len);
+            }
         }
     }
 
     fn read_link(&mut self, now: Instant, routes: &RouteTable, id: LinkId) {
-        let Some(l) = self.links.get_mut(id as usize).and_then(|l| l.as_mut()) else {
+        let Some(l) = self.links.get_mut(id) else {
             return;
         };
         let fd = l.fd.as_raw_fd();
@@ -340,53 +408,97 @@ impl PollCore {
         }
         l.decoder.filled(n);
         self.cfg.shared.touch_link(id, now);
+        self.take_frames(now, routes, id);
+    }
+
+    /// Handles every whole frame in link `id`'s decoder. False if the
+    /// stream broke (the link is closed).
+    fn take_frames(&mut self, now: Instant, routes: &RouteTable, id: LinkId) -> bool {
         loop {
-            let l = self.links[id as usize].as_mut().expect("checked above");
+            let Some(l) = self.links.get_mut(id) else {
+                return false;
+            };
             let Some(frame) = l.decoder.next_frame() else {
-                break;
+                return true;
             };
             let frame = match classify_frame(frame, id, &self.cfg.shared, &mut self.fwd.counters) {
                 LinkFrame::Data(f) => f,
                 LinkFrame::Consumed => continue,
                 LinkFrame::Broken => {
                     self.close_link(id);
-                    return;
+                    return false;
                 }
             };
             let n = frame.len();
             self.buf[..n].copy_from_slice(frame);
-            let t = Instant::now();
-            let out = self.fwd.inbound(now, routes, &mut self.buf, n);
-            let to_tun = out.verdict == Verdict::Tun;
-            let sent = self.send(out.verdict, out.range.start, out.range.len());
-            self.record(t, false, sent && to_tun);
+            self.inbound(now, routes, n);
         }
     }
 
     fn close_link(&mut self, id: LinkId) {
-        if let Some(l) = self.links.get_mut(id as usize).and_then(|l| l.take()) {
+        if let Some(mut l) = self.links.take(id) {
+            self.budget.give_all(&mut l.usage);
             drop(l.fd);
             self.cfg.shared.event(CoreEvent::LinkDown { id });
         }
     }
 
-    fn on_command(&mut self, cmd: Command) -> bool {
+    /// Takes over link `id` on `fd`, whose stream starts with `initial`;
+    /// an id in use is refused as on io_uring (see `Command::AddLink`).
+    fn add_link(
+        &mut self,
+        now: Instant,
+        routes: &RouteTable,
+        id: LinkId,
+        fd: OwnedFd,
+        initial: &[u8],
+    ) {
+        if !self.links.is_vacant(id) {
+            self.cfg.shared.count_refused_link();
+            drop(fd);
+            if self.links.get(id).is_some() {
+                self.close_link(id);
+            } else {
+                self.cfg.shared.event(CoreEvent::LinkDown { id });
+            }
+            return;
+        }
+        let link = PollLink {
+            fd,
+            decoder: FrameDecoder::new(LINK_RECV_BYTES),
+            out: VecDeque::new(),
+            frames: VecDeque::new(),
+            head_sent: 0,
+            usage: LinkUse::default(),
+        };
+        if self.links.install(id, link).is_err() {
+            return;
+        }
+        self.cfg.shared.touch_link(id, now);
+        let mut rest = initial;
+        while !rest.is_empty() {
+            let Some(l) = self.links.get_mut(id) else {
+                return;
+            };
+            let n = l.decoder.feed(rest);
+            rest = &rest[n..];
+            if !self.take_frames(now, routes, id) {
+                return;
+            }
+            if n == 0 {
+                // As on io_uring: cannot happen, never spin on it.
+                self.close_link(id);
+                return;
+            }
+        }
+    }
+
+    fn on_command(&mut self, now: Instant, routes: &RouteTable, cmd: Command) -> bool {
         match cmd {
             Command::Stop => return false,
-            Command::AddLink { id, fd } => {
-                if self.cfg.index != 0 || id as usize >= MAX_LINKS {
-                    return true;
-                }
-                self.close_link(id);
-                self.cfg.shared.touch_link(id, Instant::now());
-                self.links[id as usize] = Some(PollLink {
-                    fd,
-                    decoder: FrameDecoder::new(LINK_RECV_BYTES),
-                    out: VecDeque::new(),
-                });
-            }
+            Command::AddLink { id, fd, initial } => self.add_link(now, routes, id, fd, &initial),
             Command::CloseLink { id } => self.close_link(id),
-            Command::SendFrame { id, packet } => self.link_send(id, &packet),
+            Command::SendFrame { id, packet } => self.link_send(id, Class::Control, &packet),
         }
         true
     }
