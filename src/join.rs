@@ -1,0 +1,661 @@
+//! Joining a group (paper §3.2): ask a bootstrap member for the member
+//! list over UDP (a core node) or TCP (an edge node), pick the role in
+//! `--role auto`, and take an address; and the member's side of it, the
+//! `JoinReply`.
+//!
+//! A request is padded to [`JOIN_REQUEST_BYTES`] and a reply over UDP is
+//! never larger than the request it answers: it goes to an address nobody
+//! verified. Each reply is bound to its request's fresh nonce; over TCP
+//! the request is bound to the CN's `Hello` on that connection.
+
+use std::collections::BTreeSet;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use ela_control::addr;
+use ela_control::membership::NodeIdentity;
+use ela_control::msg::ControlMsg;
+use ela_control::Role;
+use ela_dataplane::crypto::Suite;
+use ela_dataplane::framing::{self, FrameDecoder};
+use ela_dataplane::io::udp::UdpGroup;
+use ipnet::Ipv4Net;
+use tracing::info;
+
+use crate::cli::RoleArg;
+use crate::control_codec::{
+    new_channel, unix_ms, Channel, ControlCodec, ControlDrop, Opened, CONTROL_OVERHEAD,
+    MAX_CONTROL_BODY, NO_CHANNEL,
+};
+use crate::node::{count_drop, NodeConfig};
+use crate::status::ControlCounters;
+
+/// A JoinRequest is padded to this many bytes on the wire, so that the
+/// reply, which may be no larger (it goes to an address nobody verified),
+/// still holds a useful part of the member list. Below any path's MTU
+/// (IPv6's minimum is 1280), so neither needs IP fragments.
+const JOIN_REQUEST_BYTES: usize = 1200;
+/// In `--role auto`, how long a joiner waits for a UDP answer before it
+/// concludes UDP is blocked and joins over TCP as an edge node.
+const UDP_PROBE: Duration = Duration::from_millis(1500);
+/// Retry period for JoinRequests while no bootstrap has answered.
+const JOIN_RETRY: Duration = Duration::from_millis(300);
+/// What the join produced.
+pub(crate) struct Joined {
+    pub(crate) role: Role,
+    pub(crate) addr: Ipv4Addr,
+    pub(crate) underlay: SocketAddr,
+    pub(crate) seeds: Vec<NodeIdentity>,
+}
+
+/// True if `ip` is an address of this host (binding to it succeeds): a
+/// node whose underlay address others see is not its own is behind a NAT
+/// and cannot be reached unsolicited, so it must not be a CN.
+fn is_local_ip(ip: std::net::IpAddr) -> bool {
+    UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
+/// Picks the role (`--role auto`: UDP answered, and not behind a NAT →
+/// core; otherwise edge over TCP) and joins.
+pub(crate) fn decide_and_join(
+    cfg: &NodeConfig,
+    group: &UdpGroup,
+    node_id: u64,
+    codec: &mut ControlCodec,
+    counters: &ControlCounters,
+    stop: &AtomicBool,
+) -> anyhow::Result<Joined> {
+    if cfg.bootstrap.is_empty() {
+        // (`--role edge` without a bootstrap was refused in `from_args`.)
+        let a = addr::choose(cfg.net, cfg.addr, &BTreeSet::new(), &mut rand::thread_rng())?;
+        info!(addr = %a, "founding a new group");
+        return Ok(Joined {
+            role: Role::Core,
+            addr: a,
+            underlay: group.local,
+            seeds: Vec::new(),
+        });
+    }
+    let deadline = Instant::now() + cfg.join_timeout;
+    if cfg.role != RoleArg::Edge {
+        let wait = if cfg.role == RoleArg::Auto {
+            UDP_PROBE.min(cfg.join_timeout)
+        } else {
+            cfg.join_timeout
+        };
+        match join_udp(cfg, group, node_id, codec, counters, stop, wait) {
+            Ok((reply, from)) => {
+                let natted = !is_local_ip(reply.observed.ip());
+                if cfg.role == RoleArg::Core || !natted {
+                    return accept_reply(cfg, Role::Core, reply, group.local, from);
+                }
+                info!(observed = %reply.observed, "UDP answered, but through a NAT: joining as an edge node");
+            }
+            Err(e) if cfg.role == RoleArg::Core => return Err(e),
+            Err(e) => {
+                // A bootstrap that answered but cannot be joined will not
+                // change its mind over TCP.
+                if e.downcast_ref::<Refused>().is_some() {
+                    return Err(e);
+                }
+                info!("no UDP answer from the bootstrap within {} ms: joining as an edge node over TCP", wait.as_millis());
+            }
+        }
+    }
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_secs(1));
+    let (reply, from) = join_tcp(cfg, node_id, codec, counters, stop, left)?;
+    accept_reply(cfg, Role::Edge, reply, group.local, from)
+}
+
+struct Reply {
+    observed: SocketAddr,
+    net: Ipv4Net,
+    members: Vec<NodeIdentity>,
+    offer: Option<Ipv4Addr>,
+}
+
+fn accept_reply(
+    cfg: &NodeConfig,
+    role: Role,
+    reply: Reply,
+    local: SocketAddr,
+    from: SocketAddr,
+) -> anyhow::Result<Joined> {
+    if reply.net != cfg.net {
+        bail!(
+            "the group at {from} uses overlay net {}, not {} (pass --net {})",
+            reply.net,
+            cfg.net,
+            reply.net
+        );
+    }
+    let underlay = match role {
+        Role::Core if cfg.listen.ip().is_unspecified() => {
+            SocketAddr::new(reply.observed.ip(), local.port())
+        }
+        Role::Core => local,
+        // An EN is reached through its CN; its underlay is informational.
+        Role::Edge => reply.observed,
+    };
+    // Our own predecessor (a crash and restart on the same underlay)
+    // does not hold our address against us: we supersede it.
+    let predecessor =
+        |m: &NodeIdentity| role == Role::Core && m.role == Role::Core && m.underlay == underlay;
+    let taken: BTreeSet<Ipv4Addr> = reply
+        .members
+        .iter()
+        .filter(|m| !predecessor(m))
+        .map(|m| m.overlay)
+        .collect();
+    // The member offers the address we asked for if it is free, else a
+    // free one; it knows every taken address even when the list it sent
+    // was cut short, so its offer avoids most conflicts (§3.2 settles
+    // the rest).
+    let want = reply.offer.or(cfg.addr);
+    let a = addr::choose(cfg.net, want, &taken, &mut rand::thread_rng())?;
+    if let Some(req) = cfg.addr {
+        if req != a {
+            info!(requested = %req, got = %a, "requested address is taken; took a free one");
+        }
+    }
+    info!(via = %from, addr = %a, %role, members = reply.members.len(), "joined");
+    let seeds = reply
+        .members
+        .into_iter()
+        .filter(|m| !predecessor(m))
+        .collect();
+    Ok(Joined {
+        role,
+        addr: a,
+        underlay,
+        seeds,
+    })
+}
+
+fn parse_reply(msg: ControlMsg) -> Option<Reply> {
+    match msg {
+        ControlMsg::JoinReply {
+            observed,
+            net_addr,
+            net_prefix,
+            members,
+            offer,
+        } => Some(Reply {
+            observed,
+            net: Ipv4Net::new(net_addr, net_prefix).ok()?,
+            members,
+            offer,
+        }),
+        _ => None,
+    }
+}
+
+/// Answers from a bootstrap that we could not accept, to say why a join
+/// failed rather than just that it timed out.
+#[derive(Default)]
+struct Refusals {
+    bad_tag: u64,
+    wrong_cipher: u64,
+}
+
+impl Refusals {
+    fn note(&mut self, d: ControlDrop) {
+        match d {
+            ControlDrop::BadTag => self.bad_tag += 1,
+            ControlDrop::WrongCipher => self.wrong_cipher += 1,
+            _ => {}
+        }
+    }
+}
+
+/// The bootstrap answered, but nothing it sent could be accepted: joining
+/// cannot work, and retrying over TCP would not change it.
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    /// It answered under another suite that opens with our group key.
+    #[error("could not join: {bootstrap} uses --cipher {theirs}, this node --cipher {ours} (every member of a network must use the same cipher)")]
+    CipherMismatch {
+        bootstrap: SocketAddr,
+        theirs: Suite,
+        ours: Suite,
+    },
+    /// Its answers carried another suite's id but did not authenticate
+    /// under any suite of our key.
+    #[error("could not join: the bootstrap uses a different cipher than --cipher {0} (every member of a network must use the same --cipher)")]
+    Cipher(Suite),
+    #[error("could not join: {0} answer(s) from the bootstrap failed authentication — it uses a different group key")]
+    GroupKey(u64),
+}
+
+fn join_error(cfg: &NodeConfig, refused: &Refusals, how: &str, wait: Duration) -> anyhow::Error {
+    if refused.wrong_cipher > 0 {
+        return Refused::Cipher(cfg.secret.suite()).into();
+    }
+    if refused.bad_tag > 0 {
+        return Refused::GroupKey(refused.bad_tag).into();
+    }
+    anyhow!(
+        "could not join: no member answered at {} over {how} within {} ms (wrong group key, UDP blocked, or no node there?)",
+        cfg.bootstrap.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(", "),
+        wait.as_millis()
+    )
+}
+
+/// Control codecs for the suites other than ours. A join that goes
+/// unanswered is retried under each of them too (a bootstrap ignores
+/// packets of another suite, so it would never answer ours); an answer that
+/// then opens under one of them proves the group key and names the
+/// bootstrap's cipher, instead of a bare timeout.
+struct OtherSuites(Vec<ControlCodec>);
+
+impl OtherSuites {
+    fn new(cfg: &NodeConfig) -> Self {
+        let ours = cfg.secret.suite();
+        OtherSuites(
+            Suite::ALL
+                .into_iter()
+                .filter(|s| *s != ours)
+                .map(|s| ControlCodec::new(&(*cfg.secret).clone().with_suite(s)))
+                .collect(),
+        )
+    }
+
+    fn requests(
+        &mut self,
+        cfg: &NodeConfig,
+        node_id: u64,
+        role: Role,
+        via: SocketAddr,
+    ) -> Vec<Vec<u8>> {
+        self.0
+            .iter_mut()
+            .map(|c| join_request(cfg, c, node_id, role, via, &NO_CHANNEL).0)
+            .collect()
+    }
+
+    /// Called for an answer our own codec refused as `WrongCipher` (a
+    /// refused open leaves the bytes as they were): a `JoinReply` over
+    /// UDP, or a CN's `Hello` over TCP.
+    fn check(&mut self, cfg: &NodeConfig, pkt: &[u8], from: SocketAddr) -> Result<(), Refused> {
+        for c in &mut self.0 {
+            let mut copy = pkt.to_vec();
+            if let Ok(Opened {
+                msg: ControlMsg::JoinReply { .. } | ControlMsg::Hello { .. },
+                ..
+            }) = c.open(&mut copy, unix_ms())
+            {
+                return Err(Refused::CipherMismatch {
+                    bootstrap: from,
+                    theirs: c.suite(),
+                    ours: cfg.secret.suite(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A sealed JoinRequest to bootstrap `via` (sent from no overlay address:
+/// the joiner has none yet), padded to [`JOIN_REQUEST_BYTES`], on
+/// `channel` (the CN's `Hello` nonce over TCP, none over UDP). Returns the
+/// packet and the nonce its reply will carry.
+fn join_request(
+    cfg: &NodeConfig,
+    codec: &mut ControlCodec,
+    node_id: u64,
+    role: Role,
+    via: SocketAddr,
+    channel: &Channel,
+) -> (Vec<u8>, Channel) {
+    sealed_join_request(codec, node_id, cfg.addr, role, via, channel)
+}
+
+fn sealed_join_request(
+    codec: &mut ControlCodec,
+    node_id: u64,
+    requested: Option<Ipv4Addr>,
+    role: Role,
+    via: SocketAddr,
+    channel: &Channel,
+) -> (Vec<u8>, Channel) {
+    let nonce = new_channel();
+    let msg = |pad: usize| ControlMsg::JoinRequest {
+        node_id,
+        requested,
+        role,
+        via,
+        nonce,
+        pad: vec![0; pad],
+    };
+    let bare = CONTROL_OVERHEAD + msg(0).encode().len();
+    // The pad's length prefix grows with it: a varint of 1–2 bytes.
+    let mut pad = JOIN_REQUEST_BYTES.saturating_sub(bare + 1);
+    while pad > 0 && CONTROL_OVERHEAD + msg(pad).encode().len() > JOIN_REQUEST_BYTES {
+        pad -= 1;
+    }
+    let p = codec.seal(
+        &msg(pad),
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        channel,
+        unix_ms(),
+    );
+    (p, nonce)
+}
+
+/// A member's sealed `JoinReply`, at most `budget` bytes, bound to the
+/// request's `nonce`: itself first, then as many `members` as fit, and
+/// the address §3.2 gives the joiner by everything the member knows.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sealed_join_reply(
+    codec: &mut ControlCodec,
+    me: NodeIdentity,
+    members: Vec<NodeIdentity>,
+    net: Ipv4Net,
+    requested: Option<Ipv4Addr>,
+    nonce: &Channel,
+    observed: SocketAddr,
+    budget: usize,
+) -> Option<Vec<u8>> {
+    let body = budget.checked_sub(CONTROL_OVERHEAD)?.min(MAX_CONTROL_BODY);
+    let mut taken: BTreeSet<Ipv4Addr> = members.iter().map(|m| m.overlay).collect();
+    taken.insert(me.overlay);
+    let offer = addr::choose(net, requested, &taken, &mut rand::thread_rng()).ok();
+    let me_addr = me.overlay;
+    let me_node = me.node_id;
+    let others = members.into_iter().filter(move |m| m.node_id != me_node);
+    let reply = ControlMsg::join_reply(
+        observed,
+        net.network(),
+        net.prefix_len(),
+        std::iter::once(me).chain(others),
+        offer,
+        body,
+    );
+    // Not even the bare reply fits: no reply, rather than a larger one.
+    if reply.encode().len() > body {
+        return None;
+    }
+    Some(codec.seal(&reply, me_addr, Ipv4Addr::UNSPECIFIED, nonce, unix_ms()))
+}
+
+/// Asks the bootstrap members over UDP; the answer proves UDP both ways.
+#[allow(clippy::too_many_arguments)]
+fn join_udp(
+    cfg: &NodeConfig,
+    group: &UdpGroup,
+    node_id: u64,
+    codec: &mut ControlCodec,
+    counters: &ControlCounters,
+    stop: &AtomicBool,
+    wait: Duration,
+) -> anyhow::Result<(Reply, SocketAddr)> {
+    let sock = &group.control;
+    let deadline = Instant::now() + wait;
+    let mut next_send = Instant::now();
+    let mut buf = vec![0u8; 65536];
+    let mut refused = Refusals::default();
+    let mut others = OtherSuites::new(cfg);
+    let mut round = 0u32;
+    // Nonces of the requests sent: a reply must answer one of them.
+    let mut asked: Vec<Channel> = Vec::new();
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            bail!("interrupted while joining");
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(join_error(cfg, &refused, "UDP", wait));
+        }
+        if now >= next_send {
+            for b in &cfg.bootstrap {
+                let (p, nonce) = join_request(cfg, codec, node_id, Role::Core, *b, &NO_CHANNEL);
+                asked.push(nonce);
+                let mut ps = vec![p];
+                // Only once our own suite went unanswered: a healthy join
+                // should not draw answers we then count as wrong_cipher.
+                if round > 0 {
+                    ps.extend(others.requests(cfg, node_id, Role::Core, *b));
+                }
+                for p in ps {
+                    if sock.send_to(&p, b).is_ok() {
+                        counters.tx.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            round += 1;
+            next_send = now + JOIN_RETRY;
+        }
+        let w = next_send
+            .min(deadline)
+            .saturating_duration_since(Instant::now());
+        sock.set_read_timeout(Some(w.max(Duration::from_millis(1))))?;
+        let (len, from) = match sock.recv_from(&mut buf) {
+            Ok(x) => x,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(e) => return Err(e).context("receiving on the control socket"),
+        };
+        counters.rx.fetch_add(1, Ordering::Relaxed);
+        match codec.open(&mut buf[..len], unix_ms()) {
+            Ok(Opened { channel, msg, .. }) => {
+                if !asked.contains(&channel) {
+                    counters.unbound.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                if let Some(r) = parse_reply(msg) {
+                    return Ok((r, from));
+                }
+            }
+            Err(d) => {
+                count_drop(counters, d);
+                refused.note(d);
+                if d == ControlDrop::WrongCipher {
+                    others.check(cfg, &buf[..len], from)?;
+                }
+            }
+        }
+    }
+}
+
+/// Asks the bootstrap members over TCP (an edge node's join): our
+/// `Hello`, the CN's `Hello`, then a `JoinRequest` bound to the CN's nonce
+/// and a `JoinReply` bound to the request's.
+fn join_tcp(
+    cfg: &NodeConfig,
+    node_id: u64,
+    codec: &mut ControlCodec,
+    counters: &ControlCounters,
+    stop: &AtomicBool,
+    wait: Duration,
+) -> anyhow::Result<(Reply, SocketAddr)> {
+    let deadline = Instant::now() + wait;
+    let mut refused = Refusals::default();
+    let mut others = OtherSuites::new(cfg);
+    while Instant::now() < deadline {
+        for b in &cfg.bootstrap {
+            if stop.load(Ordering::Relaxed) {
+                bail!("interrupted while joining");
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let Ok(mut s) = TcpStream::connect_timeout(b, left.min(Duration::from_secs(1))) else {
+                continue;
+            };
+            let _ = s.set_nodelay(true);
+            let my_nonce = new_channel();
+            let hello = codec.seal(
+                &ControlMsg::Hello { nonce: my_nonce },
+                Ipv4Addr::UNSPECIFIED,
+                Ipv4Addr::UNSPECIFIED,
+                &NO_CHANNEL,
+                unix_ms(),
+            );
+            if write_frame(&mut s, &hello).is_err() {
+                continue;
+            }
+            counters.tx.fetch_add(1, Ordering::Relaxed);
+            let mut asked: Option<Channel> = None;
+            let mut dec = FrameDecoder::new(0);
+            let until = Instant::now() + Duration::from_secs(2).min(left);
+            'read: while Instant::now() < until {
+                let _ = s.set_read_timeout(Some(
+                    until
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(1)),
+                ));
+                let n = match s.read(dec.spare()) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(_) => break,
+                };
+                dec.filled(n);
+                while let Some(f) = dec.next_frame() {
+                    let Ok(f) = f else { break 'read };
+                    counters.rx.fetch_add(1, Ordering::Relaxed);
+                    match codec.open(&mut *f, unix_ms()) {
+                        Ok(Opened {
+                            msg: ControlMsg::Hello { nonce },
+                            channel,
+                            ..
+                        }) if channel == NO_CHANNEL && asked.is_none() => {
+                            let (p, req) =
+                                join_request(cfg, codec, node_id, Role::Edge, *b, &nonce);
+                            if write_frame(&mut s, &p).is_err() {
+                                break 'read;
+                            }
+                            counters.tx.fetch_add(1, Ordering::Relaxed);
+                            asked = Some(req);
+                        }
+                        Ok(Opened { msg, channel, .. }) => {
+                            if asked != Some(channel) {
+                                counters.unbound.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            if let Some(r) = parse_reply(msg) {
+                                return Ok((r, *b));
+                            }
+                        }
+                        Err(d) => {
+                            count_drop(counters, d);
+                            refused.note(d);
+                            if d == ControlDrop::WrongCipher {
+                                others.check(cfg, f, *b)?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        std::thread::sleep(JOIN_RETRY);
+    }
+    Err(join_error(cfg, &refused, "TCP", wait))
+}
+
+pub(crate) fn write_frame(s: &mut TcpStream, body: &[u8]) -> std::io::Result<()> {
+    let mut frame = framing::prefix(body.len()).to_vec();
+    frame.extend_from_slice(body);
+    s.write_all(&frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ela_dataplane::crypto::GroupSecret;
+
+    /// Issue 9, points 5 and 6: a JoinRequest replayed with a forged source
+    /// reflected up to 225× its size, and a reply past ~40 members needed
+    /// IP fragments. Requests are 1200 bytes; replies to them are never
+    /// larger, still useful, and answer exactly that request.
+    #[test]
+    fn join_replies_are_no_larger_than_their_request() {
+        let secret = GroupSecret::from_bytes([4; 32]);
+        let mut joiner = ControlCodec::new(&secret);
+        let mut member = ControlCodec::new(&secret);
+        let net: Ipv4Net = "10.0.0.0/16".parse().unwrap();
+        let ident = |i: u32, role| {
+            NodeIdentity::new(
+                u64::MAX - u64::from(i),
+                Ipv4Addr::from(0x0a00_0001 + i),
+                "[2001:db8::1]:65535".parse().unwrap(),
+                role,
+                u64::MAX,
+            )
+        };
+        let me = ident(0, Role::Core);
+        let members: Vec<_> = (0..300).map(|i| ident(i, Role::Core)).collect();
+        let observed: SocketAddr = "[2001:db8::2]:65535".parse().unwrap();
+        for (requested, via) in [
+            (None, "192.0.2.1:7000"),
+            (Some(Ipv4Addr::new(10, 0, 9, 9)), "[2001:db8::1]:7000"),
+            (Some(Ipv4Addr::new(10, 0, 0, 5)), "192.0.2.1:7000"),
+        ] {
+            let (mut req, nonce) = sealed_join_request(
+                &mut joiner,
+                u64::MAX,
+                requested,
+                Role::Edge,
+                via.parse().unwrap(),
+                &NO_CHANNEL,
+            );
+            assert_eq!(req.len(), JOIN_REQUEST_BYTES);
+            let opened = member.open(&mut req, unix_ms()).unwrap();
+            let reply = sealed_join_reply(
+                &mut member,
+                me.clone(),
+                members.clone(),
+                net,
+                requested,
+                &nonce,
+                observed,
+                JOIN_REQUEST_BYTES,
+            )
+            .unwrap();
+            assert!(reply.len() <= JOIN_REQUEST_BYTES, "{} bytes", reply.len());
+            assert!(matches!(opened.msg, ControlMsg::JoinRequest { nonce: n, .. } if n == nonce));
+            let mut reply = reply;
+            let o = joiner.open(&mut reply, unix_ms()).unwrap();
+            assert_eq!(o.channel, nonce, "bound to its request");
+            let r = parse_reply(o.msg).unwrap();
+            assert_eq!(r.members[0], me, "the member itself first");
+            assert!(r.members.len() >= 15, "only {} members", r.members.len());
+            let offer = r.offer.expect("an address offered");
+            assert!(
+                !members.iter().any(|m| m.overlay == offer),
+                "offered a taken {offer}"
+            );
+            if requested == Some(Ipv4Addr::new(10, 0, 9, 9)) {
+                assert_eq!(
+                    offer,
+                    Ipv4Addr::new(10, 0, 9, 9),
+                    "a free request is granted"
+                );
+            }
+        }
+        // A budget too small for any reply gives none rather than more.
+        assert!(sealed_join_reply(
+            &mut member,
+            me,
+            members,
+            net,
+            None,
+            &[1; 16],
+            observed,
+            CONTROL_OVERHEAD
+        )
+        .is_none());
+    }
+}

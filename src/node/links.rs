@@ -1,0 +1,442 @@
+//! The control thread's EN↔CN links: a CN's accepted connections until
+//! they authenticate (`crate::pending`), the `Hello` exchange that binds
+//! link messages to each connection, hand-over to core 0, keepalives and
+//! link failures; an EN's connects and `Attach`es.
+
+use super::*;
+
+/// What became of a pending connection after one of its frames.
+enum PendingStep {
+    Keep,
+    Close,
+    /// It authenticated and is a link now (removed from `pending`).
+    Attached,
+}
+
+impl Control<'_> {
+    fn alloc_link(&mut self) -> Option<LinkId> {
+        for _ in 0..MAX_LINKS {
+            let id = self.next_link;
+            self.next_link = (self.next_link + 1) % MAX_LINKS as LinkId;
+            if !self.links.contains_key(&id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// Hands an authenticated (CN side) or freshly connected (EN side)
+    /// stream to core 0 as a link; `initial` is what was read past the
+    /// handshake and belongs to the link's frame stream.
+    pub(super) fn add_link(
+        &mut self,
+        stream: TcpStream,
+        kind: LinkKind,
+        my_nonce: Channel,
+        peer_nonce: Option<Channel>,
+        initial: Vec<u8>,
+    ) -> Option<LinkId> {
+        let _ = stream.set_nodelay(true);
+        let peer = stream.peer_addr().ok()?;
+        stream.set_nonblocking(true).ok()?;
+        let id = self.alloc_link()?;
+        let fd: OwnedFd = stream.into();
+        if self
+            .cores
+            .send(0, Command::AddLink { id, fd, initial })
+            .is_err()
+        {
+            return None;
+        }
+        self.links.insert(
+            id,
+            CtlLink {
+                kind,
+                peer,
+                since: Instant::now(),
+                my_nonce,
+                peer_nonce,
+                attach_waiting: None,
+            },
+        );
+        Some(id)
+    }
+
+    /// Accepts what is waiting on the listener as pending connections,
+    /// within [`Admission`]'s bounds.
+    pub(super) fn accept_links(&mut self) {
+        let now = Instant::now();
+        if self.accept_paused_until.is_some_and(|t| now < t) {
+            return;
+        }
+        self.accept_paused_until = None;
+        loop {
+            let Some(l) = self.listener.as_ref() else {
+                return;
+            };
+            match l.accept() {
+                Ok((s, peer)) => self.admit(s, peer, now),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    // The listener stays readable while the backlog waits:
+                    // free a descriptor held by an unauthenticated
+                    // connection, or rest, rather than spin.
+                    if self.pending.is_empty() {
+                        warn!(
+                            "out of file descriptors: not accepting edge links for {} ms",
+                            ACCEPT_BACKOFF.as_millis()
+                        );
+                        self.accept_paused_until = Some(now + ACCEPT_BACKOFF);
+                        return;
+                    }
+                    self.close_pending(0);
+                }
+                Err(e) => {
+                    debug!("accept: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn admit(&mut self, s: TcpStream, peer: SocketAddr, now: Instant) {
+        match self.admission.decide(peer.ip()) {
+            Admit::Yes => {}
+            Admit::EvictOldestOf(ip) => {
+                if let Some(i) = self.pending.iter().position(|p| p.peer.ip() == ip) {
+                    self.close_pending(i);
+                }
+            }
+            Admit::EvictOldest => {
+                self.close_pending(0);
+            }
+        }
+        if s.set_nonblocking(true).is_err() {
+            return;
+        }
+        let _ = s.set_nodelay(true);
+        let mut conn = PendingConn::new(s, peer, now, new_channel());
+        let me = self.members.identity().overlay;
+        let hello = self.codec.seal(
+            &ControlMsg::Hello {
+                nonce: conn.my_nonce,
+            },
+            me,
+            Ipv4Addr::UNSPECIFIED,
+            &NO_CHANNEL,
+            unix_ms(),
+        );
+        if !conn.send_frame(&hello) {
+            return;
+        }
+        self.counters.tx.fetch_add(1, Ordering::Relaxed);
+        debug!(%peer, "TCP connection accepted");
+        self.admission.added(peer.ip());
+        self.pending.push(conn);
+        self.counters
+            .conns_pending
+            .store(self.pending.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Takes pending connection `i` out (it closes when dropped, unless
+    /// the caller makes it a link).
+    fn take_pending(&mut self, i: usize) -> PendingConn {
+        let p = self.pending.remove(i);
+        self.admission.removed(p.peer.ip());
+        self.counters
+            .conns_pending
+            .store(self.pending.len() as u64, Ordering::Relaxed);
+        p
+    }
+
+    /// Closes pending connection `i` before it authenticated.
+    fn close_pending(&mut self, i: usize) {
+        let p = self.take_pending(i);
+        debug!(peer = %p.peer, "unauthenticated TCP connection closed");
+        drop(p);
+        self.counters.conns_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads the pending connections: frames, time-outs, hang-ups.
+    pub(super) fn poll_pending(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.pending.len() {
+            if now.saturating_duration_since(self.pending[i].since) > PENDING_TIMEOUT {
+                self.close_pending(i);
+                continue;
+            }
+            let step = match self.pending[i].next_frame() {
+                Read1::Frame(mut f) => self.on_pending_frame(i, &mut f),
+                Read1::Idle => {
+                    i += 1;
+                    continue;
+                }
+                Read1::Gone => PendingStep::Close,
+            };
+            match step {
+                // Read on: more frames may be buffered.
+                PendingStep::Keep => {
+                    if !self.pending[i].flush() {
+                        self.close_pending(i);
+                    }
+                }
+                PendingStep::Close => self.close_pending(i),
+                PendingStep::Attached => {}
+            }
+        }
+    }
+
+    /// A frame from pending connection `i`: its `Hello`, then an `Attach`
+    /// (it becomes a link) or a `JoinRequest` (answered here), each bound
+    /// to the nonce of our `Hello`. Anything else ends it.
+    fn on_pending_frame(&mut self, i: usize, pkt: &mut [u8]) -> PendingStep {
+        self.counters.rx.fetch_add(1, Ordering::Relaxed);
+        let Opened { hdr, channel, msg } = match self.codec.open(pkt, unix_ms()) {
+            Ok(o) => o,
+            Err(d) => {
+                count_drop(&self.counters, d);
+                return PendingStep::Close;
+            }
+        };
+        let conn = &mut self.pending[i];
+        match msg {
+            ControlMsg::Hello { nonce } if channel == NO_CHANNEL && conn.peer_nonce.is_none() => {
+                conn.peer_nonce = Some(nonce);
+                PendingStep::Keep
+            }
+            _ if channel != conn.my_nonce => {
+                debug!(peer = %conn.peer, ?msg, "control message not bound to this connection");
+                self.counters.unbound.fetch_add(1, Ordering::Relaxed);
+                PendingStep::Close
+            }
+            ControlMsg::JoinRequest { .. } => {
+                let observed = conn.peer;
+                match self.join_reply(&msg, observed, MAX_CONTROL_BODY + CONTROL_OVERHEAD) {
+                    Some(reply) if self.pending[i].send_frame(&reply) => {
+                        self.counters.tx.fetch_add(1, Ordering::Relaxed);
+                        self.counters.joins_answered.fetch_add(1, Ordering::Relaxed);
+                        PendingStep::Keep
+                    }
+                    _ => PendingStep::Close,
+                }
+            }
+            ControlMsg::Attach {
+                identity,
+                primary,
+                seq,
+            } => {
+                let Some(peer_nonce) = conn.peer_nonce else {
+                    return PendingStep::Close;
+                };
+                if self.role != Role::Core
+                    || identity.role != Role::Edge
+                    || hdr.src != identity.overlay
+                {
+                    return PendingStep::Close;
+                }
+                let conn = self.take_pending(i);
+                let my_nonce = conn.my_nonce;
+                let (stream, initial) = conn.into_link();
+                let kind = LinkKind::Edge {
+                    en: identity.clone(),
+                    primary,
+                };
+                match self.add_link(stream, kind, my_nonce, Some(peer_nonce), initial) {
+                    Some(id) => self.attached(id, identity, primary, seq),
+                    None => warn!(en = %identity.overlay, "no link id free for an edge node"),
+                }
+                PendingStep::Attached
+            }
+            _ => PendingStep::Close,
+        }
+    }
+
+    /// Link `id` now carries `identity`'s attachment (first or again).
+    pub(super) fn attached(&mut self, id: LinkId, identity: NodeIdentity, primary: bool, seq: u64) {
+        info!(en = %identity.overlay, primary, link = id, "edge node attached");
+        let (en, en_node_id) = (identity.overlay, identity.node_id);
+        if let Some(l) = self.links.get_mut(&id) {
+            l.kind = LinkKind::Edge {
+                en: identity,
+                primary,
+            };
+        }
+        if primary {
+            // Recorded here too, so that a late announcement of an
+            // older attachment from another CN cannot override it.
+            let me = self.members.identity().overlay;
+            self.fresh_attachments
+                .observe(Instant::now(), en, en_node_id, seq, me);
+            self.announce_attachment(en, en_node_id, seq);
+        }
+        // Routes change only with a primary, but status shows backups too.
+        self.refresh();
+    }
+
+    /// The reply to a `JoinRequest` that authenticated, at most `budget`
+    /// bytes sealed, bound to the request's nonce. §3.2 is decided with
+    /// everything we know (the offer), even when the list is cut short.
+    pub(super) fn join_reply(
+        &mut self,
+        req: &ControlMsg,
+        observed: SocketAddr,
+        budget: usize,
+    ) -> Option<Vec<u8>> {
+        let ControlMsg::JoinRequest {
+            node_id,
+            requested,
+            role,
+            nonce,
+            ..
+        } = req
+        else {
+            return None;
+        };
+        if self.role != Role::Core || *nonce == NO_CHANNEL {
+            return None;
+        }
+        debug!(%observed, node = %hex_id(*node_id), %role, "join request");
+        let me = self.members.identity().clone();
+        let members = membership::resolve(&self.members.members());
+        sealed_join_reply(
+            &mut self.codec,
+            me,
+            members,
+            self.cfg.net,
+            *requested,
+            nonce,
+            observed,
+            budget,
+        )
+    }
+
+    pub(super) fn on_connected(&mut self, cn: Ipv4Addr, res: std::io::Result<TcpStream>) {
+        let now = Instant::now();
+        let id = match res {
+            Ok(mut s) => {
+                // Our Hello first: the CN binds what it sends us to it.
+                let my_nonce = new_channel();
+                let me = self.members.identity().overlay;
+                let hello = self.codec.seal(
+                    &ControlMsg::Hello { nonce: my_nonce },
+                    me,
+                    Ipv4Addr::UNSPECIFIED,
+                    &NO_CHANNEL,
+                    unix_ms(),
+                );
+                match write_frame(&mut s, &hello) {
+                    Ok(()) => self.add_link(s, LinkKind::Core { cn }, my_nonce, None, Vec::new()),
+                    Err(e) => {
+                        debug!(%cn, "edge link hello failed: {e}");
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                debug!(%cn, "edge link connect failed: {e}");
+                None
+            }
+        };
+        // The link counts as connected once the CN's Hello arrives (see
+        // `on_packet`): until then it carries nothing but our Hello, since
+        // the CN takes nothing else from a connection that has not
+        // authenticated.
+        if id.is_none() {
+            if let Some(e) = self.edge.as_mut() {
+                e.connect_failed(now, cn);
+            }
+        }
+        self.edge_actions();
+    }
+
+    pub(super) fn on_link_down(&mut self, id: LinkId) {
+        let Some(l) = self.links.remove(&id) else {
+            return;
+        };
+        match l.kind {
+            LinkKind::Edge { en, primary } => {
+                info!(en = %en.overlay, primary, "edge node link down");
+                if primary {
+                    self.refresh();
+                }
+            }
+            LinkKind::Core { cn } => {
+                if let Some(e) = self.edge.as_mut() {
+                    if l.peer_nonce.is_some() {
+                        info!(%cn, link = id, "link to core node down");
+                        e.link_down(Instant::now(), id);
+                    } else {
+                        debug!(%cn, "edge link closed before the core node's hello");
+                        e.connect_failed(Instant::now(), cn);
+                    }
+                }
+                self.edge_actions();
+            }
+        }
+    }
+
+    pub(super) fn send_frame(&self, id: LinkId, packet: Vec<u8>) -> bool {
+        self.cores
+            .send(0, Command::SendFrame { id, packet })
+            .is_ok()
+    }
+
+    pub(super) fn keepalives(&mut self, now: Instant) {
+        let me = self.members.identity().overlay;
+        let base = self.cores.clock_base;
+        let mut dead = Vec::new();
+        for (&id, l) in &self.links {
+            // Core 0 records arrivals once it has taken the link over; until
+            // then (and for an id reused from an old link) count from when
+            // we handed it over.
+            let seen = (base + Duration::from_nanos(self.cores.link_seen_ns(id))).max(l.since);
+            if now.saturating_duration_since(seen) > LINK_DEAD_AFTER {
+                dead.push(id);
+                continue;
+            }
+            // Until the peer's Hello arrives there is nothing to bind to.
+            let Some(channel) = l.peer_nonce else {
+                continue;
+            };
+            let p = self.codec.seal(
+                &ControlMsg::Keepalive,
+                me,
+                Ipv4Addr::UNSPECIFIED,
+                &channel,
+                unix_ms(),
+            );
+            self.send_frame(id, p);
+        }
+        for id in dead {
+            debug!(link = id, "closing a silent link");
+            let _ = self.cores.send(0, Command::CloseLink { id });
+        }
+    }
+
+    /// Sends an EN's `Attach` on `link`, bound to the CN's nonce (or
+    /// keeps it until the CN's `Hello` brings one).
+    pub(super) fn send_attach(&mut self, link: LinkId, primary: bool, seq: u64) {
+        let Some(l) = self.links.get_mut(&link) else {
+            return;
+        };
+        let Some(channel) = l.peer_nonce else {
+            l.attach_waiting = Some((primary, seq));
+            return;
+        };
+        let me = self.members.identity().clone();
+        let p = self.codec.seal(
+            &ControlMsg::Attach {
+                identity: me.clone(),
+                primary,
+                seq,
+            },
+            me.overlay,
+            Ipv4Addr::UNSPECIFIED,
+            &channel,
+            unix_ms(),
+        );
+        self.send_frame(link, p);
+    }
+}
