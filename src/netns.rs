@@ -592,11 +592,27 @@ impl Lab {
             })
             .take(24)
             .collect();
-        let dir = std::env::temp_dir().join(format!("{id}-{tag}"));
-        if dir.exists() {
-            fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
-        }
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // A directory of our own, made here and private: never one that
+        // is already there (a lab kept by an earlier run whose pid came
+        // round again, or anyone's plant in a world-writable /tmp), so
+        // `Drop` only ever removes what this lab created.
+        let dir = {
+            use std::os::unix::fs::DirBuilderExt;
+            let base = std::env::temp_dir();
+            let mut n = 0u32;
+            loop {
+                let d = base.join(if n == 0 {
+                    format!("{id}-{tag}")
+                } else {
+                    format!("{id}-{tag}-{n}")
+                });
+                match fs::DirBuilder::new().mode(0o700).create(&d) {
+                    Ok(()) => break d,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 100 => n += 1,
+                    Err(e) => return Err(e).with_context(|| format!("creating {}", d.display())),
+                }
+            }
+        };
         let lab = Lab {
             hub: format!("{id}-hub"),
             id,

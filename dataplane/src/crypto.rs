@@ -1599,14 +1599,21 @@ mod tests {
     fn tmp_dir() -> PathBuf {
         use std::sync::atomic::{AtomicUsize, Ordering};
         static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "ela-crypto-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        dir
+        // Always a directory this test made (create, not create_all,
+        // and never a removal of whatever might be there already): the
+        // tests remove it, so it must be ours.
+        loop {
+            let dir = std::env::temp_dir().join(format!(
+                "ela-crypto-test-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            match fs::create_dir(&dir) {
+                Ok(()) => return dir,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => panic!("creating {}: {e}", dir.display()),
+            }
+        }
     }
 
     const HEX64: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
