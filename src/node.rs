@@ -620,6 +620,10 @@ impl Control<'_> {
     /// Timers and queued work.
     fn tick(&mut self) {
         let now = Instant::now();
+        // What core 0 could not hand over, for status.
+        let r = Ordering::Relaxed;
+        (self.counters.link_events_dropped).store(self.cores.link_events_dropped(), r);
+        (self.counters.links_refused).store(self.cores.links_refused(), r);
         self.members.handle_timeout(now);
         if let Some(e) = self.edge.as_mut() {
             e.handle_timeout(now);

@@ -97,6 +97,12 @@ pub struct ControlCounters {
     pub conns_refused: AtomicU64,
     /// Accepted TCP connections not yet authenticated (a gauge).
     pub conns_pending: AtomicU64,
+    /// Control frames from links that core 0 could not pass up (its
+    /// event queue was full). A link going down is never lost this way.
+    pub link_events_dropped: AtomicU64,
+    /// Links core 0 refused to take over because their id was still in
+    /// use (a control-thread bug if ever non-zero).
+    pub links_refused: AtomicU64,
 }
 
 pub struct StatusShared {
@@ -145,6 +151,8 @@ pub fn snapshot(s: &StatusShared) -> Value {
             "unbound": c.unbound.load(r),
             "conns_refused": c.conns_refused.load(r),
             "conns_pending": c.conns_pending.load(r),
+            "link_events_dropped": c.link_events_dropped.load(r),
+            "links_refused": c.links_refused.load(r),
         },
     });
     let info_v = serde_json::to_value(&**info).expect("NodeInfo serialises");

@@ -47,8 +47,10 @@ pub enum DropReason {
     TunWriteError,
     /// Too many new keys asked for by one sender in a short time.
     RekeyLimited,
-    /// An EN↔CN TCP link's send queue was full (TCP backpressure), or no
-    /// buffer was free to take a packet over to the link's core.
+    /// An EN↔CN TCP link's send queue was at its budget (its peer reads
+    /// slowly or not at all, or the links of the core together hold all
+    /// they may: see `io::link`), or no buffer was free to take a packet
+    /// over to another core.
     LinkFull,
 }
 

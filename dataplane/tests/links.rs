@@ -405,6 +405,76 @@ fn stalled_links_leave_the_core_its_reads_and_healthy_links() {
     }
 }
 
+/// Bytes unread in a Unix stream's receive queue (what the kernel took
+/// off the core's hands).
+fn unread(peer: &UnixStream) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int; the fd is open.
+    let rc = unsafe { libc::ioctl(peer.as_raw_fd(), libc::FIONREAD, &mut n) };
+    assert_eq!(rc, 0);
+    n as usize
+}
+
+/// However many links stall, what the core holds for them all together is
+/// bounded (on poll(2) it was 1 MiB per link, without a total).
+#[test]
+fn stalled_links_hold_bounded_memory_together() {
+    const LINKS: usize = 20;
+    const FRAMES: usize = 100;
+    const BODY: usize = 16_000;
+    for io in ios() {
+        let node = Node::start(io, 1);
+        let big = packet(true, [10, 0, 0, 9], BODY, 7);
+        let peers: Vec<UnixStream> = (0..LINKS)
+            .map(|s| node.add_link(200 + s as LinkId, Vec::new()))
+            .collect();
+        for s in 0..LINKS {
+            for _ in 0..FRAMES {
+                let id = 200 + s as LinkId;
+                let mut cmd = Command::SendFrame {
+                    id,
+                    packet: big.clone(),
+                };
+                while let Err(c) = node.shared.send(0, cmd) {
+                    cmd = c;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+        // Settled: every command handled, nothing more moving.
+        let measure = || {
+            let dropped = node.counters(0).drops[DropReason::LinkFull as usize] as usize;
+            let in_kernel: usize = peers.iter().map(unread).sum();
+            (dropped, in_kernel)
+        };
+        let mut last = measure();
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = measure();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        let (dropped, in_kernel) = last;
+        let accepted = (LINKS * FRAMES - dropped) * (BODY + 2);
+        let held = accepted - in_kernel;
+        assert!(
+            held <= 10 << 20,
+            "{io:?}: the core holds {held} bytes for {LINKS} stalled links"
+        );
+        assert!(dropped > 0);
+        drop(peers);
+        for _ in 0..LINKS {
+            match node.event() {
+                CoreEvent::LinkDown { .. } => {}
+                e => panic!("{e:?}"),
+            }
+        }
+        node.stop();
+    }
+}
+
 /// Issue 9 point 10: a data frame that arrives on a link (core 0) is
 /// opened on core `sender % cores`, where its sender's UDP packets go: one
 /// replay window per sender, on either dataplane.

@@ -127,13 +127,18 @@ impl Core {
     fn link_slot(&mut self, id: LinkId, class: Class, len: usize) -> Option<(usize, Pool)> {
         let pool = self.admit(id, class, len)?;
         let Some(slot) = self.free.pop() else {
-            if let Some(link) = self.links.get_mut(id) {
-                self.budget.give(&mut link.usage, pool, len);
-            }
+            self.give_room(id, pool, len);
             self.fwd.counters.drop(DropReason::LinkFull);
             return None;
         };
         Some((slot as usize, pool))
+    }
+
+    /// Gives back room `admit` took for a frame that was not queued.
+    fn give_room(&mut self, id: LinkId, pool: Pool, len: usize) {
+        if let Some(link) = self.links.get_mut(id) {
+            self.budget.give(&mut link.usage, pool, len);
+        }
     }
 
     /// Queues `slot[start..start+len]`, admitted into `pool`, on link `id`.
@@ -185,12 +190,17 @@ impl Core {
             return;
         };
         let to = t * self.slot_size;
-        match src {
-            LinkSrc::Staging { start, len } => {
-                let Some(off) = self.off.as_ref() else { return };
+        match (src, self.off.as_ref()) {
+            (LinkSrc::Staging { start, len }, Some(off)) => {
                 self.bufs[to..to + len].copy_from_slice(&off.staging[start..start + len]);
             }
-            LinkSrc::Slot { slot, start, len } => {
+            (LinkSrc::Staging { .. }, None) => {
+                // No staging area without offload: nothing to send.
+                self.free.push(t as u16);
+                self.give_room(id, pool, len);
+                return;
+            }
+            (LinkSrc::Slot { slot, start, len }, _) => {
                 let from = slot * self.slot_size + start;
                 self.bufs.copy_within(from..from + len, to);
             }

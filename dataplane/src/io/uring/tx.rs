@@ -319,6 +319,7 @@ mod tests {
             let rx = UdpSocket::bind("127.0.0.1:0")?;
             rx.set_read_timeout(Some(Duration::from_millis(200)))?;
             let other = UdpSocket::bind("127.0.0.1:0")?;
+            other.set_read_timeout(Some(Duration::from_millis(200)))?;
             let mut tx = Tx::new(true);
             let (got, c) = send_burst(&mut tx, &rx, 8, 1460);
             assert_eq!(got, 8, "the batch was lost");
