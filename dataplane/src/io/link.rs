@@ -23,7 +23,13 @@
 //!   dataplanes' limits), so reads on the TUN and the socket always have
 //!   theirs.
 
+use std::time::Instant;
+
 use ela_control::router::LinkId;
+use ela_control::RouteTable;
+
+use super::shared::{CoreEvent, Shared};
+use crate::framing::FrameDecoder;
 
 /// What a frame is, for the budget.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -216,7 +222,9 @@ impl<L> LinkTable<L> {
         }
     }
 
-    /// Whether `id` could take a link (in range and vacant).
+    /// Whether `id` could take a link (in range and vacant); `install`
+    /// decides this itself, so only the tests ask.
+    #[cfg(test)]
     pub fn is_vacant(&self, id: LinkId) -> bool {
         matches!(self.links.get(id as usize), Some(None))
     }
@@ -236,6 +244,65 @@ impl<L> LinkTable<L> {
     pub fn drain(&mut self) -> impl Iterator<Item = L> + '_ {
         self.links.iter_mut().filter_map(|l| l.take())
     }
+}
+
+/// Core 0's side of its links, as each dataplane keeps them, so that
+/// taking a link over ([`add_link`]) is written once for both.
+pub(super) trait LinkOwner {
+    type Link;
+    fn table(&mut self) -> &mut LinkTable<Self::Link>;
+    fn decoder(link: &mut Self::Link) -> &mut FrameDecoder;
+    fn shared(&self) -> &Shared;
+    fn close_link(&mut self, id: LinkId);
+    /// Handles the whole frames buffered on `id`; false if the link closed.
+    fn take_frames(&mut self, now: Instant, routes: &RouteTable, id: LinkId) -> bool;
+}
+
+/// Takes over link `id` as `link`, whose stream starts with `initial`
+/// (bytes the control thread read past the handshake). True if the link
+/// is up and the caller should start reading it.
+///
+/// An id in use (or out of range, or a core other than 0) is refused: the
+/// link on it may have an operation in flight into its buffers, so it
+/// cannot be replaced. The new fd is closed with `link`, and so is the
+/// old link: the control thread, which believes the id is the new link,
+/// gets the one `LinkDown` that follows.
+pub(super) fn add_link<C: LinkOwner>(
+    core: &mut C,
+    now: Instant,
+    routes: &RouteTable,
+    id: LinkId,
+    link: C::Link,
+    initial: &[u8],
+) -> bool {
+    if core.table().install(id, link).is_err() {
+        core.shared().count_refused_link();
+        if core.table().get(id).is_some() {
+            core.close_link(id);
+        } else {
+            core.shared().event(CoreEvent::LinkDown { id });
+        }
+        return false;
+    }
+    core.shared().touch_link(id, now);
+    let mut rest = initial;
+    while !rest.is_empty() {
+        let Some(l) = core.table().get_mut(id) else {
+            return false;
+        };
+        let n = C::decoder(l).feed(rest);
+        rest = &rest[n..];
+        if !core.take_frames(now, routes, id) {
+            return false;
+        }
+        if n == 0 {
+            // Cannot happen (the decoder always has room for a frame once
+            // whole ones are taken); never spin on it.
+            core.close_link(id);
+            return false;
+        }
+    }
+    true
 }
 
 #[cfg(test)]

@@ -18,10 +18,10 @@ use ela_control::router::LinkId;
 use ela_control::RouteTable;
 
 use super::cmsg::write_sockaddr;
-use super::link::{Budget, Class, Limits, LinkTable, LinkUse, Pool};
+use super::link::{self, Budget, Class, Limits, LinkOwner, LinkTable, LinkUse, Pool};
 use super::shared::{
-    classify_frame, hand_off, Command, CoreConfig, CoreEvent, LinkFrame, BUF_SIZE, LINK_RECV_BYTES,
-    MAX_LINKS,
+    classify_frame, hand_off, Command, CoreConfig, CoreEvent, LinkFrame, Shared, BUF_SIZE,
+    LINK_RECV_BYTES, MAX_LINKS,
 };
 use super::IoError;
 use crate::forwarder::{Forwarder, Verdict};
@@ -444,7 +444,7 @@ impl PollCore {
     }
 
     /// Takes over link `id` on `fd`, whose stream starts with `initial`;
-    /// an id in use is refused as on io_uring (see `Command::AddLink`).
+    /// an id in use is refused as on io_uring (see [`link::add_link`]).
     fn add_link(
         &mut self,
         now: Instant,
@@ -453,16 +453,6 @@ impl PollCore {
         fd: OwnedFd,
         initial: &[u8],
     ) {
-        if !self.links.is_vacant(id) {
-            self.cfg.shared.count_refused_link();
-            drop(fd);
-            if self.links.get(id).is_some() {
-                self.close_link(id);
-            } else {
-                self.cfg.shared.event(CoreEvent::LinkDown { id });
-            }
-            return;
-        }
         let link = PollLink {
             fd,
             decoder: FrameDecoder::new(LINK_RECV_BYTES),
@@ -471,26 +461,7 @@ impl PollCore {
             head_sent: 0,
             usage: LinkUse::default(),
         };
-        if self.links.install(id, link).is_err() {
-            return;
-        }
-        self.cfg.shared.touch_link(id, now);
-        let mut rest = initial;
-        while !rest.is_empty() {
-            let Some(l) = self.links.get_mut(id) else {
-                return;
-            };
-            let n = l.decoder.feed(rest);
-            rest = &rest[n..];
-            if !self.take_frames(now, routes, id) {
-                return;
-            }
-            if n == 0 {
-                // As on io_uring: cannot happen, never spin on it.
-                self.close_link(id);
-                return;
-            }
-        }
+        link::add_link(self, now, routes, id, link, initial);
     }
 
     fn on_command(&mut self, now: Instant, routes: &RouteTable, cmd: Command) -> bool {
@@ -501,5 +472,23 @@ impl PollCore {
             Command::SendFrame { id, packet } => self.link_send(id, Class::Control, &packet),
         }
         true
+    }
+}
+impl LinkOwner for PollCore {
+    type Link = PollLink;
+    fn table(&mut self) -> &mut LinkTable<PollLink> {
+        &mut self.links
+    }
+    fn decoder(link: &mut PollLink) -> &mut FrameDecoder {
+        &mut link.decoder
+    }
+    fn shared(&self) -> &Shared {
+        &self.cfg.shared
+    }
+    fn close_link(&mut self, id: LinkId) {
+        PollCore::close_link(self, id)
+    }
+    fn take_frames(&mut self, now: Instant, routes: &RouteTable, id: LinkId) -> bool {
+        PollCore::take_frames(self, now, routes, id)
     }
 }

@@ -17,8 +17,10 @@ use io_uring::{opcode, types};
 use ela_control::router::LinkId;
 use ela_control::RouteTable;
 
-use super::super::link::{Class, Limits, LinkUse, Pool};
-use super::super::shared::{classify_frame, CoreEvent, LinkFrame, BUF_SIZE, LINK_RECV_BYTES};
+use super::super::link::{self, Class, Limits, LinkOwner, LinkTable, LinkUse, Pool};
+use super::super::shared::{
+    classify_frame, CoreEvent, LinkFrame, Shared, BUF_SIZE, LINK_RECV_BYTES,
+};
 use super::{ud, Core, OP_LINK_RECV, OP_LINK_SEND, SLOTS};
 use crate::framing::{self, FrameDecoder, LEN_PREFIX};
 use crate::stats::DropReason;
@@ -384,21 +386,6 @@ impl Core {
         fd: OwnedFd,
         initial: &[u8],
     ) {
-        if !self.links.is_vacant(id) {
-            // The id is in use (or out of range, or this is not core 0):
-            // the link on it may have a receive or writev in flight into
-            // its buffers, so it cannot be replaced. Refuse the new fd and
-            // close the old link: the control thread, which believes the
-            // id is the new link, gets the one LinkDown that follows.
-            self.cfg.shared.count_refused_link();
-            drop(fd);
-            if self.links.get(id).is_some() {
-                self.close_link(id);
-            } else {
-                self.cfg.shared.event(CoreEvent::LinkDown { id });
-            }
-            return;
-        }
         let link = Link {
             fd,
             decoder: FrameDecoder::new(LINK_RECV_BYTES),
@@ -417,28 +404,9 @@ impl Core {
             closing: false,
             usage: LinkUse::default(),
         };
-        if self.links.install(id, link).is_err() {
-            return;
+        if link::add_link(self, now, routes, id, link, initial) {
+            self.arm_link_recv(id);
         }
-        self.cfg.shared.touch_link(id, now);
-        let mut rest = initial;
-        while !rest.is_empty() {
-            let Some(link) = self.links.get_mut(id) else {
-                return;
-            };
-            let n = link.decoder.feed(rest);
-            rest = &rest[n..];
-            if !self.take_frames(now, routes, id) {
-                return;
-            }
-            if n == 0 {
-                // Cannot happen (the decoder always has room for a frame
-                // once whole ones are taken); never spin on it.
-                self.close_link(id);
-                return;
-            }
-        }
-        self.arm_link_recv(id);
     }
 
     /// `SendFrame` from the control thread: a control packet for link `id`.
@@ -475,4 +443,23 @@ pub(super) enum LinkSrc {
         start: usize,
         len: usize,
     },
+}
+
+impl LinkOwner for Core {
+    type Link = Link;
+    fn table(&mut self) -> &mut LinkTable<Link> {
+        &mut self.links
+    }
+    fn decoder(link: &mut Link) -> &mut FrameDecoder {
+        &mut link.decoder
+    }
+    fn shared(&self) -> &Shared {
+        &self.cfg.shared
+    }
+    fn close_link(&mut self, id: LinkId) {
+        Core::close_link(self, id)
+    }
+    fn take_frames(&mut self, now: Instant, routes: &RouteTable, id: LinkId) -> bool {
+        Core::take_frames(self, now, routes, id)
+    }
 }
