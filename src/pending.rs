@@ -3,7 +3,7 @@
 //! Nothing unauthenticated may hold what an edge node's link needs, so an
 //! accepted connection is not a link: it gets no link id, no slot in the
 //! dataplane and no 256 KiB receive buffer. The control thread keeps it
-//! here with a few hundred bytes of state, says `Hello` (the nonce the
+//! here with at most a few KiB of state, says `Hello` (the nonce the
 //! peer must bind its messages to), and reads at most [`MAX_HANDSHAKE`]
 //! bytes of small frames until the peer either attaches (it becomes a
 //! link, see `Control::on_pending_frame`), asks to join, or runs out of

@@ -781,20 +781,7 @@ mod tests {
         let out = a.fwd.outbound(&a.routes, &mut buf, ip.len());
         assert_eq!(out.verdict, Verdict::Drop);
         assert_eq!(a.fwd.counters.drops[DropReason::BadSource as usize], 1);
-        let counter = 5;
-        Header {
-            ptype: PacketType::Data,
-            hops: 0,
-            epoch: crypto::wire_epoch(counter),
-            src: A,
-            dst: B,
-            counter,
-        }
-        .write(&mut buf);
-        let len = PacketKeys::derive_data(&s, 11, 0)
-            .seal(&mut buf, ip.len())
-            .unwrap();
-        let (out, _) = recv(&mut b, &buf[..len]);
+        let (out, _) = recv(&mut b, &sealed_as_a(&s, 5, &ip));
         assert_eq!(out.verdict, Verdict::Drop);
         assert_eq!(b.fwd.counters.drops[DropReason::InnerMismatch as usize], 1);
     }
@@ -902,10 +889,8 @@ mod tests {
                 .store(e << crypto::EPOCH_SHIFT, Ordering::Relaxed);
             a.fwd.begin_batch();
             let (_, w) = send(&mut a, &icmp(A, B, b"fast"));
-            let mut buf = vec![0u8; 2048];
-            buf[..w.len()].copy_from_slice(&w);
-            let out = b.fwd.inbound(now, &b.routes, &mut buf, w.len());
-            assert_eq!(out.verdict, Verdict::Tun, "epoch {e}: {:?}", b.fwd.counters);
+            let v = recv_at(&mut b, now, &w);
+            assert_eq!(v, Verdict::Tun, "epoch {e}: {:?}", b.fwd.counters);
         }
     }
 
