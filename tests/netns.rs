@@ -9,11 +9,10 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use ela_dataplane::crypto::{epoch_of, wire_epoch, GroupSecret, PacketKeys, Suite};
 use ela_dataplane::wire::{Header, PacketType, HEADER_LEN, TAG_LEN};
 use ela_fast::netns::{self, HostId, Lab, Node, NodeSpec, PingOpts};
@@ -260,25 +259,6 @@ fn leave_is_propagated() {
     });
 }
 
-/// Waits until a tcpdump started by the lab says it is capturing.
-fn wait_capturing(lab: &Lab, pid: u32, log: &Path) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if fs::read_to_string(log).is_ok_and(|s| s.contains("listening on")) {
-            return Ok(());
-        }
-        if let Some(st) = lab.try_exit(pid) {
-            bail!(
-                "tcpdump exited ({}): {}",
-                netns::describe_status(st),
-                fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        ensure!(Instant::now() < deadline, "tcpdump did not start capturing");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Runs a capture on `iface` in `h` around `during`, returns its packets.
 fn capture(
     lab: &Lab,
@@ -288,44 +268,11 @@ fn capture(
     name: &str,
     during: impl FnOnce() -> Result<()>,
 ) -> Result<(u32, Vec<Vec<u8>>)> {
-    let pcap = lab.dir().join(format!("{name}.pcap"));
-    let log = lab.dir().join(format!("tcpdump-{name}.log"));
-    let pcap_s = pcap.to_string_lossy().into_owned();
-    // -Z root: Debian's tcpdump otherwise drops to its own user and may not
-    // write into the lab dir. --immediate-mode -U: hand over and write each
-    // packet as it arrives, so none is still in a kernel block at SIGINT.
-    let pid = lab.spawn(
-        h,
-        &[
-            "tcpdump",
-            "-i",
-            iface,
-            "-n",
-            "--immediate-mode",
-            "-U",
-            "-Z",
-            "root",
-            "-w",
-            &pcap_s,
-            filter,
-        ],
-        &log,
-    )?;
-    wait_capturing(lab, pid, &log)?;
+    let c = lab.start_capture(h, iface, filter, name)?;
     let res = during();
-    // Let the last packets reach the file before stopping.
-    std::thread::sleep(Duration::from_millis(200));
-    lab.kill(pid, libc::SIGINT);
-    let st = lab
-        .wait_exit(pid, Duration::from_secs(5))
-        .ok_or_else(|| anyhow!("tcpdump did not stop on SIGINT"))?;
+    let packets = lab.stop_capture(c);
     res?;
-    ensure!(
-        st.success(),
-        "tcpdump failed: {}",
-        fs::read_to_string(&log)?
-    );
-    netns::read_pcap(&pcap)
+    packets
 }
 
 #[test]
