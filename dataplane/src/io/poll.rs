@@ -20,7 +20,7 @@ use ela_control::RouteTable;
 use super::cmsg::write_sockaddr;
 use super::link::{self, Budget, Class, Limits, LinkOwner, LinkTable, LinkUse, Pool};
 use super::shared::{
-    classify_frame, hand_off, Command, CoreConfig, CoreEvent, LinkFrame, Shared, BUF_SIZE,
+    classify_frame, hand_off, Command, CoreConfig, CoreEvent, Lane, LinkFrame, Shared, BUF_SIZE,
     LINK_RECV_BYTES, MAX_LINKS,
 };
 use super::IoError;
@@ -170,17 +170,20 @@ impl PollCore {
                 }
                 while let Some((id, v)) = self.cfg.shared.link_inbox.pop() {
                     self.link_send(id, Class::Data, &v);
-                    self.cfg.shared.recycle(v);
+                    self.cfg.shared.recycle(Lane::Link, v);
                 }
-                while let Some(v) = self.cfg.shared.handoff[self.cfg.index].pop() {
-                    let n = v.len();
-                    if n <= self.buf.len() {
-                        self.buf[..n].copy_from_slice(&v);
-                        self.inbound(now, &routes, n);
-                    } else {
-                        self.fwd.counters.drop(DropReason::TooBig);
+                for lane in Lane::ALL {
+                    let (i, l) = (self.cfg.index, lane as usize);
+                    while let Some(v) = self.cfg.shared.handoff[i][l].pop() {
+                        let n = v.len();
+                        if n <= self.buf.len() {
+                            self.buf[..n].copy_from_slice(&v);
+                            self.inbound(now, &routes, n, lane);
+                        } else {
+                            self.fwd.counters.drop(DropReason::TooBig);
+                        }
+                        self.cfg.shared.recycle(lane, v);
                     }
-                    self.cfg.shared.recycle(v);
                 }
             }
             if pfds[0].revents != 0 {
@@ -258,15 +261,15 @@ impl PollCore {
             if n < 0 {
                 return;
             }
-            self.inbound(now, routes, n as usize);
+            self.inbound(now, routes, n as usize, Lane::Udp);
         }
     }
 
     /// A packet from the underlay (datagram, link frame or handed over)
     /// in `self.buf[..n]`: opened here if this core owns its sender, else
     /// handed over to the core that does.
-    fn inbound(&mut self, now: Instant, routes: &RouteTable, n: usize) {
-        if hand_off(&self.cfg, &mut self.fwd.counters, &self.buf[..n]) {
+    fn inbound(&mut self, now: Instant, routes: &RouteTable, n: usize, lane: Lane) {
+        if hand_off(&self.cfg, &mut self.fwd.counters, lane, &self.buf[..n]) {
             return;
         }
         let t = Instant::now();
@@ -431,7 +434,7 @@ impl PollCore {
             };
             let n = frame.len();
             self.buf[..n].copy_from_slice(frame);
-            self.inbound(now, routes, n);
+            self.inbound(now, routes, n, Lane::Link);
         }
     }
 

@@ -7,9 +7,9 @@
 //! Flow between threads: control → core i through `cores[i].commands`
 //! (plus an eventfd poke); core 0 → control through `events` (plus a
 //! poke on `control_wake`); core j → core i through `handoff[i]` (data
-//! packets whose sender core i opens) and core j → core 0 through
-//! `link_inbox` (packets for an EN↔CN link), both in buffers from
-//! `link_pool`.
+//! packets whose sender core i opens, in one [`Lane`] per origin) and
+//! core j → core 0 through `link_inbox` (packets for an EN↔CN link), all
+//! in recycled buffers from the lane's pool.
 
 use std::net::Ipv4Addr;
 use std::os::fd::{OwnedFd, RawFd};
@@ -42,6 +42,29 @@ const EVENT_QUEUE: usize = 4096;
 /// packet, so passing one over never grows (allocates) it; the memory is
 /// only touched as far as packets fill it.
 const POOL_BUFFERS: usize = 256;
+/// Buffers of the UDP lane (see [`Lane`]): honest traffic hands over a
+/// UDP datagram only when a GRO aggregate mixes senders (a relaying CN).
+const UDP_POOL_BUFFERS: usize = 128;
+/// Packets queued for one core in one lane.
+const HANDOFF_QUEUE: usize = 1024;
+
+/// Which hand-over queues and buffers a packet may use, by where it came
+/// from. A UDP datagram may come from anyone on the underlay: an outsider
+/// can send GRO-mergeable trains whose segments name senders of another
+/// core, and each would be copied over before anything checks its tag. A
+/// link frame comes from a member's link (under its budget), and
+/// `link_inbox` carries only packets the forwarder has authenticated. So
+/// unauthenticated datagrams get their own lane: a flood of them can fill
+/// only that, never the queues and buffers the links need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Lane {
+    Udp = 0,
+    Link = 1,
+}
+
+impl Lane {
+    pub(super) const ALL: [Lane; 2] = [Lane::Link, Lane::Udp];
+}
 
 /// Messages from the control thread to a core.
 #[derive(Debug)]
@@ -161,9 +184,9 @@ impl EventQueue {
 /// Everything the cores and the control thread share besides the route
 /// table: queues and wake-up fds.
 pub struct Shared {
-    /// Per core: data packets that arrived on another core (see
-    /// [`hand_off`]), in recycled buffers from `link_pool`.
-    pub(super) handoff: Vec<ArrayQueue<Vec<u8>>>,
+    /// Per core and [`Lane`]: data packets that arrived on another core
+    /// (see [`hand_off`]), in recycled buffers from the lane's pool.
+    pub(super) handoff: Vec<[ArrayQueue<Vec<u8>>; 2]>,
     /// Per-core command queues and wake fds.
     pub cores: Vec<CoreHandle>,
     /// Core 0 → control.
@@ -172,8 +195,9 @@ pub struct Shared {
     pub control_wake: RawFd,
     /// Other cores → core 0: packets bound for a link.
     pub(super) link_inbox: ArrayQueue<(LinkId, Vec<u8>)>,
-    /// Recycled buffers for `link_inbox` and `handoff`.
-    pub(super) link_pool: ArrayQueue<Vec<u8>>,
+    /// Per [`Lane`]: recycled buffers for its `handoff` queues; the link
+    /// lane's also carry `link_inbox`.
+    pub(super) pools: [ArrayQueue<Vec<u8>>; 2],
     /// Per link: when a frame last arrived (ns since `clock_base`).
     pub link_seen: Box<[AtomicU64]>,
     pub clock_base: Instant,
@@ -210,17 +234,27 @@ impl Shared {
                 wake_fd: eventfd()?,
             });
         }
-        let pool = ArrayQueue::new(POOL_BUFFERS);
-        for _ in 0..POOL_BUFFERS {
-            let _ = pool.push(Vec::with_capacity(BUF_SIZE));
-        }
+        let pool = |n| {
+            let pool = ArrayQueue::new(n);
+            for _ in 0..n {
+                let _ = pool.push(Vec::with_capacity(BUF_SIZE));
+            }
+            pool
+        };
         Ok(Arc::new(Shared {
-            handoff: (0..n_cores).map(|_| ArrayQueue::new(1024)).collect(),
+            handoff: (0..n_cores)
+                .map(|_| {
+                    [
+                        ArrayQueue::new(HANDOFF_QUEUE),
+                        ArrayQueue::new(HANDOFF_QUEUE),
+                    ]
+                })
+                .collect(),
             cores,
             events: EventQueue::new(EVENT_QUEUE),
             control_wake: eventfd()?,
             link_inbox: ArrayQueue::new(1024),
-            link_pool: pool,
+            pools: [pool(UDP_POOL_BUFFERS), pool(POOL_BUFFERS)],
             link_seen: (0..MAX_LINKS).map(|_| AtomicU64::new(0)).collect(),
             clock_base: Instant::now(),
             links_refused: AtomicU64::new(0),
@@ -289,10 +323,11 @@ impl Shared {
 
     /// A pool buffer holding a copy of `pkt`. Never allocates: an empty
     /// pool (every buffer is in some queue) is a drop, `LinkFull`.
-    fn pooled_copy(&self, pkt: &[u8]) -> Result<Vec<u8>, DropReason> {
-        let mut v = self.link_pool.pop().ok_or(DropReason::LinkFull)?;
+    fn pooled_copy(&self, lane: Lane, pkt: &[u8]) -> Result<Vec<u8>, DropReason> {
+        let pool = &self.pools[lane as usize];
+        let mut v = pool.pop().ok_or(DropReason::LinkFull)?;
         if pkt.len() > v.capacity() {
-            let _ = self.link_pool.push(v);
+            let _ = pool.push(v);
             return Err(DropReason::TooBig);
         }
         v.clear();
@@ -300,15 +335,15 @@ impl Shared {
         Ok(v)
     }
 
-    /// Gives a buffer taken from a queue back to the pool.
-    pub(super) fn recycle(&self, v: Vec<u8>) {
-        let _ = self.link_pool.push(v);
+    /// Gives a buffer taken from a queue of `lane` back to its pool.
+    pub(super) fn recycle(&self, lane: Lane, v: Vec<u8>) {
+        let _ = self.pools[lane as usize].push(v);
     }
 
     /// Passes a packet for link `id` from another core to core 0, which
     /// owns the links; false (counted) if it could not.
     pub(super) fn to_link_core(&self, counters: &mut Counters, id: LinkId, pkt: &[u8]) -> bool {
-        let v = match self.pooled_copy(pkt) {
+        let v = match self.pooled_copy(Lane::Link, pkt) {
             Ok(v) => v,
             Err(reason) => {
                 counters.drop(reason);
@@ -321,7 +356,7 @@ impl Shared {
                 true
             }
             Err((_, v)) => {
-                self.recycle(v);
+                self.recycle(Lane::Link, v);
                 counters.drop(DropReason::LinkFull);
                 false
             }
@@ -390,8 +425,9 @@ pub(super) fn owner_core(pkt: &[u8], n: usize) -> Option<usize> {
 /// handed over (or counted as dropped). Every packet from the underlay
 /// passes here before the forwarder, on either dataplane, so one sender
 /// meets one replay window: link frames all arrive on core 0, and a GRO
-/// aggregate is steered by its first datagram's sender.
-pub(super) fn hand_off(cfg: &CoreConfig, counters: &mut Counters, pkt: &[u8]) -> bool {
+/// aggregate is steered by its first datagram's sender. `lane` says
+/// where the packet came from.
+pub(super) fn hand_off(cfg: &CoreConfig, counters: &mut Counters, lane: Lane, pkt: &[u8]) -> bool {
     let sh = &cfg.shared;
     let n = sh.cores.len();
     if n < 2 {
@@ -403,17 +439,17 @@ pub(super) fn hand_off(cfg: &CoreConfig, counters: &mut Counters, pkt: &[u8]) ->
     if target == cfg.index {
         return false;
     }
-    let v = match sh.pooled_copy(pkt) {
+    let v = match sh.pooled_copy(lane, pkt) {
         Ok(v) => v,
         Err(reason) => {
             counters.drop(reason);
             return true;
         }
     };
-    match sh.handoff[target].push(v) {
+    match sh.handoff[target][lane as usize].push(v) {
         Ok(()) => poke(sh.cores[target].wake_fd),
         Err(v) => {
-            sh.recycle(v);
+            sh.recycle(lane, v);
             counters.drop(DropReason::LinkFull);
         }
     }
@@ -611,35 +647,89 @@ mod tests {
         let cfg = config(shared.clone(), 0);
         let mut counters = Counters::default();
         let pkt = data_packet([10, 0, 0, 5]);
+        let link = Lane::Link as usize;
         // Ours: not handed over.
-        assert!(!hand_off(&cfg, &mut counters, &data_packet([10, 0, 0, 6])));
-        assert!(hand_off(&cfg, &mut counters, &pkt));
-        assert_eq!(shared.handoff[1].len(), 1);
+        assert!(!hand_off(
+            &cfg,
+            &mut counters,
+            Lane::Link,
+            &data_packet([10, 0, 0, 6])
+        ));
+        assert!(hand_off(&cfg, &mut counters, Lane::Link, &pkt));
+        assert_eq!(shared.handoff[1][link].len(), 1);
         let mut held = Vec::new();
-        while let Some(v) = shared.link_pool.pop() {
+        while let Some(v) = shared.pools[link].pop() {
             held.push(v);
         }
         // Every buffer is out: the packet is dropped, not copied into a
         // fresh allocation.
-        assert!(hand_off(&cfg, &mut counters, &pkt));
-        assert_eq!(shared.handoff[1].len(), 1);
+        assert!(hand_off(&cfg, &mut counters, Lane::Link, &pkt));
+        assert_eq!(shared.handoff[1][link].len(), 1);
         assert_eq!(counters.drops[DropReason::LinkFull as usize], 1);
         assert!(!shared.to_link_core(&mut counters, 3, &pkt));
         assert_eq!(counters.drops[DropReason::LinkFull as usize], 2);
         assert!(shared.link_inbox.is_empty());
         // A packet larger than a pool buffer would grow it: dropped too.
-        shared.recycle(held.pop().unwrap());
+        shared.recycle(Lane::Link, held.pop().unwrap());
         let huge = {
             let mut p = data_packet([10, 0, 0, 5]);
             p.resize(BUF_SIZE + 1, 0);
             p
         };
-        assert!(hand_off(&cfg, &mut counters, &huge));
+        assert!(hand_off(&cfg, &mut counters, Lane::Link, &huge));
         assert_eq!(counters.drops[DropReason::TooBig as usize], 1);
-        assert_eq!(shared.link_pool.len(), 1, "buffer back in the pool");
+        assert_eq!(shared.pools[link].len(), 1, "buffer back in the pool");
         // Handed-over buffers hold the largest packet without growing.
-        let v = shared.handoff[1].pop().unwrap();
+        let v = shared.handoff[1][link].pop().unwrap();
         assert!(v.capacity() >= BUF_SIZE);
         assert_eq!(v, pkt);
+    }
+
+    /// The attack: an outsider sends GRO-mergeable UDP trains whose first
+    /// datagram names a sender of core 0 and the rest senders of core 1.
+    /// Each segment is copied over to core 1 before anything can check its
+    /// tag. Had datagrams and link frames shared queues and buffers, a
+    /// flood while core 1 is busy would drop an EN's frames on their way
+    /// to core 1 and core 1's authenticated packets for core 0's links.
+    #[test]
+    fn forged_udp_hand_offs_cannot_take_what_links_need() {
+        let shared = Shared::new(2).unwrap();
+        let cfg = config(shared.clone(), 0);
+        let mut counters = Counters::default();
+        let forged = data_packet([10, 0, 0, 7]);
+        for _ in 0..10 * HANDOFF_QUEUE {
+            assert!(hand_off(&cfg, &mut counters, Lane::Udp, &forged));
+        }
+        let udp = Lane::Udp as usize;
+        assert_eq!(shared.handoff[1][udp].len(), UDP_POOL_BUFFERS);
+        assert!(shared.pools[udp].is_empty());
+        let flood_drops = counters.drops[DropReason::LinkFull as usize];
+        assert_eq!(flood_drops, (10 * HANDOFF_QUEUE - UDP_POOL_BUFFERS) as u64);
+
+        // A member's link frames still reach their core, every one of them
+        // up to the link lane's own buffers…
+        let frame = data_packet([10, 0, 0, 9]);
+        for _ in 0..POOL_BUFFERS / 2 {
+            assert!(hand_off(&cfg, &mut counters, Lane::Link, &frame));
+        }
+        assert_eq!(
+            shared.handoff[1][Lane::Link as usize].len(),
+            POOL_BUFFERS / 2
+        );
+        // …and so do authenticated packets bound for a link on core 0.
+        for _ in 0..POOL_BUFFERS / 2 {
+            assert!(shared.to_link_core(&mut counters, 3, &frame));
+        }
+        assert_eq!(shared.link_inbox.len(), POOL_BUFFERS / 2);
+        assert_eq!(counters.drops[DropReason::LinkFull as usize], flood_drops);
+
+        // Core 1 drains both lanes, each buffer back to its own pool.
+        for lane in Lane::ALL {
+            while let Some(v) = shared.handoff[1][lane as usize].pop() {
+                shared.recycle(lane, v);
+            }
+        }
+        assert_eq!(shared.pools[udp].len(), UDP_POOL_BUFFERS);
+        assert_eq!(shared.pools[Lane::Link as usize].len(), POOL_BUFFERS / 2);
     }
 }

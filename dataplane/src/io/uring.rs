@@ -49,7 +49,7 @@ use self::tx::{Tx, MAX_SENDS};
 use super::bufring::BufRing;
 use super::cmsg::{self, CmsgRoom, CMSG_ROOM};
 use super::link::{Budget, LinkTable};
-use super::shared::{hand_off, BUF_SIZE};
+use super::shared::{hand_off, Lane, BUF_SIZE};
 pub use super::shared::{
     Command, CoreConfig, CoreEvent, CoreHandle, EventQueue, OffloadConfig, Shared, MAX_LINKS,
 };
@@ -59,6 +59,16 @@ use crate::framing::LEN_PREFIX;
 use crate::offload::{self, Send, MAX_SEGMENTS, VIRTIO_NET_HDR_LEN};
 use crate::stats::{DropReason, Latency};
 use crate::wire::{HEADER_LEN, OVERHEAD};
+
+/// How a packet from the underlay reached [`Core::inbound`].
+#[derive(Clone, Copy)]
+enum Arrival {
+    /// Alone in its slot, through `lane`; the slot may go with it.
+    Whole(Lane),
+    /// One segment of a UDP GRO super-datagram, whose slot holds others:
+    /// whatever is kept is copied.
+    Segment,
+}
 
 /// Buffers per core. Reads armed on each fd, packets between a read and
 /// their send, and link queues (core 0; see `link::limits`) must fit.
@@ -925,7 +935,7 @@ impl Core {
         seg: usize,
     ) {
         if seg >= n {
-            self.dispatch_inbound(now, routes, slot, at, n);
+            self.dispatch_inbound(now, routes, slot, at, n, Lane::Udp);
             return;
         }
         // A GRO super-datagram: every segment but the last is `seg` bytes.
@@ -935,18 +945,20 @@ impl Core {
         let mut at = at;
         while at < end {
             let len = seg.min(end - at);
-            self.inbound(now, routes, slot, at, len, false);
+            self.inbound(now, routes, slot, at, len, Arrival::Segment);
             at += len;
         }
         self.free.push(slot as u16);
     }
 
     fn drain_handoff(&mut self, now: Instant, routes: &RouteTable) {
-        while let Some(v) = self.cfg.shared.handoff[self.cfg.index].pop() {
-            if let Some(slot) = self.copy_to_slot(&v) {
-                self.dispatch_inbound(now, routes, slot, 0, v.len());
+        for lane in Lane::ALL {
+            while let Some(v) = self.cfg.shared.handoff[self.cfg.index][lane as usize].pop() {
+                if let Some(slot) = self.copy_to_slot(&v) {
+                    self.dispatch_inbound(now, routes, slot, 0, v.len(), lane);
+                }
+                self.cfg.shared.recycle(lane, v);
             }
-            self.cfg.shared.recycle(v);
         }
     }
 
@@ -959,16 +971,16 @@ impl Core {
         slot: usize,
         at: usize,
         n: usize,
+        lane: Lane,
     ) {
-        if !self.inbound(now, routes, slot, at, n, true) {
+        if !self.inbound(now, routes, slot, at, n, Arrival::Whole(lane)) {
             self.free.push(slot as u16);
         }
     }
 
     /// A packet from the underlay at `slot[at..at + n]`. Returns true if
     /// the slot went with it (queued for a send, write or link); else the
-    /// caller still owns the slot. With `!may_keep` (one segment of a GRO
-    /// super-datagram, whose slot holds others) whatever is kept is copied.
+    /// caller still owns the slot.
     fn inbound(
         &mut self,
         now: Instant,
@@ -976,11 +988,15 @@ impl Core {
         slot: usize,
         at: usize,
         n: usize,
-        may_keep: bool,
+        arrival: Arrival,
     ) -> bool {
         let base = slot * self.slot_size + at;
         let pkt = &mut self.bufs[base..base + n];
-        if hand_off(&self.cfg, &mut self.fwd.counters, pkt) {
+        let lane = match arrival {
+            Arrival::Whole(lane) => lane,
+            Arrival::Segment => Lane::Udp,
+        };
+        if hand_off(&self.cfg, &mut self.fwd.counters, lane, pkt) {
             return false;
         }
         let out = self.fwd.inbound(now, routes, pkt, n);
@@ -997,7 +1013,7 @@ impl Core {
                 self.stage_single(to, slot, s, l);
                 false
             }
-            Verdict::Link(id) if !may_keep => {
+            Verdict::Link(id) if matches!(arrival, Arrival::Segment) => {
                 self.send_link_from(
                     id,
                     LinkSrc::Slot {

@@ -19,7 +19,7 @@ use ela_control::RouteTable;
 
 use super::super::link::{self, Class, Limits, LinkOwner, LinkTable, LinkUse, Pool};
 use super::super::shared::{
-    classify_frame, CoreEvent, LinkFrame, Shared, BUF_SIZE, LINK_RECV_BYTES,
+    classify_frame, CoreEvent, Lane, LinkFrame, Shared, BUF_SIZE, LINK_RECV_BYTES,
 };
 use super::{ud, Core, OP_LINK_RECV, OP_LINK_SEND, SLOTS};
 use crate::framing::{self, FrameDecoder, LEN_PREFIX};
@@ -317,7 +317,7 @@ impl Core {
             let n = frame.len();
             let base = slot * self.slot_size;
             self.bufs[base..base + n].copy_from_slice(frame);
-            self.dispatch_inbound(now, routes, slot, 0, n);
+            self.dispatch_inbound(now, routes, slot, 0, n, Lane::Link);
         }
     }
 
@@ -427,7 +427,7 @@ impl Core {
         }
         while let Some((id, v)) = self.cfg.shared.link_inbox.pop() {
             self.send_link_copy(id, Class::Data, &v);
-            self.cfg.shared.recycle(v);
+            self.cfg.shared.recycle(Lane::Link, v);
         }
     }
 }
