@@ -126,8 +126,13 @@ impl ControlMsg {
         postcard::to_allocvec(self).expect("serialising to a Vec cannot fail")
     }
 
+    /// The message that is exactly `b`: bytes after it are an error, so
+    /// that one encoding has one meaning (nothing can ride along unseen).
     pub fn decode(b: &[u8]) -> Result<ControlMsg, MsgError> {
-        postcard::from_bytes(b).map_err(|_| MsgError::Decode)
+        match postcard::take_from_bytes(b) {
+            Ok((m, [])) => Ok(m),
+            _ => Err(MsgError::Decode),
+        }
     }
 }
 
@@ -183,7 +188,14 @@ mod tests {
             ControlMsg::Hello { nonce: [0xa5; 16] },
         ];
         for m in msgs {
-            assert_eq!(ControlMsg::decode(&m.encode()).unwrap(), m);
+            let mut b = m.encode();
+            assert_eq!(ControlMsg::decode(&b).unwrap(), m);
+            b.push(0);
+            assert_eq!(
+                ControlMsg::decode(&b),
+                Err(MsgError::Decode),
+                "trailing byte"
+            );
         }
         for g in [&[][..], &[0xff][..], &[2, 0xff, 0xff, 0xff, 0xff, 0xff][..]] {
             assert_eq!(ControlMsg::decode(g), Err(MsgError::Decode));

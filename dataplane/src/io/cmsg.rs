@@ -86,21 +86,20 @@ pub fn gro_segment_from_control(mut c: &[u8]) -> Option<usize> {
     None
 }
 
-/// The segment size of a UDP GRO receive, from its control message.
+/// The segment size of a UDP GRO receive, from the control messages the
+/// kernel wrote into `msg`: walked by the same length-checked parser as
+/// multishot receives, not by `CMSG_NXTHDR`, which trusts each
+/// `cmsg_len` enough to read data a short record does not hold.
 pub(super) fn gro_segment_size(msg: &libc::msghdr) -> Option<usize> {
-    // SAFETY: the kernel filled msg_control/msg_controllen; CMSG_* walk
-    // within them.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
-                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::c_int);
-                return (v > 0).then_some(v as usize);
-            }
-            c = libc::CMSG_NXTHDR(msg, c);
-        }
+    if msg.msg_control.is_null() {
+        return None;
     }
-    None
+    // SAFETY: msg_control points at our control room, and the kernel sets
+    // msg_controllen to the bytes it wrote there, never more than the room
+    // we gave it.
+    let bytes =
+        unsafe { std::slice::from_raw_parts(msg.msg_control as *const u8, msg.msg_controllen) };
+    gro_segment_from_control(bytes)
 }
 
 #[cfg(test)]
@@ -148,6 +147,31 @@ mod tests {
         let mut tiny = gro;
         tiny[..8].copy_from_slice(&2usize.to_ne_bytes());
         assert_eq!(gro_segment_from_control(&tiny), None);
+    }
+
+    #[test]
+    fn gro_segment_from_a_msghdr_checks_record_lengths() {
+        let mut room: CmsgRoom = [0; CMSG_ROOM / 8];
+        let mut read = |bytes: &[u8]| {
+            let dst = room.as_mut_ptr() as *mut u8;
+            // SAFETY: room holds CMSG_ROOM bytes; bytes is at most that.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
+            // SAFETY: all-zero is a valid msghdr.
+            let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+            h.msg_control = dst as *mut libc::c_void;
+            h.msg_controllen = bytes.len();
+            gro_segment_size(&h)
+        };
+        let gro = cmsg(libc::SOL_UDP, libc::UDP_GRO, &1400i32.to_ne_bytes());
+        assert_eq!(read(&gro), Some(1400));
+        // A UDP_GRO record too short to hold its value is not read past.
+        let mut short = gro.clone();
+        short[..8].copy_from_slice(&(std::mem::size_of::<libc::cmsghdr>() + 2).to_ne_bytes());
+        assert_eq!(read(&short), None);
+        assert_eq!(read(&[]), None);
+        // SAFETY: all-zero is a valid msghdr (no control room at all).
+        let h: libc::msghdr = unsafe { std::mem::zeroed() };
+        assert_eq!(gro_segment_size(&h), None);
     }
 
     #[test]
