@@ -137,6 +137,7 @@ pub fn snapshot(s: &StatusShared) -> Value {
         },
         "drops": drops,
         "drops_total": t.drops_total(),
+        "gso_fallback": {"peers": t.gso_off_peers, "cores_all_off": t.gso_off_cores},
         "per_core": s.cores.iter().map(|c| {
             let x = c.snapshot();
             json!({"tun_rx": x.tun_rx, "tun_tx": x.tun_tx, "udp_rx": x.udp_rx,

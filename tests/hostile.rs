@@ -1997,9 +1997,10 @@ fn bulk_tcp_through_mtu_1400_path() {
             Ok(b) => (b.mbps, b.bytes, String::new()),
             Err(e) => (0.0, 0, format!(" (bulk TCP failed: {e:#})")),
         };
+        let gso_off = netns::counter(&st1, "gso_fallback.peers");
         eprintln!(
             "MTU 1400 underlay, offload {}: bulk TCP CN1→CN2 {mbps:.1} Mbit/s, {bytes} bytes in 5 s{note}; \
-             CN1 send_error +{}, udp_tx +{}",
+             CN1 send_error +{}, udp_tx +{}, peers without GSO {gso_off}",
             sts[0]["offload"],
             d("drops.send_error"),
             d("packets.udp_tx"),
@@ -2008,6 +2009,14 @@ fn bulk_tcp_through_mtu_1400_path() {
             bytes > 0 && mbps >= 10.0,
             "bulk TCP through an MTU-1400 underlay moved {bytes} bytes ({mbps:.1} Mbit/s; bound: completes, ≥ 10 Mbit/s){note}"
         );
+        if sts[0]["offload"]["udp_gso"] == true {
+            // The fix is what carried it: GSO went off for CN2 and status
+            // says so.
+            ensure!(
+                gso_off >= 1,
+                "CN1 used UDP GSO, yet status shows no peer it was turned off for"
+            );
+        }
         Ok(())
     });
 }

@@ -114,6 +114,12 @@ pub struct Counters {
     pub tx_bytes: u64,
     /// Payload bytes delivered to the NPD.
     pub rx_bytes: u64,
+    /// Peers this core sends to without UDP GSO since their path refused
+    /// a GSO send as too big (EMSGSIZE).
+    pub gso_off_peers: u64,
+    /// 1 if this core turned UDP GSO off for every peer (the device
+    /// refused it, or too many peers did); summed, the cores that did.
+    pub gso_off_cores: u64,
     pub drops: [u64; DropReason::COUNT],
 }
 
@@ -135,6 +141,8 @@ impl Counters {
         self.forwarded += o.forwarded;
         self.tx_bytes += o.tx_bytes;
         self.rx_bytes += o.rx_bytes;
+        self.gso_off_peers += o.gso_off_peers;
+        self.gso_off_cores += o.gso_off_cores;
         for (a, b) in self.drops.iter_mut().zip(o.drops.iter()) {
             *a += *b;
         }
@@ -200,6 +208,8 @@ pub struct CoreStats {
     forwarded: AtomicU64,
     tx_bytes: AtomicU64,
     rx_bytes: AtomicU64,
+    gso_off_peers: AtomicU64,
+    gso_off_cores: AtomicU64,
     drops: [AtomicU64; DropReason::COUNT],
 }
 
@@ -214,6 +224,8 @@ impl CoreStats {
         self.forwarded.store(c.forwarded, r);
         self.tx_bytes.store(c.tx_bytes, r);
         self.rx_bytes.store(c.rx_bytes, r);
+        self.gso_off_peers.store(c.gso_off_peers, r);
+        self.gso_off_cores.store(c.gso_off_cores, r);
         for (a, v) in self.drops.iter().zip(c.drops.iter()) {
             a.store(*v, r);
         }
@@ -247,6 +259,8 @@ impl CoreStats {
             forwarded: self.forwarded.load(r),
             tx_bytes: self.tx_bytes.load(r),
             rx_bytes: self.rx_bytes.load(r),
+            gso_off_peers: self.gso_off_peers.load(r),
+            gso_off_cores: self.gso_off_cores.load(r),
             drops,
         }
     }
@@ -318,11 +332,14 @@ mod tests {
         let mut a = Counters {
             tun_rx: 3,
             udp_tx: 2,
+            gso_off_peers: 2,
             ..Default::default()
         };
         a.drop(DropReason::BadTag);
         let mut b = Counters {
             tun_rx: 1,
+            gso_off_peers: 1,
+            gso_off_cores: 1,
             ..Default::default()
         };
         b.drop(DropReason::BadTag);
@@ -333,6 +350,7 @@ mod tests {
         let t = total(&cores);
         assert_eq!(t.tun_rx, 4);
         assert_eq!(t.udp_tx, 2);
+        assert_eq!((t.gso_off_peers, t.gso_off_cores), (3, 1));
         assert_eq!(t.drops[DropReason::BadTag as usize], 2);
         assert_eq!(t.drops_total(), 3);
     }

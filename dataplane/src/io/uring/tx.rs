@@ -90,14 +90,26 @@ impl Tx {
         self.gso && (self.no_gso.is_empty() || !self.no_gso.contains(&to))
     }
 
-    fn gso_off(&mut self, f: Fallback, to: SocketAddr, core: usize, err: Option<i32>) {
+    /// Turns GSO off as `f` says, and shows it in `counters` (status).
+    fn gso_off(
+        &mut self,
+        f: Fallback,
+        to: SocketAddr,
+        counters: &mut Counters,
+        core: usize,
+        err: Option<i32>,
+    ) {
         let all = f == Fallback::AllPeers || self.no_gso.len() == NO_GSO_PEERS;
         if all {
-            tracing::warn!(core, "UDP GSO failed ({err:?}); sending without it");
+            if self.gso {
+                tracing::warn!(core, "UDP GSO failed ({err:?}); sending without it");
+            }
             self.gso = false;
+            counters.gso_off_cores = 1;
         } else if !self.no_gso.contains(&to) {
             tracing::warn!(core, %to, "UDP GSO to this peer failed ({err:?}); sending to it without");
             self.no_gso.push(to);
+            counters.gso_off_peers = self.no_gso.len() as u64;
         }
     }
 
@@ -156,7 +168,7 @@ impl Tx {
                     }
                 }
                 f => {
-                    self.gso_off(f, sd.to, core, err);
+                    self.gso_off(f, sd.to, counters, core, err);
                     self.send_singly(fd, staging, sd, counters);
                 }
             }
@@ -221,24 +233,34 @@ mod tests {
     #[test]
     fn gso_goes_off_per_peer_then_for_all() {
         let mut tx = Tx::new(true);
+        let mut c = Counters::default();
         let peer = |i: u16| SocketAddr::from(([192, 0, 2, 1], 7000 + i));
-        tx.gso_off(Fallback::ThisPeer, peer(0), 0, None);
-        tx.gso_off(Fallback::ThisPeer, peer(0), 0, None);
+        tx.gso_off(Fallback::ThisPeer, peer(0), &mut c, 0, None);
+        tx.gso_off(Fallback::ThisPeer, peer(0), &mut c, 0, None);
         assert!(!tx.gso_to(peer(0)));
         assert!(tx.gso_to(peer(1)));
         assert_eq!(tx.no_gso.len(), 1);
+        assert_eq!(
+            (c.gso_off_peers, c.gso_off_cores),
+            (1, 0),
+            "status shows it"
+        );
         for i in 1..NO_GSO_PEERS as u16 {
-            tx.gso_off(Fallback::ThisPeer, peer(i), 0, None);
+            tx.gso_off(Fallback::ThisPeer, peer(i), &mut c, 0, None);
         }
         assert!(tx.gso_to(peer(999)));
+        assert_eq!(c.gso_off_peers, NO_GSO_PEERS as u64);
         // The list is full: the next one turns GSO off for everyone
         // rather than grow the list (it is scanned per packet).
-        tx.gso_off(Fallback::ThisPeer, peer(999), 0, None);
+        tx.gso_off(Fallback::ThisPeer, peer(999), &mut c, 0, None);
         assert!(!tx.gso_to(peer(1000)));
         assert_eq!(tx.no_gso.capacity(), NO_GSO_PEERS);
+        assert_eq!(c.gso_off_cores, 1);
         let mut tx = Tx::new(true);
-        tx.gso_off(Fallback::AllPeers, peer(0), 0, None);
+        let mut c = Counters::default();
+        tx.gso_off(Fallback::AllPeers, peer(0), &mut c, 0, None);
         assert!(!tx.gso_to(peer(1)));
+        assert_eq!((c.gso_off_peers, c.gso_off_cores), (0, 1));
     }
 
     /// Sets `lo` of the calling thread's network namespace up with `mtu`.
