@@ -193,6 +193,10 @@ impl Budget {
 /// them under the kernel.
 pub(super) struct LinkTable<L> {
     links: Box<[Option<L>]>,
+    /// One past the highest id in use: walks (the poll loop builds its fd
+    /// set from every link, each time round) stop here, not at the end of
+    /// the table.
+    end: usize,
 }
 
 impl<L> LinkTable<L> {
@@ -200,6 +204,7 @@ impl<L> LinkTable<L> {
     pub fn new(n: usize) -> LinkTable<L> {
         LinkTable {
             links: (0..n).map(|_| None).collect(),
+            end: 0,
         }
     }
 
@@ -216,6 +221,7 @@ impl<L> LinkTable<L> {
         match self.links.get_mut(id as usize) {
             Some(slot @ None) => {
                 *slot = Some(link);
+                self.end = self.end.max(id as usize + 1);
                 Ok(())
             }
             _ => Err(link),
@@ -230,11 +236,15 @@ impl<L> LinkTable<L> {
     }
 
     pub fn take(&mut self, id: LinkId) -> Option<L> {
-        self.links.get_mut(id as usize).and_then(|l| l.take())
+        let link = self.links.get_mut(id as usize).and_then(|l| l.take());
+        while self.end > 0 && self.links[self.end - 1].is_none() {
+            self.end -= 1;
+        }
+        link
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (LinkId, &L)> {
-        self.links
+        self.links[..self.end]
             .iter()
             .enumerate()
             .filter_map(|(i, l)| l.as_ref().map(|l| (i as LinkId, l)))
@@ -242,7 +252,8 @@ impl<L> LinkTable<L> {
 
     /// Empties the table (the core is stopping).
     pub fn drain(&mut self) -> impl Iterator<Item = L> + '_ {
-        self.links.iter_mut().filter_map(|l| l.take())
+        let end = std::mem::take(&mut self.end);
+        self.links[..end].iter_mut().filter_map(|l| l.take())
     }
 }
 
@@ -599,5 +610,28 @@ mod tests {
         assert_eq!(t.iter().collect::<Vec<_>>(), vec![(2, &"new")]);
         assert_eq!(t.drain().collect::<Vec<_>>(), vec!["new"]);
         assert!(t.is_vacant(2));
+    }
+
+    #[test]
+    fn walks_stop_after_the_highest_link() {
+        let mut t: LinkTable<LinkId> = LinkTable::new(4096);
+        assert_eq!(t.end, 0);
+        for id in [0, 5, 9] {
+            t.install(id, id).unwrap();
+        }
+        assert_eq!(t.end, 10);
+        assert_eq!(t.iter().map(|(i, _)| i).collect::<Vec<_>>(), [0, 5, 9]);
+        // Taking the top one shrinks the walk to the next link in use.
+        t.take(9);
+        assert_eq!(t.end, 6);
+        t.take(0);
+        assert_eq!(t.end, 6);
+        assert_eq!(t.iter().map(|(i, _)| i).collect::<Vec<_>>(), [5]);
+        t.take(5);
+        assert_eq!(t.end, 0);
+        t.install(4095, 1).unwrap();
+        assert_eq!(t.iter().map(|(i, _)| i).collect::<Vec<_>>(), [4095]);
+        assert_eq!(t.drain().count(), 1);
+        assert_eq!((t.end, t.iter().count()), (0, 0));
     }
 }
