@@ -7,10 +7,11 @@
 //! peer must bind its messages to), and reads at most [`MAX_HANDSHAKE`]
 //! bytes of small frames until the peer either attaches (it becomes a
 //! link, see `Control::on_pending_frame`), asks to join, or runs out of
-//! time. How many may wait, in all and per source address, is bounded by
-//! [`Admission`]; past the bound the oldest waiting connection of the
-//! most crowded kind goes first, so a flood of idle connections costs a
-//! bounded amount and cannot keep a real edge node out for long.
+//! time. How many may wait, in all, per source network and per source
+//! address, is bounded by [`Admission`]; past the bound the oldest waiting
+//! connection of the most crowded source goes first, so a flood of idle
+//! connections costs a bounded amount and cannot push a real edge node's
+//! handshake out.
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
@@ -22,6 +23,9 @@ use ela_dataplane::wire::OVERHEAD;
 
 /// Unauthenticated connections kept at once, in all…
 pub const MAX_PENDING: usize = 256;
+/// …from one source network (a /24, or an IPv6 /64: what one host or one
+/// site can have without effort)…
+pub const MAX_PENDING_PER_NET: usize = 32;
 /// …and from one source address (NAT may put several ENs behind one).
 pub const MAX_PENDING_PER_IP: usize = 8;
 /// A connection must authenticate within this. An EN needs one round trip
@@ -33,31 +37,68 @@ pub const MAX_HANDSHAKE: usize = 4096;
 /// Largest frame accepted before authentication.
 pub const MAX_HANDSHAKE_FRAME: usize = 1600;
 
+/// The source network `ip` counts against: its /24, or its /64.
+pub fn net_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) => IpAddr::V4((u32::from(a) & 0xffff_ff00).into()),
+        IpAddr::V6(a) => IpAddr::V6((u128::from(a) & !((1u128 << 64) - 1)).into()),
+    }
+}
+
 /// Which waiting connection must go to admit a new one: the bounded,
 /// I/O-free part, tested on its own.
+///
+/// When every place is taken, the oldest connection of the most crowded
+/// source network goes. A flood from few networks then only ever pushes
+/// out its own connections, however fast it churns: an edge node's
+/// handshake is evicted only by an attacker holding more networks than
+/// there are places.
 #[derive(Default)]
 pub struct Admission {
     per_ip: HashMap<IpAddr, usize>,
+    per_net: HashMap<IpAddr, usize>,
     total: usize,
+}
+
+/// Whose connections an eviction picks from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Ip(IpAddr),
+    /// A network, as [`net_of`] gives it.
+    Net(IpAddr),
+}
+
+impl Scope {
+    pub fn holds(self, ip: IpAddr) -> bool {
+        match self {
+            Scope::Ip(a) => a == ip,
+            Scope::Net(n) => net_of(ip) == n,
+        }
+    }
 }
 
 /// What to do with a newly accepted connection.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Admit {
     Yes,
-    /// Admit it after closing the oldest waiting connection from the same
-    /// address (that address is at its limit).
-    EvictOldestOf(IpAddr),
-    /// Admit it after closing the oldest waiting connection of all.
-    EvictOldest,
+    /// Admit it after closing the oldest waiting connection in the scope.
+    EvictOldest(Scope),
 }
 
 impl Admission {
     pub fn decide(&self, ip: IpAddr) -> Admit {
+        let net = net_of(ip);
         if self.per_ip.get(&ip).copied().unwrap_or(0) >= MAX_PENDING_PER_IP {
-            Admit::EvictOldestOf(ip)
+            Admit::EvictOldest(Scope::Ip(ip))
+        } else if self.per_net.get(&net).copied().unwrap_or(0) >= MAX_PENDING_PER_NET {
+            Admit::EvictOldest(Scope::Net(net))
         } else if self.total >= MAX_PENDING {
-            Admit::EvictOldest
+            let crowded = self
+                .per_net
+                .iter()
+                .max_by_key(|&(_, n)| *n)
+                .map_or(net, |(&n, _)| n);
+            Admit::EvictOldest(Scope::Net(crowded))
         } else {
             Admit::Yes
         }
@@ -65,17 +106,26 @@ impl Admission {
 
     pub fn added(&mut self, ip: IpAddr) {
         *self.per_ip.entry(ip).or_default() += 1;
+        *self.per_net.entry(net_of(ip)).or_default() += 1;
         self.total += 1;
     }
 
     pub fn removed(&mut self, ip: IpAddr) {
-        if let Some(n) = self.per_ip.get_mut(&ip) {
+        let Some(n) = self.per_ip.get_mut(&ip) else {
+            return;
+        };
+        *n -= 1;
+        if *n == 0 {
+            self.per_ip.remove(&ip);
+        }
+        let net = net_of(ip);
+        if let Some(n) = self.per_net.get_mut(&net) {
             *n -= 1;
             if *n == 0 {
-                self.per_ip.remove(&ip);
+                self.per_net.remove(&net);
             }
-            self.total -= 1;
         }
+        self.total -= 1;
     }
 
     pub fn total(&self) -> usize {
@@ -212,34 +262,101 @@ mod tests {
         IpAddr::V4(Ipv4Addr::new(192, 0, 2, n))
     }
 
+    /// One address in each of many networks.
+    fn other_net(n: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 9, n, 1))
+    }
+
     #[test]
-    fn admission_bounds_each_address_and_the_total() {
+    fn admission_bounds_each_address_network_and_the_total() {
         let mut a = Admission::default();
         for _ in 0..MAX_PENDING_PER_IP {
             assert_eq!(a.decide(ip(1)), Admit::Yes);
             a.added(ip(1));
         }
         // One address at its limit: its own oldest goes, nobody else's.
-        assert_eq!(a.decide(ip(1)), Admit::EvictOldestOf(ip(1)));
+        assert_eq!(a.decide(ip(1)), Admit::EvictOldest(Scope::Ip(ip(1))));
         assert_eq!(a.decide(ip(2)), Admit::Yes);
-        // Many addresses: the total is bounded too.
-        let mut n = MAX_PENDING_PER_IP;
-        let mut host = 2u8;
-        while n < MAX_PENDING {
-            for _ in 0..MAX_PENDING_PER_IP.min(MAX_PENDING - n) {
+        // One network at its limit: its own oldest goes.
+        for host in 2..=(MAX_PENDING_PER_NET / MAX_PENDING_PER_IP) as u8 {
+            for _ in 0..MAX_PENDING_PER_IP {
                 a.added(ip(host));
-                n += 1;
             }
-            host += 1;
+        }
+        let net = net_of(ip(1));
+        assert_eq!(a.decide(ip(100)), Admit::EvictOldest(Scope::Net(net)));
+        assert!(Scope::Net(net).holds(ip(1)) && !Scope::Net(net).holds(other_net(1)));
+        // Many networks: the total is bounded too.
+        let mut n = MAX_PENDING_PER_NET;
+        let mut k = 0u8;
+        while n < MAX_PENDING {
+            a.added(other_net(k));
+            n += 1;
+            k = k.wrapping_add(1);
         }
         assert_eq!(a.total(), MAX_PENDING);
-        assert_eq!(a.decide(ip(250)), Admit::EvictOldest);
+        // Full: the most crowded network pays, not a newcomer's.
+        assert_eq!(
+            a.decide(other_net(250)),
+            Admit::EvictOldest(Scope::Net(net))
+        );
         a.removed(ip(1));
-        assert_eq!(a.decide(ip(250)), Admit::Yes);
+        assert_eq!(a.decide(other_net(250)), Admit::Yes);
         assert_eq!(a.decide(ip(1)), Admit::Yes);
         // Removing what was never added changes nothing.
         a.removed(ip(251));
         assert_eq!(a.total(), MAX_PENDING - 1);
+    }
+
+    /// The attack: churn connections from a few networks faster than an
+    /// edge node's handshake. Under "evict the oldest of all" each new
+    /// one pushed out the EN's within 256 accepts; now the flood only
+    /// ever evicts its own.
+    #[test]
+    fn a_churning_flood_never_evicts_an_edge_node_from_another_network() {
+        let mut a = Admission::default();
+        let mut waiting: Vec<IpAddr> = Vec::new();
+        let en: IpAddr = "198.51.100.7".parse().unwrap();
+        let attacker = |i: usize| IpAddr::from([203, 0, (i % 12) as u8, (i % 250) as u8]);
+        let mut i = 0;
+        while a.total() < MAX_PENDING - 1 {
+            let ip = attacker(i);
+            if a.decide(ip) == Admit::Yes {
+                a.added(ip);
+                waiting.push(ip);
+            }
+            i += 1;
+        }
+        assert_eq!(a.decide(en), Admit::Yes);
+        a.added(en);
+        waiting.push(en);
+        for i in 0..100 * MAX_PENDING {
+            let ip = attacker(i);
+            if let Admit::EvictOldest(scope) = a.decide(ip) {
+                let j = waiting.iter().position(|&w| scope.holds(w)).unwrap();
+                let gone = waiting.remove(j);
+                assert_ne!(
+                    gone, en,
+                    "the EN was evicted after {i} attacker connections"
+                );
+                a.removed(gone);
+            }
+            a.added(ip);
+            waiting.push(ip);
+            assert!(a.total() <= MAX_PENDING);
+        }
+        assert!(waiting.contains(&en));
+    }
+
+    /// An IPv6 /64 is one network: a host cannot take more places by
+    /// walking its interface ids.
+    #[test]
+    fn an_ipv6_64_is_one_network() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(net_of(a), net_of(b));
+        assert_ne!(net_of(a), net_of(c));
     }
 
     fn pair() -> (TcpStream, PendingConn) {

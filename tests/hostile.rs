@@ -2021,6 +2021,119 @@ fn bulk_tcp_through_mtu_1400_path() {
     });
 }
 
+// ---- 8. a flood on the control port --------------------------------------
+
+/// How long the control-port flood lasts, and how many threads send it.
+const CTL_FLOOD: Duration = Duration::from_secs(6);
+const CTL_FLOOD_THREADS: usize = 2;
+/// Pings CN1 → EN during the flood, one per 50 ms.
+const CTL_PING_EVERY: Duration = Duration::from_millis(50);
+
+/// Found by review: anyone can send to a node's port, and every datagram
+/// whose type byte says "control" is steered to the one control socket.
+/// The control thread used to read that socket until it was empty before
+/// running its timers, so a flood faster than it could read kept
+/// keepalives, SWIM and failover timers from ever running: the EN's link
+/// timed out and it failed over, and the group declared the CN dead.
+/// Bound: during a flood of tiny control datagrams from the attacker
+/// (no key) at CN2, the EN keeps CN2 as its primary, CN1 and CN3 keep
+/// CN2 as a member, and CN1 → EN pings lose at most 10 %.
+#[test]
+fn control_port_flood_leaves_timers_running() {
+    lab_test("ctl_flood", |lab| {
+        let g = group(lab)?;
+        let lab = &*lab;
+        let g = &g;
+        let to = g.cn2.node.listen;
+        let st0 = lab.status(&g.cn2.node)?;
+        let stop = AtomicBool::new(false);
+        let count = (CTL_FLOOD.as_millis() / CTL_PING_EVERY.as_millis()) as u32 - 20;
+        let po = PingOpts {
+            count,
+            interval: CTL_PING_EVERY,
+            wait: Duration::from_secs(1),
+            ..PingOpts::default()
+        };
+        let (sent, ping, lost_primary, lost_member) = thread::scope(|s| -> Result<_> {
+            let floods: Vec<_> = (0..CTL_FLOOD_THREADS)
+                .map(|_| {
+                    let stop = &stop;
+                    s.spawn(move || {
+                        lab.in_netns(g.atk, || -> Result<u64> {
+                            let sock = UdpSocket::bind("0.0.0.0:0")?;
+                            sock.connect(to)?;
+                            // Version 2, type "control", nothing else.
+                            let pkt = [2u8, 1, 0, 0, 0, 0, 0, 0];
+                            let t0 = Instant::now();
+                            let mut n = 0u64;
+                            while !stop.load(Ordering::Relaxed) && t0.elapsed() < CTL_FLOOD {
+                                for _ in 0..64 {
+                                    let _ = sock.send(&pkt);
+                                }
+                                n += 64;
+                            }
+                            Ok(n)
+                        })
+                    })
+                })
+                .collect();
+            thread::sleep(Duration::from_millis(500));
+            let pinger = s.spawn(|| ping(lab, g.cn1.host(), g.en.addr, po.count, po.interval));
+            let t0 = Instant::now();
+            let (mut lost_primary, mut lost_member) = (None, None);
+            while t0.elapsed() < CTL_FLOOD - Duration::from_millis(700) {
+                let en = lab.status(&g.en.node)?;
+                if lost_primary.is_none() && netns::primary(&en) != Some(g.cn2.addr) {
+                    lost_primary = Some((t0.elapsed(), netns::primary(&en)));
+                }
+                for m in [&g.cn1, &g.cn3] {
+                    let st = lab.status(&m.node)?;
+                    let seen = netns::members(&st)?.iter().any(|x| x.addr == g.cn2.addr);
+                    if lost_member.is_none() && !seen {
+                        lost_member = Some((t0.elapsed(), m.addr));
+                    }
+                }
+                thread::sleep(Duration::from_millis(200));
+            }
+            let ping = pinger.join().map_err(|_| anyhow!("ping thread panicked"))?;
+            stop.store(true, Ordering::Relaxed);
+            let mut sent = 0;
+            for f in floods {
+                sent += f.join().map_err(|_| anyhow!("flood thread panicked"))??;
+            }
+            Ok((sent, ping, lost_primary, lost_member))
+        })?;
+        let ping = ping?;
+        let st1 = lab.status(&g.cn2.node)?;
+        let d = |k: &str| netns::counter(&st1, k).saturating_sub(netns::counter(&st0, k));
+        eprintln!(
+            "control-port flood: {sent} datagrams of 8 B in {:.0} s to CN2 {to} ({:.0} kpps); \
+             CN2 control rx +{}, malformed +{}; CN1→EN pings {}/{}; EN's primary lost: {lost_primary:?}; \
+             CN2 lost as a member: {lost_member:?}",
+            CTL_FLOOD.as_secs_f64(),
+            sent as f64 / CTL_FLOOD.as_secs_f64() / 1000.0,
+            d("control.rx"),
+            d("control.malformed"),
+            ping.received,
+            count,
+        );
+        ensure!(
+            lost_primary.is_none(),
+            "the EN lost CN2 as its primary under a control-port flood: {lost_primary:?}"
+        );
+        ensure!(
+            lost_member.is_none(),
+            "CN2 was dropped from the group under a control-port flood: {lost_member:?}"
+        );
+        ensure!(
+            ping.received * 10 >= count * 9,
+            "CN1→EN pings during the flood: {}/{count}",
+            ping.received
+        );
+        Ok(())
+    });
+}
+
 // ---- the attacker's tools, checked without a lab ----------------------------
 
 /// The pcap helpers this suite relies on, on hand-built frames: TCP

@@ -4,6 +4,7 @@
 //! link failures; an EN's connects and `Attach`es.
 
 use super::*;
+use std::os::fd::RawFd;
 
 /// What became of a pending connection after one of its frames.
 enum PendingStep {
@@ -101,15 +102,11 @@ impl Control<'_> {
     }
 
     fn admit(&mut self, s: TcpStream, peer: SocketAddr, now: Instant) {
-        match self.admission.decide(peer.ip()) {
-            Admit::Yes => {}
-            Admit::EvictOldestOf(ip) => {
-                if let Some(i) = self.pending.iter().position(|p| p.peer.ip() == ip) {
-                    self.close_pending(i);
-                }
-            }
-            Admit::EvictOldest => {
-                self.close_pending(0);
+        if let Admit::EvictOldest(scope) = self.admission.decide(peer.ip()) {
+            // Pending connections are in arrival order: the first is the
+            // oldest.
+            if let Some(i) = self.pending.iter().position(|p| scope.holds(p.peer.ip())) {
+                self.close_pending(i);
             }
         }
         if s.set_nonblocking(true).is_err() {
@@ -158,13 +155,23 @@ impl Control<'_> {
         self.counters.conns_refused.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Reads the pending connections: frames, time-outs, hang-ups.
-    pub(super) fn poll_pending(&mut self) {
+    /// Reads the pending connections that poll found readable (`ready`:
+    /// their fds, sorted), and closes those out of time. Only readable ones: an
+    /// attacker holding every pending place must not make each wake-up
+    /// cost a read per connection.
+    pub(super) fn poll_pending(&mut self, ready: &[RawFd]) {
         let now = Instant::now();
         let mut i = 0;
         while i < self.pending.len() {
             if now.saturating_duration_since(self.pending[i].since) > PENDING_TIMEOUT {
                 self.close_pending(i);
+                continue;
+            }
+            if ready
+                .binary_search(&self.pending[i].stream.as_raw_fd())
+                .is_err()
+            {
+                i += 1;
                 continue;
             }
             let step = match self.pending[i].next_frame() {

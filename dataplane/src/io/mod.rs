@@ -24,6 +24,13 @@ use std::time::Duration;
 /// control and status threads, which are not on the hot path). Negative
 /// fds are ignored. Signals end the wait early.
 pub fn wait_readable(fds: &[RawFd], timeout: Duration) {
+    let mut ready = Vec::new();
+    poll_readable(fds, timeout, &mut ready);
+}
+
+/// [`wait_readable`], and says which: `ready` is set to the fds of `fds`
+/// that are readable or hung up, in their order in `fds`.
+pub fn poll_readable(fds: &[RawFd], timeout: Duration, ready: &mut Vec<RawFd>) {
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
         .map(|&fd| libc::pollfd {
@@ -35,6 +42,8 @@ pub fn wait_readable(fds: &[RawFd], timeout: Duration) {
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
     // SAFETY: pfds is a valid array of pollfd for the call's duration.
     unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+    ready.clear();
+    ready.extend(pfds.iter().filter(|p| p.revents != 0).map(|p| p.fd));
 }
 
 #[derive(Debug, thiserror::Error)]
