@@ -96,9 +96,7 @@ pub(crate) fn decide_and_join(
             }
             Err(e) if cfg.role == RoleArg::Core => return Err(e),
             Err(e) => {
-                // A bootstrap that answered but cannot be joined will not
-                // change its mind over TCP.
-                if e.downcast_ref::<Refused>().is_some() {
+                if udp_failure_is_final(&e) {
                     return Err(e);
                 }
                 info!("no UDP answer from the bootstrap within {} ms: joining as an edge node over TCP", wait.as_millis());
@@ -211,6 +209,19 @@ impl Refusals {
             _ => {}
         }
     }
+}
+
+/// Whether a failed UDP join ends `--role auto`'s join instead of falling
+/// back to TCP. Only a refusal that authenticated does: a bootstrap that
+/// answered under our key with another cipher will not change its mind
+/// over TCP. Packets that failed to open prove nothing about the
+/// bootstrap, since anyone who can send to our port can send them; one
+/// forged packet during the probe must not stop a node from joining.
+fn udp_failure_is_final(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<Refused>(),
+        Some(Refused::CipherMismatch { .. })
+    )
 }
 
 /// The bootstrap answered, but nothing it sent could be accepted: joining
@@ -460,7 +471,12 @@ fn join_udp(
             }
             Err(d) => {
                 count_drop(counters, d);
-                refused.note(d);
+                // Only what comes from a bootstrap address says anything
+                // about the bootstrap (and, unauthenticated, still only
+                // colours the error message; see `udp_failure_is_final`).
+                if cfg.bootstrap.contains(&from) {
+                    refused.note(d);
+                }
                 if d == ControlDrop::WrongCipher {
                     others.check(cfg, &buf[..len], from)?;
                 }
@@ -575,6 +591,28 @@ pub(crate) fn write_frame(s: &mut TcpStream, body: &[u8]) -> std::io::Result<()>
 mod tests {
     use super::*;
     use ela_dataplane::crypto::GroupSecret;
+
+    /// Found by review: one forged packet (right version, garbage tag)
+    /// sent to a joiner during its UDP probe was counted as the
+    /// bootstrap's refusal, and `--role auto` then exited with "different
+    /// group key" instead of joining over TCP. Only an authenticated
+    /// refusal ends the join.
+    #[test]
+    fn only_an_authenticated_refusal_ends_an_auto_join() {
+        let proven = anyhow::Error::from(Refused::CipherMismatch {
+            bootstrap: "192.0.2.1:7000".parse().unwrap(),
+            theirs: Suite::ChaCha20Poly1305,
+            ours: Suite::Blowfish,
+        });
+        assert!(udp_failure_is_final(&proven));
+        for unproven in [
+            anyhow::Error::from(Refused::GroupKey(1)),
+            anyhow::Error::from(Refused::Cipher(Suite::Blowfish)),
+            anyhow!("could not join: no member answered"),
+        ] {
+            assert!(!udp_failure_is_final(&unproven), "{unproven}");
+        }
+    }
 
     /// Issue 9, points 5 and 6: a JoinRequest replayed with a forged source
     /// reflected up to 225× its size, and a reply past ~40 members needed

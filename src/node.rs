@@ -287,7 +287,7 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     };
     // The poll(2) fallback speaks plain TUN only.
     let offload = cfg.offload && use_uring;
-    let group = udp::bind_group(cfg.listen, n, offload)?;
+    let mut group = udp::bind_group(cfg.listen, n, offload)?;
     // CNs accept edge links on the same port over TCP.
     let listener = if cfg.role != RoleArg::Edge {
         Some(bind_tcp(group.local)?)
@@ -295,10 +295,14 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         None
     };
     let npd = Npd::create(&cfg.iface, cfg.mtu, n, offload)?;
+    if group.gro && !npd.offload() {
+        // The cores run without offload (no room for aggregates).
+        group.gro_off();
+    }
     let offloads = Offloads {
         tun: npd.offload(),
         tun_udp: npd.udp_offload(),
-        udp_gso: group.gso,
+        udp_gso: group.gso && npd.offload(),
         udp_gro: group.gro,
     };
     let multishot = use_uring && cfg.multishot && uring::multishot_supported();

@@ -30,6 +30,19 @@ pub struct UdpGroup {
     pub gro: bool,
 }
 
+impl UdpGroup {
+    /// Turns UDP_GRO off on the data sockets: their cores get no room
+    /// for GRO's control message nor for a super-datagram when the TUN
+    /// refused its offloads, and an aggregate they cannot split would be
+    /// cut short and lost.
+    pub fn gro_off(&mut self) {
+        for s in &self.data {
+            set_int_opt(s.as_raw_fd(), libc::SOL_UDP, libc::UDP_GRO, 0);
+        }
+        self.gro = false;
+    }
+}
+
 fn set_int_opt(fd: libc::c_int, level: libc::c_int, opt: libc::c_int, v: libc::c_int) -> bool {
     // SAFETY: fd is a live socket; the value is a c_int on the stack whose
     // size we pass.
@@ -76,6 +89,29 @@ fn new_socket(addr: SocketAddr, reuseport: bool) -> Result<Socket, IoError> {
             _ => IoError::BindUdp { addr, source },
         })?;
     Ok(s)
+}
+
+/// IPv4 data sockets size datagrams by the interface MTU and never by a
+/// path MTU learned from ICMP, and leave DF clear (as WireGuard does):
+/// anyone can forge an ICMP "fragmentation needed" that quotes our
+/// datagrams (the port is well known), and with the default
+/// (`IP_PMTUDISC_WANT`) it would lower the path MTU for ten minutes, so
+/// every datagram to that peer went out fragmented and its GSO sends
+/// failed. Real path-MTU handling is its own issue; until then routers
+/// fragment. IPv6 keeps the default: its routers do not fragment.
+fn ignore_path_mtu(s: &Socket) {
+    if s.local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .is_some_and(|a| a.is_ipv4())
+    {
+        set_int_opt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_OMIT,
+        );
+    }
 }
 
 fn grow_buffers(s: &Socket) {
@@ -168,6 +204,9 @@ pub fn bind_group(addr: SocketAddr, n_data: usize, offload: bool) -> Result<UdpG
         grow_buffers(&s);
         data.push(s);
     }
+    for s in &data {
+        ignore_path_mtu(s);
+    }
     let gso = offload && data.iter().all(probe_gso);
     let gro = offload
         && data
@@ -211,6 +250,23 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    fn get_int_opt(fd: libc::c_int, level: libc::c_int, opt: libc::c_int) -> Option<libc::c_int> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: fd is a live socket; v and len are on the stack and len says
+        // how big v is.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                level,
+                opt,
+                &mut v as *mut _ as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        (rc == 0).then_some(v)
+    }
+
     fn datagram(ptype: u8, src: [u8; 4]) -> Vec<u8> {
         let mut d = vec![0u8; 40];
         d[0] = 1;
@@ -249,6 +305,32 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
+    }
+
+    /// Forged ICMP "fragmentation needed" must not size our datagrams:
+    /// the data sockets use the interface MTU only.
+    #[test]
+    fn data_sockets_ignore_path_mtu_and_gro_can_be_turned_off() {
+        let mut g = bind_group("127.0.0.1:0".parse().unwrap(), 2, true).unwrap();
+        for s in &g.data {
+            let fd = s.as_raw_fd();
+            assert_eq!(
+                get_int_opt(fd, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER),
+                Some(libc::IP_PMTUDISC_OMIT)
+            );
+        }
+        let gro = |g: &UdpGroup| {
+            g.data
+                .iter()
+                .map(|s| get_int_opt(s.as_raw_fd(), libc::SOL_UDP, libc::UDP_GRO))
+                .collect::<Vec<_>>()
+        };
+        if g.gro {
+            assert_eq!(gro(&g), [Some(1), Some(1)]);
+        }
+        g.gro_off();
+        assert!(!g.gro);
+        assert_eq!(gro(&g), [Some(0), Some(0)]);
     }
 
     #[test]
