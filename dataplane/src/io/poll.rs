@@ -74,6 +74,8 @@ struct PollCore {
     budget: Budget,
     lat: Latency,
     lat_published: Instant,
+    /// Route table generation the forwarder last pruned its senders by.
+    generation: u64,
 }
 
 /// Appends `pkt` as a frame to link `id`'s output; false (counted) if the
@@ -121,6 +123,7 @@ pub fn run(cfg: CoreConfig) -> Result<(), IoError> {
         budget: Budget::new(LIMITS),
         lat: Latency::default(),
         lat_published: Instant::now(),
+        generation: u64::MAX,
         cfg,
     };
     core.run();
@@ -157,6 +160,11 @@ impl PollCore {
             // SAFETY: pfds is a valid array for the call's duration.
             unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
             let routes = self.cfg.routes.load();
+            if routes.generation() != self.generation {
+                // Forget senders that left, as the io_uring core does.
+                self.generation = routes.generation();
+                self.fwd.retain_members(&routes);
+            }
             self.fwd.begin_batch();
             let now = Instant::now();
             if pfds[2].revents != 0 {
