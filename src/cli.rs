@@ -28,6 +28,24 @@ pub enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// The group authority (kept offline): create it, sign node
+    /// certificates, revoke them.
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
+    /// Make this node's key pair: the private key (mode 0600; it never
+    /// leaves the node) and its public key beside it (`node.pub` for
+    /// `--out node.key`), for the authority to sign.
+    NodeKey {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Read a certificate or a revocation file.
+    Cert {
+        #[command(subcommand)]
+        cmd: CertCmd,
+    },
     /// Ask a running node for its address, role, members and counters.
     Status {
         #[arg(long)]
@@ -75,6 +93,69 @@ pub enum Cmd {
     Bench {
         #[command(subcommand)]
         kind: BenchCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCmd {
+    /// Create the authority: its key (mode 0600) and its public key beside
+    /// it (`ca.pub` for `--out ca.key`), which every node is given.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Admit a node: sign a certificate binding its public key to a name,
+    /// an expiry and optionally a fixed overlay address.
+    Sign {
+        /// The authority's key.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The node's public key (from `ela-fast node-key`).
+        #[arg(long = "pub")]
+        node_pub: PathBuf,
+        /// The node's name: letters, digits, '.', '-', '_' (up to 64).
+        #[arg(long)]
+        name: String,
+        /// The only overlay address the node may claim.
+        #[arg(long)]
+        addr: Option<Ipv4Addr>,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u64).range(1..=36_500))]
+        valid: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Remove a node: sign a revocation of its certificate.
+    Revoke {
+        /// The authority's key.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The certificate to revoke…
+        #[arg(
+            long,
+            required_unless_present = "fingerprint",
+            conflicts_with = "fingerprint"
+        )]
+        cert: Option<PathBuf>,
+        /// …or its fingerprint (64 hex digits, as `cert show` prints it).
+        #[arg(long)]
+        fingerprint: Option<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCmd {
+    /// Print what a certificate or revocation says; with `--ca`, whether it
+    /// verifies under that authority now.
+    Show {
+        file: PathBuf,
+        /// The authority's public key.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod cli;
 pub mod control_codec;
 pub mod demo;
+pub mod identity;
 pub mod join;
 pub mod netns;
 pub mod node;

@@ -1,4 +1,4 @@
-//! `ela-fast`: run a node, make a key, ask a node for its status, measure
+//! `ela-fast`: run a node, make keys and certificates, ask a node for its status, measure
 //! the overlay (`bench`), or run the built-in demo. Errors print as one
 //! line and exit non-zero.
 
@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Parser;
 use ela_dataplane::crypto::GroupSecret;
 use ela_fast::cli::{Cli, Cmd};
-use ela_fast::{bench, demo, node, status};
+use ela_fast::{bench, demo, identity, node, status};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -94,6 +94,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Some(Cmd::Ca { cmd }) => identity::ca(&cmd),
+        Some(Cmd::NodeKey { out }) => identity::node_key(&out),
+        Some(Cmd::Cert { cmd }) => identity::cert(&cmd),
         Some(Cmd::Status {
             json,
             control,

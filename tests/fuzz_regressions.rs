@@ -1,26 +1,30 @@
-//! The `control_msg` fuzz target's checks on stable (issue 9, point 15):
-//! every file of its minimized corpus (`fuzz/corpus/control_msg/`) and
-//! every crash found (`fuzz/regressions/control_msg/`) goes through the
-//! same invariant checks the target asserts (control message decoding,
-//! the control codec's open/check_relay against a model of it). The
-//! checks live in `fuzz/src/`; see `fuzz/README.md`. The dataplane's
-//! targets run in `dataplane/tests/fuzz_regressions.rs`.
+//! The `control_msg` and `identity` fuzz targets' checks on stable
+//! (issue 9, point 15): every file of their minimized corpora
+//! (`fuzz/corpus/<target>/`) and every crash found
+//! (`fuzz/regressions/<target>/`) goes through the same invariant checks
+//! the target asserts (control message decoding, the control codec's
+//! open/check_relay against a model of it; certificate, revocation and
+//! key-file decoding). The checks live in `fuzz/src/`; see
+//! `fuzz/README.md`. The dataplane's targets run in
+//! `dataplane/tests/fuzz_regressions.rs`.
 
 use std::path::{Path, PathBuf};
 
 #[path = "../fuzz/src/control_msg.rs"]
 mod control_msg;
+#[path = "../fuzz/src/identity.rs"]
+mod identity;
 // Shared with the dataplane's targets; not all of it is used here.
 #[allow(dead_code)]
 #[path = "../fuzz/src/input.rs"]
 mod input;
 
-/// The files of `fuzz/<kind>/control_msg/`, sorted; none if absent.
-fn files(kind: &str) -> Vec<PathBuf> {
+/// The files of `fuzz/<kind>/<target>/`, sorted; none if absent.
+fn files(kind: &str, target: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fuzz")
         .join(kind)
-        .join("control_msg");
+        .join(target);
     let Ok(dir) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -32,25 +36,35 @@ fn files(kind: &str) -> Vec<PathBuf> {
     v
 }
 
-#[test]
-fn control_msg_corpus() {
-    let corpus = files("corpus");
+/// Runs `target`'s seeds, corpus and regressions through `run`.
+fn replay(target: &str, seeds: Vec<Vec<u8>>, run: fn(&[u8])) {
+    let corpus = files("corpus", target);
     assert!(
         !corpus.is_empty(),
-        "fuzz/corpus/control_msg is missing or empty: the corpora belong in the repository"
+        "fuzz/corpus/{target} is missing or empty: the corpora belong in the repository"
     );
-    for s in control_msg::seeds() {
-        control_msg::run(&s);
+    for s in seeds {
+        run(&s);
     }
-    for path in corpus.iter().chain(&files("regressions")) {
+    for path in corpus.iter().chain(&files("regressions", target)) {
         let data = std::fs::read(path).expect("readable corpus file");
-        if std::panic::catch_unwind(|| control_msg::run(&data)).is_err() {
+        if std::panic::catch_unwind(|| run(&data)).is_err() {
             panic!(
-                "{} fails the checks of fuzz target control_msg \
-                 (reproduce: cd fuzz && cargo +nightly fuzz run control_msg {})",
+                "{} fails the checks of fuzz target {target} \
+                 (reproduce: cd fuzz && cargo +nightly fuzz run {target} {})",
                 path.display(),
                 path.display()
             );
         }
     }
+}
+
+#[test]
+fn control_msg_corpus() {
+    replay("control_msg", control_msg::seeds(), control_msg::run);
+}
+
+#[test]
+fn identity_corpus() {
+    replay("identity", identity::seeds(), identity::run);
 }

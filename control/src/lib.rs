@@ -9,10 +9,13 @@
 //! - [`msg`]: control messages carried inside authenticated control packets.
 //! - [`edge`]: an EN's links to its primary and backup CN (§3.3).
 //! - [`attach`]: where ENs are attached, as CNs announce it to each other.
+//! - [`identity`]: per-node keys, the group authority's certificates and
+//!   revocations.
 
 pub mod addr;
 pub mod attach;
 pub mod edge;
+pub mod identity;
 pub mod membership;
 pub mod msg;
 pub mod router;

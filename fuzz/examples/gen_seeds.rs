@@ -9,7 +9,7 @@ use std::path::Path;
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
     type Run = fn(&[u8]);
-    let sets: [(&str, Vec<Vec<u8>>, Run); 6] = [
+    let sets: [(&str, Vec<Vec<u8>>, Run); 7] = [
         (
             "wire_header",
             ela_fast_fuzz::wire_header::seeds(),
@@ -39,6 +39,11 @@ fn main() {
             "keyfile",
             ela_fast_fuzz::keyfile::seeds(),
             ela_fast_fuzz::keyfile::run,
+        ),
+        (
+            "identity",
+            ela_fast_fuzz::identity::seeds(),
+            ela_fast_fuzz::identity::run,
         ),
     ];
     for (target, seeds, run) in sets {
