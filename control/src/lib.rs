@@ -11,10 +11,13 @@
 //! - [`attach`]: where ENs are attached, as CNs announce it to each other.
 //! - [`identity`]: per-node keys, the group authority's certificates and
 //!   revocations.
+//! - [`handshake`]: the pairwise session handshake (Noise IK) between
+//!   certified nodes.
 
 pub mod addr;
 pub mod attach;
 pub mod edge;
+pub mod handshake;
 pub mod identity;
 pub mod membership;
 pub mod msg;
