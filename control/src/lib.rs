@@ -13,9 +13,12 @@
 //!   revocations.
 //! - [`handshake`]: the pairwise session handshake (Noise IK) between
 //!   certified nodes.
+//! - [`cookie`]: MACs and cookie replies that keep handshake floods from
+//!   costing asymmetric crypto or amplifying.
 
 pub mod addr;
 pub mod attach;
+pub mod cookie;
 pub mod edge;
 pub mod handshake;
 pub mod identity;
