@@ -1,10 +1,10 @@
-//! The `control_msg` and `identity` fuzz targets' checks on stable
+//! The `control_msg`, `identity` and `handshake` fuzz targets' checks on stable
 //! (issue 9, point 15): every file of their minimized corpora
 //! (`fuzz/corpus/<target>/`) and every crash found
 //! (`fuzz/regressions/<target>/`) goes through the same invariant checks
 //! the target asserts (control message decoding, the control codec's
 //! open/check_relay against a model of it; certificate, revocation and
-//! key-file decoding). The checks live in `fuzz/src/`; see
+//! key-file decoding; handshake messages and cookie checks). The checks live in `fuzz/src/`; see
 //! `fuzz/README.md`. The dataplane's targets run in
 //! `dataplane/tests/fuzz_regressions.rs`.
 
@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 #[path = "../fuzz/src/control_msg.rs"]
 mod control_msg;
+#[path = "../fuzz/src/handshake.rs"]
+mod handshake;
 #[path = "../fuzz/src/identity.rs"]
 mod identity;
 // Shared with the dataplane's targets; not all of it is used here.
@@ -62,6 +64,11 @@ fn replay(target: &str, seeds: Vec<Vec<u8>>, run: fn(&[u8])) {
 #[test]
 fn control_msg_corpus() {
     replay("control_msg", control_msg::seeds(), control_msg::run);
+}
+
+#[test]
+fn handshake_corpus() {
+    replay("handshake", handshake::seeds(), handshake::run);
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::path::Path;
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
     type Run = fn(&[u8]);
-    let sets: [(&str, Vec<Vec<u8>>, Run); 7] = [
+    let sets: [(&str, Vec<Vec<u8>>, Run); 8] = [
         (
             "wire_header",
             ela_fast_fuzz::wire_header::seeds(),
@@ -44,6 +44,11 @@ fn main() {
             "identity",
             ela_fast_fuzz::identity::seeds(),
             ela_fast_fuzz::identity::run,
+        ),
+        (
+            "handshake",
+            ela_fast_fuzz::handshake::seeds(),
+            ela_fast_fuzz::handshake::run,
         ),
     ];
     for (target, seeds, run) in sets {

@@ -10,6 +10,7 @@
 pub mod control_msg;
 pub mod framing;
 pub mod gro_cmsg;
+pub mod handshake;
 pub mod identity;
 pub mod input;
 pub mod keyfile;

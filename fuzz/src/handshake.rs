@@ -1,0 +1,121 @@
+//! `handshake`: what a node does with handshake bytes from the network
+//! (`ela_control::handshake::respond`, `Initiation::finish`, and the
+//! `cookie` checks in front of them).
+//!
+//! Input: a mode byte, then the bytes a node received.
+//! - 0: a message 1 for a fixed responder: never panics; accepted only if
+//!   it is byte for byte a message 1 that the fixed initiator could have
+//!   made (the fuzzer cannot forge Noise, so in practice: refused), and
+//!   then the peer is that initiator;
+//! - 1: a message 2 for a fresh initiation: refused (it answers nothing
+//!   of ours);
+//! - 2: an initiation through the cookie responder, with and without
+//!   load: dropped unless its mac1 is right; a cookie reply is never
+//!   larger than the initiation;
+//! - 3: a cookie reply to a fresh initiator: refused.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use ela_control::cookie::{Check, CookieInitiator, CookieResponder, REPLY_LEN};
+use ela_control::handshake::{respond, Initiation, Policy};
+use ela_control::identity::{CaKey, NodeKey};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+const NOW_S: u64 = 1_800_000_000;
+
+pub fn run(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let ca = CaKey::from_seed([0x11; 32]);
+    let a = NodeKey::from_bytes([0x22; 32], [0x33; 32]);
+    let b = NodeKey::from_bytes([0x44; 32], [0x55; 32]);
+    let ca_pub = ca.public();
+    let policy = Policy {
+        ca: &ca_pub,
+        now_s: NOW_S,
+        is_revoked: &|_| false,
+        last_timestamp: &|_| None,
+    };
+    match mode % 4 {
+        0 => {
+            if let Ok(acc) = respond(&b, rest, &policy) {
+                assert_eq!(
+                    acc.peer,
+                    a.public(),
+                    "accepted a message 1 of nobody we know"
+                );
+            }
+        }
+        1 => {
+            let cert = ca.sign(&a.public(), "a", None, 0, u64::MAX).expect("signs");
+            let (init, _) = Initiation::start(&a, &cert, &b.public(), NOW_S).expect("starts");
+            assert!(
+                init.finish(rest).is_err(),
+                "a message 2 nobody made completed"
+            );
+        }
+        2 => {
+            let mut rng = StdRng::seed_from_u64(1);
+            let now = Instant::now();
+            let mut r = CookieResponder::new(&b.public().dh, now, &mut rng);
+            let src: SocketAddr = "192.0.2.1:7000".parse().expect("address");
+            for load in [false, true] {
+                match r.check(now, rest, src, load, &mut rng) {
+                    Check::Drop => {}
+                    Check::Accept => {
+                        let sealed = CookieInitiator::new(&b.public().dh)
+                            .seal(now, &rest[..rest.len() - 32]);
+                        assert_eq!(&sealed[..sealed.len() - 16], &rest[..rest.len() - 16]);
+                    }
+                    Check::Cookie(reply) => {
+                        assert_eq!(reply.len(), REPLY_LEN);
+                        assert!(reply.len() < rest.len(), "a cookie reply amplified");
+                    }
+                }
+            }
+        }
+        _ => {
+            let mut i = CookieInitiator::new(&b.public().dh);
+            i.seal(Instant::now(), b"an initiation");
+            assert!(
+                i.consume(Instant::now(), rest).is_err(),
+                "a forged cookie reply"
+            );
+        }
+    }
+}
+
+/// Seeds: a real message 1 and 2, a sealed initiation, a cookie reply.
+pub fn seeds() -> Vec<Vec<u8>> {
+    let ca = CaKey::from_seed([0x11; 32]);
+    let a = NodeKey::from_bytes([0x22; 32], [0x33; 32]);
+    let b = NodeKey::from_bytes([0x44; 32], [0x55; 32]);
+    let cert = ca.sign(&a.public(), "a", None, 0, u64::MAX).expect("signs");
+    let (_, m1) = Initiation::start(&a, &cert, &b.public(), NOW_S).expect("starts");
+    let ca_pub = ca.public();
+    let policy = Policy {
+        ca: &ca_pub,
+        now_s: NOW_S,
+        is_revoked: &|_| false,
+        last_timestamp: &|_| None,
+    };
+    let m2 = respond(&b, &m1, &policy).expect("responds").response;
+    let now = Instant::now();
+    let mut rng = StdRng::seed_from_u64(2);
+    let init = CookieInitiator::new(&b.public().dh).seal(now, &m1);
+    let mut r = CookieResponder::new(&b.public().dh, now, &mut rng);
+    let src: SocketAddr = "192.0.2.1:7000".parse().expect("address");
+    let reply = match r.check(now, &init, src, true, &mut rng) {
+        Check::Cookie(c) => c,
+        other => panic!("{other:?}"),
+    };
+    vec![
+        [&[0u8][..], &m1].concat(),
+        [&[1u8][..], &m2].concat(),
+        [&[2u8][..], &init].concat(),
+        [&[3u8][..], &reply].concat(),
+    ]
+}
