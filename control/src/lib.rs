@@ -15,6 +15,8 @@
 //!   certified nodes.
 //! - [`cookie`]: MACs and cookie replies that keep handshake floods from
 //!   costing asymmetric crypto or amplifying.
+//! - [`session`]: when to handshake, retry, rekey and forget pairwise
+//!   sessions, and which index names which keys.
 
 pub mod addr;
 pub mod attach;
@@ -25,5 +27,6 @@ pub mod identity;
 pub mod membership;
 pub mod msg;
 pub mod router;
+pub mod session;
 
 pub use router::{NextHop, Role, RouteTable};
