@@ -53,9 +53,10 @@ const INFO_FINGERPRINT: &[u8] = b"ela-fast v1 fingerprint";
 const INFO_PREFIX: &[u8] = b"ela-fast v2 ";
 const INFO_DATA: &[u8] = b" data";
 const INFO_CONTROL: &[u8] = b" control";
+const INFO_SESSION: &[u8] = b" session";
 
 /// Bytes of every suite's packet key.
-const KEY_LEN: usize = 32;
+pub const KEY_LEN: usize = 32;
 
 // Rekey bound. Blowfish has 64-bit blocks, so a CTR keystream becomes
 // distinguishable from random after about 2^32 blocks under one key: the
@@ -417,6 +418,25 @@ impl PacketKeys {
     /// of any group's control traffic.
     pub fn derive_control_epoch(secret: &GroupSecret, epoch: u32) -> Self {
         Self::derive(secret, &[INFO_CONTROL, &epoch.to_be_bytes()])
+    }
+
+    /// Keys of one epoch of one direction of a pairwise session (issue 10):
+    /// HKDF-SHA256, ikm = the direction's 32-byte key from the session
+    /// handshake, salt = `"ela-fast v1"`, info = `"ela-fast v2 "` ‖ suite
+    /// name ‖ `" session"` ‖ epoch (u64 BE). Per-epoch keys keep each key
+    /// under the Sweet32 bound of [`EPOCH_SHIFT`], as group-key epochs do.
+    pub fn derive_session(direction_key: &[u8; KEY_LEN], suite: Suite, epoch: u64) -> Self {
+        let parts: [&[u8]; 4] = [
+            INFO_PREFIX,
+            suite.name().as_bytes(),
+            INFO_SESSION,
+            &epoch.to_be_bytes(),
+        ];
+        let mut key = [0u8; KEY_LEN];
+        Hkdf::<Sha256>::new(Some(HKDF_SALT), direction_key)
+            .expand_multi_info(&parts, &mut key)
+            .expect("32 bytes is within HKDF-SHA256's output limit");
+        Self::from_key(suite, &key)
     }
 
     /// `info` follows `"ela-fast v2 "` and the suite name.

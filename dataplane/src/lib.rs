@@ -15,5 +15,6 @@ pub mod framing;
 pub mod io;
 pub mod offload;
 pub mod replay;
+pub mod session;
 pub mod stats;
 pub mod wire;
