@@ -22,6 +22,7 @@ fn bench(c: &mut Criterion) {
     let a = NodeKey::generate(&mut rng);
     let b = NodeKey::generate(&mut rng);
     let cert_a = ca.sign(&a.public(), "a", None, 0, u64::MAX).unwrap();
+    let cert_b = ca.sign(&b.public(), "b", None, 0, u64::MAX).unwrap();
     let ca_pub = ca.public();
     let policy = Policy {
         ca: &ca_pub,
@@ -36,13 +37,13 @@ fn bench(c: &mut Criterion) {
     });
     let (_, msg1) = Initiation::start(&a, &cert_a, &b_pub, NOW_S).unwrap();
     g.bench_function("respond", |bn| {
-        bn.iter(|| black_box(respond(&b, &msg1, &policy).unwrap()))
+        bn.iter(|| black_box(respond(&b, &cert_b, &msg1, &policy).unwrap()))
     });
     g.bench_function("whole", |bn| {
         bn.iter(|| {
             let (init, m1) = Initiation::start(&a, &cert_a, &b_pub, NOW_S).unwrap();
-            let acc = respond(&b, &m1, &policy).unwrap();
-            black_box(init.finish(&acc.response).unwrap())
+            let acc = respond(&b, &cert_b, &m1, &policy).unwrap();
+            black_box(init.finish(&acc.response, &policy).unwrap())
         })
     });
     g.finish();

@@ -4,17 +4,21 @@
 //! authority. I/O-free: bytes in, bytes and keys out; the caller carries
 //! the messages and keeps the clock.
 //!
-//! - Message 1 (initiator → responder, who the initiator knows from its
-//!   certificate): Noise `e, es, s, ss`, payload = timestamp (u64 BE,
-//!   Unix ns) ‖ the initiator's certificate. The responder learns who is
-//!   calling only by decrypting, checks that the certificate is the
-//!   authority's, unexpired, unrevoked and for the static key Noise just
-//!   authenticated, and that the timestamp is newer than any it accepted
-//!   from that key (a replayed message 1 forms nothing: WireGuard's
-//!   TAI64N rule).
-//! - Message 2 (responder → initiator): Noise `e, ee, se`, empty payload:
-//!   48 bytes, smaller than any message 1, so answering an unverified
-//!   address amplifies nothing.
+//! - Message 1 (initiator → responder, whose X25519 key the initiator
+//!   knows, e.g. from membership): Noise `e, es, s, ss`, payload =
+//!   timestamp (u64 BE, Unix ns) ‖ certificate length (u16 BE) ‖ the
+//!   initiator's certificate ‖ zeros up to the largest certificate, so
+//!   every message 1 has the same length, [`INITIATION_LEN`]. The
+//!   responder learns who is calling only by decrypting, checks that the
+//!   certificate is the authority's, unexpired, unrevoked and for the
+//!   static key Noise just authenticated, and that the timestamp is newer
+//!   than any it accepted from that key (a replayed message 1 forms
+//!   nothing: WireGuard's TAI64N rule).
+//! - Message 2 (responder → initiator): Noise `e, ee, se`, payload = the
+//!   responder's certificate, which the initiator checks the same way
+//!   (so a key learnt from gossip is trusted only once the authority
+//!   vouches for it). Always shorter than message 1: answering amplifies
+//!   nothing.
 //!
 //! Both sides then hold two 32-byte keys known to nobody else (Noise's
 //! split: forward secret through the ephemerals), one per direction, and
@@ -29,13 +33,13 @@ pub const PROTOCOL: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
 /// Bound into every handshake: a transcript of another protocol or
 /// version never completes as this one.
 pub const PROLOGUE: &[u8] = b"ela-fast session v1";
-/// Message 2 is always this long (an ephemeral key and an empty payload's
-/// tag).
-pub const RESPONSE_LEN: usize = 32 + 16;
-/// Longest message 1 (keys, tags, a timestamp and the largest
-/// certificate).
-pub const MAX_INITIATION_LEN: usize = 32 + 48 + 16 + 8 + MAX_CERT_LEN;
+/// The largest certificate encoding.
 const MAX_CERT_LEN: usize = 3 * 32 + 16 + 1 + 4 + 1 + crate::identity::MAX_NAME + 64;
+/// Every message 1 is this long: an ephemeral key, a sealed static key,
+/// and the sealed timestamp, length and padded certificate.
+pub const INITIATION_LEN: usize = 32 + (32 + 16) + (8 + 2 + MAX_CERT_LEN + 16);
+/// The longest message 2: an ephemeral key and the sealed certificate.
+pub const MAX_RESPONSE_LEN: usize = 32 + MAX_CERT_LEN + 16;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HandshakeError {
@@ -47,6 +51,8 @@ pub enum HandshakeError {
     Revoked,
     #[error("the peer's certificate is for another key than the one it handshook with")]
     KeyMismatch,
+    #[error("the handshake payload is malformed")]
+    Payload,
     #[error("replayed or stale handshake (timestamp {got} not after {last})")]
     Replay { got: u64, last: u64 },
     #[error("internal Noise error: {0}")]
@@ -92,6 +98,8 @@ fn keys(hs: &mut snow::HandshakeState, initiator: bool) -> SessionKeys {
 /// An initiator waiting for message 2.
 pub struct Initiation {
     hs: snow::HandshakeState,
+    /// Whom we called.
+    peer: NodePub,
 }
 
 impl Initiation {
@@ -103,38 +111,63 @@ impl Initiation {
         peer: &NodePub,
         now_ns: u64,
     ) -> Result<(Initiation, Vec<u8>), HandshakeError> {
-        Self::start_with(builder(me).remote_public_key(&peer.dh), my_cert, now_ns)
+        Self::start_with(
+            builder(me).remote_public_key(&peer.dh),
+            my_cert,
+            peer,
+            now_ns,
+        )
     }
 
     fn start_with(
         b: Builder<'_>,
         my_cert: &Cert,
+        peer: &NodePub,
         now_ns: u64,
     ) -> Result<(Initiation, Vec<u8>), HandshakeError> {
         let mut hs = b.build_initiator().map_err(internal)?;
-        let mut payload = now_ns.to_be_bytes().to_vec();
-        payload.extend_from_slice(&my_cert.encode());
-        let mut msg = vec![0u8; MAX_INITIATION_LEN];
+        let cert = my_cert.encode();
+        let mut payload = Vec::with_capacity(10 + MAX_CERT_LEN);
+        payload.extend_from_slice(&now_ns.to_be_bytes());
+        payload.extend_from_slice(&(cert.len() as u16).to_be_bytes());
+        payload.extend_from_slice(&cert);
+        payload.resize(10 + MAX_CERT_LEN, 0);
+        let mut msg = vec![0u8; INITIATION_LEN];
         let n = hs.write_message(&payload, &mut msg).map_err(internal)?;
-        msg.truncate(n);
-        Ok((Initiation { hs }, msg))
+        debug_assert_eq!(n, INITIATION_LEN);
+        Ok((Initiation { hs, peer: *peer }, msg))
     }
 
-    /// Message 2: the session, or why not. Consumes the initiation either
-    /// way (a failed one is not retried with the same ephemeral).
-    pub fn finish(mut self, msg2: &[u8]) -> Result<SessionKeys, HandshakeError> {
-        if msg2.len() != RESPONSE_LEN {
-            return Err(HandshakeError::Noise(msg2.len()));
+    /// Message 2: the session and the responder's certificate (checked
+    /// under `policy`, and for the key we called), or why not. Consumes
+    /// the initiation either way (a failed one is not retried with the
+    /// same ephemeral).
+    pub fn finish(
+        mut self,
+        msg2: &[u8],
+        policy: &Policy<'_>,
+    ) -> Result<(SessionKeys, Cert), HandshakeError> {
+        let bad = || HandshakeError::Noise(msg2.len());
+        if msg2.len() > MAX_RESPONSE_LEN {
+            return Err(bad());
         }
-        let mut payload = [0u8; RESPONSE_LEN];
+        let mut payload = [0u8; MAX_RESPONSE_LEN];
         let n = self
             .hs
             .read_message(msg2, &mut payload)
-            .map_err(|_| HandshakeError::Noise(msg2.len()))?;
-        if n != 0 || !self.hs.is_handshake_finished() {
-            return Err(HandshakeError::Noise(msg2.len()));
+            .map_err(|_| bad())?;
+        if !self.hs.is_handshake_finished() {
+            return Err(bad());
         }
-        Ok(keys(&mut self.hs, true))
+        let cert = Cert::decode(&payload[..n])?;
+        let peer = cert.verify(policy.ca, policy.now_s)?;
+        if (policy.is_revoked)(&cert.fingerprint()) {
+            return Err(HandshakeError::Revoked);
+        }
+        if peer != self.peer {
+            return Err(HandshakeError::KeyMismatch);
+        }
+        Ok((keys(&mut self.hs, true), cert))
     }
 }
 
@@ -159,28 +192,30 @@ pub struct Accepted {
     pub keys: SessionKeys,
 }
 
-/// Answers message 1, after every check of the module comment.
-pub fn respond(me: &NodeKey, msg1: &[u8], policy: &Policy<'_>) -> Result<Accepted, HandshakeError> {
-    respond_with(builder(me), msg1, policy)
-}
-
-fn respond_with(
-    b: Builder<'_>,
+/// Answers message 1 with message 2 carrying `my_cert`, after every
+/// check of the module comment.
+pub fn respond(
+    me: &NodeKey,
+    my_cert: &Cert,
     msg1: &[u8],
     policy: &Policy<'_>,
 ) -> Result<Accepted, HandshakeError> {
     let bad = || HandshakeError::Noise(msg1.len());
-    if msg1.len() > MAX_INITIATION_LEN {
+    if msg1.len() != INITIATION_LEN {
         return Err(bad());
     }
-    let mut hs = b.build_responder().map_err(internal)?;
-    let mut payload = vec![0u8; MAX_INITIATION_LEN];
+    let mut hs = builder(me).build_responder().map_err(internal)?;
+    let mut payload = vec![0u8; INITIATION_LEN];
     let n = hs.read_message(msg1, &mut payload).map_err(|_| bad())?;
-    if n < 8 {
-        return Err(bad());
+    if n != 10 + MAX_CERT_LEN {
+        return Err(HandshakeError::Payload);
     }
     let timestamp = u64::from_be_bytes(payload[..8].try_into().expect("8 bytes"));
-    let cert = Cert::decode(&payload[8..n])?;
+    let len = u16::from_be_bytes(payload[8..10].try_into().expect("2 bytes")) as usize;
+    if len > MAX_CERT_LEN || payload[10 + len..n].iter().any(|&b| b != 0) {
+        return Err(HandshakeError::Payload);
+    }
+    let cert = Cert::decode(&payload[10..10 + len])?;
     let peer = cert.verify(policy.ca, policy.now_s)?;
     if (policy.is_revoked)(&cert.fingerprint()) {
         return Err(HandshakeError::Revoked);
@@ -197,9 +232,11 @@ fn respond_with(
             });
         }
     }
-    let mut response = vec![0u8; RESPONSE_LEN];
-    let m = hs.write_message(&[], &mut response).map_err(internal)?;
-    debug_assert_eq!(m, RESPONSE_LEN);
+    let mut response = vec![0u8; MAX_RESPONSE_LEN];
+    let m = hs
+        .write_message(&my_cert.encode(), &mut response)
+        .map_err(internal)?;
+    response.truncate(m);
     let keys = keys(&mut hs, false);
     Ok(Accepted {
         peer,

@@ -214,6 +214,7 @@ impl Sessions {
         let last = |p: &NodePub| peers.get(&p.dh).and_then(|x| x.last_timestamp);
         let acc = handshake::respond(
             &self.me,
+            &self.cert,
             &msg[4..],
             &Policy {
                 ca: &self.ca,
@@ -247,7 +248,12 @@ impl Sessions {
     }
 
     /// A response arrived (its MACs checked).
-    pub fn on_response(&mut self, now: Instant, msg: &[u8]) -> Result<Vec<Action>, SessionError> {
+    pub fn on_response(
+        &mut self,
+        now: Instant,
+        now_s: u64,
+        msg: &[u8],
+    ) -> Result<Vec<Action>, SessionError> {
         if msg.len() < 8 {
             return Err(SessionError::Short(msg.len()));
         }
@@ -266,8 +272,16 @@ impl Sessions {
             _ => return Err(SessionError::UnknownIndex(ours)),
         }
         let pending = p.pending.take().expect("matched above");
-        let keys = match pending.init.finish(&msg[8..]) {
-            Ok(k) => k,
+        let revoked = &self.revoked;
+        let is_revoked = |f: &[u8; 32]| revoked.contains(f);
+        let policy = Policy {
+            ca: &self.ca,
+            now_s,
+            is_revoked: &is_revoked,
+            last_timestamp: &|_| None,
+        };
+        let keys = match pending.init.finish(&msg[8..], &policy) {
+            Ok((k, _)) => k,
             Err(e) => {
                 // Reading a message spends Noise state, so this initiation
                 // is over; the next tick starts another (the peer is still

@@ -15,23 +15,55 @@
 //! - 3: a cookie reply to a fresh initiator: refused.
 
 use std::net::SocketAddr;
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use ela_control::cookie::{Check, CookieInitiator, CookieResponder, REPLY_LEN};
 use ela_control::handshake::{respond, Initiation, Policy};
-use ela_control::identity::{CaKey, NodeKey};
+use ela_control::identity::{CaKey, Cert, NodeKey};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 const NOW_S: u64 = 1_800_000_000;
 
+/// The fixed CA, initiator `a`, responder `b` and certificates, made once.
+struct Fixed {
+    ca: CaKey,
+    a: NodeKey,
+    b: NodeKey,
+    cert_a: Cert,
+    cert_b: Cert,
+}
+
+fn fixed() -> &'static Fixed {
+    static F: OnceLock<Fixed> = OnceLock::new();
+    F.get_or_init(|| {
+        let ca = CaKey::from_seed([0x11; 32]);
+        let a = NodeKey::from_bytes([0x22; 32], [0x33; 32]);
+        let b = NodeKey::from_bytes([0x44; 32], [0x55; 32]);
+        let cert_a = ca.sign(&a.public(), "a", None, 0, u64::MAX).expect("signs");
+        let cert_b = ca.sign(&b.public(), "b", None, 0, u64::MAX).expect("signs");
+        Fixed {
+            ca,
+            a,
+            b,
+            cert_a,
+            cert_b,
+        }
+    })
+}
+
 pub fn run(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    let ca = CaKey::from_seed([0x11; 32]);
-    let a = NodeKey::from_bytes([0x22; 32], [0x33; 32]);
-    let b = NodeKey::from_bytes([0x44; 32], [0x55; 32]);
+    let Fixed {
+        ca,
+        a,
+        b,
+        cert_a,
+        cert_b,
+    } = fixed();
     let ca_pub = ca.public();
     let policy = Policy {
         ca: &ca_pub,
@@ -41,7 +73,7 @@ pub fn run(data: &[u8]) {
     };
     match mode % 4 {
         0 => {
-            if let Ok(acc) = respond(&b, rest, &policy) {
+            if let Ok(acc) = respond(b, cert_b, rest, &policy) {
                 assert_eq!(
                     acc.peer,
                     a.public(),
@@ -50,10 +82,9 @@ pub fn run(data: &[u8]) {
             }
         }
         1 => {
-            let cert = ca.sign(&a.public(), "a", None, 0, u64::MAX).expect("signs");
-            let (init, _) = Initiation::start(&a, &cert, &b.public(), NOW_S).expect("starts");
+            let (init, _) = Initiation::start(a, cert_a, &b.public(), NOW_S).expect("starts");
             assert!(
-                init.finish(rest).is_err(),
+                init.finish(rest, &policy).is_err(),
                 "a message 2 nobody made completed"
             );
         }
@@ -90,11 +121,14 @@ pub fn run(data: &[u8]) {
 
 /// Seeds: a real message 1 and 2, a sealed initiation, a cookie reply.
 pub fn seeds() -> Vec<Vec<u8>> {
-    let ca = CaKey::from_seed([0x11; 32]);
-    let a = NodeKey::from_bytes([0x22; 32], [0x33; 32]);
-    let b = NodeKey::from_bytes([0x44; 32], [0x55; 32]);
-    let cert = ca.sign(&a.public(), "a", None, 0, u64::MAX).expect("signs");
-    let (_, m1) = Initiation::start(&a, &cert, &b.public(), NOW_S).expect("starts");
+    let Fixed {
+        ca,
+        a,
+        b,
+        cert_a,
+        cert_b,
+    } = fixed();
+    let (_, m1) = Initiation::start(a, cert_a, &b.public(), NOW_S).expect("starts");
     let ca_pub = ca.public();
     let policy = Policy {
         ca: &ca_pub,
@@ -102,7 +136,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         is_revoked: &|_| false,
         last_timestamp: &|_| None,
     };
-    let m2 = respond(&b, &m1, &policy).expect("responds").response;
+    let m2 = respond(b, cert_b, &m1, &policy).expect("responds").response;
     let now = Instant::now();
     let mut rng = StdRng::seed_from_u64(2);
     let init = CookieInitiator::new(&b.public().dh).seal(now, &m1);

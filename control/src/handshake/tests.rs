@@ -98,25 +98,30 @@ fn noise_ik_known_answer_cacophony() {
 fn a_handshake_gives_both_sides_the_same_session() {
     let (ca, a, b) = setup();
     let (init, msg1) = Initiation::start(&a.key, &a.cert, &b.key.public(), NOW_NS).unwrap();
-    assert!(msg1.len() <= MAX_INITIATION_LEN);
-    let acc = respond(&b.key, &msg1, &open_policy(&ca.public())).unwrap();
+    assert_eq!(msg1.len(), INITIATION_LEN);
+    let acc = respond(&b.key, &b.cert, &msg1, &open_policy(&ca.public())).unwrap();
     assert_eq!(acc.peer, a.key.public());
     assert_eq!(acc.peer_cert, a.cert);
     assert_eq!(acc.timestamp, NOW_NS);
-    assert_eq!(acc.response.len(), RESPONSE_LEN);
+    assert!(acc.response.len() <= MAX_RESPONSE_LEN);
     assert!(
-        acc.response.len() < msg1.len(),
+        MAX_RESPONSE_LEN < INITIATION_LEN,
         "the answer is smaller than the question"
     );
-    let ka = init.finish(&acc.response).unwrap();
+    let (ka, b_cert) = init
+        .finish(&acc.response, &open_policy(&ca.public()))
+        .unwrap();
+    assert_eq!(b_cert, b.cert);
     assert_eq!(ka.send, acc.keys.recv);
     assert_eq!(ka.recv, acc.keys.send);
     assert_eq!(ka.hash, acc.keys.hash);
     assert_ne!(ka.send, ka.recv);
     // A second handshake between the same two is a new session.
     let (init2, m2) = Initiation::start(&a.key, &a.cert, &b.key.public(), NOW_NS + 1).unwrap();
-    let acc2 = respond(&b.key, &m2, &open_policy(&ca.public())).unwrap();
-    let k2 = init2.finish(&acc2.response).unwrap();
+    let acc2 = respond(&b.key, &b.cert, &m2, &open_policy(&ca.public())).unwrap();
+    let (k2, _) = init2
+        .finish(&acc2.response, &open_policy(&ca.public()))
+        .unwrap();
     assert_ne!(k2.send, ka.send);
     assert_ne!(k2.hash, ka.hash);
 }
@@ -128,7 +133,7 @@ fn the_responder_refuses_foreign_expired_and_revoked_certificates() {
     let stranger = peer(&other, 4, "x");
     let (_, m) = Initiation::start(&stranger.key, &stranger.cert, &b.key.public(), NOW_NS).unwrap();
     assert!(matches!(
-        respond(&b.key, &m, &open_policy(&ca.public())),
+        respond(&b.key, &b.cert, &m, &open_policy(&ca.public())),
         Err(HandshakeError::Cert(IdentityError::OtherAuthority { .. }))
     ));
     let (_, m) = Initiation::start(&a.key, &a.cert, &b.key.public(), NOW_NS).unwrap();
@@ -138,7 +143,7 @@ fn the_responder_refuses_foreign_expired_and_revoked_certificates() {
         ..open_policy(&ca_pub)
     };
     assert!(matches!(
-        respond(&b.key, &m, &late),
+        respond(&b.key, &b.cert, &m, &late),
         Err(HandshakeError::Cert(IdentityError::Expired(_)))
     ));
     let fp = a.cert.fingerprint();
@@ -148,13 +153,56 @@ fn the_responder_refuses_foreign_expired_and_revoked_certificates() {
         ..open_policy(&ca_pub)
     };
     assert_eq!(
-        respond(&b.key, &m, &p).unwrap_err(),
+        respond(&b.key, &b.cert, &m, &p).unwrap_err(),
         HandshakeError::Revoked
     );
     // Others are still admitted under the same list.
     let c = peer(&ca, 5, "c");
     let (_, m) = Initiation::start(&c.key, &c.cert, &b.key.public(), NOW_NS).unwrap();
-    respond(&b.key, &m, &p).unwrap();
+    respond(&b.key, &b.cert, &m, &p).unwrap();
+}
+
+/// The initiator trusts the key it called only once the authority
+/// vouches for it: a responder that answers with a certificate for
+/// another key (impersonating its owner), of another authority, or
+/// revoked, forms no session.
+#[test]
+fn the_initiator_checks_the_responders_certificate() {
+    let (ca, a, b) = setup();
+    let c = peer(&ca, 8, "c");
+    let ca_pub = ca.public();
+    // b holds its own key but presents c's certificate.
+    let (init, m) = Initiation::start(&a.key, &a.cert, &b.key.public(), NOW_NS).unwrap();
+    let acc = respond(&b.key, &c.cert, &m, &open_policy(&ca_pub)).unwrap();
+    assert_eq!(
+        init.finish(&acc.response, &open_policy(&ca_pub))
+            .unwrap_err(),
+        HandshakeError::KeyMismatch
+    );
+    // A responder certified by another authority.
+    let other = CaKey::generate(&mut StdRng::seed_from_u64(9));
+    let cert_b_other = other
+        .sign(&b.key.public(), "b", None, NOW_S - 10, NOW_S + 1000)
+        .unwrap();
+    let (init, m) = Initiation::start(&a.key, &a.cert, &b.key.public(), NOW_NS).unwrap();
+    let acc = respond(&b.key, &cert_b_other, &m, &open_policy(&ca_pub)).unwrap();
+    assert!(matches!(
+        init.finish(&acc.response, &open_policy(&ca_pub)),
+        Err(HandshakeError::Cert(IdentityError::OtherAuthority { .. }))
+    ));
+    // Revoked.
+    let fp = b.cert.fingerprint();
+    let revoked = move |f: &[u8; 32]| *f == fp;
+    let p = Policy {
+        is_revoked: &revoked,
+        ..open_policy(&ca_pub)
+    };
+    let (init, m) = Initiation::start(&a.key, &a.cert, &b.key.public(), NOW_NS).unwrap();
+    let acc = respond(&b.key, &b.cert, &m, &open_policy(&ca_pub)).unwrap();
+    assert_eq!(
+        init.finish(&acc.response, &p).unwrap_err(),
+        HandshakeError::Revoked
+    );
 }
 
 /// A member holding its own key and a copy of another's certificate
@@ -166,7 +214,7 @@ fn a_stolen_certificate_is_useless_without_its_key() {
     let thief = peer(&ca, 6, "thief");
     let (_, m) = Initiation::start(&thief.key, &a.cert, &b.key.public(), NOW_NS).unwrap();
     assert_eq!(
-        respond(&b.key, &m, &open_policy(&ca.public())).unwrap_err(),
+        respond(&b.key, &b.cert, &m, &open_policy(&ca.public())).unwrap_err(),
         HandshakeError::KeyMismatch
     );
 }
@@ -182,20 +230,20 @@ fn a_replayed_initiation_forms_no_session() {
         ..open_policy(&ca_pub)
     };
     let (_, m) = Initiation::start(&a.key, &a.cert, &b.key.public(), NOW_NS).unwrap();
-    let acc = respond(&b.key, &m, &p).unwrap();
+    let acc = respond(&b.key, &b.cert, &m, &p).unwrap();
     seen.set(Some(acc.timestamp));
     assert!(matches!(
-        respond(&b.key, &m, &p),
+        respond(&b.key, &b.cert, &m, &p),
         Err(HandshakeError::Replay { .. })
     ));
     // An older one too; a newer one is fine.
     let (_, old) = Initiation::start(&a.key, &a.cert, &b.key.public(), NOW_NS - 5).unwrap();
     assert!(matches!(
-        respond(&b.key, &old, &p),
+        respond(&b.key, &b.cert, &old, &p),
         Err(HandshakeError::Replay { .. })
     ));
     let (_, new) = Initiation::start(&a.key, &a.cert, &b.key.public(), NOW_NS + 5).unwrap();
-    respond(&b.key, &new, &p).unwrap();
+    respond(&b.key, &b.cert, &new, &p).unwrap();
 }
 
 /// Message 1 is for one responder: another member cannot open it, and no
@@ -206,37 +254,50 @@ fn messages_are_bound_to_their_peers_and_unchanged() {
     let c = peer(&ca, 7, "c");
     let (_, m) = Initiation::start(&a.key, &a.cert, &b.key.public(), NOW_NS).unwrap();
     assert!(matches!(
-        respond(&c.key, &m, &open_policy(&ca.public())),
+        respond(&c.key, &c.cert, &m, &open_policy(&ca.public())),
         Err(HandshakeError::Noise(_))
     ));
     for i in 0..m.len() {
         let mut x = m.clone();
         x[i] ^= 0x01;
         assert!(
-            respond(&b.key, &x, &open_policy(&ca.public())).is_err(),
+            respond(&b.key, &b.cert, &x, &open_policy(&ca.public())).is_err(),
             "byte {i}"
         );
     }
-    assert!(respond(&b.key, &m[..m.len() - 1], &open_policy(&ca.public())).is_err());
+    assert!(respond(
+        &b.key,
+        &b.cert,
+        &m[..m.len() - 1],
+        &open_policy(&ca.public())
+    )
+    .is_err());
     let mut long = m.clone();
     long.push(0);
-    assert!(respond(&b.key, &long, &open_policy(&ca.public())).is_err());
-    let acc = respond(&b.key, &m, &open_policy(&ca.public())).unwrap();
+    assert!(respond(&b.key, &b.cert, &long, &open_policy(&ca.public())).is_err());
+    let acc = respond(&b.key, &b.cert, &m, &open_policy(&ca.public())).unwrap();
+    let n = acc.response.len();
+    let n = acc.response.len();
     let mut keys = HashSet::new();
-    for i in 0..RESPONSE_LEN {
+    for i in 0..n {
         let (init, m) = Initiation::start(&a.key, &a.cert, &b.key.public(), NOW_NS).unwrap();
-        let acc = respond(&b.key, &m, &open_policy(&ca.public())).unwrap();
+        let acc = respond(&b.key, &b.cert, &m, &open_policy(&ca.public())).unwrap();
         let mut x = acc.response.clone();
         x[i] ^= 0x80;
-        assert!(init.finish(&x).is_err(), "response byte {i}");
+        assert!(
+            init.finish(&x, &open_policy(&ca.public())).is_err(),
+            "response byte {i}"
+        );
         keys.insert(acc.keys.hash);
     }
-    assert_eq!(keys.len(), RESPONSE_LEN, "every handshake is a new session");
+    assert_eq!(keys.len(), n, "every handshake is a new session");
     // A response meant for another initiation.
     let (init, _) = Initiation::start(&a.key, &a.cert, &b.key.public(), NOW_NS).unwrap();
-    assert!(init.finish(&acc.response).is_err());
+    assert!(init
+        .finish(&acc.response, &open_policy(&ca.public()))
+        .is_err());
     // Garbage of every short length.
     for n in 0..100 {
-        assert!(respond(&b.key, &vec![0x42; n], &open_policy(&ca.public())).is_err());
+        assert!(respond(&b.key, &b.cert, &vec![0x42; n], &open_policy(&ca.public())).is_err());
     }
 }

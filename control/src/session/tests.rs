@@ -67,7 +67,7 @@ fn handshake(
     let out = b.s.on_initiation(now, NOW_S, &m1, rng).unwrap();
     let sb = installed(&out).pop().expect("responder installs");
     let m2 = sends(&out).pop().expect("a response");
-    let out = a.s.on_response(now, &m2).unwrap();
+    let out = a.s.on_response(now, NOW_S, &m2).unwrap();
     let sa = installed(&out).pop().expect("initiator installs");
     (sa, sb)
 }
@@ -151,7 +151,7 @@ fn the_initiator_rekeys_busy_sessions_and_idle_ones_expire() {
     let m1 = sends(&out).pop().expect("a rekey");
     let out = b.s.on_initiation(t2, NOW_S, &m1, &mut rng).unwrap();
     let m2 = sends(&out).pop().unwrap();
-    let out = a.s.on_response(t2, &m2).unwrap();
+    let out = a.s.on_response(t2, NOW_S, &m2).unwrap();
     let s2 = installed(&out).pop().unwrap();
     assert_ne!(s2.keys, s1.keys);
     assert_eq!(a.s.current(&b.key, t2), Some(&s2));
@@ -244,15 +244,20 @@ fn replayed_initiations_and_stray_responses_change_nothing() {
     let mut stray = m2.clone();
     stray[4..8].copy_from_slice(&0xdead_beefu32.to_be_bytes());
     assert!(matches!(
-        a.s.on_response(t0, &stray),
+        a.s.on_response(t0, NOW_S, &stray),
         Err(SessionError::UnknownIndex(_))
     ));
-    assert_eq!(a.s.on_response(t0, &m2[..7]), Err(SessionError::Short(7)));
+    assert_eq!(
+        a.s.on_response(t0, NOW_S, &m2[..7]),
+        Err(SessionError::Short(7))
+    );
     // The real response still completes.
-    let sa = installed(&a.s.on_response(t0, &m2).unwrap()).pop().unwrap();
+    let sa = installed(&a.s.on_response(t0, NOW_S, &m2).unwrap())
+        .pop()
+        .unwrap();
     assert_eq!(sa.keys.send, sb.keys.recv);
     // …once: the same response again answers no pending initiation.
-    assert!(a.s.on_response(t0, &m2).is_err());
+    assert!(a.s.on_response(t0, NOW_S, &m2).is_err());
     assert_eq!(a.s.current(&b.key, t0), Some(&sa));
 }
 
@@ -277,8 +282,8 @@ fn simultaneous_initiations_both_complete() {
     let out_a = a.s.on_initiation(t0, NOW_S, &mb, &mut rng).unwrap();
     let ra = sends(&out_b).pop().unwrap();
     let rb = sends(&out_a).pop().unwrap();
-    a.s.on_response(t0, &ra).unwrap();
-    b.s.on_response(t0, &rb).unwrap();
+    a.s.on_response(t0, NOW_S, &ra).unwrap();
+    b.s.on_response(t0, NOW_S, &rb).unwrap();
     let (ca_, cb) = (
         a.s.current(&b.key, t0).unwrap().clone(),
         b.s.current(&a.key, t0).unwrap().clone(),
