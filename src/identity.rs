@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use ela_control::identity::{hex32, CaKey, CaPub, Cert, NodeKey, NodePub, Revocation};
+use ela_control::identity::{hex32, CaKey, CaPub, Cert, NodeKey, NodePubFile, Revocation};
 use serde_json::json;
 
 use crate::cli::{CaCmd, CertCmd};
@@ -129,7 +129,7 @@ pub fn load_cert(path: &Path) -> anyhow::Result<Cert> {
 
 pub fn node_key(out: &Path) -> anyhow::Result<()> {
     let key = NodeKey::generate(&mut rand::rngs::OsRng);
-    let public = key.public();
+    let public = key.public_file();
     let p = write_pair(out, &key.to_file_string(), &public.to_file_string())?;
     println!(
         "wrote the node key to {} (keep it on this node) and its public key to {}",
@@ -161,8 +161,9 @@ pub fn ca(cmd: &CaCmd) -> anyhow::Result<()> {
             out,
         } => {
             let key = load_ca_key(ca)?;
-            let node = NodePub::parse(&read(node_pub, "node public key")?)
-                .with_context(|| format!("node public key {}", node_pub.display()))?;
+            let node = NodePubFile::parse(&read(node_pub, "node public key")?)
+                .with_context(|| format!("node public key {}", node_pub.display()))?
+                .public;
             let now = unix_now();
             let cert = key.sign(
                 &node,

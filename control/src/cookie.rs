@@ -81,6 +81,10 @@ pub enum Check {
 
 /// The responder's side.
 pub struct CookieResponder {
+    /// Initiations have exactly this length (MACs included); anything
+    /// else is dropped before any MAC, so a reply is never larger than
+    /// what asked for it.
+    initiation_len: usize,
     mac1_key: [u8; 32],
     seal_key: [u8; 32],
     secret: [u8; 32],
@@ -88,11 +92,23 @@ pub struct CookieResponder {
 }
 
 impl CookieResponder {
-    /// For a responder whose X25519 public key is `my_dh`.
-    pub fn new<R: RngCore + CryptoRng>(my_dh: &[u8; 32], now: Instant, rng: &mut R) -> Self {
+    /// For a responder whose X25519 public key is `my_dh`, taking
+    /// initiations of exactly `initiation_len` bytes (MACs included, at
+    /// least [`REPLY_LEN`]).
+    pub fn new<R: RngCore + CryptoRng>(
+        my_dh: &[u8; 32],
+        initiation_len: usize,
+        now: Instant,
+        rng: &mut R,
+    ) -> Self {
+        assert!(
+            initiation_len >= REPLY_LEN.max(MACS_LEN + 1),
+            "replies must not amplify"
+        );
         let mut secret = [0u8; 32];
         rng.fill_bytes(&mut secret);
         CookieResponder {
+            initiation_len,
             mac1_key: labelled(MAC1_LABEL, my_dh),
             seal_key: labelled(COOKIE_LABEL, my_dh),
             secret,
@@ -123,7 +139,7 @@ impl CookieResponder {
         under_load: bool,
         rng: &mut R,
     ) -> Check {
-        if msg.len() <= MACS_LEN {
+        if msg.len() != self.initiation_len {
             return Check::Drop;
         }
         let (body, macs) = msg.split_at(msg.len() - MACS_LEN);
@@ -159,7 +175,8 @@ impl CookieResponder {
 }
 
 fn constant_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

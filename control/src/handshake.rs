@@ -177,8 +177,8 @@ pub struct Policy<'a> {
     /// Now, Unix seconds (certificate validity).
     pub now_s: u64,
     pub is_revoked: &'a dyn Fn(&[u8; 32]) -> bool,
-    /// The newest message-1 timestamp accepted from this static key.
-    pub last_timestamp: &'a dyn Fn(&NodePub) -> Option<u64>,
+    /// The newest message-1 timestamp accepted from this X25519 key.
+    pub last_timestamp: &'a dyn Fn(&[u8; 32]) -> Option<u64>,
 }
 
 /// A responder's result: who called, message 2, and the session.
@@ -215,16 +215,14 @@ pub fn respond(
     if len > MAX_CERT_LEN || payload[10 + len..n].iter().any(|&b| b != 0) {
         return Err(HandshakeError::Payload);
     }
+    // Cheapest checks first: a replayed or mismatched message 1 costs no
+    // signature check and no further X25519.
     let cert = Cert::decode(&payload[10..10 + len])?;
-    let peer = cert.verify(policy.ca, policy.now_s)?;
-    if (policy.is_revoked)(&cert.fingerprint()) {
-        return Err(HandshakeError::Revoked);
-    }
     let remote = hs.get_remote_static().ok_or_else(bad)?;
-    if remote != peer.dh {
+    if remote != cert.body().node.dh {
         return Err(HandshakeError::KeyMismatch);
     }
-    if let Some(last) = (policy.last_timestamp)(&peer) {
+    if let Some(last) = (policy.last_timestamp)(&cert.body().node.dh) {
         if timestamp <= last {
             return Err(HandshakeError::Replay {
                 got: timestamp,
@@ -232,6 +230,10 @@ pub fn respond(
             });
         }
     }
+    if (policy.is_revoked)(&cert.fingerprint()) {
+        return Err(HandshakeError::Revoked);
+    }
+    let peer = cert.verify(policy.ca, policy.now_s)?;
     let mut response = vec![0u8; MAX_RESPONSE_LEN];
     let m = hs
         .write_message(&my_cert.encode(), &mut response)

@@ -52,6 +52,11 @@ pub const CERT_DOMAIN: &[u8] = b"ela-fast certificate v1\0";
 pub const REVOCATION_DOMAIN: &[u8] = b"ela-fast revocation v1\0";
 /// Hashed before a certificate body for its fingerprint.
 pub const FINGERPRINT_DOMAIN: &[u8] = b"ela-fast certificate fingerprint v1\0";
+/// Signed by a node's Ed25519 key before its X25519 key, in `node.pub`:
+/// proof that whoever asks the CA to certify the pair holds the signing
+/// key, so nobody can get someone else's signing key certified beside
+/// their own X25519 key.
+pub const NODE_PUB_DOMAIN: &[u8] = b"ela-fast node public key v1\0";
 
 /// Longest node name, in bytes.
 pub const MAX_NAME: usize = 64;
@@ -224,6 +229,14 @@ fn strong_key(what: &'static str, b: &[u8; KEY]) -> Result<VerifyingKey, Identit
     Ok(k)
 }
 
+/// An X25519 public key in its one canonical encoding: bit 255 clear and
+/// below p = 2^255 − 19 (otherwise two byte strings would name one key).
+fn canonical_dh(b: &[u8; KEY]) -> bool {
+    let high = b[31] & 0x80 != 0;
+    let at_least_p = b[31] == 0x7f && b[1..31].iter().all(|&x| x == 0xff) && b[0] >= 0xed;
+    !high && !at_least_p
+}
+
 fn valid_name(name: &str) -> bool {
     let b = name.as_bytes();
     !b.is_empty()
@@ -367,6 +380,14 @@ impl NodeKey {
         }
     }
 
+    /// `node.pub`: the public keys with the proof of holding them.
+    pub fn public_file(&self) -> NodePubFile {
+        NodePubFile {
+            public: self.public(),
+            proof: self.sign(&[NODE_PUB_DOMAIN, &self.public().dh[..]].concat()),
+        }
+    }
+
     /// The X25519 static secret, for session handshakes.
     pub fn dh_secret(&self) -> &StaticSecret {
         &self.dh
@@ -396,8 +417,6 @@ impl NodeKey {
 }
 
 impl NodePub {
-    pub const KIND: &'static str = "ela-fast-node-pub-v1";
-
     pub fn to_bytes(&self) -> NodePubBytes {
         NodePubBytes {
             sign: self.sign.to_bytes(),
@@ -405,16 +424,20 @@ impl NodePub {
         }
     }
 
+    /// Checks a node's public keys: valid, canonical, not of small order.
+    /// (One X25519 multiplication: check once, then keep the result.)
     pub fn from_bytes(b: &NodePubBytes) -> Result<NodePub, IdentityError> {
-        let dh_point = DhPublic::from(b.dh);
-        // An all-zero or low-order X25519 key would make every shared
-        // secret with it predictable; refuse the ones that give zero.
-        if StaticSecret::from([0x42; KEY])
-            .diffie_hellman(&dh_point)
+        if !canonical_dh(&b.dh) {
+            return Err(IdentityError::BadKey("the node's X25519 key"));
+        }
+        // A low-order X25519 key would make every shared secret with it
+        // predictable: with a clamped scalar such keys give all zeros.
+        let zero = StaticSecret::from([0x42; KEY])
+            .diffie_hellman(&DhPublic::from(b.dh))
             .as_bytes()
             .iter()
-            .all(|&x| x == 0)
-        {
+            .all(|&x| x == 0);
+        if zero {
             return Err(IdentityError::BadKey("the node's X25519 key"));
         }
         Ok(NodePub {
@@ -422,21 +445,47 @@ impl NodePub {
             dh: b.dh,
         })
     }
+}
+
+/// `node.pub`: a node's public keys and its proof of holding the signing
+/// key (an Ed25519 signature over [`NODE_PUB_DOMAIN`] ‖ the X25519 key).
+pub struct NodePubFile {
+    pub public: NodePub,
+    proof: [u8; SIG],
+}
+
+impl NodePubFile {
+    pub const KIND: &'static str = "ela-fast-node-pub-v1";
 
     pub fn to_file_string(&self) -> String {
         armor(
             Self::KIND,
-            &[&self.sign.to_bytes()[..], &self.dh[..]].concat(),
+            &[
+                &self.public.sign.to_bytes()[..],
+                &self.public.dh[..],
+                &self.proof[..],
+            ]
+            .concat(),
         )
     }
 
-    pub fn parse(text: &str) -> Result<NodePub, IdentityError> {
+    /// Parses and checks the keys and the proof.
+    pub fn parse(text: &str) -> Result<NodePubFile, IdentityError> {
         let b = unarmor(Self::KIND, text)?;
-        let b: [u8; 2 * KEY] = exact("the node public key", &b)?;
-        NodePub::from_bytes(&NodePubBytes {
+        let b: [u8; 2 * KEY + SIG] = exact("the node public key", &b)?;
+        let public = NodePub::from_bytes(&NodePubBytes {
             sign: b[..KEY].try_into().expect("32 bytes"),
-            dh: b[KEY..].try_into().expect("32 bytes"),
-        })
+            dh: b[KEY..2 * KEY].try_into().expect("32 bytes"),
+        })?;
+        let proof: [u8; SIG] = b[2 * KEY..].try_into().expect("64 bytes");
+        public
+            .sign
+            .verify_strict(
+                &[NODE_PUB_DOMAIN, &public.dh[..]].concat(),
+                &Signature::from_bytes(&proof),
+            )
+            .map_err(|_| IdentityError::BadSignature("node public key"))?;
+        Ok(NodePubFile { public, proof })
     }
 }
 
@@ -564,8 +613,12 @@ impl Cert {
                 want: used + SIG,
             });
         }
+        // Cheap checks only; `verify` checks the keys fully.
         strong_key("the CA public key", &body.ca)?;
-        NodePub::from_bytes(&body.node)?;
+        strong_key("the node's Ed25519 key", &body.node.sign)?;
+        if !canonical_dh(&body.node.dh) {
+            return Err(IdentityError::BadKey("the node's X25519 key"));
+        }
         Ok(Cert {
             body,
             sig: b[used..].try_into().expect("64 bytes"),

@@ -6,17 +6,24 @@
 //! Timers follow WireGuard's: a busy session is replaced after
 //! [`REKEY_AFTER`] by its initiator (or [`RESPONDER_REKEY_AFTER`] by its
 //! responder) and refused after [`REJECT_AFTER`] by both sides; an
-//! unanswered initiation is retried every [`RETRY_AFTER`] and given up
-//! after [`GIVE_UP_AFTER`]. Both sides may initiate at once; each keeps
-//! the newest session to send on and the one before it to receive
-//! stragglers, so a rekey loses no packet in flight.
+//! unanswered or failed initiation is retried every [`RETRY_AFTER`] and
+//! given up after [`GIVE_UP_AFTER`].
+//!
+//! Key confirmation, as in WireGuard: the initiator sends on a new session
+//! as soon as it completes; the responder only receives on it until the
+//! first authenticated packet arrives on it ([`Sessions::confirm`]), so a
+//! lost message 2 never leaves it sending on keys the initiator lacks.
+//! Per peer there are at most three sessions: the one we send on, the one
+//! before it (still receiving stragglers), and a responder's unconfirmed
+//! one. When both sides initiate at once, the side with the lower X25519
+//! key gives its initiation up and answers the other's.
 //!
 //! Wire (inside the cookie MACs):
 //! - initiation: sender index (u32 BE) ‖ Noise message 1;
 //! - response: sender index ‖ receiver index (the initiator's) ‖ Noise
 //!   message 2.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use rand::{CryptoRng, RngCore};
@@ -46,6 +53,10 @@ pub enum SessionError {
     UnknownIndex(u32),
     #[error("peer certificate: {0}")]
     Cert(#[from] IdentityError),
+    #[error("no certificate registered for this peer")]
+    UnknownPeer,
+    #[error("this node's own certificate is not valid now: {0}")]
+    OwnCert(IdentityError),
 }
 
 /// An established session, as the dataplane needs it.
@@ -58,6 +69,8 @@ pub struct Session {
     pub keys: SessionKeys,
     pub born: Instant,
     pub initiator: bool,
+    /// Fingerprint of the certificate the peer proved in this handshake.
+    pub peer_cert: [u8; 32],
 }
 
 /// What the caller must do.
@@ -65,27 +78,38 @@ pub struct Session {
 pub enum Action {
     /// Send a handshake message to the peer.
     Send { peer: PeerKey, msg: Vec<u8> },
-    /// Use this session: send on it from now, and accept packets with its
-    /// local index.
-    Install { peer: PeerKey, session: Session },
-    /// Stop accepting packets with this local index (expired, replaced
-    /// twice over, or the peer was revoked).
+    /// Accept packets with the session's local index; with `send`, also
+    /// send on it from now (the initiator should send at once, if only a
+    /// keepalive, so that the responder can confirm it).
+    Install {
+        peer: PeerKey,
+        session: Session,
+        send: bool,
+    },
+    /// Send on the installed session with this local index from now.
+    SendOn { peer: PeerKey, local_index: u32 },
+    /// Stop accepting packets with this local index.
     Forget { peer: PeerKey, local_index: u32 },
 }
 
 struct Pending {
     init: Initiation,
     local_index: u32,
-    first_sent: Instant,
-    last_sent: Instant,
+    /// Fingerprint of the certificate we called.
+    cert: [u8; 32],
 }
 
 #[derive(Default)]
 struct Peer {
     cert: Option<Cert>,
     pending: Option<Pending>,
+    /// When the current run of attempts began, and the last one was made
+    /// (kept across failed attempts, so retries stay spaced).
+    attempts: Option<(Instant, Instant)>,
     current: Option<Session>,
     previous: Option<Session>,
+    /// A responder's session, not yet confirmed by a packet on it.
+    next: Option<Session>,
     /// Newest message-1 timestamp accepted from this peer.
     last_timestamp: Option<u64>,
     /// Traffic for this peer since its last session began: retries and
@@ -93,27 +117,56 @@ struct Peer {
     wanted: bool,
 }
 
+impl Peer {
+    fn sessions(&self) -> impl Iterator<Item = &Session> {
+        [&self.current, &self.previous, &self.next]
+            .into_iter()
+            .flatten()
+    }
+}
+
 /// All of a node's sessions.
 pub struct Sessions {
     me: NodeKey,
+    my_key: PeerKey,
     cert: Cert,
     ca: CaPub,
     peers: HashMap<PeerKey, Peer>,
     /// Local index → peer, for every index in use (pending or live).
     indices: HashMap<u32, PeerKey>,
-    revoked: std::collections::HashSet<[u8; 32]>,
+    revoked: HashSet<[u8; 32]>,
+    /// Message-1 timestamps only grow, even if the clock steps back.
+    last_sent_ts: u64,
 }
 
 impl Sessions {
     pub fn new(me: NodeKey, cert: Cert, ca: CaPub) -> Sessions {
         Sessions {
+            my_key: me.public().dh,
             me,
             cert,
             ca,
             peers: HashMap::new(),
             indices: HashMap::new(),
-            revoked: Default::default(),
+            revoked: HashSet::new(),
+            last_sent_ts: 0,
         }
+    }
+
+    /// A renewed certificate for this node (its key must not change).
+    pub fn set_cert(&mut self, cert: Cert) -> Result<(), IdentityError> {
+        if cert.body().node.dh != self.my_key {
+            return Err(IdentityError::KeyMismatch);
+        }
+        self.cert = cert;
+        Ok(())
+    }
+
+    fn own_cert_valid(&self, now_s: u64) -> Result<(), SessionError> {
+        self.cert
+            .verify(&self.ca, now_s)
+            .map(|_| ())
+            .map_err(SessionError::OwnCert)
     }
 
     fn new_index<R: RngCore>(&mut self, rng: &mut R, peer: PeerKey) -> u32 {
@@ -123,6 +176,16 @@ impl Sessions {
                 self.indices.insert(i, peer);
                 return i;
             }
+        }
+    }
+
+    fn forget(&mut self, peer: PeerKey, s: Option<Session>, out: &mut Vec<Action>) {
+        if let Some(s) = s {
+            self.indices.remove(&s.local_index);
+            out.push(Action::Forget {
+                peer,
+                local_index: s.local_index,
+            });
         }
     }
 
@@ -139,29 +202,40 @@ impl Sessions {
         self.indices.get(&local_index)
     }
 
-    /// There is traffic for the peer of `cert` (checked by the caller
-    /// against the authority): start a handshake unless a fresh session or
-    /// one in progress will do.
+    /// The session with `local_index`, if it is installed (not pending).
+    pub fn session(&self, local_index: u32) -> Option<&Session> {
+        let p = self.peers.get(self.indices.get(&local_index)?)?;
+        p.sessions().find(|s| s.local_index == local_index)
+    }
+
+    /// Makes `cert` (checked by the caller against the authority) the one
+    /// to call its node with. Its keys are checked once, here.
+    pub fn register(&mut self, cert: &Cert) -> Result<PeerKey, SessionError> {
+        let key = NodePub::from_bytes(&cert.body().node)?.dh;
+        self.peers.entry(key).or_default().cert = Some(cert.clone());
+        Ok(key)
+    }
+
+    /// There is traffic for `peer`: start a handshake unless a fresh
+    /// session, one in progress, or a recent failed attempt will do. A
+    /// hash lookup unless a handshake starts.
     pub fn want<R: RngCore + CryptoRng>(
         &mut self,
         now: Instant,
         now_ns: u64,
-        cert: &Cert,
+        peer: &PeerKey,
         rng: &mut R,
     ) -> Result<Vec<Action>, SessionError> {
-        let peer_pub = NodePub::from_bytes(&cert.body().node)?;
-        let key = peer_pub.dh;
-        if self.revoked.contains(&cert.fingerprint()) {
-            return Ok(Vec::new());
-        }
-        let p = self.peers.entry(key).or_default();
-        p.cert = Some(cert.clone());
+        let fresh = self.current(peer, now).is_some();
+        let p = self.peers.get_mut(peer).ok_or(SessionError::UnknownPeer)?;
         p.wanted = true;
-        let pending = p.pending.is_some();
-        if pending || self.current(&key, now).is_some() {
+        let resting = p
+            .attempts
+            .is_some_and(|(_, last)| now.saturating_duration_since(last) < RETRY_AFTER);
+        if fresh || p.pending.is_some() || resting || p.cert.is_none() {
             return Ok(Vec::new());
         }
-        self.initiate(now, now_ns, key, rng)
+        self.initiate(now, now_ns, *peer, rng)
     }
 
     fn initiate<R: RngCore + CryptoRng>(
@@ -171,25 +245,28 @@ impl Sessions {
         key: PeerKey,
         rng: &mut R,
     ) -> Result<Vec<Action>, SessionError> {
+        self.own_cert_valid(now_ns / 1_000_000_000)?;
         let Some(cert) = self.peers.get(&key).and_then(|p| p.cert.clone()) else {
             return Ok(Vec::new());
         };
+        if self.revoked.contains(&cert.fingerprint()) {
+            return Ok(Vec::new());
+        }
         let peer_pub = NodePub::from_bytes(&cert.body().node)?;
-        let (init, m1) = Initiation::start(&self.me, &self.cert, &peer_pub, now_ns)?;
+        let ts = now_ns.max(self.last_sent_ts + 1);
+        self.last_sent_ts = ts;
+        let (init, m1) = Initiation::start(&self.me, &self.cert, &peer_pub, ts)?;
         let local_index = self.new_index(rng, key);
         let p = self.peers.get_mut(&key).expect("just looked up");
-        let first_sent = match &p.pending {
-            Some(old) => {
-                self.indices.remove(&old.local_index);
-                old.first_sent
-            }
-            None => now,
-        };
+        if let Some(old) = p.pending.take() {
+            self.indices.remove(&old.local_index);
+        }
+        let p = self.peers.get_mut(&key).expect("just looked up");
+        p.attempts = Some((p.attempts.map_or(now, |(first, _)| first), now));
         p.pending = Some(Pending {
             init,
             local_index,
-            first_sent,
-            last_sent: now,
+            cert: cert.fingerprint(),
         });
         let mut msg = local_index.to_be_bytes().to_vec();
         msg.extend_from_slice(&m1);
@@ -207,11 +284,12 @@ impl Sessions {
         if msg.len() < 4 {
             return Err(SessionError::Short(msg.len()));
         }
+        self.own_cert_valid(now_s)?;
         let remote_index = u32::from_be_bytes(msg[..4].try_into().expect("4 bytes"));
         let revoked = &self.revoked;
         let peers = &self.peers;
         let is_revoked = |f: &[u8; 32]| revoked.contains(f);
-        let last = |p: &NodePub| peers.get(&p.dh).and_then(|x| x.last_timestamp);
+        let last = |k: &[u8; 32]| peers.get(k).and_then(|x| x.last_timestamp);
         let acc = handshake::respond(
             &self.me,
             &self.cert,
@@ -231,8 +309,9 @@ impl Sessions {
             keys: acc.keys,
             born: now,
             initiator: false,
+            peer_cert: acc.peer_cert.fingerprint(),
         };
-        let mut out = vec![];
+        let mut out = Vec::new();
         let mut reply = local_index.to_be_bytes().to_vec();
         reply.extend_from_slice(&remote_index.to_be_bytes());
         reply.extend_from_slice(&acc.response);
@@ -240,11 +319,53 @@ impl Sessions {
             peer: key,
             msg: reply,
         });
+        let mine_lower = self.my_key < key;
         let p = self.peers.entry(key).or_default();
-        p.cert = Some(acc.peer_cert);
         p.last_timestamp = Some(acc.timestamp);
-        out.extend(self.rotate(key, session));
+        if p.cert.is_none() {
+            p.cert = Some(acc.peer_cert);
+        }
+        // Both started at once: the lower key answers instead.
+        if mine_lower {
+            if let Some(pd) = p.pending.take() {
+                p.attempts = None;
+                self.indices.remove(&pd.local_index);
+            }
+        }
+        let p = self.peers.get_mut(&key).expect("entered above");
+        let old = p.next.replace(session.clone());
+        self.forget(key, old, &mut out);
+        out.push(Action::Install {
+            peer: key,
+            session,
+            send: false,
+        });
         Ok(out)
+    }
+
+    /// An authenticated packet arrived on `local_index`: if it is a
+    /// responder's unconfirmed session, send on it from now.
+    pub fn confirm(&mut self, local_index: u32) -> Vec<Action> {
+        let mut out = Vec::new();
+        let Some(&key) = self.indices.get(&local_index) else {
+            return out;
+        };
+        let Some(p) = self.peers.get_mut(&key) else {
+            return out;
+        };
+        if p.next.as_ref().is_none_or(|s| s.local_index != local_index) {
+            return out;
+        }
+        let next = p.next.take();
+        let old = std::mem::replace(&mut p.previous, p.current.take());
+        p.current = next;
+        p.wanted = false;
+        self.forget(key, old, &mut out);
+        out.push(Action::SendOn {
+            peer: key,
+            local_index,
+        });
+        out
     }
 
     /// A response arrived (its MACs checked).
@@ -267,11 +388,11 @@ impl Sessions {
             .peers
             .get_mut(&key)
             .ok_or(SessionError::UnknownIndex(ours))?;
-        match &p.pending {
-            Some(pending) if pending.local_index == ours => {}
-            _ => return Err(SessionError::UnknownIndex(ours)),
+        if p.pending.as_ref().is_none_or(|pd| pd.local_index != ours) {
+            return Err(SessionError::UnknownIndex(ours));
         }
-        let pending = p.pending.take().expect("matched above");
+        let pending = p.pending.take().expect("checked above");
+        self.indices.remove(&ours);
         let revoked = &self.revoked;
         let is_revoked = |f: &[u8; 32]| revoked.contains(f);
         let policy = Policy {
@@ -280,48 +401,48 @@ impl Sessions {
             is_revoked: &is_revoked,
             last_timestamp: &|_| None,
         };
-        let keys = match pending.init.finish(&msg[8..], &policy) {
-            Ok((k, _)) => k,
+        let (keys, cert) = match pending.init.finish(&msg[8..], &policy) {
+            Ok(k) => k,
             Err(e) => {
-                // Reading a message spends Noise state, so this initiation
-                // is over; the next tick starts another (the peer is still
-                // wanted), and a current session stays in use meanwhile.
-                // An attacker who sees our index can thus delay a
-                // handshake by a retry interval, not stop traffic.
-                self.indices.remove(&ours);
+                // Reading spends the Noise state: this attempt is over.
+                // `attempts` keeps the retry spacing and the give-up
+                // clock; a certificate that will not do stops them.
+                if matches!(
+                    e,
+                    HandshakeError::Cert(_) | HandshakeError::Revoked | HandshakeError::KeyMismatch
+                ) {
+                    let p = self.peers.get_mut(&key).expect("looked up");
+                    p.wanted = false;
+                    p.cert = None;
+                    p.attempts = None;
+                }
                 return Err(e.into());
             }
         };
+        self.indices.insert(ours, key);
         let session = Session {
             local_index: ours,
             remote_index,
             keys,
             born: now,
             initiator: true,
+            peer_cert: cert.fingerprint(),
         };
-        Ok(self.rotate(key, session))
-    }
-
-    /// `session` becomes current; the current one becomes previous; the
-    /// previous one is forgotten.
-    fn rotate(&mut self, key: PeerKey, session: Session) -> Vec<Action> {
-        let mut out = Vec::new();
-        let p = self.peers.get_mut(&key).expect("peer exists");
-        if let Some(old) = p.previous.take() {
-            self.indices.remove(&old.local_index);
-            out.push(Action::Forget {
-                peer: key,
-                local_index: old.local_index,
-            });
-        }
-        p.previous = p.current.take();
-        p.current = Some(session.clone());
+        let p = self.peers.get_mut(&key).expect("looked up");
+        p.attempts = None;
         p.wanted = false;
-        out.push(Action::Install { peer: key, session });
-        out
+        let old = std::mem::replace(&mut p.previous, p.current.replace(session.clone()));
+        let mut out = Vec::new();
+        self.forget(key, old, &mut out);
+        out.push(Action::Install {
+            peer: key,
+            session,
+            send: true,
+        });
+        Ok(out)
     }
 
-    /// Timers: retries, rekeys, expiries.
+    /// Timers: retries, give-ups, rekeys, expiries.
     pub fn tick<R: RngCore + CryptoRng>(
         &mut self,
         now: Instant,
@@ -330,44 +451,49 @@ impl Sessions {
     ) -> Vec<Action> {
         let mut out = Vec::new();
         let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        let old = |s: &Option<Session>| {
+            s.as_ref()
+                .is_some_and(|s| now.saturating_duration_since(s.born) >= REJECT_AFTER)
+        };
         for key in keys {
             let p = self.peers.get_mut(&key).expect("listed");
-            // Expire what is too old to use.
-            for slot in [&mut p.current, &mut p.previous] {
-                if slot
-                    .as_ref()
-                    .is_some_and(|s| now.saturating_duration_since(s.born) >= REJECT_AFTER)
-                {
-                    let s = slot.take().expect("checked");
-                    self.indices.remove(&s.local_index);
-                    out.push(Action::Forget {
-                        peer: key,
-                        local_index: s.local_index,
-                    });
-                }
+            let expired: Vec<Session> = [&mut p.current, &mut p.previous, &mut p.next]
+                .into_iter()
+                .filter(|s| old(s))
+                .filter_map(|s| s.take())
+                .collect();
+            for s in expired {
+                self.forget(key, Some(s), &mut out);
             }
             let p = self.peers.get_mut(&key).expect("listed");
-            let retry = match &p.pending {
-                Some(pd) if now.saturating_duration_since(pd.first_sent) >= GIVE_UP_AFTER => {
+            let (first, last) = match p.attempts {
+                Some(a) => (Some(a.0), Some(a.1)),
+                None => (None, None),
+            };
+            if first.is_some_and(|f| now.saturating_duration_since(f) >= GIVE_UP_AFTER) {
+                if let Some(pd) = p.pending.take() {
                     self.indices.remove(&pd.local_index);
-                    p.pending = None;
-                    p.wanted = false;
-                    false
                 }
-                Some(pd) => now.saturating_duration_since(pd.last_sent) >= RETRY_AFTER,
-                // Only for traffic (`want` since the last session): an idle
-                // peer's session just expires.
-                None => {
-                    let stale = p.current.as_ref().is_some_and(|s| {
-                        let after = if s.initiator {
-                            REKEY_AFTER
-                        } else {
-                            RESPONDER_REKEY_AFTER
-                        };
-                        now.saturating_duration_since(s.born) >= after
-                    });
-                    p.wanted && (stale || p.current.is_none())
-                }
+                let p = self.peers.get_mut(&key).expect("listed");
+                p.attempts = None;
+                p.wanted = false;
+                continue;
+            }
+            let rested = last.is_none_or(|l| now.saturating_duration_since(l) >= RETRY_AFTER);
+            let stale = p.current.as_ref().is_some_and(|s| {
+                let after = if s.initiator {
+                    REKEY_AFTER
+                } else {
+                    RESPONDER_REKEY_AFTER
+                };
+                now.saturating_duration_since(s.born) >= after
+            });
+            // Retry an unanswered or failed attempt; for traffic, start
+            // one when there is no session or it is due for a rekey.
+            let retry = if p.pending.is_some() || p.attempts.is_some() {
+                rested && (p.pending.is_some() || p.wanted)
+            } else {
+                p.wanted && (stale || p.current.is_none())
             };
             if retry {
                 if let Ok(a) = self.initiate(now, now_ns, key, rng) {
@@ -379,31 +505,34 @@ impl Sessions {
     }
 
     /// The authority revoked the certificate with `fingerprint`: refuse
-    /// it from now on and forget every session with its key.
+    /// it from now on, and forget every session proved with it and any
+    /// initiation to it.
     pub fn revoke(&mut self, fingerprint: [u8; 32]) -> Vec<Action> {
         self.revoked.insert(fingerprint);
         let mut out = Vec::new();
-        let hit: Vec<PeerKey> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| {
-                p.cert
-                    .as_ref()
-                    .is_some_and(|c| c.fingerprint() == fingerprint)
-            })
-            .map(|(k, _)| *k)
-            .collect();
-        for key in hit {
-            let p = self.peers.remove(&key).expect("listed");
-            for s in [p.current, p.previous].into_iter().flatten() {
-                self.indices.remove(&s.local_index);
-                out.push(Action::Forget {
-                    peer: key,
-                    local_index: s.local_index,
-                });
-            }
-            if let Some(pd) = p.pending {
+        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        for key in keys {
+            let p = self.peers.get_mut(&key).expect("listed");
+            let hit: Vec<Session> = [&mut p.current, &mut p.previous, &mut p.next]
+                .into_iter()
+                .filter(|s| s.as_ref().is_some_and(|s| s.peer_cert == fingerprint))
+                .filter_map(|s| s.take())
+                .collect();
+            if p.pending.as_ref().is_some_and(|pd| pd.cert == fingerprint) {
+                let pd = p.pending.take().expect("checked");
                 self.indices.remove(&pd.local_index);
+            }
+            let p = self.peers.get_mut(&key).expect("listed");
+            if p.cert
+                .as_ref()
+                .is_some_and(|c| c.fingerprint() == fingerprint)
+            {
+                p.cert = None;
+                p.wanted = false;
+                p.attempts = None;
+            }
+            for s in hit {
+                self.forget(key, Some(s), &mut out);
             }
         }
         out

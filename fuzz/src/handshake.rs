@@ -18,8 +18,8 @@ use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use ela_control::cookie::{Check, CookieInitiator, CookieResponder, REPLY_LEN};
-use ela_control::handshake::{respond, Initiation, Policy};
+use ela_control::cookie::{Check, CookieInitiator, CookieResponder, MACS_LEN, REPLY_LEN};
+use ela_control::handshake::{respond, Initiation, Policy, INITIATION_LEN};
 use ela_control::identity::{CaKey, Cert, NodeKey};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -91,7 +91,8 @@ pub fn run(data: &[u8]) {
         2 => {
             let mut rng = StdRng::seed_from_u64(1);
             let now = Instant::now();
-            let mut r = CookieResponder::new(&b.public().dh, now, &mut rng);
+            let mut r =
+                CookieResponder::new(&b.public().dh, INITIATION_LEN + MACS_LEN, now, &mut rng);
             let src: SocketAddr = "192.0.2.1:7000".parse().expect("address");
             for load in [false, true] {
                 match r.check(now, rest, src, load, &mut rng) {
@@ -140,7 +141,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
     let now = Instant::now();
     let mut rng = StdRng::seed_from_u64(2);
     let init = CookieInitiator::new(&b.public().dh).seal(now, &m1);
-    let mut r = CookieResponder::new(&b.public().dh, now, &mut rng);
+    let mut r = CookieResponder::new(&b.public().dh, INITIATION_LEN + MACS_LEN, now, &mut rng);
     let src: SocketAddr = "192.0.2.1:7000".parse().expect("address");
     let reply = match r.check(now, &init, src, true, &mut rng) {
         Check::Cookie(c) => c,

@@ -19,7 +19,7 @@
 //! - a parsed file writes back as its one canonical line and parses again
 //!   to the same object; errors are one line.
 
-use ela_control::identity::{CaKey, CaPub, Cert, NodeKey, NodePub, Revocation};
+use ela_control::identity::{CaKey, CaPub, Cert, NodeKey, NodePub, NodePubFile, Revocation};
 
 /// The CA all seeds are signed by.
 fn ca() -> CaKey {
@@ -109,7 +109,8 @@ fn text(mode: u8, s: &str) {
         2 => check!(CaKey, |a: &CaKey, b: &CaKey| a.public() == b.public()),
         3 => check!(CaPub, |a: &CaPub, b: &CaPub| a == b),
         4 => check!(NodeKey, |a: &NodeKey, b: &NodeKey| a.public() == b.public()),
-        5 => check!(NodePub, |a: &NodePub, b: &NodePub| a == b),
+        5 => check!(NodePubFile, |a: &NodePubFile, b: &NodePubFile| a.public
+            == b.public),
         6 => check!(Cert, |a: &Cert, b: &Cert| a == b),
         _ => check!(Revocation, |a: &Revocation, b: &Revocation| a == b),
     }
@@ -142,7 +143,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         (2u8, ca.to_file_string()),
         (3, ca.public().to_file_string()),
         (4, node.to_file_string()),
-        (5, node.public().to_file_string()),
+        (5, node.public_file().to_file_string()),
         (6, c1.to_file_string()),
         (7, rev.to_file_string()),
     ] {

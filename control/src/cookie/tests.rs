@@ -13,7 +13,7 @@ fn setup() -> (CookieResponder, CookieInitiator, StdRng, Instant) {
     let mut rng = StdRng::seed_from_u64(1);
     let t0 = Instant::now();
     (
-        CookieResponder::new(&R_DH, t0, &mut rng),
+        CookieResponder::new(&R_DH, BODY.len() + MACS_LEN, t0, &mut rng),
         CookieInitiator::new(&R_DH),
         rng,
         t0,
@@ -41,7 +41,18 @@ fn junk_and_misdirected_initiations_are_dropped() {
     let src = addr("192.0.2.1:7000");
     for load in [false, true] {
         assert_eq!(r.check(t0, &[0; 10], src, load, &mut rng), Check::Drop);
-        assert_eq!(r.check(t0, &[0; 400], src, load, &mut rng), Check::Drop);
+        assert_eq!(r.check(t0, &[0; 332], src, load, &mut rng), Check::Drop);
+        // A short body with valid MACs (anyone who knows our public key
+        // can make mac1) would earn a reply larger than itself: dropped.
+        let short = CookieInitiator::new(&R_DH).seal(t0, &[1]);
+        assert_eq!(short.len(), 33);
+        assert_eq!(
+            r.check(t0, &short, src, load, &mut rng),
+            Check::Drop,
+            "short"
+        );
+        let long = CookieInitiator::new(&R_DH).seal(t0, &[1; 301]);
+        assert_eq!(r.check(t0, &long, src, load, &mut rng), Check::Drop, "long");
         let m = CookieInitiator::new(&[8; 32]).seal(t0, BODY);
         assert_eq!(
             r.check(t0, &m, src, load, &mut rng),

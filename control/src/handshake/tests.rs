@@ -221,7 +221,7 @@ fn a_stolen_certificate_is_useless_without_its_key() {
 fn a_replayed_initiation_forms_no_session() {
     let (ca, a, b) = setup();
     let seen: Cell<Option<u64>> = Cell::new(None);
-    let last = |_: &NodePub| seen.get();
+    let last = |_: &[u8; 32]| seen.get();
     let ca_pub = ca.public();
     let p = Policy {
         last_timestamp: &last,

@@ -110,7 +110,9 @@ fn every_file_round_trips() {
     let node2 = NodeKey::parse(&node.to_file_string()).unwrap();
     assert_eq!(node2.public(), node.public());
     assert_eq!(
-        NodePub::parse(&node.public().to_file_string()).unwrap(),
+        NodePubFile::parse(&node.public_file().to_file_string())
+            .unwrap()
+            .public,
         node.public()
     );
     assert_eq!(Cert::parse(&cert.to_file_string()).unwrap(), cert);
@@ -238,9 +240,15 @@ fn names_validity_and_keys_are_checked_when_signing_and_decoding() {
     let mut enc = c.encode();
     enc[32..64].copy_from_slice(&weak);
     assert!(matches!(Cert::decode(&enc), Err(IdentityError::BadKey(_))));
+    // A small-order X25519 key decodes (decoding is cheap) but never
+    // verifies (verifying does the X25519 check).
     let mut enc = c.encode();
     enc[64..96].fill(0);
-    assert!(matches!(Cert::decode(&enc), Err(IdentityError::BadKey(_))));
+    let bad = Cert::decode(&enc).unwrap();
+    assert!(matches!(
+        bad.verify(&ca.public(), 0),
+        Err(IdentityError::BadSignature(_) | IdentityError::BadKey(_))
+    ));
     let mut enc = c.encode();
     enc[112] = 6;
     assert_eq!(Cert::decode(&enc), Err(IdentityError::BadAddrTag(6)));
@@ -258,7 +266,7 @@ fn files_are_strict_and_say_what_they_are() {
         })
     ));
     assert!(matches!(
-        NodePub::parse(&node.to_file_string()),
+        NodePubFile::parse(&node.to_file_string()),
         Err(IdentityError::WrongKind { .. })
     ));
     assert!(matches!(
@@ -348,4 +356,93 @@ fn revocations_verify_only_under_their_authority_and_unchanged() {
     assert!(Cert::decode(&enc)
         .and_then(|c| c.verify(&ca.public(), NOW))
         .is_err());
+}
+
+/// Review finding: the CA got no proof that a node holds the keys it
+/// asks to have certified. `node.pub` carries an Ed25519 signature over
+/// the X25519 key, so someone else's signing key cannot be paired with
+/// one's own X25519 key.
+#[test]
+fn node_pub_files_prove_the_signing_key() {
+    let victim = NodeKey::generate(&mut rng(20));
+    let thief = NodeKey::generate(&mut rng(21));
+    let good = thief.public_file().to_file_string();
+    NodePubFile::parse(&good).unwrap();
+    // Victim's signing key beside the thief's X25519 key, with the
+    // thief's proof: refused.
+    let (kind, hex) = good.trim_end().split_once(' ').unwrap();
+    let mut b = hex::decode(hex).unwrap();
+    b[..32].copy_from_slice(&victim.public().sign.to_bytes());
+    let forged = format!("{kind} {}\n", hex::encode(&b));
+    assert_eq!(
+        NodePubFile::parse(&forged).err(),
+        Some(IdentityError::BadSignature("node public key"))
+    );
+}
+
+/// The same X25519 key in another encoding (bit 255 set, or ≥ p) is
+/// refused everywhere, so one key has one name.
+#[test]
+fn x25519_keys_must_be_canonical() {
+    let ca = CaKey::generate(&mut rng(22));
+    let node = NodeKey::generate(&mut rng(23));
+    let c = ca.sign(&node.public(), "n", None, 0, 1).unwrap();
+    let mut enc = c.encode();
+    enc[64 + 31] |= 0x80;
+    assert!(matches!(Cert::decode(&enc), Err(IdentityError::BadKey(_))));
+    let mut p = [0xffu8; 32];
+    p[0] = 0xed;
+    p[31] = 0x7f;
+    let sign = node.public().sign.to_bytes();
+    for dh in [
+        p,
+        {
+            let mut q = p;
+            q[0] = 0xee;
+            q
+        },
+        [0xff; 32],
+    ] {
+        assert!(NodePub::from_bytes(&NodePubBytes { sign, dh }).is_err());
+    }
+    // Every small-order point is refused (the standard list: 0, 1, the
+    // two points of order 8, p − 1; the rest are non-canonical).
+    let small: [&str; 4] = [
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    ];
+    for h in small {
+        let dh: [u8; 32] = hex::decode(h).unwrap().try_into().unwrap();
+        assert!(
+            NodePub::from_bytes(&NodePubBytes { sign, dh }).is_err(),
+            "{h}"
+        );
+    }
+}
+
+/// A CA signature without the certificate's domain string (over the bare
+/// body, as some other protocol might sign) is no certificate.
+#[test]
+fn signatures_without_the_domain_are_refused() {
+    let (ca, _, cert) = setup();
+    let body = cert.body().encode();
+    let bare = ca.key.sign(&body).to_bytes();
+    let mut enc = body.clone();
+    enc.extend_from_slice(&bare);
+    let c = Cert::decode(&enc).unwrap();
+    assert_eq!(
+        c.verify(&ca.public(), NOW),
+        Err(IdentityError::BadSignature("certificate"))
+    );
+    let rev = ca.revoke(cert.fingerprint(), NOW);
+    let mut r = rev.encode();
+    let n = r.len();
+    let bare = ca.key.sign(&r[..n - 64]).to_bytes();
+    r[n - 64..].copy_from_slice(&bare);
+    assert_eq!(
+        Revocation::decode(&r).unwrap().verify(&ca.public()),
+        Err(IdentityError::BadSignature("revocation"))
+    );
 }
