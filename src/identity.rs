@@ -104,13 +104,44 @@ fn write_pair(key_path: &Path, key: &str, public: &str) -> anyhow::Result<PathBu
     Ok(pub_file)
 }
 
+/// Identity files are one short line; anything larger is not one.
+const MAX_FILE: u64 = 64 << 10;
+
 fn read(path: &Path, what: &str) -> anyhow::Result<String> {
-    let bytes = fs::read(path).with_context(|| format!("reading {what} {}", path.display()))?;
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE + 1).read_to_end(&mut bytes))
+        .with_context(|| format!("reading {what} {}", path.display()))?;
+    if bytes.len() as u64 > MAX_FILE {
+        bail!(
+            "{what} {} is larger than {MAX_FILE} bytes: not an identity file",
+            path.display()
+        );
+    }
     String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{what} {} is not text", path.display()))
 }
 
+/// Warns if others may read the private key file at `path` (called once
+/// it parsed as one).
+fn warn_if_readable(path: &Path, what: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = fs::metadata(path) {
+        let mode = m.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            eprintln!(
+                "warning: {what} {} can be read by others (mode {mode:o}); chmod 600 it",
+                path.display()
+            );
+        }
+    }
+}
+
 pub fn load_ca_key(path: &Path) -> anyhow::Result<CaKey> {
-    CaKey::parse(&read(path, "CA key")?).with_context(|| format!("CA key {}", path.display()))
+    let k = CaKey::parse(&read(path, "CA key")?)
+        .with_context(|| format!("CA key {}", path.display()))?;
+    warn_if_readable(path, "CA key");
+    Ok(k)
 }
 
 pub fn load_ca_pub(path: &Path) -> anyhow::Result<CaPub> {
@@ -119,7 +150,10 @@ pub fn load_ca_pub(path: &Path) -> anyhow::Result<CaPub> {
 }
 
 pub fn load_node_key(path: &Path) -> anyhow::Result<NodeKey> {
-    NodeKey::parse(&read(path, "node key")?).with_context(|| format!("node key {}", path.display()))
+    let k = NodeKey::parse(&read(path, "node key")?)
+        .with_context(|| format!("node key {}", path.display()))?;
+    warn_if_readable(path, "node key");
+    Ok(k)
 }
 
 pub fn load_cert(path: &Path) -> anyhow::Result<Cert> {
@@ -231,10 +265,14 @@ pub fn cert(cmd: &CertCmd) -> anyhow::Result<()> {
     let text = read(file, "file")?;
     let ca = ca.as_deref().map(load_ca_pub).transpose()?;
     let now = unix_now();
+    let mut refused = None;
     let v = if text.starts_with(Revocation::KIND) {
         let r =
             Revocation::parse(&text).with_context(|| format!("revocation {}", file.display()))?;
         let status = ca.map(|ca| r.verify(&ca).map(|()| "valid".to_string()));
+        if let Some(Err(e)) = &status {
+            refused = Some(e.to_string());
+        }
         json!({
             "kind": "revocation",
             "ca": hex32(&r.ca),
@@ -246,6 +284,9 @@ pub fn cert(cmd: &CertCmd) -> anyhow::Result<()> {
         let c = Cert::parse(&text).with_context(|| format!("certificate {}", file.display()))?;
         let b = c.body();
         let status = ca.map(|ca| c.verify(&ca, now).map(|_| "valid".to_string()));
+        if let Some(Err(e)) = &status {
+            refused = Some(e.to_string());
+        }
         json!({
             "kind": "certificate",
             "name": b.name,
@@ -274,7 +315,11 @@ pub fn cert(cmd: &CertCmd) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    // Scripts check with the exit code.
+    match refused {
+        Some(why) => bail!("{} does not verify under that CA: {why}", file.display()),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -155,9 +155,18 @@ fn a_ca_admits_and_revokes_a_node() {
         assert_eq!(v["verified"], "valid");
     }
 
-    // Another authority's view: not valid there.
+    // Another authority's view: not valid there, and the exit code says
+    // so (the details still print).
     ok(&d, &["ca", "init", "--out", "other.key"]);
-    let v = show(&d, "node.cert", Some("other.pub"));
+    let o = run(
+        &d,
+        &["cert", "show", "node.cert", "--json", "--ca", "other.pub"],
+    );
+    assert!(
+        !o.status.success(),
+        "cert show exited 0 for a foreign certificate"
+    );
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(
         v["verified"]
             .as_str()
@@ -165,6 +174,7 @@ fn a_ca_admits_and_revokes_a_node() {
             .contains("another authority"),
         "{v}"
     );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("does not verify"));
     fails(
         &d,
         &[
@@ -180,6 +190,27 @@ fn a_ca_admits_and_revokes_a_node() {
         "another authority",
     );
     assert!(!d.p("c.rev").exists());
+}
+
+/// A private key others can read still works, with a warning.
+#[test]
+fn a_readable_private_key_is_warned_about() {
+    let d = Dir::new("perm");
+    ok(&d, &["ca", "init", "--out", "ca.key"]);
+    ok(&d, &["node-key", "--out", "node.key"]);
+    fs::set_permissions(d.p("ca.key"), fs::Permissions::from_mode(0o644)).unwrap();
+    let o = run(
+        &d,
+        &[
+            "ca", "sign", "--ca", "ca.key", "--pub", "node.pub", "--name", "n", "--out", "n.cert",
+        ],
+    );
+    assert!(o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("can be read by others"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 #[test]

@@ -244,6 +244,66 @@ impl CookieInitiator {
     }
 }
 
+/// Initiations a source network (a /24, or an IPv6 /64) may have
+/// handled per second, once past the MACs (WireGuard's per-IP limiter):
+/// a cookie proves only that its holder receives at its address, so one
+/// such host replaying a captured initiation, or a member handshaking
+/// without pause, must not take the handshake CPU from everyone else.
+pub struct SourceLimiter {
+    per_sec: f64,
+    burst: f64,
+    sources: std::collections::HashMap<IpAddr, (f64, Instant)>,
+    max_sources: usize,
+}
+
+/// The source network an address counts against.
+fn network(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) => IpAddr::V4((u32::from(a) & 0xffff_ff00).into()),
+        IpAddr::V6(a) => IpAddr::V6((u128::from(a) & !((1u128 << 64) - 1)).into()),
+    }
+}
+
+impl SourceLimiter {
+    /// `per_sec` per source network, bursts of `burst`, tracking at most
+    /// `max_sources` networks (idle ones are dropped first).
+    pub fn new(per_sec: u32, burst: u32, max_sources: usize) -> SourceLimiter {
+        SourceLimiter {
+            per_sec: f64::from(per_sec),
+            burst: f64::from(burst.max(1)),
+            sources: std::collections::HashMap::new(),
+            max_sources,
+        }
+    }
+
+    /// Whether one more initiation from `src` may be handled now.
+    pub fn allow(&mut self, now: Instant, src: IpAddr) -> bool {
+        let net = network(src);
+        if !self.sources.contains_key(&net) && self.sources.len() >= self.max_sources {
+            // Full: forget networks whose bucket has refilled (they would
+            // start full anyway); if none has, refuse newcomers rather
+            // than grow or evict one that is busy.
+            let (per_sec, burst) = (self.per_sec, self.burst);
+            self.sources.retain(|_, (tokens, at)| {
+                *tokens + now.saturating_duration_since(*at).as_secs_f64() * per_sec < burst
+            });
+            if self.sources.len() >= self.max_sources {
+                return false;
+            }
+        }
+        let (tokens, at) = self.sources.entry(net).or_insert((self.burst, now));
+        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * self.per_sec)
+            .min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// Whether a responder is under load: more than `per_sec` initiations
 /// (that passed `mac1`) within the last second. A token bucket, so a burst
 /// of honest rekeys does not trip it.

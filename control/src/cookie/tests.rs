@@ -2,6 +2,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::*;
+use std::net::IpAddr;
 
 const R_DH: [u8; 32] = [9; 32];
 
@@ -178,4 +179,34 @@ fn load_is_a_rate() {
             "10/s is not load"
         );
     }
+}
+
+/// Review finding: past the MACs nothing limited one source, so a host
+/// holding a cookie could replay a captured initiation (or a member
+/// handshake) without pause, each costing the handshake's checks.
+#[test]
+fn one_source_network_gets_its_share_and_no_more() {
+    let t0 = Instant::now();
+    let mut l = SourceLimiter::new(10, 10, 3);
+    let a: IpAddr = "198.51.100.7".parse().unwrap();
+    let same_net: IpAddr = "198.51.100.99".parse().unwrap();
+    let b: IpAddr = "203.0.113.5".parse().unwrap();
+    let granted = (0..1000).filter(|_| l.allow(t0, a)).count();
+    assert_eq!(granted, 10, "a burst, then nothing");
+    assert!(!l.allow(t0, same_net), "the same /24 shares it");
+    assert!(l.allow(t0, b), "another network is untouched");
+    assert!(
+        l.allow(t0 + Duration::from_millis(100), a),
+        "refills at 10/s"
+    );
+    // An IPv6 host cannot multiply itself within its /64.
+    let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+    let n = (0..100u32)
+        .filter(|i| l.allow(t0, v6(&format!("2001:db8:1:2::{i:x}"))))
+        .count();
+    assert_eq!(n, 10);
+    // Full table: busy networks are kept, newcomers wait.
+    assert!(!l.allow(t0, "192.0.2.1".parse().unwrap()));
+    // Once the busy ones have refilled, they make room.
+    assert!(l.allow(t0 + Duration::from_secs(5), "192.0.2.1".parse().unwrap()));
 }
