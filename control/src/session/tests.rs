@@ -27,6 +27,28 @@ fn node(ca: &CaKey, seed: u64, name: &str) -> Node {
     node_until(ca, seed, name, u64::MAX)
 }
 
+/// A CA, two nodes that know each other, a seeded RNG and a start time.
+struct Lab {
+    ca: CaKey,
+    a: Node,
+    b: Node,
+    rng: StdRng,
+    t0: Instant,
+}
+
+fn lab() -> Lab {
+    let ca = CaKey::generate(&mut StdRng::seed_from_u64(1));
+    let (mut a, mut b) = (node(&ca, 2, "a"), node(&ca, 3, "b"));
+    introduce(&mut a, &mut b);
+    Lab {
+        ca,
+        a,
+        b,
+        rng: StdRng::seed_from_u64(4),
+        t0: Instant::now(),
+    }
+}
+
 /// Each knows the other's certificate (as membership will tell them).
 fn introduce(a: &mut Node, b: &mut Node) {
     assert_eq!(a.s.register(&b.cert).unwrap(), b.key);
@@ -103,11 +125,13 @@ fn complete(
 
 #[test]
 fn traffic_brings_up_a_session_both_sides_agree_on() {
-    let ca = CaKey::generate(&mut StdRng::seed_from_u64(1));
-    let (mut a, mut b) = (node(&ca, 2, "a"), node(&ca, 3, "b"));
-    introduce(&mut a, &mut b);
-    let mut rng = StdRng::seed_from_u64(4);
-    let t0 = Instant::now();
+    let Lab {
+        ca: _,
+        mut a,
+        mut b,
+        mut rng,
+        t0,
+    } = lab();
     let (sa, sb) = handshake(&mut a, &mut b, t0, t0, &mut rng);
     assert_eq!(sa.remote_index, sb.local_index);
     assert_eq!(sb.remote_index, sa.local_index);
@@ -136,11 +160,13 @@ fn traffic_brings_up_a_session_both_sides_agree_on() {
 /// what it had until a packet proves a has the keys.
 #[test]
 fn a_lost_response_leaves_the_responder_on_its_old_session() {
-    let ca = CaKey::generate(&mut StdRng::seed_from_u64(1));
-    let (mut a, mut b) = (node(&ca, 2, "a"), node(&ca, 3, "b"));
-    introduce(&mut a, &mut b);
-    let mut rng = StdRng::seed_from_u64(4);
-    let t0 = Instant::now();
+    let Lab {
+        ca: _,
+        mut a,
+        mut b,
+        mut rng,
+        t0,
+    } = lab();
     let (_, sb1) = handshake(&mut a, &mut b, t0, t0, &mut rng);
     let t1 = t0 + REKEY_AFTER;
     a.s.want(t1, ns(t0, t1), &b.key, &mut rng).unwrap();
@@ -170,11 +196,13 @@ fn a_lost_response_leaves_the_responder_on_its_old_session() {
 
 #[test]
 fn an_unanswered_initiation_is_retried_then_given_up() {
-    let ca = CaKey::generate(&mut StdRng::seed_from_u64(1));
-    let (mut a, mut b) = (node(&ca, 2, "a"), node(&ca, 3, "b"));
-    introduce(&mut a, &mut b);
-    let mut rng = StdRng::seed_from_u64(4);
-    let t0 = Instant::now();
+    let Lab {
+        ca: _,
+        mut a,
+        b,
+        mut rng,
+        t0,
+    } = lab();
     let out = a.s.want(t0, ns(t0, t0), &b.key, &mut rng).unwrap();
     let first = sends(&out).pop().unwrap();
     assert!(a
@@ -258,11 +286,13 @@ fn failed_responses_do_not_storm() {
 
 #[test]
 fn the_initiator_rekeys_busy_sessions_and_idle_ones_expire() {
-    let ca = CaKey::generate(&mut StdRng::seed_from_u64(1));
-    let (mut a, mut b) = (node(&ca, 2, "a"), node(&ca, 3, "b"));
-    introduce(&mut a, &mut b);
-    let mut rng = StdRng::seed_from_u64(4);
-    let t0 = Instant::now();
+    let Lab {
+        ca: _,
+        mut a,
+        mut b,
+        mut rng,
+        t0,
+    } = lab();
     let (s1, _) = handshake(&mut a, &mut b, t0, t0, &mut rng);
     let t1 = t0 + REKEY_AFTER - Duration::from_secs(1);
     assert!(a
@@ -291,11 +321,13 @@ fn the_initiator_rekeys_busy_sessions_and_idle_ones_expire() {
 
 #[test]
 fn a_busy_responder_rekeys_before_its_session_is_refused() {
-    let ca = CaKey::generate(&mut StdRng::seed_from_u64(1));
-    let (mut a, mut b) = (node(&ca, 2, "a"), node(&ca, 3, "b"));
-    introduce(&mut a, &mut b);
-    let mut rng = StdRng::seed_from_u64(4);
-    let t0 = Instant::now();
+    let Lab {
+        ca: _,
+        mut a,
+        mut b,
+        mut rng,
+        t0,
+    } = lab();
     handshake(&mut a, &mut b, t0, t0, &mut rng);
     let t1 = t0 + Duration::from_secs(1);
     assert!(b
@@ -314,11 +346,13 @@ fn a_busy_responder_rekeys_before_its_session_is_refused() {
 /// fingerprint they were proved with.
 #[test]
 fn revocation_forgets_every_session_proved_with_the_certificate() {
-    let ca = CaKey::generate(&mut StdRng::seed_from_u64(1));
-    let (mut a, mut b) = (node(&ca, 2, "a"), node(&ca, 3, "b"));
-    introduce(&mut a, &mut b);
-    let mut rng = StdRng::seed_from_u64(4);
-    let t0 = Instant::now();
+    let Lab {
+        ca,
+        mut a,
+        mut b,
+        mut rng,
+        t0,
+    } = lab();
     let (sa, _) = handshake(&mut a, &mut b, t0, t0, &mut rng);
     // b renews: a second certificate for the same key, registered later.
     let b_key = NodeKey::generate(&mut StdRng::seed_from_u64(3));
@@ -356,11 +390,13 @@ fn revocation_forgets_every_session_proved_with_the_certificate() {
 
 #[test]
 fn replayed_initiations_and_stray_responses_change_nothing() {
-    let ca = CaKey::generate(&mut StdRng::seed_from_u64(1));
-    let (mut a, mut b) = (node(&ca, 2, "a"), node(&ca, 3, "b"));
-    introduce(&mut a, &mut b);
-    let mut rng = StdRng::seed_from_u64(4);
-    let t0 = Instant::now();
+    let Lab {
+        ca: _,
+        mut a,
+        mut b,
+        mut rng,
+        t0,
+    } = lab();
     let m1 = sends(&a.s.want(t0, ns(t0, t0), &b.key, &mut rng).unwrap())
         .pop()
         .unwrap();
@@ -469,11 +505,13 @@ fn an_expired_own_certificate_stops_handshakes_until_renewed() {
 /// every peer would take the next one for a replay).
 #[test]
 fn timestamps_survive_a_clock_step_back() {
-    let ca = CaKey::generate(&mut StdRng::seed_from_u64(1));
-    let (mut a, mut b) = (node(&ca, 2, "a"), node(&ca, 3, "b"));
-    introduce(&mut a, &mut b);
-    let mut rng = StdRng::seed_from_u64(4);
-    let t0 = Instant::now();
+    let Lab {
+        ca: _,
+        mut a,
+        mut b,
+        mut rng,
+        t0,
+    } = lab();
     handshake(&mut a, &mut b, t0, t0, &mut rng);
     // The session expires; then the wall clock goes back an hour and
     // traffic asks for a new one.
