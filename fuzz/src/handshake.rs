@@ -12,14 +12,22 @@
 //! - 2: an initiation through the cookie responder, with and without
 //!   load: dropped unless its mac1 is right; a cookie reply is never
 //!   larger than the initiation;
-//! - 3: a cookie reply to a fresh initiator: refused.
+//! - 3: a cookie reply to a fresh initiator: refused;
+//! - 4: a message 1 that the fixed initiator really sealed, around a
+//!   payload the fuzzer chose (so the padding, length and certificate
+//!   parsing inside are reached): accepted only if the payload is a
+//!   timestamp, the initiator's own certificate and zeros, and then the
+//!   peer is the initiator;
+//! - 5: a message 2 that the fixed responder really sealed for a real
+//!   initiation, around a fuzzer-chosen payload: completes only if the
+//!   payload is exactly the responder's certificate.
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Instant;
 
 use ela_control::cookie::{Check, CookieInitiator, CookieResponder, MACS_LEN, REPLY_LEN};
-use ela_control::handshake::{respond, Initiation, Policy, INITIATION_LEN};
+use ela_control::handshake::{respond, Initiation, Policy, INITIATION_LEN, PROLOGUE, PROTOCOL};
 use ela_control::identity::{CaKey, Cert, NodeKey};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -71,7 +79,7 @@ pub fn run(data: &[u8]) {
         is_revoked: &|_| false,
         last_timestamp: &|_| None,
     };
-    match mode % 4 {
+    match mode % 6 {
         0 => {
             if let Ok(acc) = respond(b, cert_b, rest, &policy) {
                 assert_eq!(
@@ -109,6 +117,46 @@ pub fn run(data: &[u8]) {
                 }
             }
         }
+        4 => {
+            let mut hs = noise(a)
+                .remote_public_key(&b.public().dh)
+                .build_initiator()
+                .expect("builds");
+            let mut payload = rest.to_vec();
+            payload.resize(INITIATION_LEN - 32 - 48 - 16, 0);
+            let mut msg = vec![0u8; INITIATION_LEN];
+            let n = hs.write_message(&payload, &mut msg).expect("seals");
+            let well_formed = payload[8..10] == (cert_a.encode().len() as u16).to_be_bytes()
+                && payload[10..10 + cert_a.encode().len()] == cert_a.encode()[..]
+                && payload[10 + cert_a.encode().len()..]
+                    .iter()
+                    .all(|&x| x == 0);
+            match respond(b, cert_b, &msg[..n], &policy) {
+                Ok(acc) => {
+                    assert!(well_formed, "accepted a malformed payload");
+                    assert_eq!(acc.peer, a.public());
+                }
+                Err(e) => assert!(!well_formed, "refused a good payload: {e}"),
+            }
+        }
+        5 => {
+            let (init, m1) = Initiation::start(a, cert_a, &b.public(), NOW_S).expect("starts");
+            let mut hs = noise(b).build_responder().expect("builds");
+            let mut p = vec![0u8; INITIATION_LEN];
+            hs.read_message(&m1, &mut p)
+                .expect("reads our own message 1");
+            let payload = &rest[..rest.len().min(1024)];
+            let mut msg = vec![0u8; payload.len() + 64];
+            let n = hs.write_message(payload, &mut msg).expect("seals");
+            let good = payload == &cert_b.encode()[..];
+            match init.finish(&msg[..n], &policy) {
+                Ok((_, cert)) => {
+                    assert!(good, "completed with a payload other than b's certificate");
+                    assert_eq!(&cert, cert_b);
+                }
+                Err(e) => assert!(!good, "refused b's own certificate: {e}"),
+            }
+        }
         _ => {
             let mut i = CookieInitiator::new(&b.public().dh);
             i.seal(Instant::now(), b"an initiation");
@@ -121,6 +169,13 @@ pub fn run(data: &[u8]) {
 }
 
 /// Seeds: a real message 1 and 2, a sealed initiation, a cookie reply.
+/// The Noise builder as `ela_control::handshake` configures it.
+fn noise(me: &NodeKey) -> snow::Builder<'_> {
+    snow::Builder::new(PROTOCOL.parse().expect("a valid protocol name"))
+        .prologue(PROLOGUE)
+        .local_private_key(me.dh_secret().as_bytes())
+}
+
 pub fn seeds() -> Vec<Vec<u8>> {
     let Fixed {
         ca,
@@ -147,10 +202,15 @@ pub fn seeds() -> Vec<Vec<u8>> {
         Check::Cookie(c) => c,
         other => panic!("{other:?}"),
     };
+    let ts = NOW_S.to_be_bytes();
+    let c = cert_a.encode();
+    let payload_1 = [&ts[..], &(c.len() as u16).to_be_bytes(), &c].concat();
     vec![
         [&[0u8][..], &m1].concat(),
         [&[1u8][..], &m2].concat(),
         [&[2u8][..], &init].concat(),
         [&[3u8][..], &reply].concat(),
+        [&[4u8][..], &payload_1].concat(),
+        [&[5u8][..], &cert_b.encode()].concat(),
     ]
 }
