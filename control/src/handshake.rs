@@ -69,6 +69,16 @@ pub struct SessionKeys {
     pub hash: [u8; 32],
 }
 
+impl Drop for SessionKeys {
+    /// Session keys are the secrets a captured node must not give away
+    /// after the session: every copy is wiped when it goes.
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.send.zeroize();
+        self.recv.zeroize();
+    }
+}
+
 impl std::fmt::Debug for SessionKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "SessionKeys({})", hex::encode(&self.hash[..8]))
