@@ -24,12 +24,7 @@ fn bench(c: &mut Criterion) {
     let cert_a = ca.sign(&a.public(), "a", None, 0, u64::MAX).unwrap();
     let cert_b = ca.sign(&b.public(), "b", None, 0, u64::MAX).unwrap();
     let ca_pub = ca.public();
-    let policy = Policy {
-        ca: &ca_pub,
-        now_s: NOW_S,
-        is_revoked: &|_| false,
-        last_timestamp: &|_| None,
-    };
+    let policy = Policy::open(&ca_pub, NOW_S);
     let b_pub = b.public();
     let mut g = c.benchmark_group("handshake");
     g.bench_function("initiate", |bn| {

@@ -37,13 +37,7 @@ pub const MAX_HANDSHAKE: usize = 4096;
 /// Largest frame accepted before authentication.
 pub const MAX_HANDSHAKE_FRAME: usize = 1600;
 
-/// The source network `ip` counts against: its /24, or its /64.
-pub fn net_of(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(a) => IpAddr::V4((u32::from(a) & 0xffff_ff00).into()),
-        IpAddr::V6(a) => IpAddr::V6((u128::from(a) & !((1u128 << 64) - 1)).into()),
-    }
-}
+pub use ela_control::cookie::source_network as net_of;
 
 /// Which waiting connection must go to admit a new one: the bounded,
 /// I/O-free part, tested on its own.

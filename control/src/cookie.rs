@@ -256,8 +256,9 @@ pub struct SourceLimiter {
     max_sources: usize,
 }
 
-/// The source network an address counts against.
-fn network(ip: IpAddr) -> IpAddr {
+/// The source network an address counts against in per-source limits: its
+/// /24, or its IPv6 /64 (what one host or site has without effort).
+pub fn source_network(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(a) => IpAddr::V4((u32::from(a) & 0xffff_ff00).into()),
         IpAddr::V6(a) => IpAddr::V6((u128::from(a) & !((1u128 << 64) - 1)).into()),
@@ -278,7 +279,7 @@ impl SourceLimiter {
 
     /// Whether one more initiation from `src` may be handled now.
     pub fn allow(&mut self, now: Instant, src: IpAddr) -> bool {
-        let net = network(src);
+        let net = source_network(src);
         if !self.sources.contains_key(&net) && self.sources.len() >= self.max_sources {
             // Full: forget networks whose bucket has refilled (they would
             // start full anyway); if none has, refuse newcomers rather

@@ -191,6 +191,19 @@ pub struct Policy<'a> {
     pub last_timestamp: &'a dyn Fn(&[u8; 32]) -> Option<u64>,
 }
 
+impl<'a> Policy<'a> {
+    /// Checks under `ca` at `now_s` with no revocations and no replay
+    /// history (benches, fuzzing, and the initiator, which needs none).
+    pub fn open(ca: &'a CaPub, now_s: u64) -> Policy<'a> {
+        Policy {
+            ca,
+            now_s,
+            is_revoked: &|_| false,
+            last_timestamp: &|_| None,
+        }
+    }
+}
+
 /// A responder's result: who called, message 2, and the session.
 #[derive(Debug)]
 pub struct Accepted {

@@ -396,10 +396,8 @@ impl Sessions {
         let revoked = &self.revoked;
         let is_revoked = |f: &[u8; 32]| revoked.contains(f);
         let policy = Policy {
-            ca: &self.ca,
-            now_s,
             is_revoked: &is_revoked,
-            last_timestamp: &|_| None,
+            ..Policy::open(&self.ca, now_s)
         };
         let (keys, cert) = match pending.init.finish(&msg[8..], &policy) {
             Ok(k) => k,

@@ -73,12 +73,7 @@ pub fn run(data: &[u8]) {
         cert_b,
     } = fixed();
     let ca_pub = ca.public();
-    let policy = Policy {
-        ca: &ca_pub,
-        now_s: NOW_S,
-        is_revoked: &|_| false,
-        last_timestamp: &|_| None,
-    };
+    let policy = Policy::open(&ca_pub, NOW_S);
     match mode % 6 {
         0 => {
             if let Ok(acc) = respond(b, cert_b, rest, &policy) {
@@ -186,12 +181,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
     } = fixed();
     let (_, m1) = Initiation::start(a, cert_a, &b.public(), NOW_S).expect("starts");
     let ca_pub = ca.public();
-    let policy = Policy {
-        ca: &ca_pub,
-        now_s: NOW_S,
-        is_revoked: &|_| false,
-        last_timestamp: &|_| None,
-    };
+    let policy = Policy::open(&ca_pub, NOW_S);
     let m2 = respond(b, cert_b, &m1, &policy).expect("responds").response;
     let now = Instant::now();
     let mut rng = StdRng::seed_from_u64(2);

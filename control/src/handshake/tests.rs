@@ -31,12 +31,7 @@ fn setup() -> (CaKey, Peer, Peer) {
 }
 
 fn open_policy(ca: &CaPub) -> Policy<'_> {
-    Policy {
-        ca,
-        now_s: NOW_S,
-        is_revoked: &|_| false,
-        last_timestamp: &|_| None,
-    }
+    Policy::open(ca, NOW_S)
 }
 
 fn unhex(s: &str) -> Vec<u8> {
