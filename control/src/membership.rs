@@ -406,7 +406,7 @@ pub fn core_routes(
 pub fn edge_routes(
     me: &NodeIdentity,
     members: &[NodeIdentity],
-    primary: Option<LinkId>,
+    primary: Option<(LinkId, Ipv4Addr)>,
     departed: &[NodeIdentity],
     generation: u64,
 ) -> RouteTable {

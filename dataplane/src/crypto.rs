@@ -511,6 +511,34 @@ impl PacketKeys {
         Ok(len)
     }
 
+    /// Like [`Self::seal`] but leaves the payload in clear: the tag
+    /// authenticates header and payload under the header counter's
+    /// one-time key. What a hop puts around a packet it hands to a relay
+    /// ([`crate::wire::PacketType::Relay`]): the payload is already sealed
+    /// end to end, so encrypting it again would only cost. [`Self::verify`]
+    /// checks it. A counter's keystream is used for one packet only,
+    /// sealed or wrapped, so a one-time key never repeats.
+    pub fn seal_auth(&self, buf: &mut [u8], payload_len: usize) -> Result<usize, CryptoError> {
+        if payload_len > MAX_PAYLOAD {
+            return Err(CryptoError::TooLong);
+        }
+        let len = OVERHEAD + payload_len;
+        if buf.len() < len {
+            return Err(CryptoError::BufferTooSmall);
+        }
+        let (header, rest) = buf.split_at_mut(HEADER_LEN);
+        let (payload, rest) = rest.split_at_mut(payload_len);
+        let tag = &mut rest[..TAG_LEN];
+        header[SUITE_OFFSET] = self.suite() as u8;
+        if cfg!(feature = "null-cipher") {
+            tag.fill(0);
+            return Ok(len);
+        }
+        let otk = self.one_time_key(counter_of(header));
+        tag.copy_from_slice(&mac_over(&otk, header, payload).finalize());
+        Ok(len)
+    }
+
     /// Constant-time tag check of a whole packet (hops byte ignored),
     /// without decrypting: what relays do. [`CryptoError::WrongSuite`] if
     /// the packet's suite byte is not these keys' suite.
@@ -920,7 +948,7 @@ mod tests {
         Header {
             ptype: PacketType::Data,
             hops: 0,
-            epoch: wire_epoch(counter),
+            index: 7,
             src: Ipv4Addr::new(10, 1, 0, 1),
             dst: Ipv4Addr::new(10, 1, 0, 2),
             counter,
@@ -1118,7 +1146,7 @@ mod tests {
         let h = Header {
             ptype: PacketType::Data,
             hops: 3,
-            epoch: 5,
+            index: 5,
             src: Ipv4Addr::new(10, 0, 0, 1),
             dst: Ipv4Addr::new(10, 0, 0, 2),
             counter: (5 << EPOCH_SHIFT) + 9,
@@ -1580,7 +1608,7 @@ mod tests {
             let h = Header {
                 ptype: if control { PacketType::Control } else { PacketType::Data },
                 hops,
-                epoch: wire_epoch(counter),
+                index: 7,
                 src: src.into(),
                 dst: dst.into(),
                 counter,
