@@ -265,6 +265,21 @@ pub struct RunArgs {
     /// The group secret (from `ela-fast keygen`).
     #[arg(long)]
     pub key_file: Option<PathBuf>,
+    /// The group authority's public key (`ca.pub` from `ela-fast ca
+    /// init`); with --cert and --node-key.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// This node's certificate (from `ela-fast ca sign`).
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// This node's private key (from `ela-fast node-key`).
+    #[arg(long)]
+    pub node_key: Option<PathBuf>,
+    /// Group-secret mode only: the name in the certificate the node makes
+    /// itself (default: the hostname, else "node"). With --cert, the
+    /// certificate names the node.
+    #[arg(long)]
+    pub name: Option<String>,
     /// Overlay address to ask for; granted unless another member holds it.
     #[arg(long)]
     pub addr: Option<Ipv4Addr>,
@@ -407,6 +422,18 @@ mod tests {
         .unwrap();
         assert!(c.cmd.is_none());
         assert_eq!(c.run.bootstrap.len(), 2);
+        let c = Cli::try_parse_from([
+            "ela-fast",
+            "--ca",
+            "ca.pub",
+            "--cert",
+            "node.cert",
+            "--node-key",
+            "node.key",
+        ])
+        .unwrap();
+        assert!(c.cmd.is_none());
+        assert_eq!(c.run.node_key, Some(PathBuf::from("node.key")));
         let c = Cli::try_parse_from(["ela-fast", "status", "--json"]).unwrap();
         assert!(matches!(c.cmd, Some(Cmd::Status { json: true, .. })));
     }

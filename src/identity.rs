@@ -20,8 +20,8 @@ use crate::cli::{CaCmd, CertCmd};
 
 /// Certificates start this long before they are signed, so that a node
 /// whose clock is a little behind the CA's accepts a fresh one.
-const BACKDATE_SECS: u64 = 300;
-const DAY_SECS: u64 = 86_400;
+pub(crate) const BACKDATE_SECS: u64 = 300;
+pub(crate) const DAY_SECS: u64 = 86_400;
 
 /// `secs` since the Unix epoch as `YYYY-MM-DD HH:MM:SS UTC` (the civil
 /// calendar from a day count, after Howard Hinnant's `civil_from_days`).

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod cli;
 pub mod control_codec;
+pub mod credentials;
 pub mod demo;
 pub mod identity;
 pub mod join;

@@ -22,6 +22,7 @@ use arc_swap::ArcSwap;
 use ela_control::addr;
 use ela_control::attach::FreshAttachments;
 use ela_control::edge::{EdgeAction, EdgeLinks};
+use ela_control::identity::hex32;
 use ela_control::membership::{self, Event, Membership, NodeIdentity};
 use ela_control::msg::ControlMsg;
 use ela_control::router::{EdgeNode, LinkId};
@@ -43,6 +44,8 @@ use crate::control_codec::{
     new_channel, unix_ms, Channel, ControlCodec, ControlDrop, Opened, CONTROL_OVERHEAD,
     MAX_CONTROL_BODY, NO_CHANNEL,
 };
+use crate::credentials::{self, Credentials, IdentityFlags};
+use crate::identity::unix_now;
 use crate::join::{decide_and_join, sealed_join_reply, write_frame};
 use crate::pending::{Admission, Admit, PendingConn, Read1, PENDING_TIMEOUT};
 use crate::status::{self, ControlCounters, EdgeView, MemberView, NodeInfo, StatusShared};
@@ -120,6 +123,10 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     pub bootstrap: Vec<SocketAddr>,
     pub secret: Arc<GroupSecret>,
+    /// This node's key and certificate (from files, or made from the
+    /// group secret).
+    pub credentials: Credentials,
+    /// The address to ask for: `--addr`, else the certificate's fixed one.
     pub addr: Option<Ipv4Addr>,
     pub net: Ipv4Net,
     pub iface: String,
@@ -139,19 +146,56 @@ pub struct NodeConfig {
 impl NodeConfig {
     /// Turns CLI arguments into a config, or one clear error.
     pub fn from_args(a: RunArgs) -> anyhow::Result<NodeConfig> {
-        let key_file = a.key_file.ok_or_else(|| {
-            anyhow!("--key-file PATH is required (create one with `ela-fast keygen --out PATH`)")
-        })?;
+        let flags = IdentityFlags {
+            ca: a.ca.as_deref(),
+            cert: a.cert.as_deref(),
+            node_key: a.node_key.as_deref(),
+        };
+        // Which flags go together is checked before any file is read.
+        let identity_files = flags.paths()?;
         let suite = match a.cipher {
             CipherArg::Blowfish => Suite::Blowfish,
             CipherArg::Chacha20Poly1305 => Suite::ChaCha20Poly1305,
         };
-        let secret = Arc::new(GroupSecret::load(&key_file)?.with_suite(suite));
+        let secret = match &a.key_file {
+            Some(p) => Some(Arc::new(GroupSecret::load(p)?.with_suite(suite))),
+            None => None,
+        };
+        let credentials = credentials::from_flags(
+            &flags,
+            a.name.as_deref(),
+            secret.as_deref(),
+            unix_now(),
+            &mut rand::rngs::OsRng,
+        )?;
+        // Until control messages ride sessions (issue 10), the group secret
+        // still protects control messages and packets, so identity files
+        // alone cannot run a node yet.
+        let secret = secret.ok_or_else(|| {
+            anyhow!(
+                "--ca/--cert/--node-key alone cannot run a node yet (that mode lands with pairwise control sessions, issue 10): give the group's --key-file too"
+            )
+        })?;
         let net = a.net.trunc();
         addr::validate_net(net)?;
-        if let Some(x) = a.addr {
-            addr::validate_request(net, x)?;
-        }
+        // Only a certificate from files can fix the address.
+        let cert_path =
+            identity_files.map_or_else(String::new, |(_, c, _)| c.display().to_string());
+        let addr = match (a.addr, credentials.fixed_addr) {
+            (Some(x), Some(fixed)) if x != fixed => {
+                bail!("--addr {x}: certificate {cert_path} allows this node only {fixed}")
+            }
+            (Some(x), _) => {
+                addr::validate_request(net, x)?;
+                Some(x)
+            }
+            (None, Some(fixed)) => {
+                addr::validate_request(net, fixed)
+                    .with_context(|| format!("the fixed address of certificate {cert_path}"))?;
+                Some(fixed)
+            }
+            (None, None) => None,
+        };
         if a.iface.is_empty() || a.iface.len() > 15 || a.iface.contains('/') {
             bail!(
                 "--iface {:?}: interface names are 1 to 15 characters without '/'",
@@ -188,7 +232,8 @@ impl NodeConfig {
             listen: a.listen,
             bootstrap: a.bootstrap,
             secret,
-            addr: a.addr,
+            credentials,
+            addr,
             net,
             iface: a.iface,
             cores,
@@ -1059,6 +1104,9 @@ impl Control<'_> {
             cipher: self.secret.suite().name().to_string(),
             offload: self.offloads,
             key_fingerprint: self.secret.fingerprint(),
+            name: self.cfg.credentials.name.clone(),
+            fingerprint: hex32(&self.cfg.credentials.fingerprint),
+            expires: self.cfg.credentials.expires,
             primary,
             backup,
             edges,

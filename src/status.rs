@@ -58,6 +58,12 @@ pub struct NodeInfo {
     /// Kernel offloads in use.
     pub offload: crate::node::Offloads,
     pub key_fingerprint: String,
+    /// This node's name, from its certificate.
+    pub name: String,
+    /// Its certificate's fingerprint (hex; what a revocation names).
+    pub fingerprint: String,
+    /// When its certificate expires (Unix seconds).
+    pub expires: u64,
     /// EN: its primary and backup CN (overlay addresses).
     pub primary: Option<String>,
     pub backup: Option<String>,
@@ -416,6 +422,15 @@ pub fn format_table(v: &Value) -> String {
         s("key_fingerprint"),
         n("/mtu"),
         n("/uptime_secs")
+    ));
+    out.push_str(&format!(
+        "name {}  certificate {}  expires {}\n",
+        s("name"),
+        s("fingerprint"),
+        match v.get("expires").and_then(|x| x.as_u64()) {
+            Some(t) => crate::identity::utc(t),
+            None => "?".to_string(),
+        }
     ));
     let offloads: Vec<&str> = ["tun", "tun_udp", "udp_gso", "udp_gro"]
         .into_iter()

@@ -315,3 +315,122 @@ fn bad_input_gets_one_clear_line() {
     );
     assert!(!d.p("x.cert").exists() && !d.p("x.rev").exists());
 }
+
+/// A node refuses to start on credentials that are wrong, with one
+/// `error:` line naming the file and the fault. All of it happens while
+/// reading the configuration, before sockets or interfaces: no root.
+#[test]
+fn a_node_refuses_bad_credentials_with_one_line() {
+    use ela_control::identity::{CaKey, NodeKey};
+
+    let d = Dir::new("run");
+    ok(&d, &["keygen", "--out", "group.key"]);
+    ok(&d, &["ca", "init", "--out", "ca.key"]);
+    ok(&d, &["ca", "init", "--out", "other.key"]);
+    ok(&d, &["node-key", "--out", "node.key"]);
+    ok(&d, &["node-key", "--out", "stranger.key"]);
+    let sign = |ca: &str, out: &str| {
+        ok(
+            &d,
+            &[
+                "ca", "sign", "--ca", ca, "--pub", "node.pub", "--name", "cn1", "--addr",
+                "10.0.0.1", "--out", out,
+            ],
+        );
+    };
+    sign("ca.key", "node.cert");
+    sign("other.key", "foreign.cert");
+    // `ca sign --valid` is at least a day: an expired certificate is made
+    // with the library, from the same files.
+    let ca = CaKey::parse(&fs::read_to_string(d.p("ca.key")).unwrap()).unwrap();
+    let node = NodeKey::parse(&fs::read_to_string(d.p("node.key")).unwrap()).unwrap();
+    let expired = ca
+        .sign(&node.public(), "cn1", None, 1_000_000_000, 1_000_086_400)
+        .unwrap();
+    fs::write(d.p("expired.cert"), expired.to_file_string()).unwrap();
+
+    let node_args = |ca: &str, cert: &str, key: &str| -> Vec<String> {
+        [
+            "--key-file",
+            "group.key",
+            "--ca",
+            ca,
+            "--cert",
+            cert,
+            "--node-key",
+            key,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let with = |mut v: Vec<String>, more: &[&str]| {
+        v.extend(more.iter().map(|s| s.to_string()));
+        v
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            node_args("ca.pub", "foreign.cert", "node.key"),
+            "certificate foreign.cert was signed by another authority",
+        ),
+        (
+            node_args("ca.pub", "expired.cert", "node.key"),
+            "certificate expired.cert expired at 2001-09-10 01:46:40 UTC",
+        ),
+        (
+            node_args("ca.pub", "node.cert", "stranger.key"),
+            "node key stranger.key does not match certificate node.cert",
+        ),
+        (
+            node_args("ca.pub", "missing.cert", "node.key"),
+            "missing.cert",
+        ),
+        (
+            node_args("node.cert", "node.cert", "node.key"),
+            "node.cert: not an ela-fast-ca-pub-v1 file",
+        ),
+        (
+            with(
+                node_args("ca.pub", "node.cert", "node.key"),
+                &["--addr", "10.0.0.2"],
+            ),
+            "certificate node.cert allows this node only 10.0.0.1",
+        ),
+        (
+            with(
+                node_args("ca.pub", "node.cert", "node.key"),
+                &["--name", "x"],
+            ),
+            "--name is for group-secret mode only",
+        ),
+        (
+            ["--key-file", "group.key", "--ca", "ca.pub"]
+                .map(String::from)
+                .to_vec(),
+            "missing --cert and --node-key",
+        ),
+        (
+            ["--cert", "node.cert", "--node-key", "node.key"]
+                .map(String::from)
+                .to_vec(),
+            "missing --ca",
+        ),
+        (
+            ["--listen", "127.0.0.1:7999"].map(String::from).to_vec(),
+            "ela-fast keygen",
+        ),
+        (
+            node_args("ca.pub", "node.cert", "node.key")[2..].to_vec(),
+            "lands with pairwise control sessions",
+        ),
+        (
+            ["--key-file", "group.key", "--name", "bad name"]
+                .map(String::from)
+                .to_vec(),
+            "--name \"bad name\": name must be",
+        ),
+    ];
+    for (args, want) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails(&d, &args, want);
+    }
+}

@@ -237,7 +237,9 @@ fn canonical_dh(b: &[u8; KEY]) -> bool {
     !high && !at_least_p
 }
 
-fn valid_name(name: &str) -> bool {
+/// The rule for node names (what [`CaKey::sign`] and decoding enforce),
+/// for callers that take a name before anything is signed.
+pub fn valid_name(name: &str) -> bool {
     let b = name.as_bytes();
     !b.is_empty()
         && b.len() <= MAX_NAME

@@ -54,6 +54,8 @@ const INFO_PREFIX: &[u8] = b"ela-fast v2 ";
 const INFO_DATA: &[u8] = b" data";
 const INFO_CONTROL: &[u8] = b" control";
 const INFO_SESSION: &[u8] = b" session";
+/// Label of [`GroupSecret::admission_seed`]; no other derivation uses it.
+const INFO_ADMISSION: &[u8] = b"ela-fast group authority v1";
 
 /// Bytes of every suite's packet key.
 pub const KEY_LEN: usize = 32;
@@ -263,6 +265,20 @@ impl GroupSecret {
             .expand(INFO_FINGERPRINT, &mut out)
             .expect("4 bytes is within HKDF-SHA256's output limit");
         hex::encode(out)
+    }
+
+    /// The seed of the group's authority key in group-secret mode: every
+    /// holder of the secret derives the same authority, so the secret
+    /// works as an admission credential (it signs the node's certificate)
+    /// over the same session machinery as per-node identities. One way
+    /// (HKDF with its own label): the secret itself never leaves, and the
+    /// seed reveals nothing of the packet keys. The same for every suite.
+    pub fn admission_seed(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        self.hkdf()
+            .expand(INFO_ADMISSION, &mut out)
+            .expect("32 bytes is within HKDF-SHA256's output limit");
+        out
     }
 
     fn hkdf(&self) -> Hkdf<Sha256> {
@@ -942,6 +958,21 @@ mod tests {
 
     fn secret(b: u8) -> GroupSecret {
         GroupSecret::from_bytes([b; SECRET_LEN])
+    }
+
+    #[test]
+    fn admission_seeds_are_per_secret_and_not_the_secret() {
+        let a = secret(1).admission_seed();
+        assert_eq!(a, secret(1).admission_seed(), "deterministic");
+        assert_eq!(
+            a,
+            secret(1)
+                .with_suite(Suite::ChaCha20Poly1305)
+                .admission_seed(),
+            "the suite is not part of the group's authority"
+        );
+        assert_ne!(a, secret(2).admission_seed());
+        assert_ne!(a, [1; SECRET_LEN], "the raw secret never comes out");
     }
 
     fn header(counter: u64) -> Header {

@@ -219,6 +219,7 @@ fn names_validity_and_keys_are_checked_when_signing_and_decoding() {
     let ca = CaKey::generate(&mut rng(4));
     let node = NodeKey::generate(&mut rng(5)).public();
     for bad in ["", ".x", "-x", "a b", "é", "a/b", &"x".repeat(MAX_NAME + 1)] {
+        assert!(!valid_name(bad), "{bad:?}");
         assert_eq!(
             ca.sign(&node, bad, None, 0, 1),
             Err(IdentityError::BadName),
@@ -226,6 +227,7 @@ fn names_validity_and_keys_are_checked_when_signing_and_decoding() {
         );
     }
     for good in ["a", "cn-1.example_2", &"x".repeat(MAX_NAME)] {
+        assert!(valid_name(good), "{good:?}");
         ca.sign(&node, good, None, 0, 1).unwrap();
     }
     assert_eq!(
