@@ -136,7 +136,7 @@ impl ControlCodec {
         Header {
             ptype: PacketType::Control,
             hops: 0,
-            epoch,
+            index: epoch,
             src,
             dst,
             counter: rand::random(),
@@ -165,7 +165,7 @@ impl ControlCodec {
         if hdr.ptype != PacketType::Control {
             return Err(ControlDrop::Malformed);
         }
-        let keys = self.keys(hdr.epoch, now_ms).ok_or(ControlDrop::Stale)?;
+        let keys = self.keys(hdr.index, now_ms).ok_or(ControlDrop::Stale)?;
         keys.verify(pkt).map_err(|e| match e {
             CryptoError::WrongSuite => ControlDrop::WrongCipher,
             _ => ControlDrop::BadTag,
@@ -194,7 +194,7 @@ impl ControlCodec {
         if hdr.ptype != PacketType::Control {
             return Err(ControlDrop::Malformed);
         }
-        let keys = self.keys(hdr.epoch, now_ms).ok_or(ControlDrop::Stale)?;
+        let keys = self.keys(hdr.index, now_ms).ok_or(ControlDrop::Stale)?;
         let range = keys.open(pkt).map_err(|e| match e {
             CryptoError::WrongSuite => ControlDrop::WrongCipher,
             _ => ControlDrop::BadTag,
@@ -205,7 +205,7 @@ impl ControlCodec {
         }
         let sent_ms = u64::from_be_bytes(plain[..8].try_into().expect("8 bytes"));
         let max = MAX_AGE.as_millis() as u64;
-        if sent_ms.abs_diff(now_ms) > max || epoch_at(sent_ms) != hdr.epoch {
+        if sent_ms.abs_diff(now_ms) > max || epoch_at(sent_ms) != hdr.index {
             return Err(ControlDrop::Stale);
         }
         if now_ms.saturating_sub(self.last_purge_ms) > 1000 {
@@ -355,8 +355,8 @@ mod tests {
         assert_eq!(b.open(&mut p, t + 2_000).unwrap().msg, msg);
         let q = a.seal(&msg, ip, ip, &NO_CHANNEL, t + 2_000);
         assert_ne!(
-            Header::parse(&p).unwrap().epoch,
-            Header::parse(&q).unwrap().epoch
+            Header::parse(&p).unwrap().index,
+            Header::parse(&q).unwrap().index
         );
     }
 }

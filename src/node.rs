@@ -12,7 +12,7 @@ use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -376,7 +376,6 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
 
     let routes = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
     let stats: Arc<[CoreStats]> = (0..n).map(|_| CoreStats::default()).collect();
-    let sequence = Arc::new(AtomicU64::new(0));
     let core_shared = Shared::new(n)?;
 
     // Dataplane cores.
@@ -396,8 +395,6 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             tun_fd: tun_fds[i],
             udp_fd: group.data[i].as_raw_fd(),
             routes: routes.clone(),
-            secret: secret.clone(),
-            sequence: sequence.clone(),
             stats: stats.clone(),
             shared: core_shared.clone(),
         };
@@ -683,6 +680,8 @@ impl Control<'_> {
                         self.on_packet(&mut packet, Source::Link(id))
                     }
                     CoreEvent::LinkDown { id } => self.on_link_down(id),
+                    // Key confirmation: wired with the session driver.
+                    CoreEvent::SessionConfirmed { .. } => {}
                 }
             }
             while let Ok((cn, res)) = self.connect_rx.try_recv() {
@@ -1050,7 +1049,11 @@ impl Control<'_> {
                 membership::core_routes(me, &members, own, &fresh, &departed, self.generation)
             }
             Role::Edge => {
-                let primary = self.edge.as_ref().and_then(|e| e.primary()).map(|(_, l)| l);
+                let primary = self
+                    .edge
+                    .as_ref()
+                    .and_then(|e| e.primary())
+                    .map(|(cn, l)| (l, cn));
                 membership::edge_routes(me, &members, primary, &departed, self.generation)
             }
         };

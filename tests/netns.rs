@@ -13,7 +13,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context, Result};
-use ela_dataplane::crypto::{epoch_of, wire_epoch, GroupSecret, PacketKeys, Suite};
+use ela_dataplane::crypto::{epoch_of, GroupSecret, PacketKeys, Suite};
 use ela_dataplane::wire::{Header, PacketType, HEADER_LEN, TAG_LEN};
 use ela_fast::netns::{self, HostId, Lab, Node, NodeSpec, PingOpts};
 use rand::Rng;
@@ -407,7 +407,7 @@ fn sealed(
     Header {
         ptype: PacketType::Data,
         hops: 0,
-        epoch: wire_epoch(counter),
+        index: 0,
         src,
         dst,
         counter,

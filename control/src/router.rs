@@ -579,7 +579,13 @@ mod tests {
             g.links.insert((e, EN_PRIMARY_LINK), primary);
             g.tables.insert(
                 e,
-                RouteTable::new_edge(e, node_id(e), Some((EN_PRIMARY_LINK, primary)), members.clone(), 1),
+                RouteTable::new_edge(
+                    e,
+                    node_id(e),
+                    Some((EN_PRIMARY_LINK, primary)),
+                    members.clone(),
+                    1,
+                ),
             );
         }
         for &c in cns {
@@ -900,7 +906,13 @@ mod tests {
     fn edge_table() {
         let me = ip("10.0.0.12");
         let members = vec![(ip("10.0.0.10"), 1), (me, 5), (ip("10.0.0.30"), 3)];
-        let t = RouteTable::new_edge(me, 5, Some((11, Ipv4Addr::new(10, 0, 0, 1))), members.clone(), 8);
+        let t = RouteTable::new_edge(
+            me,
+            5,
+            Some((11, Ipv4Addr::new(10, 0, 0, 1))),
+            members.clone(),
+            8,
+        );
         assert_eq!(t.lookup(me), NextHop::Npd);
         assert_eq!(t.lookup(ip("10.0.0.10")), NextHop::Edge(11));
         assert_eq!(t.lookup(ip("8.8.8.8")), NextHop::Edge(11));

@@ -1203,7 +1203,11 @@ mod tests {
             h.write(&mut buf);
             buf[HEADER_LEN..HEADER_LEN + 45].copy_from_slice(&payload);
             let n = keys[0].seal_auth(&mut buf, 45).unwrap();
-            assert_eq!(hex::encode(&buf[..n]), wrapping.concat(), "{suite} wrapping");
+            assert_eq!(
+                hex::encode(&buf[..n]),
+                wrapping.concat(),
+                "{suite} wrapping"
+            );
             assert_eq!(keys[0].verify(&buf), Ok(()));
             buf[HEADER_LEN] ^= 1;
             assert_eq!(keys[0].verify(&buf), Err(CryptoError::BadTag));

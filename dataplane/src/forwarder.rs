@@ -155,10 +155,7 @@ impl Forwarder {
             self.counters.drop(DropReason::NoRoute);
             return Out::drop();
         };
-        let Some((src, dst)) = buf
-            .get(at..at + n)
-            .and_then(wire::ipv4_src_dst)
-        else {
+        let Some((src, dst)) = buf.get(at..at + n).and_then(wire::ipv4_src_dst) else {
             self.counters.drop(DropReason::NotIpv4);
             return Out::drop();
         };
@@ -212,14 +209,10 @@ impl Forwarder {
             return Out::drop();
         }
         let batch = self.batch;
-        let Some((counter, keys, index)) = self
-            .sessions
-            .tx(dst)
-            .and_then(|t| {
-                let index = t.remote_index;
-                t.take(batch).map(|(c, k)| (c, k, index))
-            })
-        else {
+        let Some((counter, keys, index)) = self.sessions.tx(dst).and_then(|t| {
+            let index = t.remote_index;
+            t.take(batch).map(|(c, k)| (c, k, index))
+        }) else {
             self.counters.drop(DropReason::NoSession);
             return Out::drop();
         };
@@ -345,7 +338,12 @@ impl Forwarder {
     /// Authenticates `pkt` under the session its header names, decrypting
     /// it if `open`; records its counter. The payload's range, or why not.
     #[inline]
-    fn authenticate(&mut self, hdr: &Header, pkt: &mut [u8], open: bool) -> Result<Range<usize>, DropReason> {
+    fn authenticate(
+        &mut self,
+        hdr: &Header,
+        pkt: &mut [u8],
+        open: bool,
+    ) -> Result<Range<usize>, DropReason> {
         let Some(s) = self.sessions.rx(hdr.index) else {
             return Err(DropReason::UnknownSession);
         };
@@ -407,7 +405,14 @@ impl Forwarder {
 
     /// A wrapped packet for us to relay (§3.3 steps 1–3 on someone else's
     /// packet): check the hop, unwrap, pass the inner packet on.
-    fn relay(&mut self, routes: &RouteTable, outer: Header, buf: &mut [u8], n: usize, me: Ipv4Addr) -> Out {
+    fn relay(
+        &mut self,
+        routes: &RouteTable,
+        outer: Header,
+        buf: &mut [u8],
+        n: usize,
+        me: Ipv4Addr,
+    ) -> Out {
         if let Err(r) = self.authenticate(&outer, &mut buf[..n], false) {
             self.counters.drop(r);
             return Out::drop();
@@ -534,10 +539,9 @@ mod tests {
         let (kx, ky) = ([seed; 32], [seed ^ 0xff; 32]);
         let (ix, iy) = (u32::from(seed) << 8 | 1, u32::from(seed) << 8 | 2);
         let (xa, ya) = (x.addr, y.addr);
-        for (me, peer, mine, theirs, send_key, recv_key) in [
-            (&mut *x, ya, ix, iy, kx, ky),
-            (&mut *y, xa, iy, ix, ky, kx),
-        ] {
+        for (me, peer, mine, theirs, send_key, recv_key) in
+            [(&mut *x, ya, ix, iy, kx, ky), (&mut *y, xa, iy, ix, ky, kx)]
+        {
             me.fwd.apply(&SessionCommand::Receive {
                 peer,
                 local_index: mine,
@@ -561,7 +565,9 @@ mod tests {
         let mut buf = vec![0u8; 2048];
         buf[HEADROOM..HEADROOM + ip.len()].copy_from_slice(ip);
         from.fwd.begin_batch();
-        let out = from.fwd.outbound(&from.routes, &mut buf, HEADROOM, ip.len());
+        let out = from
+            .fwd
+            .outbound(&from.routes, &mut buf, HEADROOM, ip.len());
         let bytes = buf[out.range.clone()].to_vec();
         (out, bytes)
     }
@@ -580,7 +586,14 @@ mod tests {
 
     /// A packet as `src` would seal it for `dst` under raw keys, with any
     /// counter and index: what a member (or anyone) can forge.
-    fn forged(key: [u8; 32], index: u32, src: Ipv4Addr, dst: Ipv4Addr, counter: u64, ip: &[u8]) -> Vec<u8> {
+    fn forged(
+        key: [u8; 32],
+        index: u32,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        counter: u64,
+        ip: &[u8],
+    ) -> Vec<u8> {
         let mut tx = crate::session::TxKeys::new(key, Suite::Blowfish);
         let mut buf = vec![0u8; HEADER_LEN + ip.len() + TAG_LEN];
         buf[HEADER_LEN..HEADER_LEN + ip.len()].copy_from_slice(ip);
@@ -605,7 +618,10 @@ mod tests {
         let ip = icmp(A, B, b"hello overlay");
         let (out, wire) = send(&mut a, &ip);
         assert_eq!(out.verdict, Verdict::Udp(ua(2)));
-        assert!(!wire.windows(13).any(|w| w == b"hello overlay"), "plaintext on the wire");
+        assert!(
+            !wire.windows(13).any(|w| w == b"hello overlay"),
+            "plaintext on the wire"
+        );
         let (out, plain) = recv(&mut b, &wire);
         assert_eq!(out.verdict, Verdict::Tun);
         assert_eq!(plain, ip);
@@ -666,7 +682,10 @@ mod tests {
             let f = forged(c_key, a_index_at_b, A, B, counter, &icmp(A, B, b"as A"));
             assert_eq!(recv(&mut b, &f).0.verdict, Verdict::Drop);
         }
-        assert_eq!(drops(&b, DropReason::BadTag) + drops(&b, DropReason::RekeyLimited), 3);
+        assert_eq!(
+            drops(&b, DropReason::BadTag) + drops(&b, DropReason::RekeyLimited),
+            3
+        );
         // C's own session with A's address: refused before any MAC.
         let c_index_at_b = u32::from(6u8) << 8 | 2;
         let f = forged(c_key, c_index_at_b, A, B, 9, &icmp(A, B, b"as A"));
@@ -700,7 +719,10 @@ mod tests {
         assert_eq!(relayed[1], PacketType::Data as u8);
         assert_eq!(relayed[HOPS_OFFSET], 1);
         assert_eq!(relayed[3..], wire[HEADER_LEN + 3..wire.len() - TAG_LEN]);
-        assert!(!relayed.windows(8).any(|w| w == b"relay me"), "the relay sees plaintext");
+        assert!(
+            !relayed.windows(8).any(|w| w == b"relay me"),
+            "the relay sees plaintext"
+        );
         assert_eq!(c.fwd.counters.forwarded, 1);
         assert_eq!(recv(&mut e, &relayed).1, ip);
         // E → C → A: up the link, wrapped for C; on to A unwrapped.
@@ -738,7 +760,10 @@ mod tests {
         assert_eq!(drops(&c, DropReason::BadTag), 1);
         // An unwrapped packet for someone else is never forwarded.
         let (_, w) = send(&mut a, &icmp(A, E, b"bare"));
-        assert_eq!(recv(&mut c, &w[HEADER_LEN..w.len() - TAG_LEN]).0.verdict, Verdict::Drop);
+        assert_eq!(
+            recv(&mut c, &w[HEADER_LEN..w.len() - TAG_LEN]).0.verdict,
+            Verdict::Drop
+        );
         assert_eq!(drops(&c, DropReason::NotForUs), 1);
         assert_eq!(c.fwd.counters.forwarded, 1);
     }
@@ -760,7 +785,9 @@ mod tests {
         assert_eq!(hop_verdict(hop), Some(Verdict::Udp(ua(3))));
         buf[out.range.start + HOPS_OFFSET] = MAX_HOPS;
         let len = out.range.len();
-        let w = a.fwd.wrap(&mut buf, out.range.start, len, A, C, Verdict::Udp(ua(3)));
+        let w = a
+            .fwd
+            .wrap(&mut buf, out.range.start, len, A, C, Verdict::Udp(ua(3)));
         let (out, _) = recv(&mut c, &buf[w.range].to_vec());
         assert_eq!(out.verdict, Verdict::Drop);
         assert_eq!(drops(&c, DropReason::HopLimit), 1);
@@ -783,7 +810,11 @@ mod tests {
             // reach authentication.
             if len >= 40 && len % 2 == 0 {
                 buf[0] = wire::VERSION;
-                buf[1] = if len % 4 == 0 { PacketType::Data } else { PacketType::Relay } as u8;
+                buf[1] = if len % 4 == 0 {
+                    PacketType::Data
+                } else {
+                    PacketType::Relay
+                } as u8;
                 buf[3] = Suite::Blowfish as u8;
                 buf[4..8].copy_from_slice(&(u32::from(14u8) << 8 | 2).to_be_bytes());
                 buf[8..12].copy_from_slice(&A.octets());
@@ -904,7 +935,10 @@ mod tests {
         let (out, _) = recv(&mut b, &buf[out.range].to_vec());
         assert_eq!(out.verdict, Verdict::Drop);
         assert_eq!(b.fwd.counters.drops_total(), 0);
-        assert_eq!(b.fwd.take_confirmed().collect::<Vec<_>>(), vec![u32::from(17u8) << 8 | 2]);
+        assert_eq!(
+            b.fwd.take_confirmed().collect::<Vec<_>>(),
+            vec![u32::from(17u8) << 8 | 2]
+        );
         // Once only.
         let (_, w) = send(&mut a, &icmp(A, B, b"x"));
         recv(&mut b, &w);
@@ -954,7 +988,14 @@ mod tests {
         pair(&mut a, &mut b, 19, Suite::Blowfish);
         let index = u32::from(19u8) << 8 | 2;
         for i in 0..2000u64 {
-            let f = forged([0x99; 32], index, A, B, (i * 7919 + 3) << 10, &icmp(A, B, b"x"));
+            let f = forged(
+                [0x99; 32],
+                index,
+                A,
+                B,
+                (i * 7919 + 3) << 10,
+                &icmp(A, B, b"x"),
+            );
             recv(&mut b, &f);
         }
         let ip = icmp(A, B, b"hello");

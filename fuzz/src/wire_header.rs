@@ -112,7 +112,7 @@ fn check_parse(pkt: &[u8]) {
         (Ok(h), Ok(())) => {
             assert_eq!(h.ptype as u8, pkt[1]);
             assert_eq!(h.hops, pkt[HOPS_OFFSET]);
-            assert_eq!(h.epoch.to_be_bytes(), pkt[4..8]);
+            assert_eq!(h.index.to_be_bytes(), pkt[4..8]);
             assert_eq!(h.src.octets(), pkt[8..12]);
             assert_eq!(h.dst.octets(), pkt[12..16]);
             assert_eq!(h.counter.to_be_bytes(), pkt[16..24]);
@@ -288,7 +288,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
                 PacketType::Control
             },
             hops: 1,
-            epoch: 0,
+            index: 0,
             src: Ipv4Addr::new(10, 0, 0, 1),
             dst: Ipv4Addr::new(10, 0, 0, 2),
             counter: 5,

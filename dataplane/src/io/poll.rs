@@ -25,10 +25,9 @@ use super::shared::{
 };
 use super::IoError;
 use crate::forwarder::{Forwarder, Verdict, HEADROOM, MAX_DATA_PAYLOAD};
-use crate::wire::OVERHEAD;
 use crate::framing::{self, FrameDecoder, LEN_PREFIX};
 use crate::stats::{Counters, DropReason, Latency};
-
+use crate::wire::OVERHEAD;
 
 /// Packets read from each fd per wakeup before the others get a turn.
 const BATCH: usize = 64;

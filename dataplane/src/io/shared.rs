@@ -25,8 +25,8 @@ use ela_control::RouteTable;
 
 use super::IoError;
 use crate::crypto::MAX_PAYLOAD;
-use crate::session::SessionCommand;
 use crate::framing::FrameError;
+use crate::session::SessionCommand;
 use crate::stats::{CoreStats, Counters, DropReason};
 use crate::wire::{PacketType, HEADER_LEN, OVERHEAD};
 
