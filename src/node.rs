@@ -51,6 +51,7 @@ use crate::pending::{Admission, Admit, PendingConn, Read1, PENDING_TIMEOUT};
 use crate::status::{self, ControlCounters, EdgeView, MemberView, NodeInfo, StatusShared};
 
 mod links;
+pub mod sessions;
 
 /// Runs dataplane core `i`. A node whose dataplane is gone must not stay
 /// in the group as a black hole: when the core fails *or panics*, the node
