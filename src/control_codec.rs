@@ -88,6 +88,15 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Nanoseconds since the Unix epoch: handshake timestamps (only grow per
+/// peer; `Sessions` keeps them monotonic if the clock steps back).
+pub fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
 fn epoch_at(ms: u64) -> u32 {
     (ms / EPOCH_MS) as u32
 }

@@ -41,7 +41,7 @@ use tracing::{debug, info, warn};
 
 use crate::cli::{self, CipherArg, IoArg, RoleArg, RunArgs};
 use crate::control_codec::{
-    new_channel, unix_ms, Channel, ControlCodec, ControlDrop, Opened, CONTROL_OVERHEAD,
+    new_channel, unix_ms, unix_ns, Channel, ControlCodec, ControlDrop, Opened, CONTROL_OVERHEAD,
     MAX_CONTROL_BODY, NO_CHANNEL,
 };
 use crate::credentials::{self, Credentials, IdentityFlags};
@@ -52,6 +52,9 @@ use crate::status::{self, ControlCounters, EdgeView, MemberView, NodeInfo, Statu
 
 mod links;
 pub mod sessions;
+
+use self::sessions::{Refused, SessionDriver};
+use ela_control::cookie::SourceLimiter;
 
 /// Runs dataplane core `i`. A node whose dataplane is gone must not stay
 /// in the group as a black hole: when the core fails *or panics*, the node
@@ -118,6 +121,9 @@ const CONTROL_TICK: Duration = Duration::from_millis(250);
 /// would keep timers, keepalives and SWIM from ever running, so every
 /// EN would fail over and the group would declare this node dead.
 const CONTROL_RECV_BATCH: usize = 256;
+/// Handshakes a CN passes on per second for one source network (an EN's
+/// link, or a CN relaying for its ENs).
+const RELAYED_HANDSHAKES_PER_SEC: u32 = 50;
 
 /// Validated settings.
 pub struct NodeConfig {
@@ -368,7 +374,8 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     npd.configure(joined.addr, cfg.net.prefix_len())?;
     info!(iface = %cfg.iface, addr = %joined.addr, net = %cfg.net, mtu = cfg.mtu, queues = n, %role, io = if use_uring { "io_uring" } else { "poll" }, multishot, offload = %offloads, "NPD up");
 
-    let identity = NodeIdentity::new(node_id, joined.addr, joined.underlay, role, started_ms);
+    let identity = NodeIdentity::new(node_id, joined.addr, joined.underlay, role, started_ms)
+        .with_key(&cfg.credentials.key.public());
     let mut members = Membership::new(identity, membership::swim_config(8), rand::random());
     let seed_cns = membership::core_nodes(&joined.seeds);
     if !joined.seeds.is_empty() {
@@ -464,6 +471,20 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         connect_rx,
         next_keepalive: Instant::now(),
         fresh_attachments: FreshAttachments::new(),
+        sessions: SessionDriver::new(
+            cfg.credentials.key.clone(),
+            cfg.credentials.cert.clone(),
+            cfg.credentials.ca.clone(),
+            joined.addr,
+            cfg.secret.suite(),
+            Instant::now(),
+            &mut rand::thread_rng(),
+        ),
+        relay_limiter: SourceLimiter::new(
+            RELAYED_HANDSHAKES_PER_SEC,
+            2 * RELAYED_HANDSHAKES_PER_SEC,
+            4096,
+        ),
         use_uring,
         multishot,
         offloads,
@@ -600,6 +621,10 @@ struct Control<'a> {
     next_keepalive: Instant,
     /// (EN → CN) heard from CNs ENs just attached to; see `EdgeAttached`.
     fresh_attachments: FreshAttachments,
+    /// Pairwise sessions with every member (see `node::sessions`).
+    sessions: SessionDriver,
+    /// Handshakes this CN relays, per source network.
+    relay_limiter: SourceLimiter,
     use_uring: bool,
     multishot: bool,
     offloads: Offloads,
@@ -681,8 +706,10 @@ impl Control<'_> {
                         self.on_packet(&mut packet, Source::Link(id))
                     }
                     CoreEvent::LinkDown { id } => self.on_link_down(id),
-                    // Key confirmation: wired with the session driver.
-                    CoreEvent::SessionConfirmed { .. } => {}
+                    CoreEvent::SessionConfirmed { local_index } => {
+                        let outs = self.sessions.on_confirmed(local_index, Instant::now());
+                        self.carry_sessions(outs);
+                    }
                 }
             }
             while let Ok((cn, res)) = self.connect_rx.try_recv() {
@@ -704,6 +731,8 @@ impl Control<'_> {
         if let Some(e) = self.edge.as_mut() {
             e.handle_timeout(now);
         }
+        let outs = self.sessions.tick(now, unix_ns(), &mut rand::thread_rng());
+        self.carry_sessions(outs);
         if now >= self.next_keepalive {
             self.next_keepalive = now + KEEPALIVE_INTERVAL;
             self.keepalives(now);
@@ -727,6 +756,10 @@ impl Control<'_> {
         if let Ok(h) = Header::parse(pkt) {
             if h.ptype == PacketType::Control && !h.dst.is_unspecified() && h.dst != me {
                 self.relay(pkt, h);
+                return;
+            }
+            if h.ptype == PacketType::Handshake {
+                self.on_handshake(pkt, h, &from);
                 return;
             }
         }
@@ -1059,10 +1092,103 @@ impl Control<'_> {
             }
         };
         self.routes.store(Arc::new(table));
+        let now = Instant::now();
+        let mut outs = self.sessions.set_me(me.overlay);
+        let keyed = membership::resolve(&members)
+            .into_iter()
+            .filter_map(|m| Some((m.overlay, m.key()?)));
+        outs.extend(
+            self.sessions
+                .set_members(keyed, now, unix_ns(), &mut rand::thread_rng()),
+        );
+        self.carry_sessions(outs);
         if let Some(s) = &self.status {
             s.info.store(Arc::new(self.node_info()));
         }
         debug!(members = members.len(), "route table swapped");
+    }
+
+    /// A handshake packet: ours to answer, or (CN) one to pass on.
+    fn on_handshake(&mut self, pkt: &[u8], h: Header, from: &Source) {
+        let me = self.members.identity().overlay;
+        let from_addr = match from {
+            Source::Udp(a) => *a,
+            Source::Link(id) => match self.links.get(id) {
+                Some(l) => l.peer,
+                None => return,
+            },
+        };
+        let c = self.counters.clone();
+        if h.dst != me {
+            if self.role != Role::Core || h.hops >= MAX_HOPS {
+                c.malformed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if !self.relay_limiter.allow(Instant::now(), from_addr.ip()) {
+                c.handshakes_rate_limited.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            let mut p = pkt.to_vec();
+            p[HOPS_OFFSET] = h.hops + 1;
+            if self.send_routed(h.dst, p) {
+                c.handshakes_relayed.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        let now = Instant::now();
+        match self
+            .sessions
+            .on_packet(&h, pkt, from_addr, now, unix_now(), &mut rand::thread_rng())
+        {
+            Ok(outs) => self.carry_sessions(outs),
+            Err(r) => {
+                let counter = match r {
+                    Refused::RateLimited => &c.handshakes_rate_limited,
+                    Refused::Cookie => &c.handshakes_cookie,
+                    Refused::Handshake | Refused::Malformed => &c.handshakes_failed,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Carries out what the session driver asks for.
+    fn carry_sessions(&mut self, outs: Vec<sessions::Out>) {
+        for o in outs {
+            match o {
+                sessions::Out::Cores(cmd) => {
+                    for i in 0..self.cores.cores.len() {
+                        if self.cores.send(i, Command::Session(cmd.clone())).is_err() {
+                            (self.counters.session_commands_lost).fetch_add(1, Ordering::Relaxed);
+                            warn!(
+                                core = i,
+                                "a core's command queue is full: session keys lost"
+                            );
+                        }
+                    }
+                }
+                sessions::Out::Send { dst, packet } => {
+                    if self.send_routed(dst, packet) {
+                        (self.counters.handshakes_sent).fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        (self.counters.sessions).store(self.sessions.installed() as u64, Ordering::Relaxed);
+    }
+
+    /// Sends a control-thread packet towards the member holding `dst`,
+    /// the way the router sends data (not to where a request came from).
+    fn send_routed(&mut self, dst: Ipv4Addr, packet: Vec<u8>) -> bool {
+        let sent = match self.routes.load().lookup(dst) {
+            NextHop::Core(sa) => self.socket.send_to(&packet, sa).is_ok(),
+            NextHop::Edge(id) => self.send_frame(id, packet),
+            NextHop::Npd | NextHop::Abandon => false,
+        };
+        if sent {
+            self.counters.tx.fetch_add(1, Ordering::Relaxed);
+        }
+        sent
     }
 
     fn node_info(&self) -> NodeInfo {

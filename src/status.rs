@@ -109,6 +109,21 @@ pub struct ControlCounters {
     /// Links core 0 refused to take over because their id was still in
     /// use (a control-thread bug if ever non-zero).
     pub links_refused: AtomicU64,
+    /// Pairwise sessions installed in the cores (a gauge).
+    pub sessions: AtomicU64,
+    /// Handshake messages sent (initiations, responses, cookie replies).
+    pub handshakes_sent: AtomicU64,
+    /// Handshake packets refused: over their source's rate, refused by
+    /// the cookie layer (or answered with a cookie), or failed (bad
+    /// certificate, replay, unknown index, malformed).
+    pub handshakes_rate_limited: AtomicU64,
+    pub handshakes_cookie: AtomicU64,
+    pub handshakes_failed: AtomicU64,
+    /// Handshakes relayed for other nodes (CN).
+    pub handshakes_relayed: AtomicU64,
+    /// Session commands a core's full queue refused (a core then holds
+    /// stale keys until the next rekey; a control-thread overload).
+    pub session_commands_lost: AtomicU64,
 }
 
 pub struct StatusShared {
@@ -160,6 +175,13 @@ pub fn snapshot(s: &StatusShared) -> Value {
             "conns_pending": c.conns_pending.load(r),
             "link_events_dropped": c.link_events_dropped.load(r),
             "links_refused": c.links_refused.load(r),
+            "sessions": c.sessions.load(r),
+            "handshakes_sent": c.handshakes_sent.load(r),
+            "handshakes_rate_limited": c.handshakes_rate_limited.load(r),
+            "handshakes_cookie": c.handshakes_cookie.load(r),
+            "handshakes_failed": c.handshakes_failed.load(r),
+            "handshakes_relayed": c.handshakes_relayed.load(r),
+            "session_commands_lost": c.session_commands_lost.load(r),
         },
     });
     let info_v = serde_json::to_value(&**info).expect("NodeInfo serialises");
