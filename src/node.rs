@@ -474,7 +474,7 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         sessions: SessionDriver::new(
             cfg.credentials.key.clone(),
             cfg.credentials.cert.clone(),
-            cfg.credentials.ca.clone(),
+            cfg.credentials.ca,
             joined.addr,
             cfg.secret.suite(),
             Instant::now(),
