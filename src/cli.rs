@@ -303,9 +303,10 @@ pub struct RunArgs {
     /// Seconds to wait for a bootstrap member to answer.
     #[arg(long, default_value_t = 10)]
     pub join_timeout: u64,
-    /// MTU of the TUN interface (leave 40 bytes of ELA header/tag plus the
-    /// underlay's IP/UDP headers below the underlay MTU).
-    #[arg(long, default_value_t = 1420)]
+    /// MTU of the TUN interface: leave 80 bytes (a packet's header and
+    /// tag, and a relay hop's wrapping) plus the underlay's IP/UDP headers
+    /// below the underlay MTU, so that relayed packets are not fragmented.
+    #[arg(long, default_value_t = 1380)]
     pub mtu: u16,
     /// Dataplane I/O: io_uring (batched), or poll(2) where io_uring is
     /// disabled (some containers, kernel.io_uring_disabled).
