@@ -52,9 +52,12 @@ use crate::status::{self, ControlCounters, EdgeView, MemberView, NodeInfo, Statu
 
 mod links;
 pub mod sessions;
+pub mod state;
 
 use self::sessions::{Refused, SessionDriver};
 use ela_control::cookie::SourceLimiter;
+use ela_control::identity::Revocation;
+use ela_control::revocation::{Added, Revocations};
 
 /// Runs dataplane core `i`. A node whose dataplane is gone must not stay
 /// in the group as a black hole: when the core fails *or panics*, the node
@@ -106,7 +109,7 @@ fn is_bound(msg: &ControlMsg, via: Via, channel: &Channel, dst: Ipv4Addr, me: Ip
         (ControlMsg::JoinRequest { .. }, Via::Udp) => {
             *channel == NO_CHANNEL && dst.is_unspecified()
         }
-        (ControlMsg::Swim(_) | ControlMsg::EdgeAttached { .. }, _) => {
+        (ControlMsg::Swim(_) | ControlMsg::EdgeAttached { .. } | ControlMsg::Revoked { .. }, _) => {
             *channel == NO_CHANNEL && dst == me
         }
         _ => false,
@@ -124,6 +127,12 @@ const CONTROL_RECV_BATCH: usize = 256;
 /// Handshakes a CN passes on per second for one source network (an EN's
 /// link, or a CN relaying for its ENs).
 const RELAYED_HANDSHAKES_PER_SEC: u32 = 50;
+/// Every this often a node sends one member a batch of the revocations
+/// it holds (anti-entropy: a member that missed the flood, or joined
+/// after it, still learns them).
+const REVOCATION_GOSSIP: Duration = Duration::from_secs(5);
+/// Revocations per message (each 112 bytes encoded).
+const REVOCATIONS_PER_MSG: usize = 8;
 
 /// Validated settings.
 pub struct NodeConfig {
@@ -133,6 +142,10 @@ pub struct NodeConfig {
     /// This node's key and certificate (from files, or made from the
     /// group secret).
     pub credentials: Credentials,
+    /// Revocations held from earlier runs (see `node::state`).
+    pub revocations: Revocations,
+    /// Where they are kept.
+    pub state_file: PathBuf,
     /// The address to ask for: `--addr`, else the certificate's fixed one.
     pub addr: Option<Ipv4Addr>,
     pub net: Ipv4Net,
@@ -235,11 +248,26 @@ impl NodeConfig {
             bail!("--bootstrap needs a concrete ADDR:PORT of a member");
         }
         let control = status::control_path(a.control, &a.iface);
+        let state_file = a.state_dir.join(format!("{}.revocations", a.iface));
+        let revocations = state::load_revocations(&state_file, credentials.ca)?;
+        if revocations.contains(&credentials.fingerprint) {
+            bail!(
+                "certificate {} is revoked (state file {}): ask the authority for a new one",
+                if cert_path.is_empty() {
+                    "of this node"
+                } else {
+                    &cert_path
+                },
+                state_file.display()
+            );
+        }
         Ok(NodeConfig {
             listen: a.listen,
             bootstrap: a.bootstrap,
             secret,
             credentials,
+            revocations,
+            state_file,
             addr,
             net,
             iface: a.iface,
@@ -316,7 +344,9 @@ fn raise_fd_limit() {
     }
 }
 
-pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+pub fn run(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let held = std::mem::replace(&mut cfg.revocations, Revocations::new(cfg.credentials.ca));
+    let (revoke_tx, revoke_rx) = std::sync::mpsc::channel();
     raise_fd_limit();
     // Claim the control path first: a path that is not ours to replace
     // (or another live node's socket) fails the start before anything
@@ -480,6 +510,10 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             Instant::now(),
             &mut rand::thread_rng(),
         ),
+        revocations: held,
+        revoke_rx,
+        next_revocation_gossip: Instant::now() + REVOCATION_GOSSIP,
+        revocation_cursor: [0; 32],
         relay_limiter: SourceLimiter::new(
             RELAYED_HANDSHAKES_PER_SEC,
             2 * RELAYED_HANDSHAKES_PER_SEC,
@@ -494,12 +528,19 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         e.set_cns(Instant::now(), seed_cns);
     }
     ctl.edge_actions();
+    let held: Vec<[u8; 32]> = ctl.revocations.fingerprints().copied().collect();
+    for fp in held {
+        let outs = ctl.sessions.revoke(fp, Instant::now());
+        ctl.carry_sessions(outs);
+    }
     ctl.refresh();
     let shared = Arc::new(StatusShared {
         info: ArcSwap::from_pointee(ctl.node_info()),
         cores: stats.clone(),
         control: ctl_counters,
         started: Instant::now(),
+        ca: cfg.credentials.ca,
+        revocations: std::sync::Mutex::new(revoke_tx),
     });
     ctl.status = Some(shared.clone());
     let status_stop = Arc::new(AtomicBool::new(false));
@@ -625,6 +666,13 @@ struct Control<'a> {
     sessions: SessionDriver,
     /// Handshakes this CN relays, per source network.
     relay_limiter: SourceLimiter,
+    /// Revocations held (persisted in `cfg.state_file`).
+    revocations: Revocations,
+    /// Revocations handed over on the control socket.
+    revoke_rx: Receiver<Revocation>,
+    next_revocation_gossip: Instant,
+    /// Where the next gossip batch starts (round robin).
+    revocation_cursor: [u8; 32],
     use_uring: bool,
     multishot: bool,
     offloads: Offloads,
@@ -715,6 +763,10 @@ impl Control<'_> {
             while let Ok((cn, res)) = self.connect_rx.try_recv() {
                 self.on_connected(cn, res);
             }
+            let handed: Vec<Revocation> = self.revoke_rx.try_iter().collect();
+            if !handed.is_empty() {
+                self.take_revocations(handed, None);
+            }
             self.tick();
         }
         Ok(())
@@ -733,6 +785,10 @@ impl Control<'_> {
         }
         let outs = self.sessions.tick(now, unix_ns(), &mut rand::thread_rng());
         self.carry_sessions(outs);
+        if now >= self.next_revocation_gossip {
+            self.next_revocation_gossip = now + REVOCATION_GOSSIP;
+            self.gossip_revocations();
+        }
         if now >= self.next_keepalive {
             self.next_keepalive = now + KEEPALIVE_INTERVAL;
             self.keepalives(now);
@@ -812,6 +868,14 @@ impl Control<'_> {
                 self.attached(id, identity, primary, seq);
             }
             ControlMsg::Keepalive => {}
+            ControlMsg::Revoked { revocations } => {
+                let list: Vec<Revocation> = revocations
+                    .iter()
+                    .take(REVOCATIONS_PER_MSG)
+                    .filter_map(|b| Revocation::decode(b).ok())
+                    .collect();
+                self.take_revocations(list, Some(hdr.src));
+            }
             ControlMsg::Hello { nonce } => {
                 // EN side: the CN's nonce; now our Attach can be bound.
                 let Source::Link(id) = from else { return };
@@ -954,24 +1018,7 @@ impl Control<'_> {
                 &NO_CHANNEL,
                 unix_ms(),
             );
-            let sent = match (self.role, t.to.role) {
-                (Role::Core, Role::Core) => {
-                    !t.to.underlay.ip().is_unspecified()
-                        && self.socket.send_to(&p, t.to.underlay).is_ok()
-                }
-                (Role::Core, Role::Edge) => match self.routes.load().lookup(t.to.overlay) {
-                    NextHop::Core(sa) => self.socket.send_to(&p, sa).is_ok(),
-                    NextHop::Edge(id) => self.send_frame(id, p),
-                    _ => false,
-                },
-                (Role::Edge, _) => match self.edge.as_ref().and_then(|e| e.primary()) {
-                    Some((_, id)) => self.send_frame(id, p),
-                    None => false,
-                },
-            };
-            if sent {
-                self.counters.tx.fetch_add(1, Ordering::Relaxed);
-            }
+            self.send_to_member(&t.to, p);
         }
     }
 
@@ -1152,6 +1199,110 @@ impl Control<'_> {
         }
     }
 
+    /// Revocations heard of (handed over on the control socket, or from
+    /// the member `from`): the authority's are kept, persisted, applied
+    /// (sessions with the revoked node go) and the new ones passed on to
+    /// every other member at once.
+    fn take_revocations(&mut self, list: Vec<Revocation>, from: Option<Ipv4Addr>) {
+        let mut fresh = Vec::new();
+        for r in list {
+            match self.revocations.add(r.clone()) {
+                Ok(Added::New) => fresh.push(r),
+                Ok(Added::Known) => {}
+                Err(e) => {
+                    self.counters.bad_tag.fetch_add(1, Ordering::Relaxed);
+                    debug!("revocation refused: {e}");
+                }
+            }
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        if let Err(e) = state::save_revocations(&self.cfg.state_file, &self.revocations) {
+            warn!("{e:#}: the revocation holds until this node stops");
+        }
+        let now = Instant::now();
+        for r in &fresh {
+            let fp = r.fingerprint;
+            if fp == self.cfg.credentials.fingerprint {
+                warn!("the authority revoked this node's own certificate: members will refuse it");
+            } else {
+                info!(fingerprint = %hex32(&fp), "certificate revoked");
+            }
+            let outs = self.sessions.revoke(fp, now);
+            self.carry_sessions(outs);
+        }
+        let msg = ControlMsg::Revoked {
+            revocations: fresh.iter().map(Revocation::encode).collect(),
+        };
+        let me = self.members.identity().overlay;
+        let targets: Vec<NodeIdentity> = membership::resolve(&self.members.members())
+            .into_iter()
+            .filter(|m| m.overlay != me && Some(m.overlay) != from)
+            .collect();
+        for t in targets {
+            self.send_msg(&msg, &t);
+        }
+        if let Some(s) = &self.status {
+            s.info.store(Arc::new(self.node_info()));
+        }
+    }
+
+    /// Anti-entropy: one batch of the revocations held to one member.
+    fn gossip_revocations(&mut self) {
+        if self.revocations.is_empty() {
+            return;
+        }
+        let me = self.members.identity().overlay;
+        let members: Vec<NodeIdentity> = membership::resolve(&self.members.members())
+            .into_iter()
+            .filter(|m| m.overlay != me)
+            .collect();
+        if members.is_empty() {
+            return;
+        }
+        let to = &members[rand::thread_rng().gen_range(0..members.len())];
+        let (batch, next) = self
+            .revocations
+            .batch(&self.revocation_cursor, REVOCATIONS_PER_MSG);
+        self.revocation_cursor = next;
+        let msg = ControlMsg::Revoked {
+            revocations: batch.iter().map(Revocation::encode).collect(),
+        };
+        self.send_msg(&msg, to);
+    }
+
+    /// Seals a control message for member `to` and sends it its way.
+    fn send_msg(&mut self, msg: &ControlMsg, to: &NodeIdentity) -> bool {
+        let me = self.members.identity().overlay;
+        let p = self.codec.seal(msg, me, to.overlay, &NO_CHANNEL, unix_ms());
+        self.send_to_member(to, p)
+    }
+
+    /// Sends a sealed control packet to a member: straight to a CN's
+    /// underlay, to an EN the way the router goes, and from an EN up its
+    /// primary link.
+    fn send_to_member(&mut self, to: &NodeIdentity, p: Vec<u8>) -> bool {
+        let sent = match (self.role, to.role) {
+            (Role::Core, Role::Core) => {
+                !to.underlay.ip().is_unspecified() && self.socket.send_to(&p, to.underlay).is_ok()
+            }
+            (Role::Core, Role::Edge) => match self.routes.load().lookup(to.overlay) {
+                NextHop::Core(sa) => self.socket.send_to(&p, sa).is_ok(),
+                NextHop::Edge(id) => self.send_frame(id, p),
+                _ => false,
+            },
+            (Role::Edge, _) => match self.edge.as_ref().and_then(|e| e.primary()) {
+                Some((_, id)) => self.send_frame(id, p),
+                None => false,
+            },
+        };
+        if sent {
+            self.counters.tx.fetch_add(1, Ordering::Relaxed);
+        }
+        sent
+    }
+
     /// Carries out what the session driver asks for.
     fn carry_sessions(&mut self, outs: Vec<sessions::Out>) {
         for o in outs {
@@ -1240,6 +1391,7 @@ impl Control<'_> {
             primary,
             backup,
             edges,
+            revoked: self.revocations.fingerprints().map(hex32).collect(),
             members: ms
                 .iter()
                 .map(|x| MemberView {

@@ -224,6 +224,13 @@ impl SessionDriver {
         out
     }
 
+    /// The authority revoked the certificate with `fingerprint`: every
+    /// session proved with it goes, and it is refused from now on.
+    pub fn revoke(&mut self, fingerprint: [u8; 32], now: Instant) -> Vec<Out> {
+        let acts = self.sessions.revoke(fingerprint);
+        self.carry(acts, now)
+    }
+
     /// A core saw the first authenticated packet on `local_index`.
     pub fn on_confirmed(&mut self, local_index: u32, now: Instant) -> Vec<Out> {
         let acts = self.sessions.confirm(local_index);
