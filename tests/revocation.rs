@@ -169,7 +169,7 @@ fn a_revocation_reaches_every_member_and_outlives_their_restarts() {
         ])?;
         eprintln!("{}", out.trim());
         // Every other member holds it: the time the mesh took.
-        let mut reached = vec![None; N];
+        let mut reached = [None; N];
         while reached[..N - 1].iter().any(Option::is_none) && t0.elapsed() < Duration::from_secs(30)
         {
             for (k, n) in nodes.iter().enumerate().take(N - 1) {

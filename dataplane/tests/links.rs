@@ -206,6 +206,8 @@ fn expect_eof(peer: &mut UnixStream, what: &str) {
             Ok(0) => return,
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            // A signal (under load, CI's) is no answer either way.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => panic!("{what}: not closed ({e})"),
         }
         assert!(Instant::now() < deadline, "{what}: not closed");
