@@ -161,6 +161,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 signal_hook::flag::register(sig, stop.clone())
                     .context("installing signal handlers")?;
             }
+            signal_hook::flag::register(signal_hook::consts::SIGHUP, cfg.reload.clone())
+                .context("installing signal handlers")?;
             node::run(cfg, stop)
         }
     }

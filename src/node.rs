@@ -146,6 +146,10 @@ pub struct NodeConfig {
     pub revocations: Revocations,
     /// Where they are kept.
     pub state_file: PathBuf,
+    /// `--ca --cert --node-key`, read again on SIGHUP (renewal).
+    pub identity_files: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// Set by SIGHUP: take in a renewed certificate and the state file.
+    pub reload: Arc<AtomicBool>,
     /// The address to ask for: `--addr`, else the certificate's fixed one.
     pub addr: Option<Ipv4Addr>,
     pub net: Ipv4Net,
@@ -268,6 +272,9 @@ impl NodeConfig {
             credentials,
             revocations,
             state_file,
+            identity_files: identity_files
+                .map(|(a, b, c)| (a.to_path_buf(), b.to_path_buf(), c.to_path_buf())),
+            reload: Arc::new(AtomicBool::new(false)),
             addr,
             net,
             iface: a.iface,
@@ -511,6 +518,11 @@ pub fn run(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             &mut rand::thread_rng(),
         ),
         revocations: held,
+        cert_view: (
+            cfg.credentials.name.clone(),
+            cfg.credentials.fingerprint,
+            cfg.credentials.expires,
+        ),
         revoke_rx,
         next_revocation_gossip: Instant::now() + REVOCATION_GOSSIP,
         revocation_cursor: [0; 32],
@@ -668,6 +680,9 @@ struct Control<'a> {
     relay_limiter: SourceLimiter,
     /// Revocations held (persisted in `cfg.state_file`).
     revocations: Revocations,
+    /// This node's certificate as status shows it: (name, fingerprint,
+    /// expires); renewed on SIGHUP.
+    cert_view: (String, [u8; 32], u64),
     /// Revocations handed over on the control socket.
     revoke_rx: Receiver<Revocation>,
     next_revocation_gossip: Instant,
@@ -762,6 +777,9 @@ impl Control<'_> {
             }
             while let Ok((cn, res)) = self.connect_rx.try_recv() {
                 self.on_connected(cn, res);
+            }
+            if self.cfg.reload.swap(false, Ordering::Relaxed) {
+                self.reload();
             }
             let handed: Vec<Revocation> = self.revoke_rx.try_iter().collect();
             if !handed.is_empty() {
@@ -1248,6 +1266,56 @@ impl Control<'_> {
         }
     }
 
+    /// SIGHUP: a renewed certificate (same authority, same node key) and
+    /// revocations added to the state file are taken in; sessions and
+    /// flows go on. Anything wrong is logged and changes nothing.
+    fn reload(&mut self) {
+        match state::load_revocations(&self.cfg.state_file, self.cfg.credentials.ca) {
+            Ok(file) => {
+                let list: Vec<Revocation> = file.iter().cloned().collect();
+                self.take_revocations(list, None);
+            }
+            Err(e) => warn!("SIGHUP: {e:#}"),
+        }
+        let Some((ca, cert, key)) = &self.cfg.identity_files else {
+            info!("SIGHUP: group mode has no certificate file to renew");
+            return;
+        };
+        let creds = match Credentials::load(ca, cert, key, unix_now()) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("SIGHUP: {e:#}; keeping the current certificate");
+                return;
+            }
+        };
+        if creds.ca != self.cfg.credentials.ca {
+            warn!(
+                "SIGHUP: {} is another authority; a new authority needs a restart",
+                ca.display()
+            );
+            return;
+        }
+        if self.revocations.contains(&creds.fingerprint) {
+            warn!(
+                "SIGHUP: certificate {} is revoked; keeping the current one",
+                cert.display()
+            );
+            return;
+        }
+        if let Err(e) = self.sessions.set_cert(creds.cert.clone()) {
+            warn!(
+                "SIGHUP: certificate {}: {e}; a new node key needs a restart",
+                cert.display()
+            );
+            return;
+        }
+        info!(name = %creds.name, fingerprint = %hex32(&creds.fingerprint), "SIGHUP: certificate renewed");
+        self.cert_view = (creds.name, creds.fingerprint, creds.expires);
+        if let Some(s) = &self.status {
+            s.info.store(Arc::new(self.node_info()));
+        }
+    }
+
     /// Anti-entropy: one batch of the revocations held to one member.
     fn gossip_revocations(&mut self) {
         if self.revocations.is_empty() {
@@ -1385,9 +1453,9 @@ impl Control<'_> {
             cipher: self.secret.suite().name().to_string(),
             offload: self.offloads,
             key_fingerprint: self.secret.fingerprint(),
-            name: self.cfg.credentials.name.clone(),
-            fingerprint: hex32(&self.cfg.credentials.fingerprint),
-            expires: self.cfg.credentials.expires,
+            name: self.cert_view.0.clone(),
+            fingerprint: hex32(&self.cert_view.1),
+            expires: self.cert_view.2,
             primary,
             backup,
             edges,

@@ -224,6 +224,12 @@ impl SessionDriver {
         out
     }
 
+    /// A renewed certificate for this node's key (SIGHUP); new handshakes
+    /// prove it, sessions go on.
+    pub fn set_cert(&mut self, cert: Cert) -> Result<(), ela_control::identity::IdentityError> {
+        self.sessions.set_cert(cert)
+    }
+
     /// The authority revoked the certificate with `fingerprint`: every
     /// session proved with it goes, and it is refused from now on.
     pub fn revoke(&mut self, fingerprint: [u8; 32], now: Instant) -> Vec<Out> {
