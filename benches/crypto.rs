@@ -14,7 +14,7 @@ use std::time::Duration;
 use cipher::{BlockEncrypt, KeyInit};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ela_dataplane::blowfish::Blowfish;
-use ela_dataplane::crypto::{self, epoch_of, wire_epoch, GroupSecret, PacketKeys, Suite};
+use ela_dataplane::crypto::{self, epoch_of, GroupSecret, PacketKeys, Suite};
 use ela_dataplane::wire::{Header, PacketType, HEADER_LEN, OVERHEAD};
 use hmac::{Hmac, Mac};
 use poly1305::universal_hash::UniversalHash;
@@ -36,7 +36,7 @@ fn packet_buf(payload_len: usize) -> Vec<u8> {
     Header {
         ptype: PacketType::Data,
         hops: 0,
-        epoch: wire_epoch(COUNTER),
+        index: 1,
         src: Ipv4Addr::new(10, 0, 0, 1),
         dst: Ipv4Addr::new(10, 0, 0, 2),
         counter: COUNTER,

@@ -9,12 +9,9 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
-use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use ela_dataplane::crypto::{GroupSecret, Suite};
+use ela_dataplane::crypto::Suite;
 use ela_dataplane::forwarder::{Forwarder, Verdict};
 use ela_dataplane::offload::{self, Send, MAX_SEGMENTS, VIRTIO_NET_HDR_LEN};
 
@@ -31,7 +28,6 @@ fn tso_read(seq: u32) -> Vec<u8> {
 
 fn bench(c: &mut Criterion) {
     for suite in Suite::ALL {
-        let secret = Arc::new(GroupSecret::from_bytes([7; 32]).with_suite(suite));
         let (ta, tb) = (table(A, 1), table(B, 2));
         let mut g = c.benchmark_group(format!("offload/{}", suite.name()));
         g.throughput(Throughput::Bytes(PAYLOAD as u64));
@@ -40,7 +36,9 @@ fn bench(c: &mut Criterion) {
         let mut staging = vec![0u8; 256 << 10];
         let mut sizes = Box::new([0usize; MAX_SEGMENTS]);
         let mut sends: Vec<Send<SocketAddr>> = Vec::with_capacity(64);
-        let mut a = Forwarder::new(secret.clone(), Arc::new(AtomicU64::new(0)));
+        let mut a = Forwarder::new();
+        let mut a_peer = Forwarder::new();
+        common::connect(&mut a, A, &mut a_peer, B, suite);
         g.bench_function("send: split + seal + plan, 64 KiB", |bch| {
             bch.iter(|| {
                 read.copy_from_slice(&template);
@@ -50,7 +48,7 @@ fn bench(c: &mut Criterion) {
                 for i in 0..split.count {
                     let start = i * split.stride;
                     let chunk = &mut staging[start..start + split.stride];
-                    let out = a.outbound(&ta, chunk, sizes[i]);
+                    let out = a.outbound(&ta, chunk, HEADER_LEN, sizes[i]);
                     if let Verdict::Udp(to) = out.verdict {
                         offload::plan(
                             &mut sends,
@@ -69,7 +67,9 @@ fn bench(c: &mut Criterion) {
 
         // Receive: sealed segments of consecutive super-packets (fresh
         // counters each time, so no replays), opened and coalesced.
-        let mut sender = Forwarder::new(secret.clone(), Arc::new(AtomicU64::new(0)));
+        let mut sender = Forwarder::new();
+        let mut b = Forwarder::new();
+        common::connect(&mut sender, A, &mut b, B, suite);
         let mut seq = 0u32;
         let mut make = move || {
             let mut r = tso_read(seq);
@@ -81,17 +81,20 @@ fn bench(c: &mut Criterion) {
             (0..split.count)
                 .map(|i| {
                     let start = i * split.stride;
-                    let out = sender.outbound(&ta, &mut st[start..start + split.stride], sz[i]);
+                    let out = sender.outbound(
+                        &ta,
+                        &mut st[start..start + split.stride],
+                        HEADER_LEN,
+                        sz[i],
+                    );
                     debug_assert_eq!(out.range.len(), HEADER_LEN + sz[i] + TAG_LEN);
                     st[start..start + out.range.end].to_vec()
                 })
                 .collect::<Vec<_>>()
         };
-        let mut b = Forwarder::new(secret.clone(), Arc::new(AtomicU64::new(0)));
         let mut rx: Vec<Vec<u8>> = (0..64).map(|_| Vec::with_capacity(70_000)).collect();
         let mut gro = offload::Gro::new();
         let mut gro_out = Vec::with_capacity(64);
-        let now = Instant::now();
         g.bench_function("receive: open + GRO, 64 KiB", |bch| {
             bch.iter_batched(
                 &mut make,
@@ -100,7 +103,7 @@ fn bench(c: &mut Criterion) {
                     let mut used = 0;
                     for p in pkts.iter_mut() {
                         let n = p.len();
-                        let out = b.inbound(now, &tb, p, n);
+                        let out = b.inbound(&tb, p, n);
                         if out.verdict == Verdict::Tun {
                             let v = &mut rx[used];
                             v.clear();

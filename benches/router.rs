@@ -133,7 +133,13 @@ fn cycle(c: &mut Criterion) {
         }
     }
     // An EN's table: one comparison, for reference.
-    let en = RouteTable::new_edge(Ipv4Addr::new(10, 0, 0, 2), 2, Some(0), vec![], 1);
+    let en = RouteTable::new_edge(
+        Ipv4Addr::new(10, 0, 0, 2),
+        2,
+        Some((0, Ipv4Addr::new(10, 0, 0, 1))),
+        vec![],
+        1,
+    );
     group.bench_function("edge", |b| {
         b.iter(|| en.lookup(black_box(Ipv4Addr::new(10, 1, 2, 3))))
     });

@@ -19,9 +19,9 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use ela_dataplane::crypto::{GroupSecret, Suite};
-use ela_dataplane::forwarder::Forwarder;
-use ela_dataplane::wire::HEADER_LEN;
+use ela_dataplane::crypto::Suite;
+use ela_dataplane::forwarder::{Forwarder, HEADROOM};
+use ela_dataplane::session::SessionCommand;
 
 const BATCH: usize = 64;
 const LEN: usize = 1400;
@@ -29,21 +29,30 @@ const RUN: Duration = Duration::from_millis(1500);
 
 /// Bytes of plaintext sealed per second by `threads` cores together.
 fn run(suite: Suite, threads: usize, cores: &[core_affinity::CoreId]) -> f64 {
-    let secret = Arc::new(GroupSecret::from_bytes([7; 32]).with_suite(suite));
     let routes = Arc::new(ArcSwap::from_pointee(common::table(common::A, 1)));
     let sequence = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let start = Arc::new(Barrier::new(threads + 1));
     let handles: Vec<_> = (0..threads)
         .map(|i| {
-            let (secret, routes, sequence) = (secret.clone(), routes.clone(), sequence.clone());
+            let (routes, sequence) = (routes.clone(), sequence.clone());
             let (stop, start) = (stop.clone(), start.clone());
             let core = cores.get(i % cores.len().max(1)).copied();
             std::thread::spawn(move || {
                 if let Some(c) = core {
                     core_affinity::set_for_current(c);
                 }
-                let mut fwd = Forwarder::new(secret, sequence);
+                // The cores of one node share each session's counter.
+                let mut fwd = Forwarder::new();
+                fwd.apply(&SessionCommand::Send {
+                    peer: common::B,
+                    local_index: 1,
+                    remote_index: 2,
+                    suite,
+                    key: [7; 32],
+                    counter: sequence,
+                    keepalive: Arc::new(AtomicBool::new(false)),
+                });
                 let ip = common::ip_packet(LEN);
                 let mut bufs = vec![vec![0u8; 2048]; BATCH];
                 let mut bytes = 0u64;
@@ -52,8 +61,8 @@ fn run(suite: Suite, threads: usize, cores: &[core_affinity::CoreId]) -> f64 {
                     let table = routes.load();
                     fwd.begin_batch();
                     for buf in bufs.iter_mut() {
-                        buf[HEADER_LEN..HEADER_LEN + LEN].copy_from_slice(&ip);
-                        std::hint::black_box(fwd.outbound(&table, buf, LEN));
+                        buf[HEADROOM..HEADROOM + LEN].copy_from_slice(&ip);
+                        std::hint::black_box(fwd.outbound(&table, buf, HEADROOM, LEN));
                     }
                     bytes += (BATCH * LEN) as u64;
                 }

@@ -46,6 +46,19 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: CertCmd,
     },
+    /// Hand a revocation (from `ela-fast ca revoke`) to a running node:
+    /// it checks the authority's signature, keeps it across restarts,
+    /// drops the revoked node's sessions and spreads it to every member.
+    Revoke {
+        /// The revocation file.
+        file: PathBuf,
+        /// The node's control socket (default /run/ela-fast/ela0.sock).
+        #[arg(long)]
+        control: Option<PathBuf>,
+        /// Interface name, to find the default socket of a node run with --iface.
+        #[arg(long, default_value = "ela0")]
+        iface: String,
+    },
     /// Ask a running node for its address, role, members and counters.
     Status {
         #[arg(long)]
@@ -303,9 +316,15 @@ pub struct RunArgs {
     /// Seconds to wait for a bootstrap member to answer.
     #[arg(long, default_value_t = 10)]
     pub join_timeout: u64,
-    /// MTU of the TUN interface (leave 40 bytes of ELA header/tag plus the
-    /// underlay's IP/UDP headers below the underlay MTU).
-    #[arg(long, default_value_t = 1420)]
+    /// Directory for state kept across restarts (the revocations this
+    /// node holds, in `<iface>.revocations`); created (mode 0700) if
+    /// missing.
+    #[arg(long, default_value = "/var/lib/ela-fast")]
+    pub state_dir: PathBuf,
+    /// MTU of the TUN interface: leave 80 bytes (a packet's header and
+    /// tag, and a relay hop's wrapping) plus the underlay's IP/UDP headers
+    /// below the underlay MTU, so that relayed packets are not fragmented.
+    #[arg(long, default_value_t = 1380)]
     pub mtu: u16,
     /// Dataplane I/O: io_uring (batched), or poll(2) where io_uring is
     /// disabled (some containers, kernel.io_uring_disabled).

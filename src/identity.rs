@@ -161,6 +161,11 @@ pub fn load_cert(path: &Path) -> anyhow::Result<Cert> {
         .with_context(|| format!("certificate {}", path.display()))
 }
 
+pub fn load_revocation(path: &Path) -> anyhow::Result<ela_control::identity::Revocation> {
+    ela_control::identity::Revocation::parse(&read(path, "revocation")?)
+        .with_context(|| format!("revocation {}", path.display()))
+}
+
 pub fn node_key(out: &Path) -> anyhow::Result<()> {
     let key = NodeKey::generate(&mut rand::rngs::OsRng);
     let public = key.public_file();

@@ -669,7 +669,8 @@ mod tests {
             assert_eq!(o.channel, nonce, "bound to its request");
             let r = parse_reply(o.msg).unwrap();
             assert_eq!(r.members[0], me, "the member itself first");
-            assert!(r.members.len() >= 15, "only {} members", r.members.len());
+            // A head start (keys included); SWIM brings the rest.
+            assert!(r.members.len() >= 8, "only {} members", r.members.len());
             let offer = r.offer.expect("an address offered");
             assert!(
                 !members.iter().any(|m| m.overlay == offer),

@@ -97,6 +97,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Cmd::Ca { cmd }) => identity::ca(&cmd),
         Some(Cmd::NodeKey { out }) => identity::node_key(&out),
         Some(Cmd::Cert { cmd }) => identity::cert(&cmd),
+        Some(Cmd::Revoke {
+            file,
+            control,
+            iface,
+        }) => {
+            let r = identity::load_revocation(&file)?;
+            let path = status::control_path(control, &iface);
+            let v = status::request(&path, &format!("revoke {}", r.to_file_string().trim()))?;
+            println!(
+                "{} the revocation of {} (the node spreads it to every member)",
+                if v["new"] == true {
+                    "handed over"
+                } else {
+                    "the node already held"
+                },
+                v["fingerprint"].as_str().unwrap_or("?")
+            );
+            Ok(())
+        }
         Some(Cmd::Status {
             json,
             control,
@@ -142,6 +161,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 signal_hook::flag::register(sig, stop.clone())
                     .context("installing signal handlers")?;
             }
+            signal_hook::flag::register(signal_hook::consts::SIGHUP, cfg.reload.clone())
+                .context("installing signal handlers")?;
             node::run(cfg, stop)
         }
     }

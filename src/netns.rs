@@ -1013,6 +1013,12 @@ impl Lab {
             spec.key.to_string_lossy().into_owned(),
             "--control".into(),
             control.to_string_lossy().into_owned(),
+            // The lab's own state, never the machine's.
+            "--state-dir".into(),
+            self.dir
+                .join(format!("{name}-state"))
+                .to_string_lossy()
+                .into_owned(),
         ];
         for b in &spec.bootstrap {
             args.push("--bootstrap".into());

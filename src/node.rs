@@ -12,7 +12,7 @@ use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,7 +41,7 @@ use tracing::{debug, info, warn};
 
 use crate::cli::{self, CipherArg, IoArg, RoleArg, RunArgs};
 use crate::control_codec::{
-    new_channel, unix_ms, Channel, ControlCodec, ControlDrop, Opened, CONTROL_OVERHEAD,
+    new_channel, unix_ms, unix_ns, Channel, ControlCodec, ControlDrop, Opened, CONTROL_OVERHEAD,
     MAX_CONTROL_BODY, NO_CHANNEL,
 };
 use crate::credentials::{self, Credentials, IdentityFlags};
@@ -51,6 +51,13 @@ use crate::pending::{Admission, Admit, PendingConn, Read1, PENDING_TIMEOUT};
 use crate::status::{self, ControlCounters, EdgeView, MemberView, NodeInfo, StatusShared};
 
 mod links;
+pub mod sessions;
+pub mod state;
+
+use self::sessions::{Refused, SessionDriver};
+use ela_control::cookie::SourceLimiter;
+use ela_control::identity::Revocation;
+use ela_control::revocation::{Added, Revocations};
 
 /// Runs dataplane core `i`. A node whose dataplane is gone must not stay
 /// in the group as a black hole: when the core fails *or panics*, the node
@@ -102,7 +109,7 @@ fn is_bound(msg: &ControlMsg, via: Via, channel: &Channel, dst: Ipv4Addr, me: Ip
         (ControlMsg::JoinRequest { .. }, Via::Udp) => {
             *channel == NO_CHANNEL && dst.is_unspecified()
         }
-        (ControlMsg::Swim(_) | ControlMsg::EdgeAttached { .. }, _) => {
+        (ControlMsg::Swim(_) | ControlMsg::EdgeAttached { .. } | ControlMsg::Revoked { .. }, _) => {
             *channel == NO_CHANNEL && dst == me
         }
         _ => false,
@@ -117,6 +124,15 @@ const CONTROL_TICK: Duration = Duration::from_millis(250);
 /// would keep timers, keepalives and SWIM from ever running, so every
 /// EN would fail over and the group would declare this node dead.
 const CONTROL_RECV_BATCH: usize = 256;
+/// Handshakes a CN passes on per second for one source network (an EN's
+/// link, or a CN relaying for its ENs).
+const RELAYED_HANDSHAKES_PER_SEC: u32 = 50;
+/// Every this often a node sends one member a batch of the revocations
+/// it holds (anti-entropy: a member that missed the flood, or joined
+/// after it, still learns them).
+const REVOCATION_GOSSIP: Duration = Duration::from_secs(5);
+/// Revocations per message (each 112 bytes encoded).
+const REVOCATIONS_PER_MSG: usize = 8;
 
 /// Validated settings.
 pub struct NodeConfig {
@@ -126,6 +142,14 @@ pub struct NodeConfig {
     /// This node's key and certificate (from files, or made from the
     /// group secret).
     pub credentials: Credentials,
+    /// Revocations held from earlier runs (see `node::state`).
+    pub revocations: Revocations,
+    /// Where they are kept.
+    pub state_file: PathBuf,
+    /// `--ca --cert --node-key`, read again on SIGHUP (renewal).
+    pub identity_files: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// Set by SIGHUP: take in a renewed certificate and the state file.
+    pub reload: Arc<AtomicBool>,
     /// The address to ask for: `--addr`, else the certificate's fixed one.
     pub addr: Option<Ipv4Addr>,
     pub net: Ipv4Net,
@@ -228,11 +252,29 @@ impl NodeConfig {
             bail!("--bootstrap needs a concrete ADDR:PORT of a member");
         }
         let control = status::control_path(a.control, &a.iface);
+        let state_file = a.state_dir.join(format!("{}.revocations", a.iface));
+        let revocations = state::load_revocations(&state_file, credentials.ca)?;
+        if revocations.contains(&credentials.fingerprint) {
+            bail!(
+                "certificate {} is revoked (state file {}): ask the authority for a new one",
+                if cert_path.is_empty() {
+                    "of this node"
+                } else {
+                    &cert_path
+                },
+                state_file.display()
+            );
+        }
         Ok(NodeConfig {
             listen: a.listen,
             bootstrap: a.bootstrap,
             secret,
             credentials,
+            revocations,
+            state_file,
+            identity_files: identity_files
+                .map(|(a, b, c)| (a.to_path_buf(), b.to_path_buf(), c.to_path_buf())),
+            reload: Arc::new(AtomicBool::new(false)),
             addr,
             net,
             iface: a.iface,
@@ -309,7 +351,9 @@ fn raise_fd_limit() {
     }
 }
 
-pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+pub fn run(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let held = std::mem::replace(&mut cfg.revocations, Revocations::new(cfg.credentials.ca));
+    let (revoke_tx, revoke_rx) = std::sync::mpsc::channel();
     raise_fd_limit();
     // Claim the control path first: a path that is not ours to replace
     // (or another live node's socket) fails the start before anything
@@ -367,7 +411,8 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     npd.configure(joined.addr, cfg.net.prefix_len())?;
     info!(iface = %cfg.iface, addr = %joined.addr, net = %cfg.net, mtu = cfg.mtu, queues = n, %role, io = if use_uring { "io_uring" } else { "poll" }, multishot, offload = %offloads, "NPD up");
 
-    let identity = NodeIdentity::new(node_id, joined.addr, joined.underlay, role, started_ms);
+    let identity = NodeIdentity::new(node_id, joined.addr, joined.underlay, role, started_ms)
+        .with_key(&cfg.credentials.key.public());
     let mut members = Membership::new(identity, membership::swim_config(8), rand::random());
     let seed_cns = membership::core_nodes(&joined.seeds);
     if !joined.seeds.is_empty() {
@@ -376,7 +421,6 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
 
     let routes = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
     let stats: Arc<[CoreStats]> = (0..n).map(|_| CoreStats::default()).collect();
-    let sequence = Arc::new(AtomicU64::new(0));
     let core_shared = Shared::new(n)?;
 
     // Dataplane cores.
@@ -396,8 +440,6 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             tun_fd: tun_fds[i],
             udp_fd: group.data[i].as_raw_fd(),
             routes: routes.clone(),
-            secret: secret.clone(),
-            sequence: sequence.clone(),
             stats: stats.clone(),
             shared: core_shared.clone(),
         };
@@ -466,6 +508,29 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         connect_rx,
         next_keepalive: Instant::now(),
         fresh_attachments: FreshAttachments::new(),
+        sessions: SessionDriver::new(
+            cfg.credentials.key.clone(),
+            cfg.credentials.cert.clone(),
+            cfg.credentials.ca,
+            joined.addr,
+            cfg.secret.suite(),
+            Instant::now(),
+            &mut rand::thread_rng(),
+        ),
+        revocations: held,
+        cert_view: (
+            cfg.credentials.name.clone(),
+            cfg.credentials.fingerprint,
+            cfg.credentials.expires,
+        ),
+        revoke_rx,
+        next_revocation_gossip: Instant::now() + REVOCATION_GOSSIP,
+        revocation_cursor: [0; 32],
+        relay_limiter: SourceLimiter::new(
+            RELAYED_HANDSHAKES_PER_SEC,
+            2 * RELAYED_HANDSHAKES_PER_SEC,
+            4096,
+        ),
         use_uring,
         multishot,
         offloads,
@@ -475,12 +540,19 @@ pub fn run(cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         e.set_cns(Instant::now(), seed_cns);
     }
     ctl.edge_actions();
+    let held: Vec<[u8; 32]> = ctl.revocations.fingerprints().copied().collect();
+    for fp in held {
+        let outs = ctl.sessions.revoke(fp, Instant::now());
+        ctl.carry_sessions(outs);
+    }
     ctl.refresh();
     let shared = Arc::new(StatusShared {
         info: ArcSwap::from_pointee(ctl.node_info()),
         cores: stats.clone(),
         control: ctl_counters,
         started: Instant::now(),
+        ca: cfg.credentials.ca,
+        revocations: std::sync::Mutex::new(revoke_tx),
     });
     ctl.status = Some(shared.clone());
     let status_stop = Arc::new(AtomicBool::new(false));
@@ -602,6 +674,20 @@ struct Control<'a> {
     next_keepalive: Instant,
     /// (EN → CN) heard from CNs ENs just attached to; see `EdgeAttached`.
     fresh_attachments: FreshAttachments,
+    /// Pairwise sessions with every member (see `node::sessions`).
+    sessions: SessionDriver,
+    /// Handshakes this CN relays, per source network.
+    relay_limiter: SourceLimiter,
+    /// Revocations held (persisted in `cfg.state_file`).
+    revocations: Revocations,
+    /// This node's certificate as status shows it: (name, fingerprint,
+    /// expires); renewed on SIGHUP.
+    cert_view: (String, [u8; 32], u64),
+    /// Revocations handed over on the control socket.
+    revoke_rx: Receiver<Revocation>,
+    next_revocation_gossip: Instant,
+    /// Where the next gossip batch starts (round robin).
+    revocation_cursor: [u8; 32],
     use_uring: bool,
     multishot: bool,
     offloads: Offloads,
@@ -683,10 +769,21 @@ impl Control<'_> {
                         self.on_packet(&mut packet, Source::Link(id))
                     }
                     CoreEvent::LinkDown { id } => self.on_link_down(id),
+                    CoreEvent::SessionConfirmed { local_index } => {
+                        let outs = self.sessions.on_confirmed(local_index, Instant::now());
+                        self.carry_sessions(outs);
+                    }
                 }
             }
             while let Ok((cn, res)) = self.connect_rx.try_recv() {
                 self.on_connected(cn, res);
+            }
+            if self.cfg.reload.swap(false, Ordering::Relaxed) {
+                self.reload();
+            }
+            let handed: Vec<Revocation> = self.revoke_rx.try_iter().collect();
+            if !handed.is_empty() {
+                self.take_revocations(handed, None);
             }
             self.tick();
         }
@@ -703,6 +800,12 @@ impl Control<'_> {
         self.members.handle_timeout(now);
         if let Some(e) = self.edge.as_mut() {
             e.handle_timeout(now);
+        }
+        let outs = self.sessions.tick(now, unix_ns(), &mut rand::thread_rng());
+        self.carry_sessions(outs);
+        if now >= self.next_revocation_gossip {
+            self.next_revocation_gossip = now + REVOCATION_GOSSIP;
+            self.gossip_revocations();
         }
         if now >= self.next_keepalive {
             self.next_keepalive = now + KEEPALIVE_INTERVAL;
@@ -727,6 +830,10 @@ impl Control<'_> {
         if let Ok(h) = Header::parse(pkt) {
             if h.ptype == PacketType::Control && !h.dst.is_unspecified() && h.dst != me {
                 self.relay(pkt, h);
+                return;
+            }
+            if h.ptype == PacketType::Handshake {
+                self.on_handshake(pkt, h, &from);
                 return;
             }
         }
@@ -779,6 +886,14 @@ impl Control<'_> {
                 self.attached(id, identity, primary, seq);
             }
             ControlMsg::Keepalive => {}
+            ControlMsg::Revoked { revocations } => {
+                let list: Vec<Revocation> = revocations
+                    .iter()
+                    .take(REVOCATIONS_PER_MSG)
+                    .filter_map(|b| Revocation::decode(b).ok())
+                    .collect();
+                self.take_revocations(list, Some(hdr.src));
+            }
             ControlMsg::Hello { nonce } => {
                 // EN side: the CN's nonce; now our Attach can be bound.
                 let Source::Link(id) = from else { return };
@@ -921,24 +1036,7 @@ impl Control<'_> {
                 &NO_CHANNEL,
                 unix_ms(),
             );
-            let sent = match (self.role, t.to.role) {
-                (Role::Core, Role::Core) => {
-                    !t.to.underlay.ip().is_unspecified()
-                        && self.socket.send_to(&p, t.to.underlay).is_ok()
-                }
-                (Role::Core, Role::Edge) => match self.routes.load().lookup(t.to.overlay) {
-                    NextHop::Core(sa) => self.socket.send_to(&p, sa).is_ok(),
-                    NextHop::Edge(id) => self.send_frame(id, p),
-                    _ => false,
-                },
-                (Role::Edge, _) => match self.edge.as_ref().and_then(|e| e.primary()) {
-                    Some((_, id)) => self.send_frame(id, p),
-                    None => false,
-                },
-            };
-            if sent {
-                self.counters.tx.fetch_add(1, Ordering::Relaxed);
-            }
+            self.send_to_member(&t.to, p);
         }
     }
 
@@ -1050,15 +1148,266 @@ impl Control<'_> {
                 membership::core_routes(me, &members, own, &fresh, &departed, self.generation)
             }
             Role::Edge => {
-                let primary = self.edge.as_ref().and_then(|e| e.primary()).map(|(_, l)| l);
+                let primary = self
+                    .edge
+                    .as_ref()
+                    .and_then(|e| e.primary())
+                    .map(|(cn, l)| (l, cn));
                 membership::edge_routes(me, &members, primary, &departed, self.generation)
             }
         };
         self.routes.store(Arc::new(table));
+        let now = Instant::now();
+        let mut outs = self.sessions.set_me(me.overlay);
+        let keyed = membership::resolve(&members)
+            .into_iter()
+            .filter_map(|m| Some((m.overlay, m.key()?)));
+        outs.extend(
+            self.sessions
+                .set_members(keyed, now, unix_ns(), &mut rand::thread_rng()),
+        );
+        self.carry_sessions(outs);
         if let Some(s) = &self.status {
             s.info.store(Arc::new(self.node_info()));
         }
         debug!(members = members.len(), "route table swapped");
+    }
+
+    /// A handshake packet: ours to answer, or (CN) one to pass on.
+    fn on_handshake(&mut self, pkt: &[u8], h: Header, from: &Source) {
+        let me = self.members.identity().overlay;
+        let from_addr = match from {
+            Source::Udp(a) => *a,
+            Source::Link(id) => match self.links.get(id) {
+                Some(l) => l.peer,
+                None => return,
+            },
+        };
+        let c = self.counters.clone();
+        if h.dst != me {
+            if self.role != Role::Core || h.hops >= MAX_HOPS {
+                c.malformed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if !self.relay_limiter.allow(Instant::now(), from_addr.ip()) {
+                c.handshakes_rate_limited.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            let mut p = pkt.to_vec();
+            p[HOPS_OFFSET] = h.hops + 1;
+            if self.send_routed(h.dst, p) {
+                c.handshakes_relayed.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        let now = Instant::now();
+        match self
+            .sessions
+            .on_packet(&h, pkt, from_addr, now, unix_now(), &mut rand::thread_rng())
+        {
+            Ok(outs) => self.carry_sessions(outs),
+            Err(r) => {
+                let counter = match r {
+                    Refused::RateLimited => &c.handshakes_rate_limited,
+                    Refused::Cookie => &c.handshakes_cookie,
+                    Refused::Handshake | Refused::Malformed => &c.handshakes_failed,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Revocations heard of (handed over on the control socket, or from
+    /// the member `from`): the authority's are kept, persisted, applied
+    /// (sessions with the revoked node go) and the new ones passed on to
+    /// every other member at once.
+    fn take_revocations(&mut self, list: Vec<Revocation>, from: Option<Ipv4Addr>) {
+        let mut fresh = Vec::new();
+        for r in list {
+            match self.revocations.add(r.clone()) {
+                Ok(Added::New) => fresh.push(r),
+                Ok(Added::Known) => {}
+                Err(e) => {
+                    self.counters.bad_tag.fetch_add(1, Ordering::Relaxed);
+                    debug!("revocation refused: {e}");
+                }
+            }
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        if let Err(e) = state::save_revocations(&self.cfg.state_file, &self.revocations) {
+            warn!("{e:#}: the revocation holds until this node stops");
+        }
+        let now = Instant::now();
+        for r in &fresh {
+            let fp = r.fingerprint;
+            if fp == self.cfg.credentials.fingerprint {
+                warn!("the authority revoked this node's own certificate: members will refuse it");
+            } else {
+                info!(fingerprint = %hex32(&fp), "certificate revoked");
+            }
+            let outs = self.sessions.revoke(fp, now);
+            self.carry_sessions(outs);
+        }
+        let msg = ControlMsg::Revoked {
+            revocations: fresh.iter().map(Revocation::encode).collect(),
+        };
+        let me = self.members.identity().overlay;
+        let targets: Vec<NodeIdentity> = membership::resolve(&self.members.members())
+            .into_iter()
+            .filter(|m| m.overlay != me && Some(m.overlay) != from)
+            .collect();
+        for t in targets {
+            self.send_msg(&msg, &t);
+        }
+        if let Some(s) = &self.status {
+            s.info.store(Arc::new(self.node_info()));
+        }
+    }
+
+    /// SIGHUP: a renewed certificate (same authority, same node key) and
+    /// revocations added to the state file are taken in; sessions and
+    /// flows go on. Anything wrong is logged and changes nothing.
+    fn reload(&mut self) {
+        match state::load_revocations(&self.cfg.state_file, self.cfg.credentials.ca) {
+            Ok(file) => {
+                let list: Vec<Revocation> = file.iter().cloned().collect();
+                self.take_revocations(list, None);
+            }
+            Err(e) => warn!("SIGHUP: {e:#}"),
+        }
+        let Some((ca, cert, key)) = &self.cfg.identity_files else {
+            info!("SIGHUP: group mode has no certificate file to renew");
+            return;
+        };
+        let creds = match Credentials::load(ca, cert, key, unix_now()) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("SIGHUP: {e:#}; keeping the current certificate");
+                return;
+            }
+        };
+        if creds.ca != self.cfg.credentials.ca {
+            warn!(
+                "SIGHUP: {} is another authority; a new authority needs a restart",
+                ca.display()
+            );
+            return;
+        }
+        if self.revocations.contains(&creds.fingerprint) {
+            warn!(
+                "SIGHUP: certificate {} is revoked; keeping the current one",
+                cert.display()
+            );
+            return;
+        }
+        if let Err(e) = self.sessions.set_cert(creds.cert.clone()) {
+            warn!(
+                "SIGHUP: certificate {}: {e}; a new node key needs a restart",
+                cert.display()
+            );
+            return;
+        }
+        info!(name = %creds.name, fingerprint = %hex32(&creds.fingerprint), "SIGHUP: certificate renewed");
+        self.cert_view = (creds.name, creds.fingerprint, creds.expires);
+        if let Some(s) = &self.status {
+            s.info.store(Arc::new(self.node_info()));
+        }
+    }
+
+    /// Anti-entropy: one batch of the revocations held to one member.
+    fn gossip_revocations(&mut self) {
+        if self.revocations.is_empty() {
+            return;
+        }
+        let me = self.members.identity().overlay;
+        let members: Vec<NodeIdentity> = membership::resolve(&self.members.members())
+            .into_iter()
+            .filter(|m| m.overlay != me)
+            .collect();
+        if members.is_empty() {
+            return;
+        }
+        let to = &members[rand::thread_rng().gen_range(0..members.len())];
+        let (batch, next) = self
+            .revocations
+            .batch(&self.revocation_cursor, REVOCATIONS_PER_MSG);
+        self.revocation_cursor = next;
+        let msg = ControlMsg::Revoked {
+            revocations: batch.iter().map(Revocation::encode).collect(),
+        };
+        self.send_msg(&msg, to);
+    }
+
+    /// Seals a control message for member `to` and sends it its way.
+    fn send_msg(&mut self, msg: &ControlMsg, to: &NodeIdentity) -> bool {
+        let me = self.members.identity().overlay;
+        let p = self.codec.seal(msg, me, to.overlay, &NO_CHANNEL, unix_ms());
+        self.send_to_member(to, p)
+    }
+
+    /// Sends a sealed control packet to a member: straight to a CN's
+    /// underlay, to an EN the way the router goes, and from an EN up its
+    /// primary link.
+    fn send_to_member(&mut self, to: &NodeIdentity, p: Vec<u8>) -> bool {
+        let sent = match (self.role, to.role) {
+            (Role::Core, Role::Core) => {
+                !to.underlay.ip().is_unspecified() && self.socket.send_to(&p, to.underlay).is_ok()
+            }
+            (Role::Core, Role::Edge) => match self.routes.load().lookup(to.overlay) {
+                NextHop::Core(sa) => self.socket.send_to(&p, sa).is_ok(),
+                NextHop::Edge(id) => self.send_frame(id, p),
+                _ => false,
+            },
+            (Role::Edge, _) => match self.edge.as_ref().and_then(|e| e.primary()) {
+                Some((_, id)) => self.send_frame(id, p),
+                None => false,
+            },
+        };
+        if sent {
+            self.counters.tx.fetch_add(1, Ordering::Relaxed);
+        }
+        sent
+    }
+
+    /// Carries out what the session driver asks for.
+    fn carry_sessions(&mut self, outs: Vec<sessions::Out>) {
+        for o in outs {
+            match o {
+                sessions::Out::Cores(cmd) => {
+                    for i in 0..self.cores.cores.len() {
+                        if self.cores.send(i, Command::Session(cmd.clone())).is_err() {
+                            (self.counters.session_commands_lost).fetch_add(1, Ordering::Relaxed);
+                            warn!(
+                                core = i,
+                                "a core's command queue is full: session keys lost"
+                            );
+                        }
+                    }
+                }
+                sessions::Out::Send { dst, packet } => {
+                    if self.send_routed(dst, packet) {
+                        (self.counters.handshakes_sent).fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        (self.counters.sessions).store(self.sessions.installed() as u64, Ordering::Relaxed);
+    }
+
+    /// Sends a control-thread packet towards the member holding `dst`,
+    /// the way the router sends data (not to where a request came from).
+    fn send_routed(&mut self, dst: Ipv4Addr, packet: Vec<u8>) -> bool {
+        let sent = match self.routes.load().lookup(dst) {
+            NextHop::Core(sa) => self.socket.send_to(&packet, sa).is_ok(),
+            NextHop::Edge(id) => self.send_frame(id, packet),
+            NextHop::Npd | NextHop::Abandon => false,
+        };
+        if sent {
+            self.counters.tx.fetch_add(1, Ordering::Relaxed);
+        }
+        sent
     }
 
     fn node_info(&self) -> NodeInfo {
@@ -1104,12 +1453,13 @@ impl Control<'_> {
             cipher: self.secret.suite().name().to_string(),
             offload: self.offloads,
             key_fingerprint: self.secret.fingerprint(),
-            name: self.cfg.credentials.name.clone(),
-            fingerprint: hex32(&self.cfg.credentials.fingerprint),
-            expires: self.cfg.credentials.expires,
+            name: self.cert_view.0.clone(),
+            fingerprint: hex32(&self.cert_view.1),
+            expires: self.cert_view.2,
             primary,
             backup,
             edges,
+            revoked: self.revocations.fingerprints().map(hex32).collect(),
             members: ms
                 .iter()
                 .map(|x| MemberView {

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use arc_swap::ArcSwap;
+use ela_control::identity::{hex32, CaPub, Revocation};
 use ela_dataplane::stats::{self, CoreStats, DropReason};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -70,6 +71,8 @@ pub struct NodeInfo {
     /// CN: the ENs linked to it over TCP.
     pub edges: Vec<EdgeView>,
     pub members: Vec<MemberView>,
+    /// Fingerprints (hex) of the certificates this node holds revoked.
+    pub revoked: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -109,6 +112,21 @@ pub struct ControlCounters {
     /// Links core 0 refused to take over because their id was still in
     /// use (a control-thread bug if ever non-zero).
     pub links_refused: AtomicU64,
+    /// Pairwise sessions installed in the cores (a gauge).
+    pub sessions: AtomicU64,
+    /// Handshake messages sent (initiations, responses, cookie replies).
+    pub handshakes_sent: AtomicU64,
+    /// Handshake packets refused: over their source's rate, refused by
+    /// the cookie layer (or answered with a cookie), or failed (bad
+    /// certificate, replay, unknown index, malformed).
+    pub handshakes_rate_limited: AtomicU64,
+    pub handshakes_cookie: AtomicU64,
+    pub handshakes_failed: AtomicU64,
+    /// Handshakes relayed for other nodes (CN).
+    pub handshakes_relayed: AtomicU64,
+    /// Session commands a core's full queue refused (a core then holds
+    /// stale keys until the next rekey; a control-thread overload).
+    pub session_commands_lost: AtomicU64,
 }
 
 pub struct StatusShared {
@@ -116,6 +134,11 @@ pub struct StatusShared {
     pub cores: Arc<[CoreStats]>,
     pub control: Arc<ControlCounters>,
     pub started: std::time::Instant,
+    /// The group's authority: a revocation handed over on the socket
+    /// is checked against it before the control thread sees it.
+    pub ca: CaPub,
+    /// To the control thread: revocations handed over on the socket.
+    pub revocations: std::sync::Mutex<std::sync::mpsc::Sender<Revocation>>,
 }
 
 pub fn snapshot(s: &StatusShared) -> Value {
@@ -160,6 +183,13 @@ pub fn snapshot(s: &StatusShared) -> Value {
             "conns_pending": c.conns_pending.load(r),
             "link_events_dropped": c.link_events_dropped.load(r),
             "links_refused": c.links_refused.load(r),
+            "sessions": c.sessions.load(r),
+            "handshakes_sent": c.handshakes_sent.load(r),
+            "handshakes_rate_limited": c.handshakes_rate_limited.load(r),
+            "handshakes_cookie": c.handshakes_cookie.load(r),
+            "handshakes_failed": c.handshakes_failed.load(r),
+            "handshakes_relayed": c.handshakes_relayed.load(r),
+            "session_commands_lost": c.session_commands_lost.load(r),
         },
     });
     let info_v = serde_json::to_value(&**info).expect("NodeInfo serialises");
@@ -364,22 +394,57 @@ pub fn serve_socket(
         })?)
 }
 
+/// Longest request line: `status`, or `revoke ` and a revocation file
+/// line (about 250 bytes).
+const MAX_REQUEST: u64 = 1024;
+
 fn answer(s: UnixStream, shared: &StatusShared) -> std::io::Result<()> {
     s.set_nonblocking(false)?;
     s.set_read_timeout(Some(Duration::from_secs(1)))?;
     s.set_write_timeout(Some(Duration::from_secs(1)))?;
     let mut line = String::new();
-    BufReader::new(s.try_clone()?.take(64)).read_line(&mut line)?;
+    BufReader::new(s.try_clone()?.take(MAX_REQUEST)).read_line(&mut line)?;
     let mut s = s;
-    let body = match line.trim() {
-        "status" => snapshot(shared).to_string(),
-        other => json!({"error": format!("unknown request {other:?}")}).to_string(),
+    let line = line.trim();
+    let body = match line.split_once(' ') {
+        _ if line == "status" => snapshot(shared).to_string(),
+        Some(("revoke", r)) => revoke(shared, r).to_string(),
+        _ => json!({"error": format!("unknown request {:?}", truncate(line))}).to_string(),
     };
     s.write_all(body.as_bytes())?;
     s.write_all(b"\n")
 }
 
-pub fn query(path: &Path) -> anyhow::Result<Value> {
+fn truncate(s: &str) -> &str {
+    s.char_indices().nth(40).map_or(s, |(i, _)| &s[..i])
+}
+
+/// A revocation handed over on the socket: checked here (a forged one
+/// never reaches the control thread), then passed on to it.
+fn revoke(shared: &StatusShared, line: &str) -> Value {
+    let r = match Revocation::parse(line) {
+        Ok(r) => r,
+        Err(e) => return json!({"error": format!("not a revocation: {e}")}),
+    };
+    if let Err(e) = r.verify(&shared.ca) {
+        return json!({"error": format!("revocation refused: {e}")});
+    }
+    let fp = r.fingerprint;
+    let new = !shared.info.load().revoked.contains(&hex32(&fp));
+    let sent = shared
+        .revocations
+        .lock()
+        .map(|tx| tx.send(r).is_ok())
+        .unwrap_or(false);
+    if !sent {
+        return json!({"error": "the node is stopping"});
+    }
+    json!({"fingerprint": hex32(&fp), "new": new})
+}
+
+/// Sends one request line to the node at `path`; its JSON answer, or
+/// the error it gave.
+pub fn request(path: &Path, line: &str) -> anyhow::Result<Value> {
     let mut s = UnixStream::connect(path).with_context(|| {
         format!(
             "no ela-fast node answers on {} (is it running? pass --control PATH or --iface NAME)",
@@ -387,15 +452,19 @@ pub fn query(path: &Path) -> anyhow::Result<Value> {
         )
     })?;
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    s.write_all(b"status\n")?;
+    s.write_all(format!("{}\n", line.trim()).as_bytes())?;
     let mut out = String::new();
     s.read_to_string(&mut out)
         .context("reading the node's answer")?;
     let v: Value = serde_json::from_str(out.trim()).context("node answered with invalid JSON")?;
     if let Some(e) = v.get("error") {
-        bail!("node refused: {e}");
+        bail!("node refused: {}", e.as_str().unwrap_or("?"));
     }
     Ok(v)
+}
+
+pub fn query(path: &Path) -> anyhow::Result<Value> {
+    request(path, "status")
 }
 
 pub fn control_path(control: Option<PathBuf>, iface: &str) -> PathBuf {

@@ -312,8 +312,8 @@ fn bench_latency_and_throughput_over_the_overlay() {
         );
         let mss = num(&v, "mss")?;
         ensure!(
-            (1000.0..=1420.0).contains(&mss),
-            "MSS {mss} does not fit the overlay MTU 1420"
+            (1000.0..=1380.0).contains(&mss),
+            "MSS {mss} does not fit the overlay MTU 1380"
         );
         let n_cpus = fs::read_to_string("/proc/stat")?
             .lines()

@@ -40,6 +40,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use ela_dataplane::wire::{PacketType, VERSION};
 use ela_fast::netns::{self, HostId, Lab, Node, NodeRole, NodeSpec, PingOpts, PingResult};
 use rand::Rng;
 use serde_json::Value;
@@ -312,7 +313,7 @@ struct Hdr {
 }
 
 fn ela_header(p: &[u8]) -> Option<Hdr> {
-    (p.len() >= 40 && p[0] == 2).then(|| Hdr {
+    (p.len() >= 40 && p[0] == VERSION).then(|| Hdr {
         ptype: p[1],
         src: Ipv4Addr::new(p[8], p[9], p[10], p[11]),
         dst: Ipv4Addr::new(p[12], p[13], p[14], p[15]),
@@ -466,20 +467,24 @@ fn bulk(lab: &Lab, from: HostId, to: Ipv4Addr, secs: u32) -> Result<Bulk> {
 
 // ---- 1. forged headers ------------------------------------------------------
 
-/// A 64-byte datagram with a valid-looking version 2 data header naming
-/// real members (`src` → `dst`), a random epoch with a counter that
-/// agrees with it (so the cheap header checks pass), and random bytes for
+/// A 64-byte datagram with a valid-looking current-version header naming
+/// real members (`src` → `dst`): a data packet, or one wrapped for a
+/// relay, with a random session index and counter, and random bytes for
 /// ciphertext and tag. No key is involved.
 fn forged_data_packet(rng: &mut impl Rng, suite: u8, src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
     let mut p = vec![0u8; FORGED_LEN];
     rng.fill(&mut p[..]);
-    let epoch: u32 = rng.gen();
-    let counter = (u64::from(epoch) << 14) | rng.gen_range(0..1u64 << 14);
-    p[0] = 2; // version
-    p[1] = 0; // data
+    let index: u32 = rng.gen();
+    let counter: u64 = rng.gen_range(0..1u64 << 40);
+    p[0] = VERSION;
+    p[1] = if rng.gen() {
+        PacketType::Data
+    } else {
+        PacketType::Relay
+    } as u8;
     p[2] = 0; // hops
     p[3] = suite;
-    p[4..8].copy_from_slice(&epoch.to_be_bytes());
+    p[4..8].copy_from_slice(&index.to_be_bytes());
     p[8..12].copy_from_slice(&src.octets());
     p[12..16].copy_from_slice(&dst.octets());
     p[16..24].copy_from_slice(&counter.to_be_bytes());
@@ -621,13 +626,15 @@ fn forged_header_flood_does_not_stall_flows() {
 /// Watches, from inside `h`'s namespace (an on-path observer: the
 /// attacker is assumed to see this host's underlay traffic, as in the
 /// capture-and-replay attacks), the clear header of every data packet
-/// `sender` sends, and keeps the newest epoch in `epoch` (`u64::MAX`
-/// until one is seen). Stops when `stop` is set.
-fn sniff_epochs(
+/// `sender` sends, and keeps its session index in `index` (`u64::MAX`
+/// until one is seen) and its newest counter in `counter`. Stops when
+/// `stop` is set.
+fn sniff_session(
     lab: &Lab,
     h: HostId,
     sender: Ipv4Addr,
-    epoch: &AtomicU64,
+    index: &AtomicU64,
+    counter: &AtomicU64,
     stop: &AtomicBool,
 ) -> Result<u64> {
     lab.in_netns(h, || -> Result<u64> {
@@ -675,10 +682,13 @@ fn sniff_epochs(
             if d.dst.port() == PORT
                 && ela_header(p).is_some_and(|h| h.ptype == 0 && h.src == sender)
             {
-                let e = u64::from(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
-                let old = epoch.load(Ordering::Relaxed);
-                if old == u64::MAX || e > old {
-                    epoch.store(e, Ordering::Relaxed);
+                let i = u64::from(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+                let c = u64::from_be_bytes(p[16..24].try_into().expect("8 bytes"));
+                if index.load(Ordering::Relaxed) != i {
+                    index.store(i, Ordering::Relaxed);
+                    counter.store(c, Ordering::Relaxed);
+                } else {
+                    counter.fetch_max(c, Ordering::Relaxed);
                 }
                 seen += 1;
             }
@@ -687,23 +697,17 @@ fn sniff_epochs(
     })
 }
 
-/// Goes further than the issue: an on-path attacker. CN1 sends bulk TCP
-/// to CN3, so its (node-wide) counter, and with it the epoch in its
-/// headers, moves fast; CN1 also pings CN2 every 300 ms, so each ping
-/// reaches CN2 a few epochs after the last one (a "jump"). The attacker
-/// reads CN1's current epoch off the CN1→CN3 traffic and sends CN2 200
-/// forgeries/s "from CN1" whose epochs lie just ahead of it, inside what
-/// an honest sender could have reached. Bound, the issue's rule for
-/// forged floods applied to this flow: CN1→CN2 pings during the flood get
-/// ≥ 80 % of the replies they got just before it.
-///
-/// OPEN: this attack still works (20/20 → 8/20 replies), so the test is
-/// ignored in the normal run; `cargo test --release --test hostile --
-/// --ignored` runs it. A budget cannot tell a jump's forgeries from its
-/// honest packet; what removes it is authenticating before deriving, which
-/// the per-peer sessions of the next issue do (no epoch jumps at all).
+/// Goes further than issue 9: an on-path attacker. CN1 pings CN2 every
+/// 300 ms; the attacker reads the session index and counter off those
+/// packets' clear headers at CN2 and sends CN2 200 forgeries/s "from
+/// CN1" on that very session, with counters just ahead of CN1's (within
+/// the epochs a receiver may derive keys for). Bound, the issue's rule
+/// for forged floods applied to this flow: CN1→CN2 pings during the
+/// flood get ≥ 80 % of the replies they got just before it. (With group
+/// keys this starved the flow: 20/20 → 8/20; pairwise sessions derive
+/// nothing a forgery asks for beyond a few epochs, and only a packet
+/// that authenticated moves the window.)
 #[test]
-#[ignore = "open attack: on-path forgers spend the jump budget (README: key derivation is rationed)"]
 fn on_path_forgeries_do_not_starve_low_rate_flows() {
     lab_test("near_epoch_flood", |lab| {
         let g = group(lab)?;
@@ -711,11 +715,13 @@ fn on_path_forgeries_do_not_starve_low_rate_flows() {
         let every = Duration::from_millis(300);
         let count = 20;
         let secs = (every * count).as_secs() as u32;
-        let epoch = AtomicU64::new(u64::MAX);
+        let index = AtomicU64::new(u64::MAX);
+        let counter = AtomicU64::new(0);
         let stop = AtomicBool::new(false);
         let stop_flood = AtomicBool::new(false);
         let res = thread::scope(|s| -> Result<_> {
-            let sniffer = s.spawn(|| sniff_epochs(lab, g.cn3.host(), g.cn1.addr, &epoch, &stop));
+            let sniffer =
+                s.spawn(|| sniff_session(lab, g.cn2.host(), g.cn1.addr, &index, &counter, &stop));
             // Bulk CN1→CN3 over both measurements (and a bit more).
             let bulk_run = s.spawn(|| bulk(lab, g.cn1.host(), g.cn3.addr, 2 * secs + 4));
             thread::sleep(Duration::from_secs(1));
@@ -733,14 +739,14 @@ fn on_path_forgeries_do_not_starve_low_rate_flows() {
                         && sent < cap
                     {
                         let mut p = forged_data_packet(&mut rng, g.suite, g.cn1.addr, g.cn2.addr);
-                        let cur = epoch.load(Ordering::Relaxed);
-                        if cur == u64::MAX {
+                        p[1] = PacketType::Data as u8;
+                        let i = index.load(Ordering::Relaxed);
+                        if i == u64::MAX {
                             blind += 1;
                         } else {
-                            let e = (cur + rng.gen_range(2..=40)) as u32;
-                            let counter = (u64::from(e) << 14) | rng.gen_range(0..1u64 << 14);
-                            p[4..8].copy_from_slice(&e.to_be_bytes());
-                            p[16..24].copy_from_slice(&counter.to_be_bytes());
+                            let c = counter.load(Ordering::Relaxed) + rng.gen_range(1..5u64 << 14);
+                            p[4..8].copy_from_slice(&(i as u32).to_be_bytes());
+                            p[16..24].copy_from_slice(&c.to_be_bytes());
                         }
                         let _ = sock.send_to(&p, g.cn2.node.listen);
                         sent += 1;
@@ -769,11 +775,12 @@ fn on_path_forgeries_do_not_starve_low_rate_flows() {
         let d = |k: &str| netns::counter(&st1, k).saturating_sub(netns::counter(&st0, k));
         eprintln!(
             "on-path forgeries: CN1 bulk TCP to CN3 {:.0} Mbit/s meanwhile; the attacker saw {sniffed} \
-             CN1 headers (last epoch {}) and sent {sent} forgeries CN1→CN2 with epochs 2..40 ahead \
-             ({blind} blind, before the first header); CN1→CN2 pings every {} ms: {}/{} before, \
-             {}/{} during; CN2 during the flood: rekey_limited +{}, bad_tag +{}, replay +{}",
+             CN1→CN2 headers (session index {:#x}) and sent {sent} forgeries CN1→CN2 on it with \
+             counters up to 5 epochs ahead ({blind} blind, before the first header); CN1→CN2 \
+             pings every {} ms: {}/{} before, {}/{} during; CN2 during the flood: rekey_limited \
+             +{}, bad_tag +{}, replay +{}",
             bulk_run.mbps,
-            epoch.load(Ordering::Relaxed),
+            index.load(Ordering::Relaxed),
             every.as_millis(),
             before.received,
             before.transmitted,
@@ -1479,10 +1486,19 @@ fn relayed_replays_are_dropped() {
             honest.output
         );
         let pkts = ela_packets(lt, &captured, PORT);
+        // Data for the EN reaches CN2 wrapped for it (a relay packet
+        // whose inner header names the EN); control packets name the EN.
+        let for_en = |p: &[u8]| match ela_header(p) {
+            Some(h) if h.ptype == PacketType::Relay as u8 => {
+                ela_header(&p[24..]).is_some_and(|i| i.dst == g.en.addr)
+            }
+            Some(h) => h.dst == g.en.addr,
+            None => false,
+        };
         let (data, control): (Vec<&Vec<u8>>, Vec<&Vec<u8>>) = pkts
             .iter()
-            .filter(|p| ela_header(p).is_some_and(|h| h.dst == g.en.addr))
-            .partition(|p| ela_header(p).is_some_and(|h| h.ptype == 0));
+            .filter(|p| for_en(p))
+            .partition(|p| ela_header(p).is_some_and(|h| h.ptype == PacketType::Relay as u8));
         ensure!(
             data.len() >= 2500,
             "captured only {} CN3→EN data packets at CN2 ({} datagrams)",
@@ -2189,8 +2205,6 @@ fn attacker_tools_self_check() {
     let f = forged_data_packet(&mut rng, 0, ip(10), ip(20));
     assert_eq!(f.len(), FORGED_LEN);
     let h = ela_header(&f).expect("a header");
-    assert_eq!((h.ptype, h.src, h.dst), (0, ip(10), ip(20)));
-    let epoch = u32::from_be_bytes(f[4..8].try_into().unwrap());
-    let counter = u64::from_be_bytes(f[16..24].try_into().unwrap());
-    assert_eq!((counter >> 14) as u32, epoch);
+    assert!(h.ptype == PacketType::Data as u8 || h.ptype == PacketType::Relay as u8);
+    assert_eq!((h.src, h.dst), (ip(10), ip(20)));
 }

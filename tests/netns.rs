@@ -13,7 +13,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context, Result};
-use ela_dataplane::crypto::{epoch_of, wire_epoch, GroupSecret, PacketKeys, Suite};
+use ela_dataplane::crypto::{epoch_of, PacketKeys, Suite};
 use ela_dataplane::wire::{Header, PacketType, HEADER_LEN, TAG_LEN};
 use ela_fast::netns::{self, HostId, Lab, Node, NodeSpec, PingOpts};
 use rand::Rng;
@@ -354,11 +354,6 @@ fn underlay_carries_no_plaintext() {
     });
 }
 
-fn parse_node_id(s: &str) -> Result<u64> {
-    let hex = s.trim().trim_start_matches("0x");
-    u64::from_str_radix(hex, 16).with_context(|| format!("node_id {s:?} is not a hex u64"))
-}
-
 fn checksum(b: &[u8]) -> u16 {
     let mut sum: u32 = b
         .chunks(2)
@@ -393,11 +388,13 @@ fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr, seq: u16) -> Vec<u8> {
     p
 }
 
-/// A data packet as node `node_id` at `src` would send it, sealed with
-/// `secret`.
+/// A data packet as `src` would send it to `dst` on the session `dst`
+/// knows as `index`, sealed with the session key `root` (which only the
+/// two members hold: a forger picks its own).
 fn sealed(
-    secret: &GroupSecret,
-    node_id: u64,
+    root: [u8; 32],
+    suite: Suite,
+    index: u32,
     src: Ipv4Addr,
     dst: Ipv4Addr,
     counter: u64,
@@ -407,18 +404,46 @@ fn sealed(
     Header {
         ptype: PacketType::Data,
         hops: 0,
-        epoch: wire_epoch(counter),
+        index,
         src,
         dst,
         counter,
     }
     .write(&mut buf);
     buf[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(&payload);
-    let n = PacketKeys::derive_data(secret, node_id, epoch_of(counter))
+    let n = PacketKeys::derive_session(&root, suite, epoch_of(counter))
         .seal(&mut buf, payload.len())
         .expect("sealing");
     buf.truncate(n);
     buf
+}
+
+/// The session index `to` gave `from`'s packets, as anyone on the
+/// underlay sees it: the header of a captured data packet (indices are
+/// handles, not secrets).
+fn captured_index(
+    lab: &Lab,
+    from: &Node,
+    from_addr: Ipv4Addr,
+    to: &Node,
+    to_addr: Ipv4Addr,
+) -> Result<u32> {
+    let opts = PingOpts {
+        count: 3,
+        ..PingOpts::default()
+    };
+    let (lt, pkts) = capture(lab, to.host, "eth0", "udp", "index", || {
+        let r = lab.ping_with(from.host, to_addr, &opts)?;
+        ensure!(r.received > 0, "no ping got through:\n{}", r.output);
+        Ok(())
+    })?;
+    pkts.iter()
+        .filter_map(|f| netns::udp_datagram(lt, f))
+        .filter(|d| d.dst.port() == netns::NODE_PORT && d.payload.len() >= HEADER_LEN)
+        .filter_map(|d| Header::parse(d.payload).ok())
+        .find(|h| h.ptype == PacketType::Data && h.src == from_addr && h.dst == to_addr)
+        .map(|h| h.index)
+        .ok_or_else(|| anyhow!("no data packet {from_addr} -> {to_addr} captured"))
 }
 
 /// Sends `pkts` from `h`'s namespace to `to`, paced so the receiver's
@@ -481,7 +506,6 @@ fn wrong_cipher_cannot_join_or_deliver() {
             sts[0]["cipher"]
         );
         let (a1, a2) = (netns::self_addr(&sts[0])?, netns::self_addr(&sts[1])?);
-        let id2 = parse_node_id(&netns::self_node_id(&sts[1])?)?;
 
         let before = lab.status(&n1)?;
         // Over UDP (a CN's join) and over TCP (an EN's).
@@ -524,10 +548,12 @@ fn wrong_cipher_cannot_join_or_deliver() {
             after["control"]
         );
 
-        // Data under the right key but the other suite, claiming node2.
-        let chacha = GroupSecret::load(&key)?.with_suite(Suite::ChaCha20Poly1305);
+        // Data on node2's real session (its index, captured) but sealed
+        // under the other suite: counted as a cipher mismatch.
+        let index = captured_index(lab, &n2, a2, &n1, a1)?;
+        let after = lab.status(&n1)?;
         let pkts: Vec<Vec<u8>> = (0..100)
-            .map(|i| sealed(&chacha, id2, a2, a1, 20_000 + i))
+            .map(|i| sealed([7; 32], Suite::ChaCha20Poly1305, index, a2, a1, 20_000 + i))
             .collect();
         let w0 = netns::counter(&after, "drops.wrong_cipher");
         send_from(lab, h[2], n1.listen, &pkts)?;
@@ -556,7 +582,6 @@ fn wrong_key_cannot_join_or_deliver() {
         )?;
         let sts = lab.wait_converged(&[&n1, &n2], 2, CONVERGE)?;
         let (a1, a2) = (netns::self_addr(&sts[0])?, netns::self_addr(&sts[1])?);
-        let id2 = parse_node_id(&netns::self_node_id(&sts[1])?)?;
 
         // 1. A node with another group's key cannot join.
         let before = lab.status(&n1)?;
@@ -607,13 +632,12 @@ fn wrong_key_cannot_join_or_deliver() {
             after["control"]
         );
 
-        // 2. Data sealed with key B, claiming to be node2 (real id), to node1.
-        let secret_a = GroupSecret::load(&key_a)?;
-        let secret_b = GroupSecret::load(&key_b)?;
-        // One epoch (so node1 derives the forger's key once, not rate-
-        // limited) and beyond anything node2 sent (so not replays).
+        // 2. Data claiming to be node2, on node2's real session index
+        // (captured), sealed with a key of the forger's: never delivered,
+        // counted as bad tags, and node2's own traffic still flows.
+        let index = captured_index(lab, &n2, a2, &n1, a1)?;
         let forged: Vec<Vec<u8>> = (0..200)
-            .map(|i| sealed(&secret_b, id2, a2, a1, 10_000 + i))
+            .map(|i| sealed([0x42; 32], Suite::Blowfish, index, a2, a1, 10_000 + i))
             .collect();
         let before = lab.status(&n1)?;
         send_from(lab, h[2], n1.listen, &forged)?;
@@ -627,21 +651,42 @@ fn wrong_key_cannot_join_or_deliver() {
             before["packets"],
             st["packets"]
         );
-
-        // Positive control: the same harness with the right key delivers.
-        let genuine: Vec<Vec<u8>> = (0..10)
-            .map(|i| sealed(&secret_a, id2, a2, a1, 12_000 + i))
+        // An index no session has: refused before any MAC.
+        let u0 = netns::counter(&st, "drops.unknown_session");
+        let stray: Vec<Vec<u8>> = (0..50)
+            .map(|i| {
+                sealed(
+                    [0x42; 32],
+                    Suite::Blowfish,
+                    index ^ 0x5555_5555,
+                    a2,
+                    a1,
+                    11_000 + i,
+                )
+            })
             .collect();
-        let t0 = netns::counter(&st, "packets.tun_tx");
-        send_from(lab, h[2], n1.listen, &genuine)?;
-        let st = wait_status(
-            lab,
-            &n1,
-            "tun_tx did not rise by 10 for genuine packets",
-            |st| netns::counter(st, "packets.tun_tx") >= t0 + 10,
+        send_from(lab, h[2], n1.listen, &stray)?;
+        wait_status(lab, &n1, "drops.unknown_session did not rise by 50", |st| {
+            netns::counter(st, "drops.unknown_session") >= u0 + 50
+        })?;
+        // Positive control: node2's real traffic is delivered.
+        let r = lab.ping_with(
+            n2.host,
+            a1,
+            &PingOpts {
+                count: 5,
+                ..PingOpts::default()
+            },
         )?;
+        ensure!(
+            r.received == 5,
+            "node2 -> node1 after the forgeries: {}/5\n{}",
+            r.received,
+            r.output
+        );
+        let st = lab.status(&n1)?;
         eprintln!(
-            "after forged + genuine packets, node1: {} {}",
+            "after forged and genuine packets, node1: {} {}",
             st["packets"], st["drops"]
         );
 
@@ -655,7 +700,7 @@ fn wrong_key_cannot_join_or_deliver() {
             })
             .collect();
         junk.extend((0..50).map(|i| {
-            let mut p = sealed(&secret_a, id2, a2, a1, 13_000 + i);
+            let mut p = sealed([0x42; 32], Suite::Blowfish, 1, a2, a1, 13_000 + i);
             // Shorter than header + tag, but long enough to show the type.
             p.truncate(rng.gen_range(2..HEADER_LEN + TAG_LEN));
             p

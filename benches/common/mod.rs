@@ -60,3 +60,64 @@ pub fn tso_read(seq: u32, payload: usize, mss: u16) -> Vec<u8> {
     v.extend_from_slice(&ip);
     v
 }
+
+/// Installs one session between `a` (at `a_addr`) and `b`, as the
+/// control thread does after a handshake.
+pub fn connect(
+    a: &mut ela_dataplane::forwarder::Forwarder,
+    a_addr: Ipv4Addr,
+    b: &mut ela_dataplane::forwarder::Forwarder,
+    b_addr: Ipv4Addr,
+    suite: ela_dataplane::crypto::Suite,
+) {
+    connect_as(a, a_addr, b, b_addr, suite, 1)
+}
+
+/// [`connect`] with keys and indices picked by `seed` (one node can hold
+/// sessions with several peers).
+pub fn connect_as(
+    a: &mut ela_dataplane::forwarder::Forwarder,
+    a_addr: Ipv4Addr,
+    b: &mut ela_dataplane::forwarder::Forwarder,
+    b_addr: Ipv4Addr,
+    suite: ela_dataplane::crypto::Suite,
+    seed: u8,
+) {
+    use ela_dataplane::session::SessionCommand;
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    use std::sync::Arc;
+    for (me, peer, mine, theirs, tx, rx) in [
+        (
+            &mut *a,
+            b_addr,
+            u32::from(seed) << 8 | 1,
+            u32::from(seed) << 8 | 2,
+            [seed; 32],
+            [!seed; 32],
+        ),
+        (
+            &mut *b,
+            a_addr,
+            u32::from(seed) << 8 | 2,
+            u32::from(seed) << 8 | 1,
+            [!seed; 32],
+            [seed; 32],
+        ),
+    ] {
+        me.apply(&SessionCommand::Receive {
+            peer,
+            local_index: mine,
+            suite,
+            key: rx,
+        });
+        me.apply(&SessionCommand::Send {
+            peer,
+            local_index: mine,
+            remote_index: theirs,
+            suite,
+            key: tx,
+            counter: Arc::new(AtomicU64::new(0)),
+            keepalive: Arc::new(AtomicBool::new(false)),
+        });
+    }
+}

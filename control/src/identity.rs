@@ -124,6 +124,7 @@ pub struct CaPub {
 }
 
 /// A node's private keys. Made on the node; never leaves it.
+#[derive(Clone)]
 pub struct NodeKey {
     sign: SigningKey,
     dh: StaticSecret,

@@ -39,6 +39,11 @@ pub struct NodeIdentity {
     /// An EN's primary CN (a routing hint, see
     /// [`RouteTable::with_edge_hints`]); `None` for CNs.
     pub attached: Option<Ipv4Addr>,
+    /// The node's public keys (Ed25519, X25519; all zero: not announced):
+    /// whom to call for a session. Nothing trusts them further than
+    /// that: the handshake proves the certificate that binds them.
+    pub sign: [u8; 32],
+    pub dh: [u8; 32],
 }
 
 impl NodeIdentity {
@@ -58,7 +63,31 @@ impl NodeIdentity {
             started_ms: now_ms,
             gen: 0,
             attached: None,
+            sign: [0; 32],
+            dh: [0; 32],
         }
+    }
+
+    /// With the node's public keys announced.
+    pub fn with_key(self, key: &crate::identity::NodePub) -> NodeIdentity {
+        let b = key.to_bytes();
+        NodeIdentity {
+            sign: b.sign,
+            dh: b.dh,
+            ..self
+        }
+    }
+
+    /// The announced keys, if any and well formed.
+    pub fn key(&self) -> Option<crate::identity::NodePub> {
+        if self.dh == [0; 32] {
+            return None;
+        }
+        crate::identity::NodePub::from_bytes(&crate::identity::NodePubBytes {
+            sign: self.sign,
+            dh: self.dh,
+        })
+        .ok()
     }
 
     pub fn claim(&self) -> Claim {
@@ -406,7 +435,7 @@ pub fn core_routes(
 pub fn edge_routes(
     me: &NodeIdentity,
     members: &[NodeIdentity],
-    primary: Option<LinkId>,
+    primary: Option<(LinkId, Ipv4Addr)>,
     departed: &[NodeIdentity],
     generation: u64,
 ) -> RouteTable {

@@ -69,6 +69,10 @@ pub enum ControlMsg {
     /// nonce its peer must bind every link message to (see
     /// `control_codec::Channel` in the binary).
     Hello { nonce: [u8; 16] },
+    /// Revocations signed by the authority (each `Revocation::encode`d),
+    /// spread from member to member: a receiver checks each signature,
+    /// keeps and applies the new ones and passes those on.
+    Revoked { revocations: Vec<Vec<u8>> },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]

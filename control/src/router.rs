@@ -109,7 +109,8 @@ enum Kind {
     Empty,
     Core,
     Edge {
-        primary: Option<LinkId>,
+        /// The link to the primary CN and that CN's overlay address.
+        primary: Option<(LinkId, u32)>,
     },
 }
 
@@ -140,7 +141,8 @@ pub struct RouteTable {
     /// Where ENs attached to other CNs say they are (see
     /// [`RouteTable::with_edge_hints`]), sorted by EN overlay.
     hint_keys: Vec<u32>,
-    hint_cns: Vec<SocketAddr>,
+    /// Indices into `cns`.
+    hint_cns: Vec<usize>,
 }
 
 impl Default for RouteTable {
@@ -266,7 +268,7 @@ impl RouteTable {
     /// naming a CN that is not in the CN list (or this node) is ignored and
     /// step 3 applies.
     pub fn with_edge_hints(mut self, hints: Vec<(Ipv4Addr, Ipv4Addr)>) -> Self {
-        let mut v: Vec<(u32, SocketAddr)> = hints
+        let mut v: Vec<(u32, usize)> = hints
             .into_iter()
             .filter_map(|(en, cn)| {
                 let c = u32::from(cn);
@@ -274,7 +276,7 @@ impl RouteTable {
                     return None;
                 }
                 let i = self.cn_keys.binary_search(&c).ok()?;
-                Some((u32::from(en), self.cns.get(i)?.underlay))
+                Some((u32::from(en), i))
             })
             .collect();
         // Stable sort: among hints for one EN the first given wins.
@@ -287,18 +289,20 @@ impl RouteTable {
 
     /// An EN's table: everything not for itself goes up its link to its
     /// primary CN (§3.3: "EN always forwards encapsulated IP packets to CN");
-    /// `primary == None` (not attached yet) → `Abandon`. `members` as in
-    /// [`RouteTable::new_core`].
+    /// `primary` is that link and the CN's overlay address; `None` (not
+    /// attached yet) → `Abandon`. `members` as in [`RouteTable::new_core`].
     pub fn new_edge(
         self_addr: Ipv4Addr,
         self_node_id: u64,
-        primary: Option<LinkId>,
+        primary: Option<(LinkId, Ipv4Addr)>,
         members: Vec<(Ipv4Addr, u64)>,
         generation: u64,
     ) -> Self {
         let (member_keys, member_ids) = Self::member_index(self_addr, self_node_id, members);
         RouteTable {
-            kind: Kind::Edge { primary },
+            kind: Kind::Edge {
+                primary: primary.map(|(l, cn)| (l, u32::from(cn))),
+            },
             self_addr: u32::from(self_addr),
             self_node_id,
             generation,
@@ -339,24 +343,37 @@ impl RouteTable {
     /// when not attached. Empty table: always `Abandon`.
     #[inline]
     pub fn lookup(&self, dst: Ipv4Addr) -> NextHop {
+        self.route(dst).0
+    }
+
+    /// [`Self::lookup`], and the overlay address of the node the next hop
+    /// leads to: `dst` itself when it is a neighbour, else the relay (the
+    /// forwarder wraps packets for relays; see `ela_dataplane::wire`).
+    /// For `Npd` and `Abandon` it is `dst`. Never allocates.
+    #[inline]
+    pub fn route(&self, dst: Ipv4Addr) -> (NextHop, Ipv4Addr) {
         let d = u32::from(dst);
         match self.kind {
-            Kind::Empty => NextHop::Abandon,
+            Kind::Empty => (NextHop::Abandon, dst),
             // §4.1/§4.2 case 2a: our own address goes to the NPD.
-            _ if d == self.self_addr => NextHop::Npd,
+            _ if d == self.self_addr => (NextHop::Npd, dst),
             // §3.3: "EN always forwards encapsulated IP packets to CN".
-            Kind::Edge { primary } => primary.map_or(NextHop::Abandon, NextHop::Edge),
-            Kind::Core => self.lookup_core(d),
+            Kind::Edge { primary } => match primary {
+                Some((link, cn)) => (NextHop::Edge(link), Ipv4Addr::from(cn)),
+                None => (NextHop::Abandon, dst),
+            },
+            Kind::Core => self.route_core(d),
         }
     }
 
     #[inline]
-    fn lookup_core(&self, d: u32) -> NextHop {
+    fn route_core(&self, d: u32) -> (NextHop, Ipv4Addr) {
+        let dst = Ipv4Addr::from(d);
         // §3.3 step 1: "EN whose IP address ... equals to the destination"
         // in the list of ENs which belongs to this CN.
         if let Ok(i) = self.en_keys.binary_search(&d) {
             if let Some(en) = self.ens.get(i) {
-                return NextHop::Edge(en.link);
+                return (NextHop::Edge(en.link), dst);
             }
         }
         // One search serves steps 2 and 3: `i` is the first CN >= d.
@@ -364,13 +381,13 @@ impl RouteTable {
         // §3.3 step 2: the destination is a CN (never this one: that was Npd).
         if self.cn_keys.get(i) == Some(&d) {
             if let Some(cn) = self.cns.get(i) {
-                return NextHop::Core(cn.underlay);
+                return (NextHop::Core(cn.underlay), dst);
             }
         }
         // An EN's own word on where it is attached (see with_edge_hints).
         if let Ok(h) = self.hint_keys.binary_search(&d) {
-            if let Some(sa) = self.hint_cns.get(h) {
-                return NextHop::Core(*sa);
+            if let Some(cn) = self.hint_cns.get(h).and_then(|&c| self.cns.get(c)) {
+                return (NextHop::Core(cn.underlay), cn.overlay);
             }
         }
         // §3.3 step 3: the CN nearest and smaller than the destination; below
@@ -383,8 +400,10 @@ impl RouteTable {
         match j.and_then(|j| self.cns.get(j)) {
             // "If the CN is itself, CN abandons the encapsulated IP packet
             // because the node of destination does not exist."
-            Some(cn) if u32::from(cn.overlay) != self.self_addr => NextHop::Core(cn.underlay),
-            _ => NextHop::Abandon,
+            Some(cn) if u32::from(cn.overlay) != self.self_addr => {
+                (NextHop::Core(cn.underlay), cn.overlay)
+            }
+            _ => (NextHop::Abandon, dst),
         }
     }
 
@@ -560,7 +579,13 @@ mod tests {
             g.links.insert((e, EN_PRIMARY_LINK), primary);
             g.tables.insert(
                 e,
-                RouteTable::new_edge(e, node_id(e), Some(EN_PRIMARY_LINK), members.clone(), 1),
+                RouteTable::new_edge(
+                    e,
+                    node_id(e),
+                    Some((EN_PRIMARY_LINK, primary)),
+                    members.clone(),
+                    1,
+                ),
             );
         }
         for &c in cns {
@@ -881,7 +906,13 @@ mod tests {
     fn edge_table() {
         let me = ip("10.0.0.12");
         let members = vec![(ip("10.0.0.10"), 1), (me, 5), (ip("10.0.0.30"), 3)];
-        let t = RouteTable::new_edge(me, 5, Some(11), members.clone(), 8);
+        let t = RouteTable::new_edge(
+            me,
+            5,
+            Some((11, Ipv4Addr::new(10, 0, 0, 1))),
+            members.clone(),
+            8,
+        );
         assert_eq!(t.lookup(me), NextHop::Npd);
         assert_eq!(t.lookup(ip("10.0.0.10")), NextHop::Edge(11));
         assert_eq!(t.lookup(ip("8.8.8.8")), NextHop::Edge(11));
@@ -1121,6 +1152,17 @@ mod tests {
             let probes = cns.iter().map(|c| c.overlay).chain(ens.iter().map(|e| e.overlay)).chain(dsts);
             for d in probes {
                 prop_assert_eq!(t.lookup(d), model_lookup(me, &cns, &ens, d), "dst {}", d);
+                // The relay named is the CN the packet goes to, and only
+                // a CN other than the destination is one.
+                let (hop, via) = t.route(d);
+                prop_assert_eq!(hop, t.lookup(d));
+                if via != d {
+                    let cn = t.cns().iter().find(|c| c.overlay == via);
+                    prop_assert!(cn.is_some_and(|c| hop == NextHop::Core(c.underlay)), "dst {} via {}", d, via);
+                }
+                if let NextHop::Edge(_) = hop {
+                    prop_assert_eq!(via, d);
+                }
             }
             // The table's lists are sorted and unique.
             prop_assert!(t.cns().windows(2).all(|w| u32::from(w[0].overlay) < u32::from(w[1].overlay)));
@@ -1129,9 +1171,14 @@ mod tests {
 
         #[test]
         fn edge_lookup_matches_model(me in addr(), primary in proptest::option::of(0u32..4), dst in addr()) {
-            let t = RouteTable::new_edge(me, 1, primary, vec![], 0);
+            let cn = Ipv4Addr::new(10, 9, 9, 9);
+            let t = RouteTable::new_edge(me, 1, primary.map(|l| (l, cn)), vec![], 0);
             let want = if dst == me { NextHop::Npd } else { primary.map_or(NextHop::Abandon, NextHop::Edge) };
             prop_assert_eq!(t.lookup(dst), want);
+            // Everything not for us goes to the primary CN, which relays
+            // unless it is the destination.
+            let via = if want == NextHop::Abandon || dst == me { dst } else { cn };
+            prop_assert_eq!(t.route(dst), (want, via));
         }
 
         #[test]

@@ -95,13 +95,17 @@ pub enum Action {
 struct Pending {
     init: Initiation,
     local_index: u32,
-    /// Fingerprint of the certificate we called.
-    cert: [u8; 32],
+    /// Fingerprint of the certificate we called, if we knew it (a peer
+    /// known only by its key proves its certificate in message 2).
+    cert: Option<[u8; 32]>,
 }
 
 #[derive(Default)]
 struct Peer {
     cert: Option<Cert>,
+    /// The key membership announced for this peer, before any certificate
+    /// is known: enough to call it (message 2 proves the certificate).
+    key: Option<NodePub>,
     pending: Option<Pending>,
     /// When the current run of attempts began, and the last one was made
     /// (kept across failed attempts, so retries stay spaced).
@@ -198,6 +202,11 @@ impl Sessions {
     }
 
     /// Which peer a local index belongs to.
+    /// The certificate `peer` last proved (or was registered with).
+    pub fn cert_of(&self, peer: &PeerKey) -> Option<&Cert> {
+        self.peers.get(peer)?.cert.as_ref()
+    }
+
     pub fn peer_of(&self, local_index: u32) -> Option<&PeerKey> {
         self.indices.get(&local_index)
     }
@@ -206,6 +215,30 @@ impl Sessions {
     pub fn session(&self, local_index: u32) -> Option<&Session> {
         let p = self.peers.get(self.indices.get(&local_index)?)?;
         p.sessions().find(|s| s.local_index == local_index)
+    }
+
+    /// Registers a peer by the key membership announced for it, so that
+    /// [`Sessions::want`] can call it; its certificate is checked when it
+    /// answers.
+    pub fn register_key(&mut self, key: &NodePub) -> PeerKey {
+        self.peers.entry(key.dh).or_default().key = Some(*key);
+        key.dh
+    }
+
+    /// Drops a peer that left: its pending initiation and its sessions
+    /// (each as a `Forget`), and what was known of it.
+    pub fn remove(&mut self, key: &PeerKey) -> Vec<Action> {
+        let mut out = Vec::new();
+        let Some(p) = self.peers.remove(key) else {
+            return out;
+        };
+        if let Some(pd) = p.pending {
+            self.indices.remove(&pd.local_index);
+        }
+        for s in [p.current, p.previous, p.next] {
+            self.forget(*key, s, &mut out);
+        }
+        out
     }
 
     /// Makes `cert` (checked by the caller against the authority) the one
@@ -232,7 +265,7 @@ impl Sessions {
         let resting = p
             .attempts
             .is_some_and(|(_, last)| now.saturating_duration_since(last) < RETRY_AFTER);
-        if fresh || p.pending.is_some() || resting || p.cert.is_none() {
+        if fresh || p.pending.is_some() || resting || (p.cert.is_none() && p.key.is_none()) {
             return Ok(Vec::new());
         }
         self.initiate(now, now_ns, *peer, rng)
@@ -246,13 +279,19 @@ impl Sessions {
         rng: &mut R,
     ) -> Result<Vec<Action>, SessionError> {
         self.own_cert_valid(now_ns / 1_000_000_000)?;
-        let Some(cert) = self.peers.get(&key).and_then(|p| p.cert.clone()) else {
+        let Some(p) = self.peers.get(&key) else {
             return Ok(Vec::new());
         };
-        if self.revoked.contains(&cert.fingerprint()) {
-            return Ok(Vec::new());
-        }
-        let peer_pub = NodePub::from_bytes(&cert.body().node)?;
+        let (peer_pub, cert) = match (&p.cert, p.key) {
+            (Some(c), _) => {
+                if self.revoked.contains(&c.fingerprint()) {
+                    return Ok(Vec::new());
+                }
+                (NodePub::from_bytes(&c.body().node)?, Some(c.fingerprint()))
+            }
+            (None, Some(k)) => (k, None),
+            (None, None) => return Ok(Vec::new()),
+        };
         let ts = now_ns.max(self.last_sent_ts + 1);
         self.last_sent_ts = ts;
         let (init, m1) = Initiation::start(&self.me, &self.cert, &peer_pub, ts)?;
@@ -266,7 +305,7 @@ impl Sessions {
         p.pending = Some(Pending {
             init,
             local_index,
-            cert: cert.fingerprint(),
+            cert,
         });
         let mut msg = local_index.to_be_bytes().to_vec();
         msg.extend_from_slice(&m1);
@@ -412,7 +451,11 @@ impl Sessions {
                     let p = self.peers.get_mut(&key).expect("looked up");
                     p.wanted = false;
                     p.cert = None;
-                    p.attempts = None;
+                    // A peer membership keeps announcing is called again,
+                    // but only at the retry spacing.
+                    if p.key.is_none() {
+                        p.attempts = None;
+                    }
                 }
                 return Err(e.into());
             }
@@ -429,6 +472,7 @@ impl Sessions {
         let p = self.peers.get_mut(&key).expect("looked up");
         p.attempts = None;
         p.wanted = false;
+        p.cert = Some(cert);
         let old = std::mem::replace(&mut p.previous, p.current.replace(session.clone()));
         let mut out = Vec::new();
         self.forget(key, old, &mut out);
@@ -516,7 +560,10 @@ impl Sessions {
                 .filter(|s| s.as_ref().is_some_and(|s| s.peer_cert == fingerprint))
                 .filter_map(|s| s.take())
                 .collect();
-            if p.pending.as_ref().is_some_and(|pd| pd.cert == fingerprint) {
+            if p.pending
+                .as_ref()
+                .is_some_and(|pd| pd.cert == Some(fingerprint))
+            {
                 let pd = p.pending.take().expect("checked");
                 self.indices.remove(&pd.local_index);
             }

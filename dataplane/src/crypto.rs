@@ -527,6 +527,34 @@ impl PacketKeys {
         Ok(len)
     }
 
+    /// Like [`Self::seal`] but leaves the payload in clear: the tag
+    /// authenticates header and payload under the header counter's
+    /// one-time key. What a hop puts around a packet it hands to a relay
+    /// ([`crate::wire::PacketType::Relay`]): the payload is already sealed
+    /// end to end, so encrypting it again would only cost. [`Self::verify`]
+    /// checks it. A counter's keystream is used for one packet only,
+    /// sealed or wrapped, so a one-time key never repeats.
+    pub fn seal_auth(&self, buf: &mut [u8], payload_len: usize) -> Result<usize, CryptoError> {
+        if payload_len > MAX_PAYLOAD {
+            return Err(CryptoError::TooLong);
+        }
+        let len = OVERHEAD + payload_len;
+        if buf.len() < len {
+            return Err(CryptoError::BufferTooSmall);
+        }
+        let (header, rest) = buf.split_at_mut(HEADER_LEN);
+        let (payload, rest) = rest.split_at_mut(payload_len);
+        let tag = &mut rest[..TAG_LEN];
+        header[SUITE_OFFSET] = self.suite() as u8;
+        if cfg!(feature = "null-cipher") {
+            tag.fill(0);
+            return Ok(len);
+        }
+        let otk = self.one_time_key(counter_of(header));
+        tag.copy_from_slice(&mac_over(&otk, header, payload).finalize());
+        Ok(len)
+    }
+
     /// Constant-time tag check of a whole packet (hops byte ignored),
     /// without decrypting: what relays do. [`CryptoError::WrongSuite`] if
     /// the packet's suite byte is not these keys' suite.
@@ -951,7 +979,7 @@ mod tests {
         Header {
             ptype: PacketType::Data,
             hops: 0,
-            epoch: wire_epoch(counter),
+            index: 7,
             src: Ipv4Addr::new(10, 1, 0, 1),
             dst: Ipv4Addr::new(10, 1, 0, 2),
             counter,
@@ -1137,61 +1165,82 @@ mod tests {
     }
 
     /// Frozen output of the whole derivation and sealing path of both
-    /// suites. Computed independently in Python with pyca/cryptography
-    /// 48 (HKDF-SHA256; Blowfish in ECB mode from its `decrepit` module for
-    /// the CTR blocks and Poly1305 for the tag; its ChaCha20Poly1305 AEAD
-    /// with nonce 0u32 ‖ counter BE) by `blowfish/wire_v2_kat.py`; any
-    /// change to the key schedule, CTR layout or MAC input breaks
-    /// interoperability and this test.
+    /// suites: session keys of one epoch, the control keys, and a relay
+    /// wrapping ([`PacketKeys::seal_auth`]). Computed independently in
+    /// Python with pyca/cryptography 48 (HKDF-SHA256; Blowfish in ECB mode
+    /// from its `decrepit` module for the CTR blocks and Poly1305 for the
+    /// tag; its ChaCha20Poly1305 AEAD with nonce 0u32 ‖ counter BE, and
+    /// ChaCha20 block 0 for a wrapping's Poly1305 key) by
+    /// `blowfish/wire_v3_kat.py`; any change to the key schedule, CTR
+    /// layout or MAC input breaks interoperability and this test.
     #[test]
     #[cfg_attr(feature = "null-cipher", ignore = "null-cipher does not encrypt")]
     fn known_answer_packets() {
         let h = Header {
             ptype: PacketType::Data,
             hops: 3,
-            epoch: 5,
+            index: 5,
             src: Ipv4Addr::new(10, 0, 0, 1),
             dst: Ipv4Addr::new(10, 0, 0, 2),
             counter: (5 << EPOCH_SHIFT) + 9,
         };
         let payload: Vec<u8> = (0..45u8).collect();
-        for (suite, [data, control, control_epoch]) in KNOWN_PACKETS {
+        let root: [u8; KEY_LEN] = core::array::from_fn(|i| 100 + i as u8);
+        for (suite, [session, control, control_epoch, wrapping]) in KNOWN_PACKETS {
             let s = GroupSecret::from_bytes(core::array::from_fn(|i| i as u8)).with_suite(suite);
             let keys = [
-                PacketKeys::derive_data(&s, 0x0102_0304_0506_0708, 5),
+                PacketKeys::derive_session(&root, suite, 5),
                 PacketKeys::derive_control(&s),
                 PacketKeys::derive_control_epoch(&s, 7),
             ];
-            for (k, want) in keys.iter().zip([data, control, control_epoch]) {
+            for (k, want) in keys.iter().zip([session, control, control_epoch]) {
                 let mut pkt = sealed(k, &h, &payload);
                 assert_eq!(hex::encode(&pkt), want.concat(), "{suite}");
                 assert_eq!(k.open(&mut pkt), Ok(HEADER_LEN..HEADER_LEN + 45));
                 assert_eq!(pkt[HEADER_LEN..HEADER_LEN + 45], payload[..]);
             }
+            let mut buf = vec![0u8; OVERHEAD + payload.len()];
+            h.write(&mut buf);
+            buf[HEADER_LEN..HEADER_LEN + 45].copy_from_slice(&payload);
+            let n = keys[0].seal_auth(&mut buf, 45).unwrap();
+            assert_eq!(
+                hex::encode(&buf[..n]),
+                wrapping.concat(),
+                "{suite} wrapping"
+            );
+            assert_eq!(keys[0].verify(&buf), Ok(()));
+            buf[HEADER_LEN] ^= 1;
+            assert_eq!(keys[0].verify(&buf), Err(CryptoError::BadTag));
             assert_eq!(s.fingerprint(), KNOWN_FINGERPRINT);
         }
     }
 
-    /// (suite, [data key, control key, control key of epoch 7]) → [header,
-    /// ciphertext, tag] in hex.
-    const KNOWN_PACKETS: [(Suite, [[&str; 3]; 3]); 2] = [
+    /// (suite, [session key of epoch 5, control key, control key of
+    /// epoch 7, a wrapping under the session key]) → [header, ciphertext
+    /// (or clear payload), tag] in hex.
+    const KNOWN_PACKETS: [(Suite, [[&str; 3]; 4]); 2] = [
         (
             Suite::Blowfish,
             [
                 [
-                    "02000300000000050a0000010a0000020000000000014009",
-                    "93607ba5988ae3777e74370d482ee78576ab74cdcd5ad973ca792b487244ba82a785956cd1fb262a7906b7ba6a",
-                    "f65045a9afdc235469abef855fa3d7db",
+                    "03000300000000050a0000010a0000020000000000014009",
+                    "8e91be41d49bc421783eb0669fa0bfa4cb8cca5d06d93bf441cb35dc556eb20091b60b6a7f1634fb616bfcb8c9",
+                    "abdf794bb51353ca8f822e46267df97b",
                 ],
                 [
-                    "02000300000000050a0000010a0000020000000000014009",
+                    "03000300000000050a0000010a0000020000000000014009",
                     "9bdc381890d6775001aad972918637b717a7cc93167866cd53351867695f08092ed6b95e55ec76bfe9efce2d52",
-                    "ce8ede68fe122decf85ebe76d6907283",
+                    "b10a029acaef8254bb53e81df705a031",
                 ],
                 [
-                    "02000300000000050a0000010a0000020000000000014009",
+                    "03000300000000050a0000010a0000020000000000014009",
                     "0ddaa7bad323c506df97455a7c04889faa5db2b2911c6a6fe42b6f73eca9848cae65c890dc5d4646795e85cf9e",
-                    "e317878101de818612ae15c097bfa7dd",
+                    "bcf9b5b39445f4e9bed8ee3662f04ce5",
+                ],
+                [
+                    "03000300000000050a0000010a0000020000000000014009",
+                    "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f202122232425262728292a2b2c",
+                    "ddf9b2e33a1fa231456386f71dd1d9a4",
                 ],
             ],
         ),
@@ -1199,19 +1248,24 @@ mod tests {
             Suite::ChaCha20Poly1305,
             [
                 [
-                    "02000301000000050a0000010a0000020000000000014009",
-                    "6c5ae799f45ad62d7e23e095f4636174973b444cd679d2fb94ab0cbef284cfad2a79293340bbd88d4a02cdac10",
-                    "b7efc27d8a6e073eb725a42f2edba101",
+                    "03000301000000050a0000010a0000020000000000014009",
+                    "249b2026163db56d2fb8f488e8874135ec046b7eeb306d587cb813a868ff4bc6a1ab0ed58fda6942d19269b5ef",
+                    "fcd7db052c43f5b14da2fb4445c4014b",
                 ],
                 [
-                    "02000301000000050a0000010a0000020000000000014009",
+                    "03000301000000050a0000010a0000020000000000014009",
                     "de455749af3efa51d27889f1a9d3ebbcc35578e914cdd0ebee2d69a3e0f39d8db1ed9d702da70a17c13a70fa73",
-                    "1dac783a49240c20fe7196a254769d76",
+                    "73231adca8dcfd57d870b486399a971b",
                 ],
                 [
-                    "02000301000000050a0000010a0000020000000000014009",
+                    "03000301000000050a0000010a0000020000000000014009",
                     "be3977768b77c3e01bb02b26198951593d8bb46de9c63204a78fa79ab41a57a900502214f67cedc6b7479ba8a8",
-                    "54ae2842fe4ee1f7650d5e89c8b013f5",
+                    "a69fda04bd52bb65f985e80220984b35",
+                ],
+                [
+                    "03000301000000050a0000010a0000020000000000014009",
+                    "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f202122232425262728292a2b2c",
+                    "00eb7c7f214ce1c4568ae91b871569c5",
                 ],
             ],
         ),
@@ -1611,7 +1665,7 @@ mod tests {
             let h = Header {
                 ptype: if control { PacketType::Control } else { PacketType::Data },
                 hops,
-                epoch: wire_epoch(counter),
+                index: 7,
                 src: src.into(),
                 dst: dst.into(),
                 counter,

@@ -57,6 +57,20 @@ pub fn split(
     staging: &mut [u8],
     sizes: &mut [usize; MAX_SEGMENTS],
 ) -> Result<Split, OffloadError> {
+    split_with_room(read, staging, sizes, HEADER_LEN, TAG_LEN)
+}
+
+/// [`split`] leaving `head` bytes before and `tail` after each packet
+/// (packets to a relay need room for a second header and tag, and must
+/// still fill their stride so that GSO can send them back to back).
+/// [`Split`]'s offsets then count from `head`, not `HEADER_LEN`.
+pub fn split_with_room(
+    read: &mut [u8],
+    staging: &mut [u8],
+    sizes: &mut [usize; MAX_SEGMENTS],
+    head: usize,
+    tail: usize,
+) -> Result<Split, OffloadError> {
     if read.len() <= VIRTIO_NET_HDR_LEN {
         return Err(OffloadError::Short);
     }
@@ -77,11 +91,11 @@ pub fn split(
             let sum = !tun_rs::checksum(&pkt[start..], initial as u64);
             pkt[at..at + 2].copy_from_slice(&sum.to_be_bytes());
         }
-        let stride = HEADER_LEN + pkt.len() + TAG_LEN;
+        let stride = head + pkt.len() + tail;
         if staging.len() < stride {
             return Err(OffloadError::NoRoom);
         }
-        staging[HEADER_LEN..HEADER_LEN + pkt.len()].copy_from_slice(pkt);
+        staging[head..head + pkt.len()].copy_from_slice(pkt);
         sizes[0] = pkt.len();
         return Ok(Split { count: 1, stride });
     }
@@ -115,14 +129,14 @@ pub fn split(
         return Err(OffloadError::TooManySegments);
     }
     let seg_max = hdr_len + gso_size.min(pkt.len() - hdr_len);
-    let stride = HEADER_LEN + seg_max + TAG_LEN;
+    let stride = head + seg_max + tail;
     if staging.len() < count * stride {
         return Err(OffloadError::NoRoom);
     }
     let mut chunks = staging.chunks_mut(stride);
     let mut outs: [&mut [u8]; MAX_SEGMENTS] =
         std::array::from_fn(|_| chunks.next().unwrap_or_default());
-    let n = tun_rs::gso_split(pkt, hdr, &mut outs[..count], sizes, HEADER_LEN, is_v6)
+    let n = tun_rs::gso_split(pkt, hdr, &mut outs[..count], sizes, head, is_v6)
         .map_err(|_| OffloadError::Malformed)?;
     if n != count {
         return Err(OffloadError::Malformed);

@@ -13,8 +13,25 @@
 //! unlike the group-key scheme, where a sender's node-wide counter made
 //! honest jumps look like forged ones.
 
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use crate::crypto::{PacketKeys, Suite, EPOCH_SHIFT, KEY_LEN};
 use crate::replay::ReplayWindow;
+
+/// Counters a core takes from a session's sequence at a time. Small
+/// enough that packets of several cores interleave well inside the
+/// receiver's replay window (8128), large enough that the shared atomic is
+/// touched once per batch rather than once per packet.
+pub const COUNTER_RESERVATION: u64 = 64;
+
+/// A session sends no packet past this counter (2^48 packets, 2^34
+/// epochs): long before, the control thread has replaced it by time
+/// (`ela_control::session::REKEY_AFTER`). It bounds what a receiver's
+/// epoch arithmetic ever sees.
+pub const MAX_COUNTER: u64 = 1 << 48;
 
 /// Epochs past the newest authenticated one that a packet may name: an
 /// honest sender is there only if every packet of the epochs between was
@@ -165,11 +182,201 @@ impl RxKeys {
     }
 }
 
+/// What the control thread tells the cores about sessions (every core
+/// gets every command: a session's packets are steered to the core that
+/// owns its peer, and any core may send).
+pub enum SessionCommand {
+    /// Accept packets from `peer` that name `local_index`.
+    Receive {
+        peer: Ipv4Addr,
+        local_index: u32,
+        suite: Suite,
+        key: [u8; KEY_LEN],
+    },
+    /// Send to `peer` on the session `local_index` from now (the peer
+    /// knows it as `remote_index`); `counter` is the session's sequence,
+    /// shared by the cores. With `keepalive`, the core that takes it
+    /// first sends an empty packet at once, so that a responder can
+    /// confirm the session before any traffic.
+    Send {
+        peer: Ipv4Addr,
+        local_index: u32,
+        remote_index: u32,
+        suite: Suite,
+        key: [u8; KEY_LEN],
+        counter: Arc<AtomicU64>,
+        keepalive: Arc<std::sync::atomic::AtomicBool>,
+    },
+    /// Stop receiving on `local_index`, and sending on it.
+    Forget { local_index: u32 },
+}
+
+impl std::fmt::Debug for SessionCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SessionCommand::Receive {
+                peer, local_index, ..
+            } => write!(f, "Receive({peer}, {local_index:#x})"),
+            SessionCommand::Send {
+                peer, local_index, ..
+            } => write!(f, "Send({peer}, {local_index:#x})"),
+            SessionCommand::Forget { local_index } => write!(f, "Forget({local_index:#x})"),
+        }
+    }
+}
+
+impl Drop for SessionCommand {
+    fn drop(&mut self) {
+        if let SessionCommand::Receive { key, .. } | SessionCommand::Send { key, .. } = self {
+            // Best effort: a plain fill may be elided, a volatile one not.
+            for b in key.iter_mut() {
+                // SAFETY: b is a valid, aligned &mut u8.
+                unsafe { std::ptr::write_volatile(b, 0) };
+            }
+        }
+    }
+}
+
+/// One session's receiving side on one core.
+pub struct RxSession {
+    /// The only sender its packets may name.
+    pub peer: Ipv4Addr,
+    pub keys: RxKeys,
+    /// A packet authenticated on it already (the control thread heard).
+    pub confirmed: bool,
+}
+
+/// One session's sending side on one core.
+pub struct TxSession {
+    pub local_index: u32,
+    pub remote_index: u32,
+    keys: TxKeys,
+    sequence: Arc<AtomicU64>,
+    next: u64,
+    end: u64,
+    /// The batch `next..end` was reserved in: leftovers of an earlier
+    /// batch may have fallen behind the receiver's window while other
+    /// cores sent, so they are discarded (counters are plentiful).
+    batch: u64,
+    keepalive: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TxSession {
+    /// The next counter and its keys; `None` once the session is used up.
+    #[inline]
+    pub fn take(&mut self, batch: u64) -> Option<(u64, &PacketKeys)> {
+        if self.next == self.end || self.batch != batch {
+            let start = self
+                .sequence
+                .fetch_add(COUNTER_RESERVATION, Ordering::Relaxed);
+            self.next = start;
+            self.end = start + COUNTER_RESERVATION;
+            self.batch = batch;
+        }
+        if self.next >= MAX_COUNTER {
+            return None;
+        }
+        let c = self.next;
+        self.next += 1;
+        Some((c, self.keys.keys_for(c)))
+    }
+
+    /// True once per `Send { keepalive: true }`, on the first core to ask.
+    pub fn take_keepalive(&self) -> bool {
+        self.keepalive.swap(false, Ordering::Relaxed)
+    }
+}
+
+/// A core's sessions: receiving ones by our index, sending ones by peer.
+#[derive(Default)]
+pub struct SessionTable {
+    rx: HashMap<u32, RxSession>,
+    tx: HashMap<u32, TxSession>,
+}
+
+impl SessionTable {
+    pub fn new() -> SessionTable {
+        SessionTable {
+            rx: HashMap::with_capacity(64),
+            tx: HashMap::with_capacity(64),
+        }
+    }
+
+    /// Applies a command; returns the peer that got a sending session
+    /// with a keepalive to send, if any (cold).
+    #[cold]
+    pub fn apply(&mut self, cmd: &SessionCommand) -> Option<Ipv4Addr> {
+        match cmd {
+            SessionCommand::Receive {
+                peer,
+                local_index,
+                suite,
+                key,
+            } => {
+                self.rx.insert(
+                    *local_index,
+                    RxSession {
+                        peer: *peer,
+                        keys: RxKeys::new(*key, *suite),
+                        confirmed: false,
+                    },
+                );
+                None
+            }
+            SessionCommand::Send {
+                peer,
+                local_index,
+                remote_index,
+                suite,
+                key,
+                counter,
+                keepalive,
+            } => {
+                let tx = TxSession {
+                    local_index: *local_index,
+                    remote_index: *remote_index,
+                    keys: TxKeys::new(*key, *suite),
+                    sequence: counter.clone(),
+                    next: 0,
+                    end: 0,
+                    batch: u64::MAX,
+                    keepalive: keepalive.clone(),
+                };
+                let ka = tx.take_keepalive();
+                self.tx.insert(u32::from(*peer), tx);
+                ka.then_some(*peer)
+            }
+            SessionCommand::Forget { local_index } => {
+                self.rx.remove(local_index);
+                self.tx.retain(|_, t| t.local_index != *local_index);
+                None
+            }
+        }
+    }
+
+    #[inline]
+    pub fn rx(&mut self, local_index: u32) -> Option<&mut RxSession> {
+        self.rx.get_mut(&local_index)
+    }
+
+    #[inline]
+    pub fn tx(&mut self, peer: Ipv4Addr) -> Option<&mut TxSession> {
+        self.tx.get_mut(&u32::from(peer))
+    }
+
+    pub fn len(&self) -> (usize, usize) {
+        (self.rx.len(), self.tx.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty() && self.tx.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::wire::{Header, PacketType};
-    use std::net::Ipv4Addr;
 
     const ROOT: [u8; 32] = [0x31; 32];
     const PER_EPOCH: u64 = 1 << EPOCH_SHIFT;
@@ -179,7 +386,7 @@ mod tests {
         Header {
             ptype: PacketType::Data,
             hops: 0,
-            epoch: crate::crypto::wire_epoch(counter),
+            index: 1,
             src: Ipv4Addr::new(10, 0, 0, 1),
             dst: Ipv4Addr::new(10, 0, 0, 2),
             counter,

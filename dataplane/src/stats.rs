@@ -45,17 +45,27 @@ pub enum DropReason {
     SendError,
     /// Writing to the TUN failed.
     TunWriteError,
-    /// Too many new keys asked for by one sender in a short time.
+    /// A counter too far ahead of its session's newest epoch to derive
+    /// keys for (no honest sender gets there).
     RekeyLimited,
     /// An EN↔CN TCP link's send queue was at its budget (its peer reads
     /// slowly or not at all, or the links of the core together hold all
     /// they may: see `io::link`), or no buffer was free to take a packet
     /// over to another core.
     LinkFull,
+    /// No session yet with the destination (or the relay on the way):
+    /// the handshake is under way.
+    NoSession,
+    /// The receiver index names no session of ours, or one with another
+    /// peer than the packet's sender.
+    UnknownSession,
+    /// A packet for another node that did not come wrapped by an
+    /// authenticated hop: relays forward nothing they cannot check.
+    NotForUs,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 16;
+    pub const COUNT: usize = 19;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
         DropReason::BadTag,
@@ -73,6 +83,9 @@ impl DropReason {
         DropReason::TunWriteError,
         DropReason::RekeyLimited,
         DropReason::LinkFull,
+        DropReason::NoSession,
+        DropReason::UnknownSession,
+        DropReason::NotForUs,
     ];
 
     pub fn name(self) -> &'static str {
@@ -93,6 +106,9 @@ impl DropReason {
             DropReason::TunWriteError => "tun_write_error",
             DropReason::RekeyLimited => "rekey_limited",
             DropReason::LinkFull => "link_full",
+            DropReason::NoSession => "no_session",
+            DropReason::UnknownSession => "unknown_session",
+            DropReason::NotForUs => "not_for_us",
         }
     }
 }

@@ -1,9 +1,20 @@
 //! On-the-wire packet header.
 //!
-//! A packet is `[header 24 B][ciphertext payload][tag 16 B]`. The header
-//! travels in clear so relays can route on `dst` and bump `hops` without
-//! holding the payload key; it is still covered by the tag (all but `hops`;
-//! see [`crate::crypto`] for the AEAD).
+//! A packet is `[header 24 B][ciphertext payload][tag 16 B]`, sealed by
+//! its sender for its destination under their pairwise session
+//! ([`crate::session`]). The header travels in clear so relays can route
+//! on `dst` and bump `hops` without the session's key; it is still covered
+//! by the tag (all but `hops`; see [`crate::crypto`] for the AEAD).
+//!
+//! A relay cannot check that tag, so a packet travels to a relay inside a
+//! [`PacketType::Relay`] packet: a header of the hop (index of the hop
+//! receiver's session with the hop sender, hop addresses, hop counter),
+//! the end-to-end packet in clear, and a tag of the hop session over both
+//! ([`crate::crypto::PacketKeys::seal_auth`]). The relay checks that tag
+//! and its replay window, unwraps, and sends the inner packet on: as it
+//! is to its destination, or wrapped again for the next relay. So junk
+//! costs a relay one MAC and no forwarding, and a relay can neither read
+//! nor forge what it carries.
 //!
 //! Header layout, all integers big-endian:
 //!
@@ -13,22 +24,29 @@
 //! | 1      | packet type ([`PacketType`])            |
 //! | 2      | hops (not MACed, see [`HOPS_OFFSET`])   |
 //! | 3      | cipher suite ([`Suite`])                |
-//! | 4..8   | key epoch (u32)                         |
+//! | 4..8   | receiver's session index (u32)          |
 //! | 8..12  | sender overlay IPv4 address             |
 //! | 12..16 | destination overlay IPv4 address        |
-//! | 16..24 | per-sender counter (u64)                |
+//! | 16..24 | per-session counter (u64)               |
+//!
+//! Control packets (group-secret codec) carry their control key epoch in
+//! bytes 4..8.
 
 use std::net::Ipv4Addr;
 
 use crate::crypto::Suite;
 
-/// 2: cipher suite byte, Poly1305 tags (1 had a reserved byte and
-/// HMAC-SHA256 tags).
-pub const VERSION: u8 = 2;
+/// 3: pairwise sessions (receiver index in bytes 4..8, relay wrapping);
+/// 2 had group-derived keys named by a sender epoch; 1 had HMAC-SHA256
+/// tags.
+pub const VERSION: u8 = 3;
 pub const HEADER_LEN: usize = 24;
 pub const TAG_LEN: usize = 16;
 /// Bytes a sealed packet adds to its payload.
 pub const OVERHEAD: usize = HEADER_LEN + TAG_LEN;
+/// Bytes a packet on its way to a relay adds to its payload: its own
+/// sealing plus the hop's.
+pub const RELAY_OVERHEAD: usize = 2 * OVERHEAD;
 /// EN→CN→CN→EN is 3 forwarding hops; more means a routing loop during churn.
 pub const MAX_HOPS: u8 = 4;
 /// Relays increment this byte in place. The MAC treats it as zero (like the
@@ -39,7 +57,7 @@ pub const COUNTER_OFFSET: usize = 16;
 /// The [`Suite`] id. [`Header::write`] leaves [`Suite::Blowfish`] (0) here;
 /// `PacketKeys::seal` writes its own suite.
 pub const SUITE_OFFSET: usize = 3;
-const EPOCH: core::ops::Range<usize> = 4..8;
+const INDEX: core::ops::Range<usize> = 4..8;
 const SRC: core::ops::Range<usize> = 8..12;
 const DST: core::ops::Range<usize> = 12..16;
 const COUNTER: core::ops::Range<usize> = COUNTER_OFFSET..COUNTER_OFFSET + 8;
@@ -47,8 +65,22 @@ const COUNTER: core::ops::Range<usize> = COUNTER_OFFSET..COUNTER_OFFSET + 8;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum PacketType {
+    /// Sealed end to end under the pair's session.
     Data = 0,
+    /// Sealed under the group secret's control keys (`control_codec`).
     Control = 1,
+    /// A session handshake message (for the control thread).
+    Handshake = 2,
+    /// A [`PacketType::Data`] packet wrapped for a relay (module doc).
+    Relay = 3,
+}
+
+impl PacketType {
+    /// Handled by the dataplane cores (the rest goes to the control
+    /// thread).
+    pub const fn is_dataplane(b: u8) -> bool {
+        b == PacketType::Data as u8 || b == PacketType::Relay as u8
+    }
 }
 
 impl TryFrom<u8> for PacketType {
@@ -58,6 +90,8 @@ impl TryFrom<u8> for PacketType {
         match b {
             0 => Ok(PacketType::Data),
             1 => Ok(PacketType::Control),
+            2 => Ok(PacketType::Handshake),
+            3 => Ok(PacketType::Relay),
             _ => Err(WireError::BadType),
         }
     }
@@ -67,7 +101,9 @@ impl TryFrom<u8> for PacketType {
 pub struct Header {
     pub ptype: PacketType,
     pub hops: u8,
-    pub epoch: u32,
+    /// Data and relay packets: the receiver's session index. Control
+    /// packets: the control key epoch.
+    pub index: u32,
     pub src: Ipv4Addr,
     pub dst: Ipv4Addr,
     pub counter: u64,
@@ -106,7 +142,7 @@ impl Header {
         Ok(Header {
             ptype,
             hops: buf[HOPS_OFFSET],
-            epoch: u32::from_be_bytes(array(&buf[EPOCH])),
+            index: u32::from_be_bytes(array(&buf[INDEX])),
             src: Ipv4Addr::from(array::<4>(&buf[SRC])),
             dst: Ipv4Addr::from(array::<4>(&buf[DST])),
             counter: u64::from_be_bytes(array(&buf[COUNTER])),
@@ -125,7 +161,7 @@ impl Header {
         h[1] = self.ptype as u8;
         h[HOPS_OFFSET] = self.hops;
         h[SUITE_OFFSET] = Suite::default() as u8;
-        h[EPOCH].copy_from_slice(&self.epoch.to_be_bytes());
+        h[INDEX].copy_from_slice(&self.index.to_be_bytes());
         h[SRC].copy_from_slice(&self.src.octets());
         h[DST].copy_from_slice(&self.dst.octets());
         h[COUNTER].copy_from_slice(&self.counter.to_be_bytes());
@@ -190,7 +226,7 @@ mod tests {
         Header {
             ptype: PacketType::Data,
             hops: 2,
-            epoch: 0x0102_0304,
+            index: 0x0102_0304,
             src: Ipv4Addr::new(10, 0, 0, 1),
             dst: Ipv4Addr::new(10, 0, 0, 2),
             counter: 0x1122_3344_5566_7788,
@@ -209,6 +245,10 @@ mod tests {
         assert_eq!(COUNTER.end, HEADER_LEN);
         assert_eq!(PacketType::Data as u8, 0);
         assert_eq!(PacketType::Control as u8, 1);
+        assert_eq!(PacketType::Handshake as u8, 2);
+        assert_eq!(PacketType::Relay as u8, 3);
+        assert!(PacketType::is_dataplane(0) && PacketType::is_dataplane(3));
+        assert!(!PacketType::is_dataplane(1) && !PacketType::is_dataplane(2));
         assert_eq!(Suite::Blowfish as u8, 0);
         assert_eq!(Suite::ChaCha20Poly1305 as u8, 1);
     }
@@ -224,8 +264,8 @@ mod tests {
         assert_eq!(
             buf,
             [
-                2, 1, 2, 0, // version, type, hops, suite
-                0x01, 0x02, 0x03, 0x04, // epoch
+                3, 1, 2, 0, // version, type, hops, suite
+                0x01, 0x02, 0x03, 0x04, // index
                 10, 0, 0, 1, // src
                 10, 0, 0, 2, // dst
                 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, // counter
@@ -276,7 +316,7 @@ mod tests {
     #[test]
     fn parse_rejects_every_unknown_type() {
         let mut buf = packet(&sample(), 5);
-        for t in 2..=u8::MAX {
+        for t in 4..=u8::MAX {
             buf[1] = t;
             assert_eq!(Header::parse(&buf), Err(WireError::BadType), "type {t}");
         }
@@ -331,7 +371,12 @@ mod tests {
     }
 
     fn ptype() -> impl Strategy<Value = PacketType> {
-        prop_oneof![Just(PacketType::Data), Just(PacketType::Control)]
+        prop_oneof![
+            Just(PacketType::Data),
+            Just(PacketType::Control),
+            Just(PacketType::Handshake),
+            Just(PacketType::Relay)
+        ]
     }
 
     proptest! {
@@ -339,13 +384,13 @@ mod tests {
         fn round_trip(
             ptype in ptype(),
             hops: u8,
-            epoch: u32,
+            index: u32,
             src: [u8; 4],
             dst: [u8; 4],
             counter: u64,
             payload_len in 0usize..64,
         ) {
-            let h = Header { ptype, hops, epoch, src: src.into(), dst: dst.into(), counter };
+            let h = Header { ptype, hops, index, src: src.into(), dst: dst.into(), counter };
             let buf = packet(&h, payload_len);
             prop_assert_eq!(Header::parse(&buf), Ok(h));
         }

@@ -9,6 +9,8 @@
 
 use std::path::{Path, PathBuf};
 
+#[path = "../../fuzz/src/forwarder.rs"]
+mod forwarder;
 #[path = "../../fuzz/src/framing.rs"]
 mod framing;
 #[path = "../../fuzz/src/gro_cmsg.rs"]
@@ -66,6 +68,11 @@ fn replay(target: &str, check: fn(&[u8]), seeds: fn() -> Vec<Vec<u8>>) {
 #[test]
 fn wire_header_corpus() {
     replay("wire_header", wire_header::run, wire_header::seeds);
+}
+
+#[test]
+fn forwarder_corpus() {
+    replay("forwarder", forwarder::run, forwarder::seeds);
 }
 
 #[test]

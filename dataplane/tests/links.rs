@@ -14,7 +14,6 @@ use std::io::{Read, Write};
 use std::net::UdpSocket;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -22,7 +21,6 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use ela_control::router::LinkId;
 use ela_control::RouteTable;
-use ela_dataplane::crypto::GroupSecret;
 use ela_dataplane::io::uring::{self, Command, CoreConfig, CoreEvent, Shared};
 use ela_dataplane::io::{poll, IoError};
 use ela_dataplane::stats::{CoreStats, Counters, DropReason};
@@ -57,8 +55,6 @@ impl Node {
         let shared = Shared::new(n).unwrap();
         let stats: Arc<[CoreStats]> = (0..n).map(|_| CoreStats::default()).collect();
         let routes = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
-        let secret = Arc::new(GroupSecret::generate());
-        let sequence = Arc::new(AtomicU64::new(0));
         let mut udp = Vec::new();
         let mut tun_peers = Vec::new();
         let mut threads = Vec::new();
@@ -75,8 +71,6 @@ impl Node {
                 tun_fd: tun.as_raw_fd(),
                 udp_fd: sock.as_raw_fd(),
                 routes: routes.clone(),
-                secret: secret.clone(),
-                sequence: sequence.clone(),
                 stats: stats.clone(),
                 shared: shared.clone(),
             };
@@ -212,6 +206,8 @@ fn expect_eof(peer: &mut UnixStream, what: &str) {
             Ok(0) => return,
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            // A signal (under load, CI's) is no answer either way.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => panic!("{what}: not closed ({e})"),
         }
         assert!(Instant::now() < deadline, "{what}: not closed");

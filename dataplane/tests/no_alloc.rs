@@ -9,15 +9,15 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
-use std::time::Instant;
 
 use ela_control::router::CoreNode;
 use ela_control::RouteTable;
-use ela_dataplane::crypto::GroupSecret;
+use ela_dataplane::crypto::Suite;
 use ela_dataplane::forwarder::{Forwarder, Verdict};
 use ela_dataplane::offload::{self, Send, MAX_SEGMENTS, VIRTIO_NET_HDR_LEN};
+use ela_dataplane::session::SessionCommand;
 use ela_dataplane::wire::HEADER_LEN;
 
 struct Counting;
@@ -87,11 +87,29 @@ fn table(me: Ipv4Addr, id: u64) -> RouteTable {
     )
 }
 
+/// A session from A to B, as the control thread installs one.
+fn pair(a: &mut Forwarder, b: &mut Forwarder) {
+    a.apply(&SessionCommand::Send {
+        peer: B,
+        local_index: 1,
+        remote_index: 2,
+        suite: Suite::Blowfish,
+        key: [5; 32],
+        counter: Arc::new(AtomicU64::new(0)),
+        keepalive: Arc::new(AtomicBool::new(false)),
+    });
+    b.apply(&SessionCommand::Receive {
+        peer: A,
+        local_index: 2,
+        suite: Suite::Blowfish,
+        key: [5; 32],
+    });
+}
+
 #[test]
 fn forwarding_allocates_nothing() {
-    let secret = Arc::new(GroupSecret::from_bytes([5; 32]));
-    let mut a = Forwarder::new(secret.clone(), Arc::new(AtomicU64::new(0)));
-    let mut b = Forwarder::new(secret, Arc::new(AtomicU64::new(0)));
+    let (mut a, mut b) = (Forwarder::new(), Forwarder::new());
+    pair(&mut a, &mut b);
     let (ta, tb) = (table(A, 1), table(B, 2));
     let mut ip = vec![0u8; 1400];
     ip[0] = 0x45;
@@ -99,15 +117,14 @@ fn forwarding_allocates_nothing() {
     ip[12..16].copy_from_slice(&A.octets());
     ip[16..20].copy_from_slice(&B.octets());
     let mut buf = vec![0u8; 2048];
-    let now = Instant::now();
     let mut round = |n: usize, count: bool| {
         counting(count);
         for _ in 0..n {
             buf[HEADER_LEN..HEADER_LEN + ip.len()].copy_from_slice(&ip);
-            let out = a.outbound(&ta, &mut buf, ip.len());
+            let out = a.outbound(&ta, &mut buf, HEADER_LEN, ip.len());
             assert!(matches!(out.verdict, Verdict::Udp(_)));
             let len = out.range.len();
-            let back = b.inbound(now, &tb, &mut buf, len);
+            let back = b.inbound(&tb, &mut buf, len);
             assert_eq!(back.verdict, Verdict::Tun);
         }
         counting(false);
@@ -148,9 +165,8 @@ fn tso_read(payload: usize, mss: u16) -> Vec<u8> {
 
 #[test]
 fn offload_path_allocates_nothing() {
-    let secret = Arc::new(GroupSecret::from_bytes([6; 32]));
-    let mut a = Forwarder::new(secret.clone(), Arc::new(AtomicU64::new(0)));
-    let mut b = Forwarder::new(secret, Arc::new(AtomicU64::new(0)));
+    let (mut a, mut b) = (Forwarder::new(), Forwarder::new());
+    pair(&mut a, &mut b);
     let (ta, tb) = (table(A, 1), table(B, 2));
     let template = tso_read(60_000, 1380);
     let mut read = template.clone();
@@ -160,7 +176,6 @@ fn offload_path_allocates_nothing() {
     let mut rx: Vec<Vec<u8>> = (0..64).map(|_| Vec::with_capacity(70_000)).collect();
     let mut gro = offload::Gro::new();
     let mut gro_out = Vec::with_capacity(64);
-    let now = Instant::now();
     let mut seq = 0u32;
     let mut batch = |count: bool| {
         counting(count);
@@ -174,7 +189,7 @@ fn offload_path_allocates_nothing() {
         for i in 0..split.count {
             let start = i * split.stride;
             let chunk = &mut staging[start..start + split.stride];
-            let out = a.outbound(&ta, chunk, sizes[i]);
+            let out = a.outbound(&ta, chunk, HEADER_LEN, sizes[i]);
             let Verdict::Udp(to) = out.verdict else {
                 panic!("not routed: {:?}", out.verdict)
             };
@@ -194,7 +209,7 @@ fn offload_path_allocates_nothing() {
             let start = i * split.stride;
             let len = HEADER_LEN + sizes[i] + 16;
             let pkt = &mut staging[start..start + len];
-            let out = b.inbound(now, &tb, pkt, len);
+            let out = b.inbound(&tb, pkt, len);
             assert_eq!(out.verdict, Verdict::Tun);
             let v = &mut rx[used];
             v.clear();

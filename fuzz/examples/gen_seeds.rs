@@ -9,7 +9,12 @@ use std::path::Path;
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
     type Run = fn(&[u8]);
-    let sets: [(&str, Vec<Vec<u8>>, Run); 8] = [
+    let sets: [(&str, Vec<Vec<u8>>, Run); 9] = [
+        (
+            "forwarder",
+            ela_fast_fuzz::forwarder::seeds(),
+            ela_fast_fuzz::forwarder::run,
+        ),
         (
             "wire_header",
             ela_fast_fuzz::wire_header::seeds(),

@@ -158,7 +158,7 @@ fn decoded(r: &mut Reader) {
     let hdr = Header {
         ptype: PacketType::Control,
         hops: 0,
-        epoch: epoch_at(now),
+        index: epoch_at(now),
         src,
         dst,
         counter: Header::parse(&pkt).expect("our own header").counter,
@@ -212,7 +212,7 @@ fn model(pkt: &[u8], now: u64, suite: usize, plain: Option<&[u8]>) -> Result<Ope
     if hdr.ptype != PacketType::Control {
         return Err(ControlDrop::Malformed);
     }
-    if hdr.epoch.abs_diff(epoch_at(now)) > 1 {
+    if hdr.index.abs_diff(epoch_at(now)) > 1 {
         return Err(ControlDrop::Stale);
     }
     if pkt.len() - OVERHEAD > MAX_PAYLOAD {
@@ -228,7 +228,7 @@ fn model(pkt: &[u8], now: u64, suite: usize, plain: Option<&[u8]>) -> Result<Ope
         return Err(ControlDrop::Malformed);
     }
     let sent = u64::from_be_bytes(plain[..8].try_into().expect("8 bytes"));
-    if sent.abs_diff(now) > MAX_AGE.as_millis() as u64 || epoch_at(sent) != hdr.epoch {
+    if sent.abs_diff(now) > MAX_AGE.as_millis() as u64 || epoch_at(sent) != hdr.index {
         return Err(ControlDrop::Stale);
     }
     let channel: Channel = plain[8..PREFIX].try_into().expect("16 bytes");
@@ -295,7 +295,7 @@ fn sealed(r: &mut Reader) {
     let h = Header {
         ptype: PacketType::Control,
         hops,
-        epoch,
+        index: epoch,
         src,
         dst,
         counter: fresh_nonce(),

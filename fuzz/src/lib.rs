@@ -8,6 +8,7 @@
 //! depend on more than those packages do.
 
 pub mod control_msg;
+pub mod forwarder;
 pub mod framing;
 pub mod gro_cmsg;
 pub mod handshake;

@@ -10,7 +10,7 @@
 //!   then the payload; we seal it and check the round trip.
 //!
 //! Invariants:
-//! - `Header::parse` is `Ok` exactly for `len >= 40`, version 2, type 0/1
+//! - `Header::parse` is `Ok` exactly for `len >= 40`, the version, type 0..=3
 //!   and suite 0/1 (errors in that order of precedence); its fields are
 //!   the header bytes, and `write` reproduces them (suite byte aside,
 //!   which `write` leaves as Blowfish's).
@@ -42,9 +42,10 @@ use crate::input::{Reader, Writer};
 pub const SECRET: [u8; 32] = [7; 32];
 
 struct Keys {
-    /// Per suite (index = suite id): data keys of session 7, epoch 0.
+    /// Per suite (index = suite id): keys of epoch 0 of one session
+    /// direction.
     data: [PacketKeys; 2],
-    /// Per suite: data keys of session 7, epoch 1 (a "wrong key").
+    /// Per suite: the same direction's epoch 1 (a "wrong key").
     data_next: [PacketKeys; 2],
     /// Per suite: the control keys of control epoch 1.
     control: [PacketKeys; 2],
@@ -58,8 +59,8 @@ fn keys() -> &'static Keys {
             [f(&s(Suite::Blowfish)), f(&s(Suite::ChaCha20Poly1305))]
         };
         Keys {
-            data: per_suite(&|g| PacketKeys::derive_data(g, 7, 0)),
-            data_next: per_suite(&|g| PacketKeys::derive_data(g, 7, 1)),
+            data: per_suite(&|g| PacketKeys::derive_session(&SECRET, g.suite(), 0)),
+            data_next: per_suite(&|g| PacketKeys::derive_session(&SECRET, g.suite(), 1)),
             control: per_suite(&|g| PacketKeys::derive_control_epoch(g, 1)),
         }
     })
@@ -100,7 +101,7 @@ fn check_parse(pkt: &[u8]) {
         Err(WireError::Truncated)
     } else if pkt[0] != VERSION {
         Err(WireError::BadVersion)
-    } else if pkt[1] > 1 {
+    } else if pkt[1] > 3 {
         Err(WireError::BadType)
     } else if pkt[SUITE_OFFSET] > 1 {
         Err(WireError::UnknownSuite)
@@ -112,7 +113,7 @@ fn check_parse(pkt: &[u8]) {
         (Ok(h), Ok(())) => {
             assert_eq!(h.ptype as u8, pkt[1]);
             assert_eq!(h.hops, pkt[HOPS_OFFSET]);
-            assert_eq!(h.epoch.to_be_bytes(), pkt[4..8]);
+            assert_eq!(h.index.to_be_bytes(), pkt[4..8]);
             assert_eq!(h.src.octets(), pkt[8..12]);
             assert_eq!(h.dst.octets(), pkt[12..16]);
             assert_eq!(h.counter.to_be_bytes(), pkt[16..24]);
@@ -187,7 +188,7 @@ fn sealed(r: &mut Reader) {
             PacketType::Data
         },
         hops: r.u8(),
-        epoch: r.u32(),
+        index: r.u32(),
         src: Ipv4Addr::from(r.u32()),
         dst: Ipv4Addr::from(r.u32()),
         counter: r.u64(),
@@ -288,7 +289,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
                 PacketType::Control
             },
             hops: 1,
-            epoch: 0,
+            index: 0,
             src: Ipv4Addr::new(10, 0, 0, 1),
             dst: Ipv4Addr::new(10, 0, 0, 2),
             counter: 5,

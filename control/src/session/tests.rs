@@ -524,3 +524,60 @@ fn timestamps_survive_a_clock_step_back() {
         .unwrap();
     assert!(b.s.on_initiation(t1, NOW_S, &m1, &mut rng).is_ok());
 }
+
+/// Membership announces keys, not certificates: a peer known only by its
+/// key is called, and proves its certificate in message 2.
+#[test]
+fn a_peer_known_by_its_key_alone_gets_a_session_and_its_certificate() {
+    let ca = CaKey::generate(&mut StdRng::seed_from_u64(1));
+    let (mut a, mut b) = (node(&ca, 2, "a"), node(&ca, 3, "b"));
+    let b_pub = NodePub::from_bytes(&b.cert.body().node).unwrap();
+    assert_eq!(a.s.register_key(&b_pub), b.key);
+    let mut rng = StdRng::seed_from_u64(9);
+    let t0 = Instant::now();
+    let (sa, sb) = handshake(&mut a, &mut b, t0, t0, &mut rng);
+    assert_eq!(sa.keys.send, sb.keys.recv);
+    assert_eq!(a.s.cert_of(&b.key), Some(&b.cert));
+    // A key that is not the certificate's: message 2 fails, and the
+    // retries keep their spacing instead of storming.
+    let (mut c, mut d) = (node(&ca, 4, "c"), node(&ca, 5, "d"));
+    let wrong = NodePub::from_bytes(&b.cert.body().node).unwrap();
+    let mut lie = wrong;
+    lie.dh = d.key;
+    c.s.register_key(&lie);
+    let out = c.s.want(t0, ns(t0, t0), &d.key, &mut rng).unwrap();
+    let m1 = sends(&out).pop().expect("an initiation");
+    let out = d.s.on_initiation(t0, NOW_S, &m1, &mut rng).unwrap();
+    let m2 = sends(&out).pop().expect("a response");
+    assert!(c.s.on_response(t0, NOW_S, &m2).is_err());
+    let soon = t0 + Duration::from_millis(300);
+    assert!(c
+        .s
+        .want(soon, ns(t0, soon), &d.key, &mut rng)
+        .unwrap()
+        .is_empty());
+    let later = t0 + RETRY_AFTER;
+    assert_eq!(
+        sends(&c.s.want(later, ns(t0, later), &d.key, &mut rng).unwrap()).len(),
+        1
+    );
+}
+
+#[test]
+fn removing_a_peer_forgets_its_sessions_and_initiation() {
+    let Lab {
+        mut a,
+        mut b,
+        mut rng,
+        t0,
+        ..
+    } = lab();
+    let (sa, _) = handshake(&mut a, &mut b, t0, t0, &mut rng);
+    let out = a.s.remove(&b.key);
+    assert_eq!(forgotten(&out), vec![sa.local_index]);
+    assert!(a.s.peer_of(sa.local_index).is_none());
+    assert!(
+        a.s.want(t0, ns(t0, t0), &b.key, &mut rng).is_err(),
+        "unknown now"
+    );
+}

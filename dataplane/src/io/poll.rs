@@ -24,10 +24,10 @@ use super::shared::{
     LINK_RECV_BYTES, MAX_LINKS,
 };
 use super::IoError;
-use crate::forwarder::{Forwarder, Verdict};
+use crate::forwarder::{Forwarder, Verdict, HEADROOM, MAX_DATA_PAYLOAD};
 use crate::framing::{self, FrameDecoder, LEN_PREFIX};
 use crate::stats::{Counters, DropReason, Latency};
-use crate::wire::{HEADER_LEN, OVERHEAD};
+use crate::wire::OVERHEAD;
 
 /// Packets read from each fd per wakeup before the others get a turn.
 const BATCH: usize = 64;
@@ -74,8 +74,6 @@ struct PollCore {
     budget: Budget,
     lat: Latency,
     lat_published: Instant,
-    /// Route table generation the forwarder last pruned its senders by.
-    generation: u64,
 }
 
 /// Appends `pkt` as a frame to link `id`'s output; false (counted) if the
@@ -117,13 +115,12 @@ fn nonblocking_read(fd: RawFd, buf: &mut [u8]) -> Option<usize> {
 pub fn run(cfg: CoreConfig) -> Result<(), IoError> {
     let links = LinkTable::new(if cfg.index == 0 { MAX_LINKS } else { 0 });
     let mut core = PollCore {
-        fwd: Forwarder::new(cfg.secret.clone(), cfg.sequence.clone()),
+        fwd: Forwarder::new(),
         buf: vec![0u8; BUF_SIZE],
         links,
         budget: Budget::new(LIMITS),
         lat: Latency::default(),
         lat_published: Instant::now(),
-        generation: u64::MAX,
         cfg,
     };
     core.run();
@@ -160,11 +157,6 @@ impl PollCore {
             // SAFETY: pfds is a valid array for the call's duration.
             unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
             let routes = self.cfg.routes.load();
-            if routes.generation() != self.generation {
-                // Forget senders that left, as the io_uring core does.
-                self.generation = routes.generation();
-                self.fwd.retain_members(&routes);
-            }
             self.fwd.begin_batch();
             let now = Instant::now();
             if pfds[2].revents != 0 {
@@ -186,7 +178,7 @@ impl PollCore {
                         let n = v.len();
                         if n <= self.buf.len() {
                             self.buf[..n].copy_from_slice(&v);
-                            self.inbound(now, &routes, n, lane);
+                            self.inbound(&routes, n, lane);
                         } else {
                             self.fwd.counters.drop(DropReason::TooBig);
                         }
@@ -198,7 +190,7 @@ impl PollCore {
                 self.tun_batch(&routes);
             }
             if pfds[1].revents != 0 {
-                self.udp_batch(now, &routes);
+                self.udp_batch(&routes);
             }
             for (k, id) in ids.iter().enumerate() {
                 let re = pfds[3 + k].revents;
@@ -209,6 +201,7 @@ impl PollCore {
                     self.read_link(now, &routes, *id);
                 }
             }
+            self.session_chores(&routes);
             self.publish();
         }
     }
@@ -237,11 +230,24 @@ impl PollCore {
         Latency::record(h, t.elapsed(), 1);
     }
 
+    /// Confirmed sessions up to the control thread; keepalives out.
+    fn session_chores(&mut self, routes: &RouteTable) {
+        for local_index in self.fwd.take_confirmed() {
+            self.cfg
+                .shared
+                .event(CoreEvent::SessionConfirmed { local_index });
+        }
+        while let Some(peer) = self.fwd.next_keepalive() {
+            let out = self.fwd.keepalive(routes, &mut self.buf, peer);
+            self.send(out.verdict, out.range.start, out.range.len());
+        }
+    }
+
     fn tun_batch(&mut self, routes: &RouteTable) {
         for _ in 0..BATCH {
-            let max = BUF_SIZE - OVERHEAD - 64;
+            let max = MAX_DATA_PAYLOAD;
             let Some(n) =
-                nonblocking_read(self.cfg.tun_fd, &mut self.buf[HEADER_LEN..HEADER_LEN + max])
+                nonblocking_read(self.cfg.tun_fd, &mut self.buf[HEADROOM..HEADROOM + max])
             else {
                 return;
             };
@@ -249,13 +255,13 @@ impl PollCore {
                 return;
             }
             let t = Instant::now();
-            let out = self.fwd.outbound(routes, &mut self.buf, n);
+            let out = self.fwd.outbound(routes, &mut self.buf, HEADROOM, n);
             let sent = self.send(out.verdict, out.range.start, out.range.len());
             self.record(t, true, sent);
         }
     }
 
-    fn udp_batch(&mut self, now: Instant, routes: &RouteTable) {
+    fn udp_batch(&mut self, routes: &RouteTable) {
         for _ in 0..BATCH {
             // SAFETY: buf is valid for writes of its length; no address.
             let n = unsafe {
@@ -269,19 +275,19 @@ impl PollCore {
             if n < 0 {
                 return;
             }
-            self.inbound(now, routes, n as usize, Lane::Udp);
+            self.inbound(routes, n as usize, Lane::Udp);
         }
     }
 
     /// A packet from the underlay (datagram, link frame or handed over)
     /// in `self.buf[..n]`: opened here if this core owns its sender, else
     /// handed over to the core that does.
-    fn inbound(&mut self, now: Instant, routes: &RouteTable, n: usize, lane: Lane) {
+    fn inbound(&mut self, routes: &RouteTable, n: usize, lane: Lane) {
         if hand_off(&self.cfg, &mut self.fwd.counters, lane, &self.buf[..n]) {
             return;
         }
         let t = Instant::now();
-        let out = self.fwd.inbound(now, routes, &mut self.buf, n);
+        let out = self.fwd.inbound(routes, &mut self.buf, n);
         let to_tun = out.verdict == Verdict::Tun;
         let sent = self.send(out.verdict, out.range.start, out.range.len());
         self.record(t, false, sent && to_tun);
@@ -424,7 +430,7 @@ impl PollCore {
 
     /// Handles every whole frame in link `id`'s decoder. False if the
     /// stream broke (the link is closed).
-    fn take_frames(&mut self, now: Instant, routes: &RouteTable, id: LinkId) -> bool {
+    fn take_frames(&mut self, _now: Instant, routes: &RouteTable, id: LinkId) -> bool {
         loop {
             let Some(l) = self.links.get_mut(id) else {
                 return false;
@@ -442,7 +448,7 @@ impl PollCore {
             };
             let n = frame.len();
             self.buf[..n].copy_from_slice(frame);
-            self.inbound(now, routes, n, Lane::Link);
+            self.inbound(routes, n, Lane::Link);
         }
     }
 
@@ -481,6 +487,7 @@ impl PollCore {
             Command::AddLink { id, fd, initial } => self.add_link(now, routes, id, fd, &initial),
             Command::CloseLink { id } => self.close_link(id),
             Command::SendFrame { id, packet } => self.link_send(id, Class::Control, &packet),
+            Command::Session(cmd) => self.fwd.apply(&cmd),
         }
         true
     }

@@ -24,8 +24,9 @@ use ela_control::router::LinkId;
 use ela_control::RouteTable;
 
 use super::IoError;
-use crate::crypto::{GroupSecret, MAX_PAYLOAD};
+use crate::crypto::MAX_PAYLOAD;
 use crate::framing::FrameError;
+use crate::session::SessionCommand;
 use crate::stats::{CoreStats, Counters, DropReason};
 use crate::wire::{PacketType, HEADER_LEN, OVERHEAD};
 
@@ -90,6 +91,8 @@ pub enum Command {
         id: LinkId,
         packet: Vec<u8>,
     },
+    /// Install or forget session keys (every core gets each one).
+    Session(Arc<SessionCommand>),
 }
 
 /// Messages from core 0 to the control thread.
@@ -100,6 +103,9 @@ pub enum CoreEvent {
     /// The link closed (peer gone, error, or after CloseLink). Sent once
     /// per link, after its last `LinkControl`, and never lost.
     LinkDown { id: LinkId },
+    /// The first packet on the session with this local index
+    /// authenticated (key confirmation; from any core).
+    SessionConfirmed { local_index: u32 },
 }
 
 /// Core → control events. Control frames queue (bounded: a flood of them
@@ -404,8 +410,6 @@ pub struct CoreConfig {
     pub tun_fd: RawFd,
     pub udp_fd: RawFd,
     pub routes: Arc<ArcSwap<RouteTable>>,
-    pub secret: Arc<GroupSecret>,
-    pub sequence: Arc<AtomicU64>,
     pub stats: Arc<[CoreStats]>,
     pub shared: Arc<Shared>,
 }
@@ -414,7 +418,7 @@ pub struct CoreConfig {
 /// reuseport program steers its sender to (`sender_overlay % n`; see
 /// `udp.rs`). `None` for anything else (control, too short).
 pub(super) fn owner_core(pkt: &[u8], n: usize) -> Option<usize> {
-    if n == 0 || pkt.len() < HEADER_LEN || pkt[1] != PacketType::Data as u8 {
+    if n == 0 || pkt.len() < HEADER_LEN || !PacketType::is_dataplane(pkt[1]) {
         return None;
     }
     let src = u32::from(Ipv4Addr::new(pkt[8], pkt[9], pkt[10], pkt[11]));
@@ -479,7 +483,7 @@ pub(super) fn classify_frame<'a>(
             counters.drop(DropReason::Malformed);
             LinkFrame::Broken
         }
-        Ok(f) if f.len() > 1 && f[1] == PacketType::Control as u8 => {
+        Ok(f) if f.len() > 1 && !PacketType::is_dataplane(f[1]) => {
             shared.event(CoreEvent::LinkControl {
                 id,
                 packet: f.to_vec(),
@@ -587,6 +591,7 @@ mod tests {
                 assert!(!down_seen[id as usize], "frame of {id} after its down");
                 frames += 1;
             }
+            CoreEvent::SessionConfirmed { .. } => unreachable!("not produced here"),
         };
         while !producer.is_finished() {
             if let Some(e) = q.pop() {
@@ -617,8 +622,12 @@ mod tests {
             Some(0x0a00_0007 % 3)
         );
         let mut c = data_packet([10, 0, 0, 5]);
-        c[1] = PacketType::Control as u8;
-        assert_eq!(owner_core(&c, 2), None);
+        c[1] = PacketType::Relay as u8;
+        assert_eq!(owner_core(&c, 2), Some(1), "a relay packet's hop sender");
+        for t in [PacketType::Control, PacketType::Handshake] {
+            c[1] = t as u8;
+            assert_eq!(owner_core(&c, 2), None);
+        }
         assert_eq!(owner_core(&c[..HEADER_LEN - 1], 2), None);
         assert_eq!(owner_core(&data_packet([10, 0, 0, 5]), 0), None);
     }
@@ -632,8 +641,6 @@ mod tests {
             tun_fd: -1,
             udp_fd: -1,
             routes: Arc::new(ArcSwap::from_pointee(RouteTable::empty())),
-            secret: Arc::new(GroupSecret::generate()),
-            sequence: Arc::new(AtomicU64::new(0)),
             stats: (0..shared.cores.len())
                 .map(|_| CoreStats::default())
                 .collect(),

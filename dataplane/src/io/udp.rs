@@ -2,8 +2,9 @@
 //! thread, all on the listen port (SO_REUSEPORT).
 //!
 //! A classic-BPF program on the reuseport group steers each datagram by
-//! its ELA header rather than by 4-tuple: control packets to the control
-//! socket, data packets to core `sender_overlay % n`. So every sender's
+//! its ELA header rather than by 4-tuple: control and handshake packets
+//! to the control socket, data and relay packets to core
+//! `sender_overlay % n` (a relay packet's sender is its hop's). So every sender's
 //! packets meet the same core — and the same replay window — whatever
 //! underlay path (direct or relayed) they took.
 
@@ -167,8 +168,10 @@ fn steering_program(n_data: u32) -> Vec<libc::sock_filter> {
     vec![
         // A = packet type (byte 1 of the ELA header)
         ins(BPF_LD | BPF_B | BPF_ABS, 0, 0, 1),
-        // control → the control socket, which is index n_data
-        ins(BPF_JMP | BPF_JEQ | BPF_K, 0, 1, 1),
+        // control (1) and handshakes (2) → the control socket, which is
+        // index n_data
+        ins(BPF_JMP | BPF_JEQ | BPF_K, 1, 0, 1),
+        ins(BPF_JMP | BPF_JEQ | BPF_K, 0, 1, 2),
         ins(BPF_RET | BPF_K, 0, 0, n_data),
         // A = sender overlay address (bytes 8..12)
         ins(BPF_LD | BPF_W | BPF_ABS, 0, 0, 8),

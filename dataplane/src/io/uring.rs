@@ -54,11 +54,11 @@ pub use super::shared::{
     Command, CoreConfig, CoreEvent, CoreHandle, EventQueue, OffloadConfig, Shared, MAX_LINKS,
 };
 use super::IoError;
-use crate::forwarder::{Forwarder, Verdict};
+use crate::forwarder::{Forwarder, Verdict, HEADROOM, MAX_DATA_PAYLOAD};
 use crate::framing::LEN_PREFIX;
 use crate::offload::{self, Send, MAX_SEGMENTS, VIRTIO_NET_HDR_LEN};
 use crate::stats::{DropReason, Latency};
-use crate::wire::{HEADER_LEN, OVERHEAD};
+use crate::wire::{self, HEADER_LEN, TAG_LEN};
 
 /// How a packet from the underlay reached [`Core::inbound`].
 #[derive(Clone, Copy)]
@@ -190,7 +190,6 @@ struct Core {
     udp_armed: usize,
     wake_buf: Box<u64>,
     fwd: Forwarder,
-    generation: u64,
     links: LinkTable<Link>,
     /// What core 0's link queues may hold (see `io::link`).
     budget: Budget,
@@ -294,7 +293,7 @@ pub fn run(cfg: CoreConfig) -> Result<(), IoError> {
     let slots: Box<[Slot]> = (0..SLOTS)
         .map(|_| unsafe { std::mem::zeroed::<Slot>() })
         .collect();
-    let fwd = Forwarder::new(cfg.secret.clone(), cfg.sequence.clone());
+    let fwd = Forwarder::new();
     let links = LinkTable::new(if cfg.index == 0 { MAX_LINKS } else { 0 });
     let (slot_size, reads) = if cfg.offload.is_some() {
         (OFFLOAD_SLOT, OFFLOAD_TUN_READS + OFFLOAD_UDP_RECVS)
@@ -319,7 +318,6 @@ pub fn run(cfg: CoreConfig) -> Result<(), IoError> {
         udp_armed: 0,
         wake_buf: Box::new(0),
         fwd,
-        generation: u64::MAX,
         links,
         budget: Budget::new(link::limits(reads)),
         lat: Latency::default(),
@@ -394,7 +392,7 @@ impl Core {
             let (at, max) = if offload {
                 (0, OFFLOAD_SLOT)
             } else {
-                (HEADER_LEN, BUF_SIZE - OVERHEAD - 64)
+                (HEADROOM, MAX_DATA_PAYLOAD)
             };
             // SAFETY: at < slot_size: still inside the slot.
             let p = unsafe { self.buf_ptr(slot).add(at) };
@@ -441,7 +439,7 @@ impl Core {
         let (tun_at, tun_len) = if offload {
             (0, OFFLOAD_SLOT)
         } else {
-            (HEADER_LEN, BUF_SIZE - OVERHEAD - 64)
+            (HEADROOM, MAX_DATA_PAYLOAD)
         };
         let size = self.slot_size;
         let bufs = self.bufs.as_mut_ptr();
@@ -511,6 +509,7 @@ impl Core {
             Command::AddLink { id, fd, initial } => self.add_link(now, routes, id, fd, &initial),
             Command::CloseLink { id } => self.close_link(id),
             Command::SendFrame { id, packet } => self.send_frame(id, &packet),
+            Command::Session(cmd) => self.fwd.apply(&cmd),
         }
         true
     }
@@ -547,10 +546,6 @@ impl Core {
                 Err(source) => return Err(IoError::Uring { source }),
             }
             let routes = self.cfg.routes.load();
-            if routes.generation() != self.generation {
-                self.generation = routes.generation();
-                self.fwd.retain_members(&routes);
-            }
             let now = Instant::now();
             self.batch_start = now;
             active = now;
@@ -621,6 +616,7 @@ impl Core {
                         _ => {}
                     }
                 }
+                self.session_chores(&routes);
                 self.flush();
                 self.arm_reads();
             }
@@ -713,6 +709,34 @@ impl Core {
         self.flush_rx();
     }
 
+    /// Confirmed sessions up to the control thread; keepalives out (a
+    /// keepalive without a free slot is skipped: the session's first
+    /// packet confirms it as well).
+    fn session_chores(&mut self, routes: &RouteTable) {
+        for local_index in self.fwd.take_confirmed() {
+            self.cfg
+                .shared
+                .event(CoreEvent::SessionConfirmed { local_index });
+        }
+        while let Some(peer) = self.fwd.next_keepalive() {
+            let Some(slot) = self.free.pop() else { break };
+            let slot = slot as usize;
+            let base = slot * self.slot_size;
+            let buf = &mut self.bufs[base..base + self.slot_size];
+            let out = self.fwd.keepalive(routes, buf, peer);
+            let (s, l) = (out.range.start, out.range.len());
+            match out.verdict {
+                Verdict::Udp(to) if self.off.is_some() => {
+                    self.stage_single(to, slot, s, l);
+                    self.free.push(slot as u16);
+                }
+                Verdict::Udp(to) => self.send_udp(slot, to, s, l),
+                Verdict::Link(id) => self.send_link(id, slot, s, l),
+                Verdict::Tun | Verdict::Drop => self.free.push(slot as u16),
+            }
+        }
+    }
+
     fn on_tun_read(&mut self, routes: &RouteTable, slot: usize, res: i32) {
         if res <= 0 {
             // EAGAIN/ECANCELED/EINTR: just re-arm (done by arm_reads).
@@ -726,7 +750,7 @@ impl Core {
         let n = res as usize;
         let base = slot * self.slot_size;
         let buf = &mut self.bufs[base..base + self.slot_size];
-        let out = self.fwd.outbound(routes, buf, n);
+        let out = self.fwd.outbound(routes, buf, HEADROOM, n);
         match out.verdict {
             Verdict::Udp(to) => {
                 self.slots[slot].picked_ns = self.ns_since_base(self.batch_start);
@@ -754,7 +778,14 @@ impl Core {
             sizes,
             ..
         } = &mut *off;
-        let split = offload::split(read, &mut staging[*staged..], sizes);
+        // Packets to a relay need a second header and tag, and the room
+        // must be in the stride for GSO to send them back to back.
+        let head = match wire::ipv4_src_dst(&read[offload::VIRTIO_NET_HDR_LEN.min(read.len())..]) {
+            Some((_, dst)) if routes.route(dst).1 != dst => HEADROOM,
+            _ => HEADER_LEN,
+        };
+        let tail = TAG_LEN * head / HEADER_LEN;
+        let split = offload::split_with_room(read, &mut staging[*staged..], sizes, head, tail);
         self.free.push(slot as u16);
         let split = match split {
             Ok(s) => s,
@@ -773,7 +804,7 @@ impl Core {
         for i in 0..split.count {
             let start = off.staged + i * split.stride;
             let chunk = &mut off.staging[start..start + split.stride];
-            let out = self.fwd.outbound(routes, chunk, off.sizes[i]);
+            let out = self.fwd.outbound(routes, chunk, head, off.sizes[i]);
             match out.verdict {
                 Verdict::Udp(to) => {
                     let len = out.range.len();
@@ -945,7 +976,7 @@ impl Core {
         let mut at = at;
         while at < end {
             let len = seg.min(end - at);
-            self.inbound(now, routes, slot, at, len, Arrival::Segment);
+            self.inbound(routes, slot, at, len, Arrival::Segment);
             at += len;
         }
         self.free.push(slot as u16);
@@ -966,14 +997,14 @@ impl Core {
     /// `slot[at..at + n]`; the slot goes with it or is freed.
     fn dispatch_inbound(
         &mut self,
-        now: Instant,
+        _now: Instant,
         routes: &RouteTable,
         slot: usize,
         at: usize,
         n: usize,
         lane: Lane,
     ) {
-        if !self.inbound(now, routes, slot, at, n, Arrival::Whole(lane)) {
+        if !self.inbound(routes, slot, at, n, Arrival::Whole(lane)) {
             self.free.push(slot as u16);
         }
     }
@@ -983,7 +1014,6 @@ impl Core {
     /// caller still owns the slot.
     fn inbound(
         &mut self,
-        now: Instant,
         routes: &RouteTable,
         slot: usize,
         at: usize,
@@ -999,7 +1029,7 @@ impl Core {
         if hand_off(&self.cfg, &mut self.fwd.counters, lane, pkt) {
             return false;
         }
-        let out = self.fwd.inbound(now, routes, pkt, n);
+        let out = self.fwd.inbound(routes, pkt, n);
         let (s, l) = (at + out.range.start, out.range.len());
         match out.verdict {
             Verdict::Drop => false,
