@@ -1159,8 +1159,19 @@ impl Control<'_> {
         self.routes.store(Arc::new(table));
         let now = Instant::now();
         let mut outs = self.sessions.set_me(me.overlay);
-        let keyed = membership::resolve(&members)
+        // Members declared down a moment ago keep their sessions through
+        // the grace period (as their keys did with group keys): a live
+        // member wrongly suspected by a starved control thread refutes,
+        // and its traffic never stops meanwhile.
+        let live = membership::resolve(&members);
+        let recent: Vec<NodeIdentity> = departed
+            .iter()
+            .filter(|d| !live.iter().any(|m| m.overlay == d.overlay))
+            .cloned()
+            .collect();
+        let keyed = live
             .into_iter()
+            .chain(recent)
             .filter_map(|m| Some((m.overlay, m.key()?)));
         outs.extend(
             self.sessions
