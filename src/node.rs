@@ -1159,19 +1159,12 @@ impl Control<'_> {
         self.routes.store(Arc::new(table));
         let now = Instant::now();
         let mut outs = self.sessions.set_me(me.overlay);
-        // Members declared down a moment ago keep their sessions through
-        // the grace period (as their keys did with group keys): a live
-        // member wrongly suspected by a starved control thread refutes,
-        // and its traffic never stops meanwhile.
-        let live = membership::resolve(&members);
-        let recent: Vec<NodeIdentity> = departed
-            .iter()
-            .filter(|d| !live.iter().any(|m| m.overlay == d.overlay))
-            .cloned()
-            .collect();
-        let keyed = live
+        // Members that left lose their sessions at once: one that comes
+        // back is called again, so both sides start from fresh counters
+        // (a receiver that missed more than the lookahead of a sender's
+        // epochs could not follow it otherwise; see the note of stop 16).
+        let keyed = membership::resolve(&members)
             .into_iter()
-            .chain(recent)
             .filter_map(|m| Some((m.overlay, m.key()?)));
         outs.extend(
             self.sessions
