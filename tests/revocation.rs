@@ -248,13 +248,26 @@ fn a_revocation_reaches_every_member_and_outlives_their_restarts() {
             "restarted node2 shows no refused handshake: {}",
             st["control"]
         );
-        let r = lab.ping(nodes[1].host, ip(3), 5, Duration::from_millis(200))?;
-        ensure!(
-            r.received == 5,
-            "restarted node2 -> node3: {}/5\n{}",
-            r.received,
-            r.output
-        );
+        // The restarted node2 handshakes with every member again (its
+        // peers still hold sessions with its previous run until it
+        // calls): within the retry spacing, not necessarily at once.
+        let t0 = Instant::now();
+        loop {
+            let r = lab.ping(nodes[1].host, ip(3), 3, Duration::from_millis(200))?;
+            if r.received == 3 {
+                eprintln!(
+                    "restarted node2 reaches node3 {:.1} s after convergence",
+                    t0.elapsed().as_secs_f64()
+                );
+                break;
+            }
+            ensure!(
+                t0.elapsed() < Duration::from_secs(15),
+                "restarted node2 -> node3: still {}/3 after 15 s\n{}",
+                r.received,
+                r.output
+            );
+        }
         Ok(())
     });
 }
