@@ -38,6 +38,10 @@ pub const MAX_COUNTER: u64 = 1 << 48;
 /// lost (4 × 16384 packets).
 pub const LOOKAHEAD: u64 = 4;
 
+/// One packet in this many beyond the lookahead gets its keys derived
+/// (see [`RxKeys::keys_for`]).
+pub const JUMP_EVERY: u64 = 256;
+
 fn epoch(counter: u64) -> u64 {
     counter >> EPOCH_SHIFT
 }
@@ -98,6 +102,10 @@ pub struct RxKeys {
     ahead: Vec<EpochKeys>,
     window: ReplayWindow,
     derived: u64,
+    /// Packets seen beyond the lookahead, and the keys of the last one
+    /// tried (see `keys_for`).
+    beyond: u64,
+    jump: Option<EpochKeys>,
 }
 
 impl RxKeys {
@@ -114,6 +122,8 @@ impl RxKeys {
             ahead: Vec::with_capacity(LOOKAHEAD as usize),
             window: ReplayWindow::new(),
             derived: 1,
+            beyond: 0,
+            jump: None,
         }
     }
 
@@ -141,7 +151,21 @@ impl RxKeys {
             };
         }
         if e - cur > LOOKAHEAD {
-            return Err(RxRefusal::OutOfReach);
+            // A sender that ran further ahead while we received nothing
+            // (a stall, a long loss) would never be followed again: one
+            // such packet in JUMP_EVERY gets its epoch's keys, and if it
+            // authenticates the receiver jumps there. Forgeries cost one
+            // derivation per JUMP_EVERY packets at most.
+            self.beyond += 1;
+            if self.beyond % JUMP_EVERY != 1 {
+                return Err(RxRefusal::OutOfReach);
+            }
+            self.derived += 1;
+            self.jump = Some(EpochKeys {
+                epoch: e,
+                keys: PacketKeys::derive_session(&self.root, self.suite, e),
+            });
+            return Ok(&self.jump.as_ref().expect("just set").keys);
         }
         let i = match self.ahead.iter().position(|k| k.epoch == e) {
             Some(i) => i,
@@ -167,6 +191,13 @@ impl RxKeys {
             return false;
         }
         let e = epoch(counter);
+        if self.jump.as_ref().is_some_and(|j| j.epoch == e) && e > self.cur.epoch + LOOKAHEAD {
+            // An authenticated jump: start over from its epoch.
+            self.cur = self.jump.take().expect("checked");
+            self.prev = None;
+            self.ahead.clear();
+            return true;
+        }
         if e > self.cur.epoch {
             if let Some(i) = self.ahead.iter().position(|k| k.epoch == e) {
                 let new = self.ahead.swap_remove(i);
@@ -438,8 +469,10 @@ mod tests {
             let f = sealed(&mut forger, c);
             assert!(recv(&mut rx, &f, c).is_err());
         }
+        // The lookahead's keys, and one try per JUMP_EVERY packets
+        // beyond it.
         assert!(
-            rx.derived() <= 1 + LOOKAHEAD,
+            rx.derived() <= 1 + LOOKAHEAD + 100_000 / JUMP_EVERY + 1,
             "{} derivations",
             rx.derived()
         );
@@ -475,17 +508,23 @@ mod tests {
         recv(&mut rx, &a, PER_EPOCH - 10).unwrap();
         assert_eq!(recv(&mut rx, &a, PER_EPOCH - 10).unwrap_err(), "Replay");
         assert_eq!(recv(&mut rx, &b, PER_EPOCH + 2).unwrap_err(), "Replay");
-        // Beyond the lookahead: refused without a derivation.
-        let n = rx.derived();
-        let far = (1 + LOOKAHEAD + 1) * PER_EPOCH;
-        assert_eq!(
-            recv(&mut rx, &sealed(&mut tx, far), far).unwrap_err(),
-            "OutOfReach"
-        );
-        assert_eq!(rx.derived(), n);
         // A whole lost epoch (the sender is two ahead) is within reach.
         let two = 3 * PER_EPOCH;
         recv(&mut rx, &sealed(&mut tx, two), two).unwrap();
+        // Beyond the lookahead (a stall): the first such packet is tried
+        // and, authentic, moves the receiver there; the next
+        // JUMP_EVERY - 1 beyond it cost no derivation.
+        let far = (3 + LOOKAHEAD + 1) * PER_EPOCH;
+        recv(&mut rx, &sealed(&mut tx, far), far).unwrap();
+        assert_eq!(rx.cur.epoch, far >> EPOCH_SHIFT);
+        let n = rx.derived();
+        let mut forger = TxKeys::new([0x77; 32], Suite::Blowfish);
+        for i in 0..JUMP_EVERY - 1 {
+            let c = far + (LOOKAHEAD + 2 + i) * PER_EPOCH;
+            assert!(recv(&mut rx, &sealed(&mut forger, c), c).is_err());
+        }
+        assert_eq!(rx.derived(), n, "refused without a derivation");
+        assert_eq!(rx.cur.epoch, far >> EPOCH_SHIFT, "forgeries moved nothing");
     }
 
     /// Keys come from the handshake, so a restarted receiver (a new
