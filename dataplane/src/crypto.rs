@@ -504,6 +504,27 @@ impl PacketKeys {
     /// counter (u64 BE): ChaCha20 block 0 gives the Poly1305 key, the
     /// payload is xor'd with blocks 1...
     pub fn seal(&self, buf: &mut [u8], payload_len: usize) -> Result<usize, CryptoError> {
+        self.seal_with(buf, payload_len, true)
+    }
+
+    /// Like [`Self::seal`] but leaves the payload in clear: the tag
+    /// authenticates header and payload under the header counter's
+    /// one-time key. What a hop puts around a packet it hands to a relay
+    /// ([`crate::wire::PacketType::Relay`]): the payload is already sealed
+    /// end to end, so encrypting it again would only cost. [`Self::verify`]
+    /// checks it. A counter's keystream is used for one packet only,
+    /// sealed or wrapped, so a one-time key never repeats.
+    pub fn seal_auth(&self, buf: &mut [u8], payload_len: usize) -> Result<usize, CryptoError> {
+        self.seal_with(buf, payload_len, false)
+    }
+
+    /// [`Self::seal`] (`encrypt`) or [`Self::seal_auth`]: one framing.
+    fn seal_with(
+        &self,
+        buf: &mut [u8],
+        payload_len: usize,
+        encrypt: bool,
+    ) -> Result<usize, CryptoError> {
         if payload_len > MAX_PAYLOAD {
             return Err(CryptoError::TooLong);
         }
@@ -522,35 +543,9 @@ impl PacketKeys {
         }
         let counter = counter_of(header);
         let otk = self.one_time_key(counter);
-        self.xor_payload_keystream(counter, payload);
-        tag.copy_from_slice(&mac_over(&otk, header, payload).finalize());
-        Ok(len)
-    }
-
-    /// Like [`Self::seal`] but leaves the payload in clear: the tag
-    /// authenticates header and payload under the header counter's
-    /// one-time key. What a hop puts around a packet it hands to a relay
-    /// ([`crate::wire::PacketType::Relay`]): the payload is already sealed
-    /// end to end, so encrypting it again would only cost. [`Self::verify`]
-    /// checks it. A counter's keystream is used for one packet only,
-    /// sealed or wrapped, so a one-time key never repeats.
-    pub fn seal_auth(&self, buf: &mut [u8], payload_len: usize) -> Result<usize, CryptoError> {
-        if payload_len > MAX_PAYLOAD {
-            return Err(CryptoError::TooLong);
+        if encrypt {
+            self.xor_payload_keystream(counter, payload);
         }
-        let len = OVERHEAD + payload_len;
-        if buf.len() < len {
-            return Err(CryptoError::BufferTooSmall);
-        }
-        let (header, rest) = buf.split_at_mut(HEADER_LEN);
-        let (payload, rest) = rest.split_at_mut(payload_len);
-        let tag = &mut rest[..TAG_LEN];
-        header[SUITE_OFFSET] = self.suite() as u8;
-        if cfg!(feature = "null-cipher") {
-            tag.fill(0);
-            return Ok(len);
-        }
-        let otk = self.one_time_key(counter_of(header));
         tag.copy_from_slice(&mac_over(&otk, header, payload).finalize());
         Ok(len)
     }
