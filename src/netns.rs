@@ -399,6 +399,33 @@ pub fn counter(status: &Value, path: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Every `drops.*` and `control.*` counter that grew from `before` to
+/// `after`, as `name +n` pairs: what a failing lab test prints so the
+/// cause shows without a rerun.
+pub fn grown_counters(before: &Value, after: &Value) -> String {
+    let mut grown = Vec::new();
+    for section in ["drops", "control"] {
+        let Some(map) = after.get(section).and_then(Value::as_object) else {
+            continue;
+        };
+        for (k, v) in map {
+            let key = format!("{section}.{k}");
+            let d = v
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_sub(counter(before, &key));
+            if d > 0 {
+                grown.push(format!("{key} +{d}"));
+            }
+        }
+    }
+    if grown.is_empty() {
+        "none grew".into()
+    } else {
+        grown.join(", ")
+    }
+}
+
 /// The `(addr, node_id)` view of a member list, for comparing nodes' views.
 pub fn member_set(status: &Value) -> Result<BTreeSet<(Ipv4Addr, String)>> {
     Ok(members(status)?

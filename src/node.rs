@@ -413,7 +413,11 @@ pub fn run(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
 
     let identity = NodeIdentity::new(node_id, joined.addr, joined.underlay, role, started_ms)
         .with_key(&cfg.credentials.key.public());
-    let mut members = Membership::new(identity, membership::swim_config(8), rand::random());
+    let swim = match role {
+        Role::Core => membership::swim_config(8),
+        Role::Edge => membership::edge_swim_config(8),
+    };
+    let mut members = Membership::new(identity, swim, rand::random());
     let seed_cns = membership::core_nodes(&joined.seeds);
     if !joined.seeds.is_empty() {
         members.join(Instant::now(), joined.seeds);
@@ -494,6 +498,7 @@ pub fn run(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         routes: routes.clone(),
         npd: &npd,
         generation: 0,
+        member_view: BTreeMap::new(),
         status: None,
         group: &group,
         secret: &secret,
@@ -656,6 +661,8 @@ struct Control<'a> {
     routes: Arc<ArcSwap<RouteTable>>,
     npd: &'a Npd,
     generation: u64,
+    /// The members as last logged (see `apply_events`).
+    member_view: BTreeMap<Ipv4Addr, Role>,
     status: Option<Arc<StatusShared>>,
     group: &'a UdpGroup,
     secret: &'a GroupSecret,
@@ -1092,6 +1099,25 @@ impl Control<'_> {
             }
         }
         if changed {
+            // Who came and went: what an operator reads first when a
+            // member is declared down.
+            let now: BTreeMap<Ipv4Addr, Role> = self
+                .members
+                .members()
+                .iter()
+                .map(|m| (m.overlay, m.role))
+                .collect();
+            for (addr, role) in &self.member_view {
+                if !now.contains_key(addr) {
+                    info!(member = %addr, %role, "member down");
+                }
+            }
+            for (addr, role) in &now {
+                if !self.member_view.contains_key(addr) {
+                    info!(member = %addr, %role, "member up");
+                }
+            }
+            self.member_view = now;
             if let Some(e) = self.edge.as_mut() {
                 // An EN whose SWIM has not heard from any CN yet keeps the
                 // JoinReply's list rather than dropping every link.
@@ -1194,6 +1220,7 @@ impl Control<'_> {
                 return;
             }
             if !self.relay_limiter.allow(Instant::now(), from_addr.ip()) {
+                debug!(src = %h.src, dst = %h.dst, from = %from_addr, "handshake relay rate-limited");
                 c.handshakes_rate_limited.fetch_add(1, Ordering::Relaxed);
                 return;
             }
@@ -1211,6 +1238,7 @@ impl Control<'_> {
         {
             Ok(outs) => self.carry_sessions(outs),
             Err(r) => {
+                debug!(src = %h.src, from = %from_addr, ?r, "handshake refused");
                 let counter = match r {
                     Refused::RateLimited => &c.handshakes_rate_limited,
                     Refused::Cookie => &c.handshakes_cookie,

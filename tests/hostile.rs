@@ -1740,6 +1740,10 @@ fn stall_phase(
     watched: &Member,
 ) -> Result<Vec<String>> {
     let st0 = lab.status(&cn1.node)?;
+    let before: Vec<Value> = [&cn2.node, &watched.node]
+        .into_iter()
+        .map(|n| lab.status(n))
+        .collect::<Result<_>>()?;
     let stop = AtomicBool::new(false);
     let po = PingOpts {
         count: (STALL_RUN.as_millis() / STALL_PING_EVERY.as_millis()) as u32,
@@ -1848,12 +1852,24 @@ fn stall_phase(
         d("packets.tun_rx"),
         d("packets.udp_rx"),
     );
+    eprintln!("{how:?}: CN1: {}", netns::grown_counters(&st0, &st1));
+    for ((name, node), st) in [("CN2", &cn2.node), ("watched EN", &watched.node)]
+        .into_iter()
+        .zip(&before)
+    {
+        let now = lab.status(node)?;
+        eprintln!("{how:?}: {name}: {}", netns::grown_counters(st, &now));
+    }
     for (what, p) in &pings {
-        let gap = p
-            .longest_gap(STALL_PING_EVERY)
-            .map_or(f64::NAN, |g| g.gap.as_secs_f64() * 1000.0);
+        let longest = p.longest_gap(STALL_PING_EVERY);
+        let gap = longest.map_or(f64::NAN, |g| g.gap.as_secs_f64() * 1000.0);
+        // Unix time of the last reply before the gap, to find it in the
+        // node logs.
+        let gap_at = longest
+            .and_then(|g| g.at_before)
+            .map_or(String::new(), |t| format!(" after the reply at unix {t:.3}"));
         eprintln!(
-            "{how:?}: {what}: {}/{} replies, {} lost, longest gap {gap:.0} ms",
+            "{how:?}: {what}: {}/{} replies, {} lost, longest gap {gap:.0} ms{gap_at}",
             p.received,
             p.transmitted,
             p.lost()
@@ -1861,7 +1877,7 @@ fn stall_phase(
         if p.lost() > 1 {
             failures.push(format!(
                 "{how:?}: {what}: {} of {} pings lost while two other ENs of CN1 were stalled \
-                 (bound ≤ 1); longest gap {gap:.0} ms",
+                 (bound ≤ 1); longest gap {gap:.0} ms{gap_at}",
                 p.lost(),
                 p.transmitted
             ));

@@ -27,6 +27,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Instant;
+use tracing::debug;
 
 use ela_control::cookie::{
     self, Check, CookieInitiator, CookieResponder, LoadMeter, SourceLimiter,
@@ -282,14 +283,20 @@ impl SessionDriver {
                 let acts = self
                     .sessions
                     .on_initiation(now, now_s, msg, rng)
-                    .map_err(|_| Refused::Handshake)?;
+                    .map_err(|e| {
+                        debug!(src = %hdr.src, %from, "initiation refused: {e}");
+                        Refused::Handshake
+                    })?;
                 Ok(self.carry(acts, now))
             }
             KIND_RESPONSE => {
                 let acts = self
                     .sessions
                     .on_response(now, now_s, body)
-                    .map_err(|_| Refused::Handshake)?;
+                    .map_err(|e| {
+                        debug!(src = %hdr.src, %from, "response refused: {e}");
+                        Refused::Handshake
+                    })?;
                 Ok(self.carry(acts, now))
             }
             KIND_COOKIE => {
@@ -337,6 +344,7 @@ impl SessionDriver {
                     } else {
                         (KIND_RESPONSE, msg)
                     };
+                    debug!(%dst, kind, "handshake sent");
                     out.push(Out::Send {
                         dst,
                         packet: self.packet(kind, dst, &body),
@@ -387,6 +395,7 @@ impl SessionDriver {
     }
 
     fn install(&mut self, addr: Ipv4Addr, s: &Session, send: bool) -> Vec<Out> {
+        debug!(peer = %addr, index = s.local_index, send, "session installed");
         self.installed.insert(s.local_index, addr);
         let mut out = vec![Out::Cores(Arc::new(SessionCommand::Receive {
             peer: addr,
