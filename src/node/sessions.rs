@@ -290,13 +290,10 @@ impl SessionDriver {
                 Ok(self.carry(acts, now))
             }
             KIND_RESPONSE => {
-                let acts = self
-                    .sessions
-                    .on_response(now, now_s, body)
-                    .map_err(|e| {
-                        debug!(src = %hdr.src, %from, "response refused: {e}");
-                        Refused::Handshake
-                    })?;
+                let acts = self.sessions.on_response(now, now_s, body).map_err(|e| {
+                    debug!(src = %hdr.src, %from, "response refused: {e}");
+                    Refused::Handshake
+                })?;
                 Ok(self.carry(acts, now))
             }
             KIND_COOKIE => {

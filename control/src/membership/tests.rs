@@ -228,7 +228,11 @@ fn deaf_edge_node_does_not_declare_core_nodes_down() {
         }
         let en = sim.add_with(ip(9), Some(0), Role::Edge, config);
         sim.run(3000);
-        assert!(sim.views().iter().all(|v| v.len() == 4), "{:?}", sim.views());
+        assert!(
+            sim.views().iter().all(|v| v.len() == 4),
+            "{:?}",
+            sim.views()
+        );
         sim.deaf.insert(en);
         let mut lost_a_cn = false;
         for _ in 0..60 {
@@ -238,7 +242,10 @@ fn deaf_edge_node_does_not_declare_core_nodes_down() {
         }
         if !holds {
             // The CN timings are what failed: keep the test honest.
-            assert!(lost_a_cn, "with CN timings the deaf EN no longer declares a CN down");
+            assert!(
+                lost_a_cn,
+                "with CN timings the deaf EN no longer declares a CN down"
+            );
             continue;
         }
         assert!(!lost_a_cn, "a CN left a view while an EN was deaf");
