@@ -467,6 +467,10 @@ fn run_in(
     // ---- 1. start -------------------------------------------------------
     out.text("");
     out.say(format!("[1/{steps}] Starting nodes"));
+    out.text(
+        "  each with its own node key and a certificate from the demo's authority \
+         (ela-fast ca init / node-key / ca sign); pairwise sessions carry all traffic",
+    );
     let mut hosts: Vec<HostId> = Vec::with_capacity(plan.len());
     let mut router: Option<HostId> = None;
     for p in plan {
@@ -537,7 +541,14 @@ fn run_in(
         let core_list: Vec<String> = (0..per)
             .map(|j| ((i * per + j) % ncpu).to_string())
             .collect();
-        let mut spec = NodeSpec::new(&key).extra(["--cores".to_string(), core_list.join(",")]);
+        // Each node with its own key and a certificate from the demo's
+        // authority, as the README's "Running nodes" makes them.
+        let identity = lab
+            .identity(&p.name, None)
+            .with_context(|| format!("an identity for {}", p.name))?;
+        let mut spec = NodeSpec::new(&key)
+            .extra(["--cores".to_string(), core_list.join(",")])
+            .extra(identity);
         spec.role = p.role;
         spec.addr = p.asks;
         if let Some(v) = p.via {

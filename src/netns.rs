@@ -1003,19 +1003,70 @@ impl Lab {
     /// Writes a fresh group secret with `ela-fast keygen` into the lab dir.
     pub fn keygen(&self, name: &str) -> Result<PathBuf> {
         let path = self.dir.join(format!("{name}.key"));
-        let bin = self.node_bin()?;
-        let path_s = path.to_string_lossy();
+        self.cli(&["keygen", "--out", &path.to_string_lossy()])?;
+        Ok(path)
+    }
+
+    /// Runs `ela-fast ARGS` (bounded in time); its stdout, or an error
+    /// naming the command and what it printed.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
         let out = run_bounded(
-            Command::new(bin).args(["keygen", "--out", &path_s]),
+            Command::new(self.node_bin()?).args(args),
             Duration::from_secs(20),
         )?;
         ensure!(
             out.status.success(),
-            "`ela-fast keygen --out {path_s}` failed ({}): {}",
+            "`ela-fast {}` failed ({}): {}",
+            args.join(" "),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
-        Ok(path)
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The lab's group authority, made on first use with `ela-fast ca
+    /// init` (`<dir>/ca.key`, `<dir>/ca.pub`): the private key's path.
+    pub fn authority(&self) -> Result<PathBuf> {
+        let ca = self.dir.join("ca.key");
+        if !ca.exists() {
+            self.cli(&["ca", "init", "--out", &ca.to_string_lossy()])?;
+        }
+        Ok(ca)
+    }
+
+    /// An identity for node `name`, as an operator makes one: a node key
+    /// (`ela-fast node-key`, `<dir>/<name>.node.key`) and a certificate the
+    /// lab's [`authority`](Lab::authority) signs for `name` (and `addr`, if
+    /// given). Returns the node's `--ca --cert --node-key` flags.
+    pub fn identity(&self, name: &str, addr: Option<Ipv4Addr>) -> Result<Vec<String>> {
+        let ca = self.authority()?;
+        let file = |ext: &str| {
+            self.dir
+                .join(format!("{name}.{ext}"))
+                .to_string_lossy()
+                .into_owned()
+        };
+        let (key, public, cert) = (file("node.key"), file("node.pub"), file("cert"));
+        self.cli(&["node-key", "--out", &key])?;
+        let ca_s = ca.to_string_lossy();
+        let mut sign = vec![
+            "ca", "sign", "--ca", &ca_s, "--pub", &public, "--name", name,
+        ];
+        let addr_s = addr.map(|a| a.to_string());
+        if let Some(a) = &addr_s {
+            sign.extend(["--addr", a.as_str()]);
+        }
+        sign.extend(["--out", &cert]);
+        self.cli(&sign)?;
+        let ca_pub = self.dir.join("ca.pub").to_string_lossy().into_owned();
+        Ok(vec![
+            "--ca".into(),
+            ca_pub,
+            "--cert".into(),
+            cert,
+            "--node-key".into(),
+            key,
+        ])
     }
 
     /// Starts a node on `h` listening on `<underlay>:7000` with control

@@ -1236,7 +1236,7 @@ impl Control<'_> {
             .sessions
             .on_packet(&h, pkt, from_addr, now, unix_now(), &mut rand::thread_rng())
         {
-            Ok(outs) => self.carry_sessions(outs),
+            Ok(outs) => self.carry_sessions_from(outs, Some(from)),
             Err(r) => {
                 debug!(src = %h.src, from = %from_addr, ?r, "handshake refused");
                 let counter = match r {
@@ -1403,10 +1403,22 @@ impl Control<'_> {
         sent
     }
 
-    /// Carries out what the session driver asks for.
-    fn carry_sessions(&mut self, outs: Vec<sessions::Out>) {
+    /// Carries out what the session driver asks for; `Reply` goes back to
+    /// `from` (what the packet being answered came by).
+    fn carry_sessions_from(&mut self, outs: Vec<sessions::Out>, from: Option<&Source>) {
         for o in outs {
             match o {
+                sessions::Out::Reply { packet } => {
+                    let sent = match from {
+                        Some(Source::Udp(a)) => self.socket.send_to(&packet, *a).is_ok(),
+                        Some(Source::Link(id)) => self.send_frame(*id, packet),
+                        None => false,
+                    };
+                    if sent {
+                        self.counters.tx.fetch_add(1, Ordering::Relaxed);
+                        (self.counters.handshakes_cookie_sent).fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 sessions::Out::Cores(cmd) => {
                     for i in 0..self.cores.cores.len() {
                         if self.cores.send(i, Command::Session(cmd.clone())).is_err() {
@@ -1426,6 +1438,10 @@ impl Control<'_> {
             }
         }
         (self.counters.sessions).store(self.sessions.installed() as u64, Ordering::Relaxed);
+    }
+
+    fn carry_sessions(&mut self, outs: Vec<sessions::Out>) {
+        self.carry_sessions_from(outs, None);
     }
 
     /// Sends a control-thread packet towards the member holding `dst`,
@@ -1487,6 +1503,7 @@ impl Control<'_> {
             key_fingerprint: self.secret.fingerprint(),
             name: self.cert_view.0.clone(),
             fingerprint: hex32(&self.cert_view.1),
+            public_key: hex32(&self.members.identity().dh),
             expires: self.cert_view.2,
             primary,
             backup,

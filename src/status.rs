@@ -63,6 +63,9 @@ pub struct NodeInfo {
     pub name: String,
     /// Its certificate's fingerprint (hex; what a revocation names).
     pub fingerprint: String,
+    /// Its node key's X25519 public half (hex): what initiators key the
+    /// handshake (and its mac1) with. Public, as in `wg show`.
+    pub public_key: String,
     /// When its certificate expires (Unix seconds).
     pub expires: u64,
     /// EN: its primary and backup CN (overlay addresses).
@@ -122,6 +125,9 @@ pub struct ControlCounters {
     pub handshakes_rate_limited: AtomicU64,
     pub handshakes_cookie: AtomicU64,
     pub handshakes_failed: AtomicU64,
+    /// Cookie replies sent (this node under load asked an initiator to
+    /// prove its address).
+    pub handshakes_cookie_sent: AtomicU64,
     /// Handshakes relayed for other nodes (CN).
     pub handshakes_relayed: AtomicU64,
     /// Session commands a core's full queue refused (a core then holds
@@ -188,6 +194,7 @@ pub fn snapshot(s: &StatusShared) -> Value {
             "handshakes_rate_limited": c.handshakes_rate_limited.load(r),
             "handshakes_cookie": c.handshakes_cookie.load(r),
             "handshakes_failed": c.handshakes_failed.load(r),
+            "handshakes_cookie_sent": c.handshakes_cookie_sent.load(r),
             "handshakes_relayed": c.handshakes_relayed.load(r),
             "session_commands_lost": c.session_commands_lost.load(r),
         },

@@ -70,8 +70,12 @@ fn address_bytes(a: SocketAddr) -> Vec<u8> {
 /// What the responder does with an initiation.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Check {
-    /// Go on with the handshake.
+    /// Go on with the handshake (valid `mac1`, not under load, no valid
+    /// `mac2`).
     Accept,
+    /// Go on with the handshake: `mac2` is valid, so the source proved it
+    /// receives at its address (limit it alone, not with its network).
+    Verified,
     /// Under load and without a valid `mac2`: send this cookie reply to
     /// the source instead (and do nothing else).
     Cookie(Vec<u8>),
@@ -148,12 +152,12 @@ impl CookieResponder {
         if !constant_eq(&want1, mac1) {
             return Check::Drop;
         }
-        if !under_load {
-            return Check::Accept;
-        }
         let cookie = self.cookie(now, src, rng);
         let want2 = mac(&cookie, &[body, mac1]);
         if constant_eq(&want2, mac2) {
+            return Check::Verified;
+        }
+        if !under_load {
             return Check::Accept;
         }
         let mut nonce = [0u8; 24];
@@ -254,6 +258,10 @@ pub struct SourceLimiter {
     burst: f64,
     sources: std::collections::HashMap<IpAddr, (f64, Instant)>,
     max_sources: usize,
+    /// Count each address alone instead of its network (for sources a
+    /// cookie has verified: a spoofer can fill a /24's bucket, not
+    /// answer for one of its hosts).
+    per_host: bool,
 }
 
 /// The source network an address counts against in per-source limits: its
@@ -274,12 +282,25 @@ impl SourceLimiter {
             burst: f64::from(burst.max(1)),
             sources: std::collections::HashMap::new(),
             max_sources,
+            per_host: false,
+        }
+    }
+
+    /// The same limits per address rather than per network.
+    pub fn per_host(per_sec: u32, burst: u32, max_sources: usize) -> SourceLimiter {
+        SourceLimiter {
+            per_host: true,
+            ..SourceLimiter::new(per_sec, burst, max_sources)
         }
     }
 
     /// Whether one more initiation from `src` may be handled now.
     pub fn allow(&mut self, now: Instant, src: IpAddr) -> bool {
-        let net = source_network(src);
+        let net = if self.per_host {
+            src
+        } else {
+            source_network(src)
+        };
         if !self.sources.contains_key(&net) && self.sources.len() >= self.max_sources {
             // Full: forget networks whose bucket has refilled (they would
             // start full anyway); if none has, refuse newcomers rather
@@ -321,6 +342,18 @@ impl LoadMeter {
             tokens: f64::from(per_sec),
             at: None,
         }
+    }
+
+    /// Whether one more initiation now would find the node under load,
+    /// without counting it.
+    pub fn busy(&self, now: Instant) -> bool {
+        let tokens = match self.at {
+            Some(t) => (self.tokens
+                + now.saturating_duration_since(t).as_secs_f64() * self.per_sec)
+                .min(self.per_sec),
+            None => self.tokens,
+        };
+        tokens < 1.0
     }
 
     /// Counts one initiation; true if the node is now under load.

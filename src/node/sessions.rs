@@ -18,9 +18,11 @@
 //! - [`KIND_RESPONSE`]: sender index ‖ receiver index ‖ Noise message 2;
 //! - [`KIND_COOKIE`]: a cookie reply (`ela_control::cookie`).
 //!
-//! Replies go to the member holding the overlay address they are for,
-//! routed like data, never to the underlay address a request came from:
-//! a forged source gets nothing.
+//! Responses go to the member holding the overlay address they are for,
+//! routed like data, never to the underlay address a request came from.
+//! A cookie reply goes back the way its initiation came, as in WireGuard:
+//! it is smaller than the initiation (no amplification), and it reaches a
+//! joiner that no member knows yet.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -51,9 +53,14 @@ pub const INITIATION_BODY: usize = 4 + INITIATION_LEN + cookie::MACS_LEN;
 /// (each costs about half a millisecond of asymmetric crypto: see
 /// `benches/handshake.rs`).
 const UNDER_LOAD_PER_SEC: u32 = 200;
-/// Initiations from one source network per second, cookie or not.
+/// Initiations handled per second from one source network (/24) when
+/// the node is not under load.
 const PER_SOURCE_PER_SEC: u32 = 10;
 const PER_SOURCE_BURST: u32 = 20;
+/// Under load, from one source address that a cookie verified. Higher
+/// than a network's share: a CN relays the initiations of all its ENs.
+const PER_VERIFIED_PER_SEC: u32 = 50;
+const PER_VERIFIED_BURST: u32 = 100;
 /// Source networks the limiter remembers.
 const MAX_SOURCES: usize = 4096;
 
@@ -62,6 +69,9 @@ const MAX_SOURCES: usize = 4096;
 pub enum Out {
     /// Send this handshake packet to the member holding `dst`.
     Send { dst: Ipv4Addr, packet: Vec<u8> },
+    /// Send this handshake packet back the way the one being answered
+    /// came (its UDP source, or its link).
+    Reply { packet: Vec<u8> },
     /// Give every core this command.
     Cores(Arc<SessionCommand>),
 }
@@ -90,8 +100,13 @@ pub struct SessionDriver {
     suite: Suite,
     responder: CookieResponder,
     initiators: HashMap<PeerKey, CookieInitiator>,
+    /// The last initiation sent to each peer (before its MACs), until a
+    /// cookie reply has it sent again with a valid mac2: under load a
+    /// session then costs one round trip more, not a retry period.
+    last_initiation: HashMap<PeerKey, Vec<u8>>,
     load: LoadMeter,
     limiter: SourceLimiter,
+    verified: SourceLimiter,
     /// Membership's view.
     members: HashMap<PeerKey, Member>,
     by_addr: HashMap<Ipv4Addr, PeerKey>,
@@ -119,8 +134,14 @@ impl SessionDriver {
             suite,
             responder: CookieResponder::new(&dh, INITIATION_BODY, now, rng),
             initiators: HashMap::new(),
+            last_initiation: HashMap::new(),
             load: LoadMeter::new(UNDER_LOAD_PER_SEC),
             limiter: SourceLimiter::new(PER_SOURCE_PER_SEC, PER_SOURCE_BURST, MAX_SOURCES),
+            verified: SourceLimiter::per_host(
+                PER_VERIFIED_PER_SEC,
+                PER_VERIFIED_BURST,
+                MAX_SOURCES,
+            ),
             members: HashMap::new(),
             by_addr: HashMap::new(),
             installed: HashMap::new(),
@@ -182,6 +203,7 @@ impl SessionDriver {
         for k in gone {
             acts.extend(self.sessions.remove(&k));
             self.initiators.remove(&k);
+            self.last_initiation.remove(&k);
         }
         self.members = next;
         self.by_addr = self.members.iter().map(|(k, m)| (m.addr, *k)).collect();
@@ -259,25 +281,37 @@ impl SessionDriver {
         let body = pkt.get(HEADER_LEN..).ok_or(Refused::Malformed)?;
         match hdr.index {
             KIND_INITIATION => {
-                if !self.limiter.allow(now, from.ip()) {
-                    return Err(Refused::RateLimited);
-                }
-                let busy = self.load.note(now);
+                // The MACs first: a keyed hash decides junk, before any
+                // budget is spent on it (a spoofer could otherwise empty
+                // the bucket an honest host of its /24 needs).
+                let busy = self.load.busy(now);
                 match self.responder.check(now, body, from, busy, rng) {
-                    Check::Accept => {}
+                    Check::Drop => return Err(Refused::Cookie),
                     Check::Cookie(reply) => {
-                        // Sent to the member holding the claimed source
-                        // address only: a forged claim reaches its owner,
-                        // who drops it, not the forger's victim.
-                        if !self.by_addr.contains_key(&hdr.src) {
-                            return Err(Refused::Cookie);
-                        }
-                        return Ok(vec![Out::Send {
-                            dst: hdr.src,
+                        self.load.note(now);
+                        // Back the way the initiation came (a CN that
+                        // relayed it routes it on by `dst`), and smaller
+                        // than it: a forged source gains nothing. Not via
+                        // membership, so a joiner that no member knows
+                        // yet gets its cookie too.
+                        return Ok(vec![Out::Reply {
                             packet: self.packet(KIND_COOKIE, hdr.src, &reply),
                         }]);
                     }
-                    Check::Drop => return Err(Refused::Cookie),
+                    Check::Accept => {
+                        self.load.note(now);
+                        if !self.limiter.allow(now, from.ip()) {
+                            return Err(Refused::RateLimited);
+                        }
+                    }
+                    Check::Verified => {
+                        // A valid cookie: `from` answered at its address,
+                        // so it is counted alone, not with its /24.
+                        self.load.note(now);
+                        if !self.verified.allow(now, from.ip()) {
+                            return Err(Refused::RateLimited);
+                        }
+                    }
                 }
                 let msg = &body[..body.len() - cookie::MACS_LEN];
                 let acts = self
@@ -297,10 +331,19 @@ impl SessionDriver {
                 Ok(self.carry(acts, now))
             }
             KIND_COOKIE => {
-                let key = self.by_addr.get(&hdr.src).ok_or(Refused::Cookie)?;
-                let ini = self.initiators.get_mut(key).ok_or(Refused::Cookie)?;
+                let key = *self.by_addr.get(&hdr.src).ok_or(Refused::Cookie)?;
+                let ini = self.initiators.get_mut(&key).ok_or(Refused::Cookie)?;
                 ini.consume(now, body).map_err(|_| Refused::Cookie)?;
-                Ok(Vec::new())
+                // Send the initiation again at once, now with mac2 (once
+                // per initiation: a replayed reply finds nothing to send).
+                let Some(msg) = self.last_initiation.remove(&key) else {
+                    return Ok(Vec::new());
+                };
+                let body = ini.seal(now, &msg);
+                Ok(vec![Out::Send {
+                    dst: hdr.src,
+                    packet: self.packet(KIND_INITIATION, hdr.src, &body),
+                }])
             }
             _ => Err(Refused::Malformed),
         }
@@ -337,7 +380,9 @@ impl SessionDriver {
                             .initiators
                             .entry(peer)
                             .or_insert_with(|| CookieInitiator::new(&peer));
-                        (KIND_INITIATION, ini.seal(now, &msg))
+                        let body = ini.seal(now, &msg);
+                        self.last_initiation.insert(peer, msg);
+                        (KIND_INITIATION, body)
                     } else {
                         (KIND_RESPONSE, msg)
                     };

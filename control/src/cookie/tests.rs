@@ -80,7 +80,7 @@ fn under_load_an_honest_initiator_gets_in_after_a_cookie() {
     assert!(reply.len() < m.len(), "no amplification");
     i.consume(t0, &reply).unwrap();
     let m2 = i.seal(t0 + Duration::from_millis(5), BODY);
-    assert_eq!(r.check(t0, &m2, src, true, &mut rng), Check::Accept);
+    assert_eq!(r.check(t0, &m2, src, true, &mut rng), Check::Verified);
 }
 
 /// A spoofer never sees the cookie sent to the address it claims, and a
@@ -108,7 +108,7 @@ fn cookies_are_bound_to_the_source_address() {
             "{other}"
         );
     }
-    assert_eq!(r.check(t0, &m2, real, true, &mut rng), Check::Accept);
+    assert_eq!(r.check(t0, &m2, real, true, &mut rng), Check::Verified);
 }
 
 /// A reply is for the initiation it answers, sealed for the initiator of

@@ -13,6 +13,8 @@ struct Sim {
     cut: BTreeSet<usize>,
     /// Running, but nothing sent to it arrives (what it sends does).
     deaf: BTreeSet<usize>,
+    /// Added to each node's index for its random seed.
+    seed_base: u64,
 }
 
 fn ip(n: u8) -> Ipv4Addr {
@@ -34,6 +36,7 @@ impl Sim {
             down: BTreeSet::new(),
             cut: BTreeSet::new(),
             deaf: BTreeSet::new(),
+            seed_base: 0,
         }
     }
 
@@ -54,7 +57,7 @@ impl Sim {
     ) -> usize {
         let i = self.nodes.len();
         let id = NodeIdentity::new(1000 + i as u64, overlay, ua(i + 1), role, self.now_ms());
-        let mut m = Membership::new(id, config, i as u64);
+        let mut m = Membership::new(id, config, self.seed_base + i as u64);
         if let Some(s) = seed_with {
             let seed = self.nodes[s].identity().clone();
             m.join(self.now, vec![seed]);
@@ -253,6 +256,40 @@ fn deaf_edge_node_does_not_declare_core_nodes_down() {
         sim.run(10_000);
         for (i, v) in sim.views().iter().enumerate() {
             assert_eq!(v.len(), 4, "node {i} sees {v:?}");
+        }
+    }
+}
+
+/// ENs (EN timings) hardly probe, so they learn of a dead CN from the
+/// CNs' gossip. Bound: within 5 s of a CN's crash no view lists it, over
+/// many seeds (gossip is random).
+#[test]
+fn edge_nodes_learn_of_a_dead_core_node_from_gossip() {
+    // Quiet joiners can take until the periodic announce (10 s) to be
+    // known everywhere, with CN timings too (a few seeds here).
+    const JOIN_MS: u64 = 12000;
+    for seed in 0..40u64 {
+        let mut sim = Sim::new();
+        sim.seed_base = seed * 100;
+        for k in 1..=3 {
+            sim.add(ip(k), (k > 1).then_some(0));
+        }
+        for k in 11..=12 {
+            sim.add_with(ip(k), Some(1), Role::Edge, edge_swim_config(8));
+        }
+        sim.run(JOIN_MS);
+        assert!(
+            sim.views().iter().all(|v| v.len() == 5),
+            "seed {seed}: {:?}",
+            sim.views()
+        );
+        sim.down.insert(0);
+        sim.run(5000);
+        for (i, v) in sim.views().iter().enumerate() {
+            assert!(
+                !v.contains_key(&ip(1)),
+                "seed {seed}: view {i} still lists the dead CN: {v:?}"
+            );
         }
     }
 }

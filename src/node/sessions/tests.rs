@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use ela_control::identity::CaKey;
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 
 use super::*;
 
@@ -64,12 +64,21 @@ fn run(nodes: &mut [&mut Node], mut queue: Vec<(Ipv4Addr, Out)>, now: Instant) -
                 assert_eq!(hdr.src, from);
                 let src: SocketAddr = (std::net::IpAddr::from(from), 7000).into();
                 if let Ok(outs) = n.d.on_packet(&hdr, &packet, src, now, NOW_S, &mut rng) {
-                    queue.extend(outs.into_iter().map(|o| (dst, o)));
+                    queue.extend(outs.into_iter().map(|o| (dst, back_to(o, from))));
                 }
             }
+            Out::Reply { .. } => unreachable!("turned into a Send by back_to"),
         }
     }
     moved
+}
+
+/// A reply goes back to whoever sent what it answers (`to`).
+fn back_to(o: Out, to: Ipv4Addr) -> Out {
+    match o {
+        Out::Reply { packet } => Out::Send { dst: to, packet },
+        o => o,
+    }
 }
 
 fn receive_keys(n: &Node) -> Vec<(Ipv4Addr, u32, [u8; 32])> {
@@ -227,15 +236,34 @@ fn initiations_from_unknown_sources_are_rate_limited_and_cost_no_handshake() {
         let r = b.d.on_packet(&hdr, &pkt, from, t0, NOW_S, &mut rng);
         *refused.entry(format!("{:?}", r.err())).or_insert(0) += 1;
     }
-    // Junk MACs: refused by the cookie layer, never reaching Noise; past
-    // the source's burst, refused before even that.
+    // Junk MACs: refused by the cookie layer (one keyed hash), never
+    // reaching Noise or spending the source network's budget.
+    assert_eq!(refused.get("Some(Cookie)"), Some(&1000), "{refused:?}");
+    let mut refused = HashMap::new();
+    for _ in 0..1000 {
+        let p = spoofed_initiation(&b, A, &mut rng);
+        let r = b.d.on_packet(&hdr, &p, from, t0, NOW_S, &mut rng);
+        *refused.entry(format!("{:?}", r.err())).or_insert(0) += 1;
+    }
+    // Valid mac1 (anyone may compute it from B's public key): the
+    // source network's burst reaches Noise (and fails), the rest of the
+    // first second's budget is refused before Noise, and once B is under
+    // load the rest get cookie replies (Ok), nothing more.
+    let under_load = UNDER_LOAD_PER_SEC as i32;
     assert_eq!(
-        refused.get("Some(Cookie)"),
-        Some(&(PER_SOURCE_BURST as i32))
+        refused.get("Some(Handshake)"),
+        Some(&(PER_SOURCE_BURST as i32)),
+        "{refused:?}"
     );
     assert_eq!(
         refused.get("Some(RateLimited)"),
-        Some(&(1000 - PER_SOURCE_BURST as i32))
+        Some(&(under_load - PER_SOURCE_BURST as i32)),
+        "{refused:?}"
+    );
+    assert_eq!(
+        refused.get("None"),
+        Some(&(1000 - under_load)),
+        "{refused:?}"
     );
     // Wrong length or kind: malformed or cookie-refused, nothing else.
     let r = b.d.on_packet(
@@ -257,6 +285,92 @@ fn initiations_from_unknown_sources_are_rate_limited_and_cost_no_handshake() {
         &mut rng,
     );
     assert_eq!(r.err(), Some(Refused::Malformed));
+}
+
+/// An initiation with a valid mac1 (computable from `to`'s public key)
+/// and random Noise bytes, as a spoofer sends: header included.
+fn spoofed_initiation(to: &Node, claimed: Ipv4Addr, rng: &mut StdRng) -> Vec<u8> {
+    let mut msg = vec![0u8; 4 + INITIATION_LEN];
+    rng.fill_bytes(&mut msg);
+    let body = CookieInitiator::new(&to.key.dh).seal(Instant::now(), &msg);
+    let mut p = vec![0u8; HEADER_LEN + body.len()];
+    Header {
+        ptype: PacketType::Handshake,
+        hops: 0,
+        index: KIND_INITIATION,
+        src: claimed,
+        dst: to.addr,
+        counter: 0,
+    }
+    .write(&mut p);
+    p[HEADER_LEN..].copy_from_slice(&body);
+    p
+}
+
+/// A spoofer floods B with valid-mac1 initiations from addresses all
+/// over A's /24 (5000/s, B's mac1 key is public). B goes under load and
+/// answers them with cookie replies, smaller than what came, and runs no
+/// Noise for them. A, honest, gets a cookie like everyone and sends its
+/// initiation again with it; the cookie proves its address, so the flood
+/// that emptied its /24's bucket does not keep it out (it did when the
+/// source limit came before the MACs). Bound: A and B hold a session
+/// after one extra round trip, and B ran Noise for spoofs only within
+/// the /24's budget.
+#[test]
+fn spoofed_flood_from_my_network_does_not_keep_me_out() {
+    let ca = CaKey::generate(&mut StdRng::seed_from_u64(1));
+    let (mut a, mut b) = (node(&ca, 2, A, None), node(&ca, 3, B, None));
+    let mut rng = StdRng::seed_from_u64(4);
+    let t0 = Instant::now();
+    let _ = b.d.set_members(members(&[&a]), t0, ns(t0, t0), &mut rng);
+    let mut failed = 0;
+    let mut flood = |b: &mut Node, now: Instant, rng: &mut StdRng, n: usize| {
+        for _ in 0..n {
+            let p = spoofed_initiation(b, A, rng);
+            let hdr = Header::parse(&p).unwrap();
+            let from = SocketAddr::from(([172, 31, 0, rng.gen_range(2..255)], 7000));
+            match b.d.on_packet(&hdr, &p, from, now, NOW_S, rng) {
+                Ok(outs) => {
+                    for o in outs {
+                        let Out::Reply { packet } = o else {
+                            panic!("a spoofed initiation got more than a cookie reply: {o:?}");
+                        };
+                        assert!(
+                            packet.len() < p.len(),
+                            "a cookie reply larger than its request"
+                        );
+                    }
+                }
+                Err(Refused::Handshake) => failed += 1,
+                Err(_) => {}
+            }
+        }
+    };
+    // The flood runs for a second (50 per 10 ms): the /24's budget is
+    // spent, and B is under load.
+    let mut now = t0;
+    while now < t0 + Duration::from_secs(1) {
+        now += Duration::from_millis(10);
+        flood(&mut b, now, &mut rng, 50);
+    }
+    // A calls B: B answers with a cookie, A sends its initiation again at
+    // once with mac2, and B takes it.
+    let outs = a.d.set_members(members(&[&b]), now, ns(t0, now), &mut rng);
+    let moved = run(
+        &mut [&mut a, &mut b],
+        outs.into_iter().map(|o| (A, o)).collect(),
+        now,
+    );
+    assert_eq!(moved, 4, "initiation, cookie, initiation again, response");
+    assert_one_way(&a, &b);
+    // Noise ran for spoofs only within the /24's budget: its burst, and
+    // its rate in the moments the load meter had refilled.
+    let budget =
+        PER_SOURCE_BURST as f64 + PER_SOURCE_PER_SEC as f64 * now.duration_since(t0).as_secs_f64();
+    assert!(
+        failed as f64 <= budget + 1.0,
+        "B ran Noise for {failed} spoofed initiations (budget {budget:.0})"
+    );
 }
 
 /// Key confirmation: the responder receives on a new session at once but
