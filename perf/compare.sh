@@ -16,6 +16,10 @@
 #   ROUNDS=1         rounds over all systems; the table shows medians
 #   ONLY=a,b         systems to run (ids below)   SKIP=a,b systems to leave out
 #   ELA_BIN=path     use this ela-fast instead of `cargo build --release`
+#   ELA_BASE_BIN=path  also run an older ela-fast build (e.g. the group-key
+#                    build before pairwise sessions) as rows ela-base-bf-1 and
+#                    ela-base-relay, beside ela-bf-1 and ela-relay, in the
+#                    same run (both in group mode: --key-file only)
 #   ELA_ONE_CORE="0 1"  --cores of node A and node B in the one-core rows
 #   ELA_TWO_CORES="0-1 0-1"  the same for the two-core rows
 #   NO_OFFLOAD_ROW=0 leave out the --no-offload row
@@ -31,7 +35,7 @@
 set -euo pipefail
 
 KNOBS=""   # the knobs set by the caller, for the "command" line of the table
-for v in QUICK DURATION LAT_SECS PINGS ROUNDS ONLY SKIP ELA_BIN ELA_ONE_CORE ELA_TWO_CORES NO_OFFLOAD_ROW BUSY_POLL_US \
+for v in QUICK DURATION LAT_SECS PINGS ROUNDS ONLY SKIP ELA_BIN ELA_BASE_BIN ELA_ONE_CORE ELA_TWO_CORES NO_OFFLOAD_ROW BUSY_POLL_US \
          RELAY_CIPHER RELAY_CORES RELAY_ROLE; do
     case ${!v:-} in
         "") ;;
@@ -57,7 +61,7 @@ PEERS_ROOT=${PEERS_ROOT:-${HOME:-/root}/.cache/ela-fast-peers}
 NO_INSTALL=${NO_INSTALL:-0}
 RESULTS_DIR=${RESULTS_DIR:-$REPO/perf/results}
 
-ALL_SYSTEMS="raw ela-bf-1 ela-bf-2 ela-cc-1 ela-cc-2 ela-bf-1-nooff ela-bf-1-busy ela-relay tinc wireguard-go boringtun openvpn-bf openvpn-gcm"
+ALL_SYSTEMS="raw ela-bf-1 ela-bf-2 ela-cc-1 ela-cc-2 ela-bf-1-nooff ela-bf-1-busy ela-relay ela-base-bf-1 ela-base-relay tinc wireguard-go boringtun openvpn-bf openvpn-gcm"
 
 PFX=cmp$$                      # namespace / interface prefix, unique per run
 UA=10.9.0.1 UB=10.9.0.2 UC=10.9.0.3   # underlay (veth) addresses
@@ -184,6 +188,7 @@ selected() { # selected ID: is this system to be run?
     fi
     case ",$SKIP," in *",$id,"*) return 1 ;; esac
     [ "$id" = ela-bf-1-nooff ] && [ "$NO_OFFLOAD_ROW" = 0 ] && return 1
+    case $id in ela-base-*) [ -n "${ELA_BASE_BIN:-}" ] || return 1 ;; esac
     return 0
 }
 
@@ -205,7 +210,10 @@ if want openvpn-bf openvpn-gcm; then need openvpn openvpn || true; need openssl 
 if want wireguard-go boringtun; then need wg wireguard-tools || true; fi
 if want wireguard-go; then need wireguard-go wireguard-go || true; fi
 if want boringtun; then find_boringtun || true; fi
-if want ela-relay; then need nft nftables || true; fi
+if want ela-relay ela-base-relay; then need nft nftables || true; fi
+if [ -n "${ELA_BASE_BIN:-}" ]; then
+    [ -x "$ELA_BASE_BIN" ] || die "ELA_BASE_BIN=$ELA_BASE_BIN is not an executable"
+fi
 
 ELA_BIN=${ELA_BIN:-}
 if want ela-bf-1 ela-bf-2 ela-cc-1 ela-cc-2 ela-bf-1-nooff ela-bf-1-busy ela-relay; then
@@ -393,11 +401,11 @@ ela_node() {
     [ -n "$boot" ] && args+=(--bootstrap "$boot")
     [ -n "$extra" ] && args+=($extra)
     echo "+ ela-fast ${args[*]}" >> "$LOGS/$CUR.ela-$h.log"
-    bg "$h" "ela-fast $h ($CUR)" "$LOGS/$CUR.ela-$h.log" "$ELA_BIN" "${args[@]}"
+    bg "$h" "ela-fast $h ($CUR)" "$LOGS/$CUR.ela-$h.log" "${EBIN:-$ELA_BIN}" "${args[@]}"
     ELA_PIDS="$ELA_PIDS $LAST_PID"
 }
 
-ela_status() { nsx "$1" "$ELA_BIN" status --control "$W/ela-$1.sock" --json 2>/dev/null; }
+ela_status() { nsx "$1" "${EBIN:-$ELA_BIN}" status --control "$W/ela-$1.sock" --json 2>/dev/null; }
 
 wait_members() { # wait_members HOST N SECS
     local h=$1 n=$2 secs=$3 i m
@@ -415,10 +423,10 @@ sys_ela() {
     read -r ca cb <<< "$cores"
     KIND=ela
     local ncores=1; [[ "$ca" == *[-,]* ]] && ncores=2
-    LABEL="ela-fast $(ela_cipher_name "$cipher"), $ncores core$([ $ncores = 1 ] || echo s)/node (A --cores $ca, B --cores $cb)${extra:+ $extra}"
+    LABEL="ela-fast $(ela_cipher_name "$cipher"), $ncores core$([ $ncores = 1 ] || echo s)/node (A --cores $ca, B --cores $cb)${extra:+ $extra}${TAG:-}"
     make_pair
     ELA_PIDS=""
-    [ -e "$W/ela.key" ] || "$ELA_BIN" keygen --out "$W/ela.key" >/dev/null
+    [ -e "$W/ela.key" ] || "${EBIN:-$ELA_BIN}" keygen --out "$W/ela.key" >/dev/null
     ela_node a $OA "$ca" "$cipher" core "$extra"
     wait_members a 1 10 || { fail "$id" "node A did not start (see $LOGS/$id.ela-a.log)"; return 0; }
     ela_node b $OB "$cb" "$cipher" core "$extra" "$UA:7000"
@@ -468,9 +476,9 @@ ela_cipher_name() { case $1 in blowfish) echo "Blowfish" ;; chacha20-poly1305) e
 # whose primary CN is b (nearest smaller address). Measured a -> c: one UDP
 # hop a->b, one TCP hop b->c, both encrypted end to end.
 sys_ela_relay() {
-    local id=ela-relay cipher=${RELAY_CIPHER:-blowfish} cores=${RELAY_CORES:-}
+    local id=${RELAY_ID:-ela-relay} cipher=${RELAY_CIPHER:-blowfish} cores=${RELAY_CORES:-}
     KIND=ela
-    LABEL="ela-fast $(ela_cipher_name "$cipher"), CN→CN→EN relay (UDP then TCP)${cores:+, --cores $cores}"
+    LABEL="ela-fast $(ela_cipher_name "$cipher"), CN→CN→EN relay (UDP then TCP)${cores:+, --cores $cores}${TAG:-}"
     command -v nft >/dev/null || { unavailable $id "nft (nftables) missing"; return 0; }
     make_triple
     nsx c nft -f - <<EOF
@@ -480,7 +488,7 @@ table inet ${PFX}_udpblock {
 }
 EOF
     ELA_PIDS=""
-    [ -e "$W/ela.key" ] || "$ELA_BIN" keygen --out "$W/ela.key" >/dev/null
+    [ -e "$W/ela.key" ] || "${EBIN:-$ELA_BIN}" keygen --out "$W/ela.key" >/dev/null
     ela_node a $OA "$cores" "$cipher" core ""
     wait_members a 1 10 || { fail $id "node A did not start"; return 0; }
     ela_node b $OB "$cores" "$cipher" core "" "$UA:7000"
@@ -653,6 +661,10 @@ run_one() {
         ela-bf-1-nooff) sys_ela ela-bf-1-nooff blowfish "$ELA_ONE_CORE" "--no-offload" ;;
         ela-bf-1-busy) sys_ela ela-bf-1-busy blowfish "$ELA_ONE_CORE" "--busy-poll-us ${BUSY_POLL_US:-200}" ;;
         ela-relay) sys_ela_relay ;;
+        ela-base-bf-1) EBIN=$ELA_BASE_BIN TAG=" [base build]"
+                       sys_ela ela-base-bf-1 blowfish "$ELA_ONE_CORE" ""; EBIN= TAG= ;;
+        ela-base-relay) EBIN=$ELA_BASE_BIN TAG=" [base build]" RELAY_ID=ela-base-relay
+                        sys_ela_relay; EBIN= TAG= RELAY_ID= ;;
         tinc) sys_tinc ;;
         wireguard-go) sys_wireguard_go ;;
         boringtun) sys_boringtun ;;
@@ -683,6 +695,9 @@ CMDLINE="sudo${KNOBS} perf/compare.sh"
         else
             echo "ela-fast=$(version_of ela), ELA_BIN=$ELA_BIN (built outside this run)"
         fi
+    fi
+    if [ -n "${ELA_BASE_BIN:-}" ]; then
+        echo "ela-fast base=$("$ELA_BASE_BIN" --version 2>/dev/null | head -1), ELA_BASE_BIN=$ELA_BASE_BIN"
     fi
     echo "iperf3=$(version_of iperf3)"
     echo "sockperf=$(version_of sockperf)"

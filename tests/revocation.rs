@@ -5,7 +5,6 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -21,71 +20,37 @@ fn ip(d: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 0, 0, d)
 }
 
-fn cli(args: &[&str]) -> Result<String> {
-    let o = Command::new(BIN)
-        .args(args)
-        .output()
-        .with_context(|| format!("running ela-fast {}", args.join(" ")))?;
-    ensure!(
-        o.status.success(),
-        "ela-fast {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&o.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-}
-
-/// An authority in `dir`, and a key and certificate (fixed address) for
-/// each node: the `--ca --cert --node-key` flags of node `i` (1-based).
+/// The lab authority's identities for nodes 1..=N, each certificate
+/// fixing the node's address (`Lab::identity`).
 struct Pki {
     ca_key: PathBuf,
-    ca_pub: PathBuf,
     dir: PathBuf,
+    flags: Vec<Vec<String>>,
 }
 
 impl Pki {
-    fn new(dir: &Path) -> Result<Pki> {
-        let ca_key = dir.join("ca.key");
-        cli(&["ca", "init", "--out", &ca_key.to_string_lossy()])?;
-        let pki = Pki {
-            ca_pub: dir.join("ca.pub"),
-            ca_key,
-            dir: dir.to_path_buf(),
-        };
-        for i in 1..=N as u8 {
-            let key = pki.file(i, "key");
-            cli(&["node-key", "--out", &key.to_string_lossy()])?;
-            cli(&[
-                "ca",
-                "sign",
-                "--ca",
-                &pki.ca_key.to_string_lossy(),
-                "--pub",
-                &pki.file(i, "pub").to_string_lossy(),
-                "--name",
-                &format!("node{i}"),
-                "--addr",
-                &ip(i).to_string(),
-                "--out",
-                &pki.file(i, "cert").to_string_lossy(),
-            ])?;
-        }
-        Ok(pki)
+    fn new(lab: &Lab) -> Result<Pki> {
+        let flags = (1..=N as u8)
+            .map(|i| lab.identity(&format!("node{i}"), Some(ip(i))))
+            .collect::<Result<_>>()?;
+        Ok(Pki {
+            ca_key: lab.authority()?,
+            dir: lab.dir().to_path_buf(),
+            flags,
+        })
     }
 
-    fn file(&self, i: u8, ext: &str) -> PathBuf {
-        self.dir.join(format!("n{i}.{ext}"))
+    /// Node `i`'s `cert`, `pub` (its node key's public file) or `key`.
+    fn file(&self, i: u8, what: &str) -> PathBuf {
+        let name = match what {
+            "cert" => format!("node{i}.cert"),
+            other => format!("node{i}.node.{other}"),
+        };
+        self.dir.join(name)
     }
 
     fn flags(&self, i: u8) -> Vec<String> {
-        [
-            ("--ca", self.ca_pub.clone()),
-            ("--cert", self.file(i, "cert")),
-            ("--node-key", self.file(i, "key")),
-        ]
-        .into_iter()
-        .flat_map(|(f, p)| [f.to_string(), p.to_string_lossy().into_owned()])
-        .collect()
+        self.flags[usize::from(i) - 1].clone()
     }
 }
 
@@ -115,7 +80,7 @@ fn a_revocation_reaches_every_member_and_outlives_their_restarts() {
             .map(|k| lab.add_host(&format!("node{k}")))
             .collect::<Result<_>>()?;
         let key = lab.keygen("group")?;
-        let pki = Pki::new(lab.dir())?;
+        let pki = Pki::new(lab)?;
         let (n1, _) = lab.start_node(hosts[0], &spec(&key, &pki, 1, None))?;
         let mut nodes: Vec<Node> = vec![n1];
         for i in 2..=N as u8 {
@@ -140,7 +105,7 @@ fn a_revocation_reaches_every_member_and_outlives_their_restarts() {
 
         // The authority revokes node8's certificate; node1 is handed it.
         let rev = lab.dir().join("n8.rev");
-        cli(&[
+        lab.cli(&[
             "ca",
             "revoke",
             "--ca",
@@ -150,7 +115,7 @@ fn a_revocation_reaches_every_member_and_outlives_their_restarts() {
             "--out",
             &rev.to_string_lossy(),
         ])?;
-        let show = cli(&[
+        let show = lab.cli(&[
             "cert",
             "show",
             &pki.file(last, "cert").to_string_lossy(),
@@ -161,7 +126,7 @@ fn a_revocation_reaches_every_member_and_outlives_their_restarts() {
             .context("cert show --json has no fingerprint")?
             .to_string();
         let t0 = Instant::now();
-        let out = cli(&[
+        let out = lab.cli(&[
             "revoke",
             &rev.to_string_lossy(),
             "--control",
@@ -281,7 +246,7 @@ fn a_sighup_renewal_keeps_a_running_tcp_flow() {
     netns::lab_test("sighup_renewal", BIN, |lab: &mut Lab| {
         let h = [lab.add_host("node1")?, lab.add_host("node2")?];
         let key = lab.keygen("group")?;
-        let pki = Pki::new(lab.dir())?;
+        let pki = Pki::new(lab)?;
         let (n1, st1) = lab.start_node(h[0], &spec(&key, &pki, 1, None))?;
         let (n2, _) = lab.start_node(h[1], &spec(&key, &pki, 2, Some(n1.listen)))?;
         lab.wait_converged(&[&n1, &n2], 2, CONVERGE)?;
@@ -316,7 +281,7 @@ fn a_sighup_renewal_keeps_a_running_tcp_flow() {
             // The authority renews node1 (a new certificate, same key);
             // the operator puts it in place and sends SIGHUP.
             let fresh = lab.dir().join("n1-renewed.cert");
-            cli(&[
+            lab.cli(&[
                 "ca",
                 "sign",
                 "--ca",

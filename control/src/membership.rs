@@ -185,6 +185,13 @@ pub fn swim_config(expected_members: u32) -> Config {
     // wait for this to fail over (they watch their links).
     c.suspect_to_down_after = Duration::from_millis(2000);
     c.remove_down_after = Duration::from_secs(30);
+    // foca's LAN default for 8 members sends each update only 3 times
+    // (4·log10(n+1)); with identities of ~170 bytes, a few fit a packet
+    // and fresher updates go first, so after a failover's churn a death
+    // could miss an EN entirely (the demo once saw an EN list a killed CN
+    // 10 s on). ENs learn deaths from this gossip (see
+    // `edge_swim_config`), so every update goes out 10 times.
+    c.max_transmissions = std::num::NonZeroU8::new(10).expect("10 > 0");
     if let Some(g) = c.periodic_gossip.as_mut() {
         g.frequency = Duration::from_millis(100);
     }
