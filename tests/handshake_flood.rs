@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use ela_control::cookie::CookieInitiator;
 use ela_control::handshake::INITIATION_LEN;
-use ela_dataplane::wire::{Header, PacketType, HEADER_LEN};
 use ela_fast::netns::{self, Lab, NodeSpec};
+use ela_fast::node::sessions::{self, KIND_INITIATION, PER_SOURCE_BURST, PER_SOURCE_PER_SEC};
 use rand::{Rng, RngCore};
 use serde_json::Value;
 
@@ -32,13 +32,6 @@ const FLOOD_MIN: Duration = Duration::from_secs(8);
 /// The host numbers in the lab's /24 the flood claims to come from (no
 /// node has them).
 const SPOOFED_HOSTS: std::ops::Range<u8> = 100..164;
-/// Handshake kind "initiation" (`src/node/sessions.rs`).
-const KIND_INITIATION: u32 = 1;
-/// Initiations without a valid cookie a node takes per second from one
-/// /24, and its burst (`src/node/sessions.rs`): the most Noise the
-/// spoofed flood may cost.
-const PER_NETWORK_PER_SEC: f64 = 10.0;
-const PER_NETWORK_BURST: f64 = 20.0;
 
 fn ip(d: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 0, 0, d)
@@ -71,18 +64,7 @@ fn forged_initiation(
     let mut msg = vec![0u8; 4 + INITIATION_LEN];
     rng.fill_bytes(&mut msg);
     let body = ini.seal(Instant::now(), &msg);
-    let mut p = vec![0u8; HEADER_LEN + body.len()];
-    Header {
-        ptype: PacketType::Handshake,
-        hops: 0,
-        index: KIND_INITIATION,
-        src: claimed,
-        dst: to,
-        counter: 0,
-    }
-    .write(&mut p);
-    p[HEADER_LEN..].copy_from_slice(&body);
-    p
+    sessions::handshake_packet(KIND_INITIATION, claimed, to, &body)
 }
 
 /// Bound: a CN that joins during the flood (over UDP, as a CN) is a
@@ -237,7 +219,8 @@ fn handshake_flood_from_spoofed_sources_leaves_honest_joins_working() {
             "CN1 never went under load (no cookie reply sent): the flood did not arrive"
         );
         // (+2: the node's clock and ours start a moment apart.)
-        let budget = PER_NETWORK_BURST + PER_NETWORK_PER_SEC * flood_secs + 2.0;
+        // (The most Noise the spoofs may cost: one /24's budget.)
+        let budget = f64::from(PER_SOURCE_BURST) + f64::from(PER_SOURCE_PER_SEC) * flood_secs + 2.0;
         ensure!(
             (failed as f64) <= budget,
             "CN1 ran Noise for {failed} forgeries (bound: one /24's budget, {budget:.0})"

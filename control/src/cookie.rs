@@ -344,24 +344,25 @@ impl LoadMeter {
         }
     }
 
-    /// Whether one more initiation now would find the node under load,
-    /// without counting it.
-    pub fn busy(&self, now: Instant) -> bool {
-        let tokens = match self.at {
+    /// Tokens the bucket holds at `now`.
+    fn refilled(&self, now: Instant) -> f64 {
+        match self.at {
             Some(t) => (self.tokens
                 + now.saturating_duration_since(t).as_secs_f64() * self.per_sec)
                 .min(self.per_sec),
             None => self.tokens,
-        };
-        tokens < 1.0
+        }
+    }
+
+    /// Whether one more initiation now would find the node under load,
+    /// without counting it.
+    pub fn busy(&self, now: Instant) -> bool {
+        self.refilled(now) < 1.0
     }
 
     /// Counts one initiation; true if the node is now under load.
     pub fn note(&mut self, now: Instant) -> bool {
-        if let Some(t) = self.at {
-            let dt = now.saturating_duration_since(t).as_secs_f64();
-            self.tokens = (self.tokens + dt * self.per_sec).min(self.per_sec);
-        }
+        self.tokens = self.refilled(now);
         self.at = Some(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;

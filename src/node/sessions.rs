@@ -55,14 +55,31 @@ pub const INITIATION_BODY: usize = 4 + INITIATION_LEN + cookie::MACS_LEN;
 const UNDER_LOAD_PER_SEC: u32 = 200;
 /// Initiations handled per second from one source network (/24) when
 /// the node is not under load.
-const PER_SOURCE_PER_SEC: u32 = 10;
-const PER_SOURCE_BURST: u32 = 20;
+pub const PER_SOURCE_PER_SEC: u32 = 10;
+pub const PER_SOURCE_BURST: u32 = 20;
 /// Under load, from one source address that a cookie verified. Higher
 /// than a network's share: a CN relays the initiations of all its ENs.
 const PER_VERIFIED_PER_SEC: u32 = 50;
 const PER_VERIFIED_BURST: u32 = 100;
 /// Source networks the limiter remembers.
 const MAX_SOURCES: usize = 4096;
+
+/// A handshake packet of `kind` from `src` to `dst` carrying `body`
+/// (counter 0, no hops yet).
+pub fn handshake_packet(kind: u32, src: Ipv4Addr, dst: Ipv4Addr, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; HEADER_LEN + body.len()];
+    Header {
+        ptype: PacketType::Handshake,
+        hops: 0,
+        index: kind,
+        src,
+        dst,
+        counter: 0,
+    }
+    .write(&mut p);
+    p[HEADER_LEN..].copy_from_slice(body);
+    p
+}
 
 /// What the caller must do.
 #[derive(Debug)]
@@ -350,18 +367,7 @@ impl SessionDriver {
     }
 
     fn packet(&self, kind: u32, dst: Ipv4Addr, body: &[u8]) -> Vec<u8> {
-        let mut p = vec![0u8; HEADER_LEN + body.len()];
-        Header {
-            ptype: PacketType::Handshake,
-            hops: 0,
-            index: kind,
-            src: self.me,
-            dst,
-            counter: 0,
-        }
-        .write(&mut p);
-        p[HEADER_LEN..].copy_from_slice(body);
-        p
+        handshake_packet(kind, self.me, dst, body)
     }
 
     /// Turns the session table's actions into packets and core commands.

@@ -293,18 +293,7 @@ fn spoofed_initiation(to: &Node, claimed: Ipv4Addr, rng: &mut StdRng) -> Vec<u8>
     let mut msg = vec![0u8; 4 + INITIATION_LEN];
     rng.fill_bytes(&mut msg);
     let body = CookieInitiator::new(&to.key.dh).seal(Instant::now(), &msg);
-    let mut p = vec![0u8; HEADER_LEN + body.len()];
-    Header {
-        ptype: PacketType::Handshake,
-        hops: 0,
-        index: KIND_INITIATION,
-        src: claimed,
-        dst: to.addr,
-        counter: 0,
-    }
-    .write(&mut p);
-    p[HEADER_LEN..].copy_from_slice(&body);
-    p
+    handshake_packet(KIND_INITIATION, claimed, to.addr, &body)
 }
 
 /// A spoofer floods B with valid-mac1 initiations from addresses all
