@@ -1,48 +1,89 @@
-//! Control packets: the dataplane's wire header (type = control) around a
-//! Blowfish-CTR + HMAC sealed [`ControlMsg`], under the group's control
-//! key of the current hour. Only a holder of the group secret can produce
-//! one that opens, so an answered JoinRequest proves the joiner has the
-//! key.
+//! Control packets (issue 10): the dataplane's wire header (type =
+//! control) around a [`ControlMsg`] sealed under a key that only its
+//! sender and its recipient hold: their pairwise control secret
+//! (`ela_control::pairwise`), from static keys the group authority
+//! vouches for, rolled every hour. There is no group-wide control key: a
+//! member, or a thief holding one node's key, can neither read nor forge
+//! control messages between two others.
+//!
+//! Forms (the byte after the header):
+//! - [`FORM_SEALED`]: the sender's X25519 key (32 bytes, in clear: it
+//!   names the key to open with), then the sealed body. Opens only if the
+//!   sender's certificate was verified earlier (a handshake, or a `Hi`).
+//! - [`FORM_INTRO`]: a join cookie, the sender's certificate (length
+//!   u16 BE, then the encoding), then the sealed body: a UDP joiner's
+//!   `JoinRequest`, whom no member knows yet. The caller checks the
+//!   cookie before [`ControlCodec::open`] spends a signature check on the
+//!   certificate.
+//! - [`FORM_HI_REQUEST`]: clear padding: a joiner asks a member at an
+//!   underlay address who it is.
+//! - [`FORM_HI`]: a nonce and the sender's certificate, in clear: the
+//!   answer to a `HiRequest` (the nonce is a join cookie), and the first
+//!   frame each end of an EN↔CN TCP connection sends (the nonce binds
+//!   every later message on that connection).
+//!
+//! The tag covers the header (source, destination, epoch, nonce) and the
+//! body; the clear prefix needs no cover: the key is derived from the
+//! sender key it names, and a certificate is checked against that key.
 //!
 //! Control packets are not per-sender sequenced like data; instead each
 //! carries a random 64-bit nonce (its counter), its send time, and the
 //! hour (its key epoch, in the header). Packets older than [`MAX_AGE`], or
-//! whose nonce was already seen, are dropped.
-//!
-//! Every message is bound to its sender (header source), its recipient
-//! (header destination) and its channel: the sealed body starts with the
-//! send time and a 16-byte [`Channel`]. A message on an EN↔CN TCP link
-//! carries the nonce the *receiving* end chose for that connection (its
-//! `Hello`), so a frame captured on one link means nothing on another; a
-//! `JoinReply` carries its request's nonce; everything else is
+//! whose nonce was already seen, are dropped. The sealed body starts with
+//! the send time and a 16-byte [`Channel`]: a message on an EN↔CN TCP
+//! link carries the nonce the *receiving* end chose for that connection
+//! (its `Hi`), so a frame captured on one link means nothing on another;
+//! a `JoinReply` carries its request's nonce; everything else is
 //! [`NO_CHANNEL`] and addressed to one member. The caller checks both
 //! (`Control::on_packet`), since only it knows which channel a packet
 //! came in on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ela_control::identity::{CaPub, Cert, IdentityError, NodeKey};
 use ela_control::msg::ControlMsg;
-use ela_dataplane::crypto::{CryptoError, GroupSecret, PacketKeys, Suite, MAX_PAYLOAD};
-use ela_dataplane::wire::{Header, PacketType, HEADER_LEN, TAG_LEN};
+use ela_control::pairwise::{control_secret, COOKIE_LEN};
+use ela_dataplane::crypto::{CryptoError, PacketKeys, Suite, MAX_PAYLOAD};
+use ela_dataplane::wire::{Header, PacketType, HEADER_LEN, OVERHEAD, SUITE_OFFSET, TAG_LEN};
 
 /// How far a control packet's timestamp may be from our clock. Members'
 /// clocks need to agree this well (NTP does far better).
 pub const MAX_AGE: Duration = Duration::from_secs(60);
 /// Control keys roll every hour.
-const EPOCH_MS: u64 = 3_600_000;
+pub const EPOCH_MS: u64 = 3_600_000;
 /// What binds a control message to the connection or request it answers.
 pub type Channel = [u8; 16];
 /// The channel of messages that are not bound to a link or a request.
 pub const NO_CHANNEL: Channel = [0; 16];
 /// Sealed body: send time, then the channel, then the message.
 const PREFIX: usize = 8 + 16;
+
+pub const FORM_SEALED: u8 = 0;
+pub const FORM_INTRO: u8 = 1;
+pub const FORM_HI_REQUEST: u8 = 2;
+pub const FORM_HI: u8 = 3;
+/// Form byte and sender key.
+const SEALED_HEAD: usize = 1 + 32;
+/// Form byte, cookie and certificate length (the certificate follows).
+const INTRO_HEAD: usize = 1 + COOKIE_LEN + 2;
+/// Form byte and nonce (the certificate follows).
+const HI_HEAD: usize = 1 + 16;
+
 /// The longest encoded [`ControlMsg`] one control packet carries: a
 /// sealed payload holds the send time, the channel and the message.
 pub const MAX_CONTROL_BODY: usize = MAX_PAYLOAD - PREFIX;
-/// Header, send time, channel and tag around a message.
-pub const CONTROL_OVERHEAD: usize = HEADER_LEN + PREFIX + TAG_LEN;
+/// Header, form, sender key, send time, channel and tag around a message
+/// ([`FORM_SEALED`]).
+pub const CONTROL_OVERHEAD: usize = HEADER_LEN + SEALED_HEAD + PREFIX + TAG_LEN;
+/// [`FORM_INTRO`]'s overhead without the certificate.
+pub const INTRO_OVERHEAD: usize = HEADER_LEN + INTRO_HEAD + PREFIX + TAG_LEN;
+/// Most peers whose secrets are cached (each a few hundred bytes); past
+/// it the cache starts over (a recomputation costs one X25519).
+const MAX_PAIRS: usize = 8192;
+/// Most certificates held as verified: every member's, and joiners'.
+const MAX_TRUSTED: usize = 65_536;
 
 /// An authenticated, fresh control packet.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,6 +91,45 @@ pub struct Opened {
     pub hdr: Header,
     pub channel: Channel,
     pub msg: ControlMsg,
+    /// The sender's X25519 key (its certificate verified).
+    pub peer: [u8; 32],
+}
+
+/// A control packet's form and clear parts, read without any crypto.
+#[derive(Debug)]
+pub enum Peeked {
+    Sealed {
+        hdr: Header,
+        sender: [u8; 32],
+    },
+    /// The certificate is decoded, not verified.
+    Intro {
+        hdr: Header,
+        cookie: [u8; COOKIE_LEN],
+        cert: Cert,
+    },
+    HiRequest {
+        hdr: Header,
+    },
+    /// The certificate is decoded, not verified.
+    Hi {
+        hdr: Header,
+        nonce: Channel,
+        cert: Cert,
+        /// The sender's cipher, if one we know.
+        suite: Option<Suite>,
+    },
+}
+
+/// What a verified certificate says that control needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Trusted {
+    pub fingerprint: [u8; 32],
+    /// The one overlay address it may speak for, if the authority fixed it.
+    pub fixed: Option<Ipv4Addr>,
+    pub not_after: u64,
+    pub name: String,
+    pub cert: Cert,
 }
 
 /// A fresh random channel nonce (never [`NO_CHANNEL`]).
@@ -71,14 +151,10 @@ pub enum ControlDrop {
     Stale,
     Replay,
     Undecodable,
-}
-
-pub struct ControlCodec {
-    secret: GroupSecret,
-    /// Keys of the epochs around now (at most three are ever accepted).
-    keys: Vec<(u32, PacketKeys)>,
-    seen: HashMap<u64, u64>,
-    last_purge_ms: u64,
+    /// Sealed by a key whose certificate this node has not verified.
+    UnknownSender,
+    /// A certificate of another authority, expired, revoked or forged.
+    BadCert,
 }
 
 pub fn unix_ms() -> u64 {
@@ -101,109 +177,364 @@ fn epoch_at(ms: u64) -> u32 {
     (ms / EPOCH_MS) as u32
 }
 
-impl ControlCodec {
-    /// The cipher suite this codec seals and opens.
-    pub fn suite(&self) -> Suite {
-        self.secret.suite()
-    }
+/// One peer's pairwise secret and the epoch keys made from it.
+struct Pair {
+    secret: [u8; 32],
+    keys: Vec<(u32, PacketKeys)>,
+}
 
-    pub fn new(secret: &GroupSecret) -> ControlCodec {
+impl Drop for Pair {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.secret.zeroize();
+    }
+}
+
+pub struct ControlCodec {
+    me: NodeKey,
+    my_dh: [u8; 32],
+    ca: CaPub,
+    suite: Suite,
+    pairs: HashMap<[u8; 32], Pair>,
+    trusted: HashMap<[u8; 32], Trusted>,
+    revoked: HashSet<[u8; 32]>,
+    seen: HashMap<u64, u64>,
+    last_purge_ms: u64,
+}
+
+fn header(src: Ipv4Addr, dst: Ipv4Addr, index: u32) -> Header {
+    Header {
+        ptype: PacketType::Control,
+        hops: 0,
+        index,
+        src,
+        dst,
+        counter: rand::random(),
+    }
+}
+
+impl ControlCodec {
+    pub fn new(me: NodeKey, ca: CaPub, suite: Suite) -> ControlCodec {
         ControlCodec {
-            secret: secret.clone(),
-            keys: Vec::new(),
+            my_dh: me.public().dh,
+            me,
+            ca,
+            suite,
+            pairs: HashMap::new(),
+            trusted: HashMap::new(),
+            revoked: HashSet::new(),
             seen: HashMap::new(),
             last_purge_ms: 0,
         }
     }
 
-    /// Keys for `epoch`, if it is within one of the epoch at `now_ms`.
-    fn keys(&mut self, epoch: u32, now_ms: u64) -> Option<&PacketKeys> {
+    /// The cipher suite this codec seals and opens.
+    pub fn suite(&self) -> Suite {
+        self.suite
+    }
+
+    /// This node's X25519 key, as its sealed packets name it.
+    pub fn my_key(&self) -> [u8; 32] {
+        self.my_dh
+    }
+
+    /// Checks `cert` (the authority's, valid at `now_s`, not revoked) and
+    /// from now on opens what its key seals. Returns its X25519 key.
+    pub fn trust(&mut self, cert: &Cert, now_s: u64) -> Result<[u8; 32], IdentityError> {
+        let (key, t) = self.check_cert(cert, now_s)?;
+        self.keep_trusted(key, t, now_s);
+        Ok(key)
+    }
+
+    /// What [`Self::trust`] checks, without trusting: the key and what
+    /// the certificate says. A certificate already trusted costs no
+    /// signature check again.
+    fn check_cert(&self, cert: &Cert, now_s: u64) -> Result<([u8; 32], Trusted), IdentityError> {
+        let fingerprint = cert.fingerprint();
+        if self.revoked.contains(&fingerprint) {
+            return Err(IdentityError::BadSignature("revoked certificate"));
+        }
+        let b = cert.body();
+        // The same bytes, signature included (a fingerprint leaves the
+        // signature out).
+        let key = match self.trusted.get(&b.node.dh) {
+            Some(t) if t.cert == *cert && t.not_after >= now_s => b.node.dh,
+            _ => cert.verify(&self.ca, now_s)?.dh,
+        };
+        Ok((
+            key,
+            Trusted {
+                fingerprint,
+                fixed: b.addr,
+                not_after: b.not_after,
+                name: b.name.clone(),
+                cert: cert.clone(),
+            },
+        ))
+    }
+
+    fn keep_trusted(&mut self, key: [u8; 32], t: Trusted, now_s: u64) {
+        if self.trusted.len() >= MAX_TRUSTED && !self.trusted.contains_key(&key) {
+            // Certificates only the authority makes fill this: drop the
+            // expired ones first, and if none, start over (members'
+            // come back with their next handshake).
+            self.trusted.retain(|_, t| t.not_after >= now_s);
+            if self.trusted.len() >= MAX_TRUSTED {
+                self.trusted.clear();
+            }
+        }
+        self.trusted.insert(key, t);
+    }
+
+    /// What the verified certificate of `key` says, if it is still valid
+    /// at `now_s`.
+    pub fn trusted(&self, key: &[u8; 32], now_s: u64) -> Option<&Trusted> {
+        self.trusted.get(key).filter(|t| t.not_after >= now_s)
+    }
+
+    /// The authority revoked `fingerprint`: its key opens nothing any
+    /// more, and its certificate is refused from now on.
+    pub fn revoke(&mut self, fingerprint: [u8; 32]) {
+        self.revoked.insert(fingerprint);
+        let gone: Vec<[u8; 32]> = self
+            .trusted
+            .iter()
+            .filter(|(_, t)| t.fingerprint == fingerprint)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in gone {
+            self.trusted.remove(&k);
+            self.pairs.remove(&k);
+        }
+    }
+
+    /// The keys shared with `peer` for `epoch`, if `epoch` is within one
+    /// of now's and `peer` is a usable key.
+    fn keys(&mut self, peer: &[u8; 32], epoch: u32, now_ms: u64) -> Option<&PacketKeys> {
         let cur = epoch_at(now_ms);
         if epoch.abs_diff(cur) > 1 {
             return None;
         }
-        if !self.keys.iter().any(|(e, _)| *e == epoch) {
-            self.keys.retain(|(e, _)| e.abs_diff(cur) <= 1);
-            self.keys
-                .push((epoch, PacketKeys::derive_control_epoch(&self.secret, epoch)));
+        if !self.pairs.contains_key(peer) {
+            let secret = control_secret(&self.me, peer)?;
+            if self.pairs.len() >= MAX_PAIRS {
+                self.pairs.clear();
+            }
+            self.pairs.insert(
+                *peer,
+                Pair {
+                    secret,
+                    keys: Vec::new(),
+                },
+            );
         }
-        self.keys.iter().find(|(e, _)| *e == epoch).map(|(_, k)| k)
+        let suite = self.suite;
+        let pair = self.pairs.get_mut(peer).expect("inserted above");
+        if !pair.keys.iter().any(|(e, _)| *e == epoch) {
+            pair.keys.retain(|(e, _)| e.abs_diff(cur) <= 1);
+            pair.keys.push((
+                epoch,
+                PacketKeys::derive_control_pair(&pair.secret, suite, epoch),
+            ));
+        }
+        pair.keys.iter().find(|(e, _)| *e == epoch).map(|(_, k)| k)
     }
 
+    /// `header ‖ time ‖ channel ‖ body ‖ tag`, sealed for `to`.
+    fn seal_inner(
+        &mut self,
+        msg: &ControlMsg,
+        hdr: &Header,
+        to: &[u8; 32],
+        channel: &Channel,
+        now_ms: u64,
+    ) -> Option<Vec<u8>> {
+        let body = msg.encode();
+        let payload_len = PREFIX + body.len();
+        let mut buf = vec![0u8; HEADER_LEN + payload_len + TAG_LEN];
+        hdr.write(&mut buf);
+        buf[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&now_ms.to_be_bytes());
+        buf[HEADER_LEN + 8..HEADER_LEN + PREFIX].copy_from_slice(channel);
+        buf[HEADER_LEN + PREFIX..HEADER_LEN + payload_len].copy_from_slice(&body);
+        let keys = self.keys(to, hdr.index, now_ms)?;
+        let n = keys
+            .seal(&mut buf, payload_len)
+            .expect("control messages are built to fit MAX_CONTROL_BODY");
+        buf.truncate(n);
+        Some(buf)
+    }
+
+    /// `msg` from `src` to `dst`, for the holder of X25519 key `to` only;
+    /// `None` if `to` is not a usable key.
     pub fn seal(
         &mut self,
         msg: &ControlMsg,
         src: Ipv4Addr,
         dst: Ipv4Addr,
+        to: &[u8; 32],
         channel: &Channel,
         now_ms: u64,
-    ) -> Vec<u8> {
-        let body = msg.encode();
-        let payload_len = PREFIX + body.len();
-        let mut buf = vec![0u8; HEADER_LEN + payload_len + TAG_LEN];
-        let epoch = epoch_at(now_ms);
-        Header {
-            ptype: PacketType::Control,
-            hops: 0,
-            index: epoch,
-            src,
-            dst,
-            counter: rand::random(),
-        }
-        .write(&mut buf);
-        buf[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&now_ms.to_be_bytes());
-        buf[HEADER_LEN + 8..HEADER_LEN + PREFIX].copy_from_slice(channel);
-        buf[HEADER_LEN + PREFIX..HEADER_LEN + payload_len].copy_from_slice(&body);
-        let keys = self
-            .keys(epoch, now_ms)
-            .expect("the current epoch is accepted");
-        let n = keys
-            .seal(&mut buf, payload_len)
-            .expect("control messages are built to fit MAX_CONTROL_BODY");
-        buf.truncate(n);
-        buf
+    ) -> Option<Vec<u8>> {
+        let hdr = header(src, dst, epoch_at(now_ms));
+        let inner = self.seal_inner(msg, &hdr, to, channel, now_ms)?;
+        let mut p = Vec::with_capacity(inner.len() + SEALED_HEAD);
+        p.extend_from_slice(&inner[..HEADER_LEN]);
+        p.push(FORM_SEALED);
+        p.extend_from_slice(&self.my_dh);
+        p.extend_from_slice(&inner[HEADER_LEN..]);
+        Some(p)
     }
 
-    /// For relaying a control packet to its destination unchanged: it
-    /// must authenticate and be fresh, and its nonce is recorded, so a
-    /// relay forwards no replay and nothing stale. Leaves `pkt` as it is.
-    pub fn check_relay(&mut self, pkt: &[u8], now_ms: u64) -> Result<Header, ControlDrop> {
-        // The tag first (no copy, no decryption): a forgery costs one MAC,
-        // not an allocation and a copy of up to 16 KiB.
+    /// [`Self::seal`] in [`FORM_INTRO`]: with `cookie` and our
+    /// certificate `cert` in front, for a member that does not know us.
+    #[allow(clippy::too_many_arguments)]
+    pub fn seal_intro(
+        &mut self,
+        msg: &ControlMsg,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        to: &[u8; 32],
+        cookie: &[u8; COOKIE_LEN],
+        cert: &Cert,
+        channel: &Channel,
+        now_ms: u64,
+    ) -> Option<Vec<u8>> {
+        let hdr = header(src, dst, epoch_at(now_ms));
+        let inner = self.seal_inner(msg, &hdr, to, channel, now_ms)?;
+        let c = cert.encode();
+        let mut p = Vec::with_capacity(inner.len() + INTRO_HEAD + c.len());
+        p.extend_from_slice(&inner[..HEADER_LEN]);
+        p.push(FORM_INTRO);
+        p.extend_from_slice(cookie);
+        p.extend_from_slice(&(c.len() as u16).to_be_bytes());
+        p.extend_from_slice(&c);
+        p.extend_from_slice(&inner[HEADER_LEN..]);
+        Some(p)
+    }
+
+    /// A joiner's question to whoever listens at an address: `len` bytes
+    /// in all, so that the answer (no larger) fits.
+    pub fn hi_request(src: Ipv4Addr, len: usize) -> Vec<u8> {
+        let mut p = vec![0u8; len.max(OVERHEAD)];
+        header(src, Ipv4Addr::UNSPECIFIED, 0).write(&mut p);
+        p[HEADER_LEN] = FORM_HI_REQUEST;
+        p
+    }
+
+    /// Who we are: `nonce` and our certificate, in clear, and (in the
+    /// header's suite byte) the cipher we seal with, so that a joiner
+    /// with another `--cipher` can say so.
+    pub fn hi(src: Ipv4Addr, nonce: &Channel, cert: &Cert, suite: Suite) -> Vec<u8> {
+        let c = cert.encode();
+        let mut p = vec![0u8; HEADER_LEN + HI_HEAD + c.len()];
+        header(src, Ipv4Addr::UNSPECIFIED, 0).write(&mut p);
+        p[SUITE_OFFSET] = suite as u8;
+        p[HEADER_LEN] = FORM_HI;
+        p[HEADER_LEN + 1..HEADER_LEN + HI_HEAD].copy_from_slice(nonce);
+        p[HEADER_LEN + HI_HEAD..].copy_from_slice(&c);
+        p
+    }
+
+    /// The form and clear parts of `pkt`, with no crypto.
+    pub fn peek(pkt: &[u8]) -> Result<Peeked, ControlDrop> {
         let hdr = Header::parse(pkt).map_err(|_| ControlDrop::Malformed)?;
         if hdr.ptype != PacketType::Control {
             return Err(ControlDrop::Malformed);
         }
-        let keys = self.keys(hdr.index, now_ms).ok_or(ControlDrop::Stale)?;
-        keys.verify(pkt).map_err(|e| match e {
-            CryptoError::WrongSuite => ControlDrop::WrongCipher,
-            _ => ControlDrop::BadTag,
-        })?;
-        let mut copy = pkt.to_vec();
-        let (hdr, _) = self.open_fresh(&mut copy, now_ms)?;
-        Ok(hdr)
+        let rest = &pkt[HEADER_LEN..];
+        match rest.first() {
+            Some(&FORM_SEALED) => {
+                let sender = rest
+                    .get(1..SEALED_HEAD)
+                    .ok_or(ControlDrop::Malformed)?
+                    .try_into()
+                    .expect("32 bytes");
+                Ok(Peeked::Sealed { hdr, sender })
+            }
+            Some(&FORM_INTRO) => {
+                let head = rest.get(..INTRO_HEAD).ok_or(ControlDrop::Malformed)?;
+                let cookie = head[1..1 + COOKIE_LEN].try_into().expect("16 bytes");
+                let n = u16::from_be_bytes([head[INTRO_HEAD - 2], head[INTRO_HEAD - 1]]) as usize;
+                let c = rest
+                    .get(INTRO_HEAD..INTRO_HEAD + n)
+                    .ok_or(ControlDrop::Malformed)?;
+                let cert = Cert::decode(c).map_err(|_| ControlDrop::BadCert)?;
+                Ok(Peeked::Intro { hdr, cookie, cert })
+            }
+            Some(&FORM_HI_REQUEST) => Ok(Peeked::HiRequest { hdr }),
+            Some(&FORM_HI) => {
+                let nonce = rest
+                    .get(1..HI_HEAD)
+                    .ok_or(ControlDrop::Malformed)?
+                    .try_into()
+                    .expect("16 bytes");
+                let cert = Cert::decode(&rest[HI_HEAD..]).map_err(|_| ControlDrop::BadCert)?;
+                let suite = Suite::ALL
+                    .into_iter()
+                    .find(|s| *s as u8 == pkt[SUITE_OFFSET]);
+                Ok(Peeked::Hi {
+                    hdr,
+                    nonce,
+                    cert,
+                    suite,
+                })
+            }
+            _ => Err(ControlDrop::Malformed),
+        }
     }
 
-    pub fn open(&mut self, pkt: &mut [u8], now_ms: u64) -> Result<Opened, ControlDrop> {
-        let (hdr, plain) = self.open_fresh(pkt, now_ms)?;
-        let channel: Channel = plain[8..PREFIX].try_into().expect("16 bytes");
-        let msg = ControlMsg::decode(&plain[PREFIX..]).map_err(|_| ControlDrop::Undecodable)?;
-        Ok(Opened { hdr, channel, msg })
+    /// Opens a [`FORM_SEALED`] packet from a sender whose certificate is
+    /// trusted, or a [`FORM_INTRO`] one after checking its certificate
+    /// (the caller checked its cookie: a certificate not trusted yet
+    /// costs a signature check). An intro's certificate is trusted only
+    /// once its packet authenticated: a copy of a member's certificate
+    /// around junk changes nothing.
+    pub fn open(&mut self, pkt: &[u8], now_ms: u64) -> Result<Opened, ControlDrop> {
+        let now_s = now_ms / 1000;
+        let (sender, sealed_at, intro) = match Self::peek(pkt)? {
+            Peeked::Sealed { sender, .. } => {
+                if self.trusted(&sender, now_s).is_none() {
+                    return Err(ControlDrop::UnknownSender);
+                }
+                (sender, HEADER_LEN + SEALED_HEAD, None)
+            }
+            Peeked::Intro { cert, .. } => {
+                let n = cert.encode().len();
+                let (key, t) = self
+                    .check_cert(&cert, now_s)
+                    .map_err(|_| ControlDrop::BadCert)?;
+                (key, HEADER_LEN + INTRO_HEAD + n, Some(t))
+            }
+            Peeked::HiRequest { .. } | Peeked::Hi { .. } => return Err(ControlDrop::Malformed),
+        };
+        let mut inner = Vec::with_capacity(pkt.len());
+        inner.extend_from_slice(&pkt[..HEADER_LEN]);
+        inner.extend_from_slice(&pkt[sealed_at..]);
+        let (hdr, channel, msg) = self.open_fresh(&sender, &mut inner, now_ms)?;
+        if let Some(t) = intro {
+            self.keep_trusted(sender, t, now_s);
+        }
+        Ok(Opened {
+            hdr,
+            channel,
+            msg,
+            peer: sender,
+        })
     }
 
     /// Authenticates, decrypts in place, and checks freshness: the send
     /// time within [`MAX_AGE`] of ours and its hour the header's, and a
-    /// nonce not seen before. Returns the plaintext (≥ [`PREFIX`] bytes).
-    fn open_fresh<'p>(
+    /// nonce not seen before.
+    fn open_fresh(
         &mut self,
-        pkt: &'p mut [u8],
+        sender: &[u8; 32],
+        pkt: &mut [u8],
         now_ms: u64,
-    ) -> Result<(Header, &'p [u8]), ControlDrop> {
+    ) -> Result<(Header, Channel, ControlMsg), ControlDrop> {
         let hdr = Header::parse(pkt).map_err(|_| ControlDrop::Malformed)?;
-        if hdr.ptype != PacketType::Control {
-            return Err(ControlDrop::Malformed);
-        }
-        let keys = self.keys(hdr.index, now_ms).ok_or(ControlDrop::Stale)?;
+        let keys = self
+            .keys(sender, hdr.index, now_ms)
+            .ok_or(ControlDrop::Stale)?;
         let range = keys.open(pkt).map_err(|e| match e {
             CryptoError::WrongSuite => ControlDrop::WrongCipher,
             _ => ControlDrop::BadTag,
@@ -225,148 +556,11 @@ impl ControlCodec {
         if self.seen.insert(hdr.counter, sent_ms).is_some() {
             return Err(ControlDrop::Replay);
         }
-        Ok((hdr, plain))
+        let channel: Channel = plain[8..PREFIX].try_into().expect("16 bytes");
+        let msg = ControlMsg::decode(&plain[PREFIX..]).map_err(|_| ControlDrop::Undecodable)?;
+        Ok((hdr, channel, msg))
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use ela_control::membership::NodeIdentity;
-    use ela_control::Role;
-
-    #[test]
-    fn seal_open_replay_stale_wrong_key() {
-        let s = GroupSecret::from_bytes([1; 32]);
-        let mut a = ControlCodec::new(&s);
-        let msg = ControlMsg::Swim(vec![9; 100]);
-        let src = Ipv4Addr::new(10, 0, 0, 1);
-        let now = 1_700_000_000_000;
-        let chan = [3u8; 16];
-        let mut p = a.seal(&msg, src, Ipv4Addr::UNSPECIFIED, &chan, now);
-        let mut p2 = p.clone();
-        let o = a.open(&mut p, now + 5).unwrap();
-        assert_eq!(o.msg, msg);
-        assert_eq!(o.hdr.src, src);
-        assert_eq!(o.channel, chan);
-        assert_eq!(a.open(&mut p2, now + 6), Err(ControlDrop::Replay));
-        let mut old = a.seal(&msg, src, src, &NO_CHANNEL, now - 61_000);
-        assert_eq!(a.open(&mut old, now), Err(ControlDrop::Stale));
-        // Two hours old: not even a key for it.
-        let mut older = a.seal(&msg, src, src, &NO_CHANNEL, now - 2 * EPOCH_MS);
-        assert_eq!(a.open(&mut older, now), Err(ControlDrop::Stale));
-        let mut other = ControlCodec::new(&GroupSecret::from_bytes([2; 32]));
-        let mut p3 = a.seal(&msg, src, src, &NO_CHANNEL, now);
-        assert_eq!(other.check_relay(&p3, now), Err(ControlDrop::BadTag));
-        assert_eq!(other.open(&mut p3, now), Err(ControlDrop::BadTag));
-        let mut short = vec![1u8; 10];
-        assert_eq!(a.open(&mut short, now), Err(ControlDrop::Malformed));
-    }
-
-    /// The channel and the destination are inside what the tag covers: a
-    /// captured packet cannot be re-bound to another link or member.
-    #[test]
-    fn channel_and_destination_are_authenticated() {
-        let s = GroupSecret::from_bytes([5; 32]);
-        let mut a = ControlCodec::new(&s);
-        let mut b = ControlCodec::new(&s);
-        let now = 1_700_000_000_000;
-        let src = Ipv4Addr::new(10, 0, 0, 1);
-        let dst = Ipv4Addr::new(10, 0, 0, 2);
-        let p = a.seal(&ControlMsg::Keepalive, src, dst, &[7; 16], now);
-        // Flip any bit of the channel (payload bytes 8..24 after the
-        // header) or of the destination: it no longer opens.
-        for i in (HEADER_LEN + 8..HEADER_LEN + 24).chain(12..16) {
-            let mut q = p.clone();
-            q[i] ^= 1;
-            assert_eq!(b.open(&mut q, now), Err(ControlDrop::BadTag), "byte {i}");
-        }
-        let mut q = p.clone();
-        let o = b.open(&mut q, now).unwrap();
-        assert_eq!((o.channel, o.hdr.dst), ([7; 16], dst));
-    }
-
-    /// A relay forwards a control packet only if it is authentic, fresh
-    /// and new to it (issue 9: 12-minute-old packets were relayed).
-    #[test]
-    fn relays_check_freshness_and_replay() {
-        let s = GroupSecret::from_bytes([6; 32]);
-        let mut a = ControlCodec::new(&s);
-        let mut relay = ControlCodec::new(&s);
-        let mut dest = ControlCodec::new(&s);
-        let now = 1_700_000_000_000;
-        let (src, dst) = (Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 9));
-        let msg = ControlMsg::Swim(vec![1; 40]);
-        let mut p = a.seal(&msg, src, dst, &NO_CHANNEL, now);
-        let h = relay.check_relay(&p, now + 10).unwrap();
-        assert_eq!(h.dst, dst);
-        assert_eq!(relay.check_relay(&p, now + 20), Err(ControlDrop::Replay));
-        // Relaying leaves it intact for its recipient.
-        assert_eq!(dest.open(&mut p, now + 30).unwrap().msg, msg);
-        let old = a.seal(&msg, src, dst, &NO_CHANNEL, now - 12 * 60_000);
-        assert_eq!(relay.check_relay(&old, now), Err(ControlDrop::Stale));
-    }
-
-    #[test]
-    fn new_channels_are_never_the_empty_one() {
-        let a = new_channel();
-        assert_ne!(a, NO_CHANNEL);
-        assert_ne!(a, new_channel());
-    }
-
-    /// A CN answering a join in a large group: before replies were cut
-    /// to what a packet carries, 1000 members (35 KB) made `seal` panic.
-    #[test]
-    fn join_reply_of_a_large_group_seals_and_opens() {
-        let s = GroupSecret::from_bytes([4; 32]);
-        let mut a = ControlCodec::new(&s);
-        let mut b = ControlCodec::new(&s);
-        let now = 1_764_000_000_000;
-        let members: Vec<_> = (0..5000u32)
-            .map(|i| {
-                NodeIdentity::new(
-                    rand::random(),
-                    Ipv4Addr::from(0x0a00_0000 + i),
-                    "172.31.3.4:7000".parse().unwrap(),
-                    Role::Core,
-                    now,
-                )
-            })
-            .collect();
-        let observed = "172.31.0.9:7000".parse().unwrap();
-        let msg = ControlMsg::join_reply(
-            observed,
-            Ipv4Addr::new(10, 0, 0, 0),
-            16,
-            members,
-            None,
-            MAX_CONTROL_BODY,
-        );
-        let ControlMsg::JoinReply { members: kept, .. } = &msg else {
-            unreachable!()
-        };
-        // Each member carries its 64 bytes of public keys (whom to call).
-        assert!(kept.len() > 150, "only {} members fit", kept.len());
-        let ip = Ipv4Addr::new(10, 0, 0, 1);
-        let mut p = a.seal(&msg, ip, Ipv4Addr::UNSPECIFIED, &NO_CHANNEL, now);
-        assert_eq!(b.open(&mut p, now + 1).unwrap().msg, msg);
-    }
-
-    #[test]
-    fn keys_roll_with_the_hour() {
-        let s = GroupSecret::from_bytes([3; 32]);
-        let mut a = ControlCodec::new(&s);
-        let mut b = ControlCodec::new(&s);
-        let msg = ControlMsg::Keepalive;
-        let ip = Ipv4Addr::new(10, 0, 0, 1);
-        // Sent just before the hour, opened just after.
-        let t = 1_700_000_000_000 / EPOCH_MS * EPOCH_MS + EPOCH_MS - 1_000;
-        let mut p = a.seal(&msg, ip, ip, &NO_CHANNEL, t);
-        assert_eq!(b.open(&mut p, t + 2_000).unwrap().msg, msg);
-        let q = a.seal(&msg, ip, ip, &NO_CHANNEL, t + 2_000);
-        assert_ne!(
-            Header::parse(&p).unwrap().index,
-            Header::parse(&q).unwrap().index
-        );
-    }
-}
+mod tests;

@@ -462,14 +462,13 @@ fn run_in(
 ) -> Result<()> {
     let do_failover = eopts.failover && eopts.edges > 0;
     let steps = if do_failover { 6 } else { 5 };
-    let key = lab.keygen("group")?;
 
     // ---- 1. start -------------------------------------------------------
     out.text("");
     out.say(format!("[1/{steps}] Starting nodes"));
     out.text(
         "  each with its own node key and a certificate from the demo's authority \
-         (ela-fast ca init / node-key / ca sign); pairwise sessions carry all traffic",
+         (ela-fast ca init / node-key / ca sign), no shared secret; pairwise keys carry all traffic, control too",
     );
     let mut hosts: Vec<HostId> = Vec::with_capacity(plan.len());
     let mut router: Option<HostId> = None;
@@ -546,9 +545,8 @@ fn run_in(
         let identity = lab
             .identity(&p.name, None)
             .with_context(|| format!("an identity for {}", p.name))?;
-        let mut spec = NodeSpec::new(&key)
-            .extra(["--cores".to_string(), core_list.join(",")])
-            .extra(identity);
+        let mut spec =
+            NodeSpec::with_identity(identity).extra(["--cores".to_string(), core_list.join(",")]);
         spec.role = p.role;
         spec.addr = p.asks;
         if let Some(v) = p.via {

@@ -8,7 +8,7 @@
 //! verified. Each reply is bound to its request's fresh nonce; over TCP
 //! the request is bound to the CN's `Hello` on that connection.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,8 +16,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use ela_control::addr;
+use ela_control::identity::Cert;
 use ela_control::membership::NodeIdentity;
 use ela_control::msg::ControlMsg;
+use ela_control::pairwise::COOKIE_LEN;
 use ela_control::Role;
 use ela_dataplane::crypto::Suite;
 use ela_dataplane::framing::{self, FrameDecoder};
@@ -27,9 +29,10 @@ use tracing::info;
 
 use crate::cli::RoleArg;
 use crate::control_codec::{
-    new_channel, unix_ms, Channel, ControlCodec, ControlDrop, Opened, CONTROL_OVERHEAD,
-    MAX_CONTROL_BODY, NO_CHANNEL,
+    new_channel, unix_ms, Channel, ControlCodec, ControlDrop, Opened, Peeked, CONTROL_OVERHEAD,
+    INTRO_OVERHEAD, MAX_CONTROL_BODY, NO_CHANNEL,
 };
+use crate::identity::unix_now;
 use crate::node::{count_drop, NodeConfig};
 use crate::status::ControlCounters;
 
@@ -197,143 +200,149 @@ fn parse_reply(msg: ControlMsg) -> Option<Reply> {
 /// failed rather than just that it timed out.
 #[derive(Default)]
 struct Refusals {
+    /// A bootstrap's `Hi` named another cipher (unauthenticated over UDP:
+    /// it only colours the error).
+    cipher: Option<(SocketAddr, Suite)>,
+    /// A bootstrap's certificate did not verify under our authority.
+    cert: Option<(SocketAddr, String)>,
     bad_tag: u64,
-    wrong_cipher: u64,
 }
 
 impl Refusals {
     fn note(&mut self, d: ControlDrop) {
-        match d {
-            ControlDrop::BadTag => self.bad_tag += 1,
-            ControlDrop::WrongCipher => self.wrong_cipher += 1,
-            _ => {}
+        if d == ControlDrop::BadTag {
+            self.bad_tag += 1;
         }
     }
 }
 
 /// Whether a failed UDP join ends `--role auto`'s join instead of falling
-/// back to TCP. Only a refusal that authenticated does: a bootstrap that
-/// answered under our key with another cipher will not change its mind
-/// over TCP. Packets that failed to open prove nothing about the
-/// bootstrap, since anyone who can send to our port can send them; one
-/// forged packet during the probe must not stop a node from joining.
+/// back to TCP. Nothing said over UDP does: anyone who can send to our
+/// port can send a `Hi` naming another cipher or a certificate of
+/// another authority, and one forged packet during the probe must not
+/// stop a node from joining. Over TCP the bootstrap itself answers.
 fn udp_failure_is_final(e: &anyhow::Error) -> bool {
-    matches!(
-        e.downcast_ref::<Refused>(),
-        Some(Refused::CipherMismatch { .. })
-    )
+    matches!(e.downcast_ref::<Refused>(), Some(Refused::Final(_)))
 }
 
 /// The bootstrap answered, but nothing it sent could be accepted: joining
-/// cannot work, and retrying over TCP would not change it.
+/// cannot work, and retrying would not change it.
 #[derive(Debug, thiserror::Error)]
 enum Refused {
-    /// It answered under another suite that opens with our group key.
     #[error("could not join: {bootstrap} uses --cipher {theirs}, this node --cipher {ours} (every member of a network must use the same cipher)")]
     CipherMismatch {
         bootstrap: SocketAddr,
         theirs: Suite,
         ours: Suite,
     },
-    /// Its answers carried another suite's id but did not authenticate
-    /// under any suite of our key.
-    #[error("could not join: the bootstrap uses a different cipher than --cipher {0} (every member of a network must use the same --cipher)")]
-    Cipher(Suite),
-    #[error("could not join: {0} answer(s) from the bootstrap failed authentication — it uses a different group key")]
-    GroupKey(u64),
+    #[error("could not join: the certificate of the member at {bootstrap} is refused: {why} (this node trusts another authority: check --ca, or --key-file in group mode)")]
+    Authority { bootstrap: SocketAddr, why: String },
+    #[error("could not join: {0} answer(s) from the bootstrap failed authentication")]
+    Tag(u64),
+    /// One of the above, proven over TCP.
+    #[error("{0}")]
+    Final(Box<Refused>),
 }
 
 fn join_error(cfg: &NodeConfig, refused: &Refusals, how: &str, wait: Duration) -> anyhow::Error {
-    if refused.wrong_cipher > 0 {
-        return Refused::Cipher(cfg.secret.suite()).into();
+    if let Some((bootstrap, theirs)) = refused.cipher {
+        return Refused::CipherMismatch {
+            bootstrap,
+            theirs,
+            ours: cfg.suite,
+        }
+        .into();
+    }
+    if let Some((bootstrap, why)) = &refused.cert {
+        return Refused::Authority {
+            bootstrap: *bootstrap,
+            why: why.clone(),
+        }
+        .into();
     }
     if refused.bad_tag > 0 {
-        return Refused::GroupKey(refused.bad_tag).into();
+        return Refused::Tag(refused.bad_tag).into();
     }
     anyhow!(
-        "could not join: no member answered at {} over {how} within {} ms (wrong group key, UDP blocked, or no node there?)",
+        "could not join: no member answered at {} over {how} within {} ms (this node's certificate not accepted by the group (another authority, or revoked), UDP blocked, or no node there?)",
         cfg.bootstrap.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(", "),
         wait.as_millis()
     )
 }
 
-/// Control codecs for the suites other than ours. A join that goes
-/// unanswered is retried under each of them too (a bootstrap ignores
-/// packets of another suite, so it would never answer ours); an answer that
-/// then opens under one of them proves the group key and names the
-/// bootstrap's cipher, instead of a bare timeout.
-struct OtherSuites(Vec<ControlCodec>);
-
-impl OtherSuites {
-    fn new(cfg: &NodeConfig) -> Self {
-        let ours = cfg.secret.suite();
-        OtherSuites(
-            Suite::ALL
-                .into_iter()
-                .filter(|s| *s != ours)
-                .map(|s| ControlCodec::new(&(*cfg.secret).clone().with_suite(s)))
-                .collect(),
-        )
-    }
-
-    fn requests(
-        &mut self,
-        cfg: &NodeConfig,
-        node_id: u64,
-        role: Role,
-        via: SocketAddr,
-    ) -> Vec<Vec<u8>> {
-        self.0
-            .iter_mut()
-            .map(|c| join_request(cfg, c, node_id, role, via, &NO_CHANNEL).0)
-            .collect()
-    }
-
-    /// Called for an answer our own codec refused as `WrongCipher` (a
-    /// refused open leaves the bytes as they were): a `JoinReply` over
-    /// UDP, or a CN's `Hello` over TCP.
-    fn check(&mut self, cfg: &NodeConfig, pkt: &[u8], from: SocketAddr) -> Result<(), Refused> {
-        for c in &mut self.0 {
-            let mut copy = pkt.to_vec();
-            if let Ok(Opened {
-                msg: ControlMsg::JoinReply { .. } | ControlMsg::Hello { .. },
-                ..
-            }) = c.open(&mut copy, unix_ms())
-            {
-                return Err(Refused::CipherMismatch {
-                    bootstrap: from,
-                    theirs: c.suite(),
-                    ours: cfg.secret.suite(),
-                });
-            }
-        }
-        Ok(())
-    }
+/// What a bootstrap's `Hi` told us: its key, and over UDP the cookie our
+/// request must carry.
+#[derive(Clone, Copy)]
+struct Bootstrap {
+    key: [u8; 32],
+    cookie: [u8; COOKIE_LEN],
 }
 
-/// A sealed JoinRequest to bootstrap `via` (sent from no overlay address:
-/// the joiner has none yet), padded to [`JOIN_REQUEST_BYTES`], on
-/// `channel` (the CN's `Hello` nonce over TCP, none over UDP). Returns the
-/// packet and the nonce its reply will carry.
+/// Checks a bootstrap's `Hi`: its certificate under our authority, and its
+/// cipher. Notes what is wrong in `refused`.
+fn check_hi(
+    cfg: &NodeConfig,
+    codec: &mut ControlCodec,
+    refused: &mut Refusals,
+    from: SocketAddr,
+    cert: &Cert,
+    suite: Option<Suite>,
+) -> Option<[u8; 32]> {
+    let key = match codec.trust(cert, unix_now()) {
+        Ok(k) => k,
+        Err(e) => {
+            refused.cert = Some((from, e.to_string()));
+            return None;
+        }
+    };
+    if let Some(s) = suite.filter(|s| *s != cfg.suite) {
+        refused.cipher = Some((from, s));
+    }
+    Some(key)
+}
+
+/// A JoinRequest (sent from no overlay address: the joiner has none yet)
+/// padded to [`JOIN_REQUEST_BYTES`]. Over UDP (`cookie` given) in
+/// [`FORM_INTRO`](crate::control_codec::FORM_INTRO) with our certificate,
+/// since the member does not know us; over TCP sealed, bound to the CN's
+/// `Hi` nonce `channel`. Returns the packet and the nonce its reply will
+/// carry.
+#[allow(clippy::too_many_arguments)]
 fn join_request(
     cfg: &NodeConfig,
     codec: &mut ControlCodec,
     node_id: u64,
     role: Role,
     via: SocketAddr,
+    to: &[u8; 32],
+    cookie: Option<&[u8; COOKIE_LEN]>,
     channel: &Channel,
-) -> (Vec<u8>, Channel) {
-    sealed_join_request(codec, node_id, cfg.addr, role, via, channel)
+) -> Option<(Vec<u8>, Channel)> {
+    sealed_join_request(
+        codec,
+        &cfg.credentials.cert,
+        node_id,
+        cfg.addr,
+        role,
+        via,
+        to,
+        cookie,
+        channel,
+    )
 }
 
+#[allow(clippy::too_many_arguments)]
 fn sealed_join_request(
     codec: &mut ControlCodec,
+    cert: &Cert,
     node_id: u64,
     requested: Option<Ipv4Addr>,
     role: Role,
     via: SocketAddr,
+    to: &[u8; 32],
+    cookie: Option<&[u8; COOKIE_LEN]>,
     channel: &Channel,
-) -> (Vec<u8>, Channel) {
+) -> Option<(Vec<u8>, Channel)> {
     let nonce = new_channel();
     let msg = |pad: usize| ControlMsg::JoinRequest {
         node_id,
@@ -343,28 +352,32 @@ fn sealed_join_request(
         nonce,
         pad: vec![0; pad],
     };
-    let bare = CONTROL_OVERHEAD + msg(0).encode().len();
+    let overhead = match cookie {
+        Some(_) => INTRO_OVERHEAD + cert.encode().len(),
+        None => CONTROL_OVERHEAD,
+    };
+    let bare = overhead + msg(0).encode().len();
     // The pad's length prefix grows with it: a varint of 1–2 bytes.
     let mut pad = JOIN_REQUEST_BYTES.saturating_sub(bare + 1);
-    while pad > 0 && CONTROL_OVERHEAD + msg(pad).encode().len() > JOIN_REQUEST_BYTES {
+    while pad > 0 && overhead + msg(pad).encode().len() > JOIN_REQUEST_BYTES {
         pad -= 1;
     }
-    let p = codec.seal(
-        &msg(pad),
-        Ipv4Addr::UNSPECIFIED,
-        Ipv4Addr::UNSPECIFIED,
-        channel,
-        unix_ms(),
-    );
-    (p, nonce)
+    let (src, dst) = (Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED);
+    let p = match cookie {
+        Some(c) => codec.seal_intro(&msg(pad), src, dst, to, c, cert, channel, unix_ms())?,
+        None => codec.seal(&msg(pad), src, dst, to, channel, unix_ms())?,
+    };
+    Some((p, nonce))
 }
 
-/// A member's sealed `JoinReply`, at most `budget` bytes, bound to the
-/// request's `nonce`: itself first, then as many `members` as fit, and
-/// the address §3.2 gives the joiner by everything the member knows.
+/// A member's sealed `JoinReply` for the joiner with key `joiner`, at
+/// most `budget` bytes, bound to the request's `nonce`: itself first,
+/// then as many `members` as fit, and the address §3.2 gives the joiner
+/// by everything the member knows.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sealed_join_reply(
     codec: &mut ControlCodec,
+    joiner: &[u8; 32],
     me: NodeIdentity,
     members: Vec<NodeIdentity>,
     net: Ipv4Net,
@@ -392,10 +405,19 @@ pub(crate) fn sealed_join_reply(
     if reply.encode().len() > body {
         return None;
     }
-    Some(codec.seal(&reply, me_addr, Ipv4Addr::UNSPECIFIED, nonce, unix_ms()))
+    codec.seal(
+        &reply,
+        me_addr,
+        Ipv4Addr::UNSPECIFIED,
+        joiner,
+        nonce,
+        unix_ms(),
+    )
 }
 
 /// Asks the bootstrap members over UDP; the answer proves UDP both ways.
+/// First a `HiRequest` (padded: the `Hi` it draws is smaller), then, to
+/// each member whose certificate checked, our request with its cookie.
 #[allow(clippy::too_many_arguments)]
 fn join_udp(
     cfg: &NodeConfig,
@@ -411,10 +433,10 @@ fn join_udp(
     let mut next_send = Instant::now();
     let mut buf = vec![0u8; 65536];
     let mut refused = Refusals::default();
-    let mut others = OtherSuites::new(cfg);
-    let mut round = 0u32;
-    // Nonces of the requests sent: a reply must answer one of them.
-    let mut asked: Vec<Channel> = Vec::new();
+    // Members that said who they are, by the address they said it from.
+    let mut known: HashMap<SocketAddr, Bootstrap> = HashMap::new();
+    // Requests sent: a reply must answer one of them, from its member.
+    let mut asked: Vec<(Channel, [u8; 32])> = Vec::new();
     loop {
         if stop.load(Ordering::Relaxed) {
             bail!("interrupted while joining");
@@ -424,22 +446,34 @@ fn join_udp(
             return Err(join_error(cfg, &refused, "UDP", wait));
         }
         if now >= next_send {
+            let mut out: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
             for b in &cfg.bootstrap {
-                let (p, nonce) = join_request(cfg, codec, node_id, Role::Core, *b, &NO_CHANNEL);
-                asked.push(nonce);
-                let mut ps = vec![p];
-                // Only once our own suite went unanswered: a healthy join
-                // should not draw answers we then count as wrong_cipher.
-                if round > 0 {
-                    ps.extend(others.requests(cfg, node_id, Role::Core, *b));
-                }
-                for p in ps {
-                    if sock.send_to(&p, b).is_ok() {
-                        counters.tx.fetch_add(1, Ordering::Relaxed);
-                    }
+                if !known.contains_key(b) {
+                    let hi = ControlCodec::hi_request(Ipv4Addr::UNSPECIFIED, JOIN_REQUEST_BYTES);
+                    out.push((hi, *b));
                 }
             }
-            round += 1;
+            for (at, m) in &known {
+                let k = m.key;
+                if let Some((p, nonce)) = join_request(
+                    cfg,
+                    codec,
+                    node_id,
+                    Role::Core,
+                    *at,
+                    &k,
+                    Some(&m.cookie),
+                    &NO_CHANNEL,
+                ) {
+                    asked.push((nonce, k));
+                    out.push((p, *at));
+                }
+            }
+            for (p, to) in out {
+                if sock.send_to(&p, to).is_ok() {
+                    counters.tx.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             next_send = now + JOIN_RETRY;
         }
         let w = next_send
@@ -459,35 +493,56 @@ fn join_udp(
             Err(e) => return Err(e).context("receiving on the control socket"),
         };
         counters.rx.fetch_add(1, Ordering::Relaxed);
-        match codec.open(&mut buf[..len], unix_ms()) {
-            Ok(Opened { channel, msg, .. }) => {
-                if !asked.contains(&channel) {
-                    counters.unbound.fetch_add(1, Ordering::Relaxed);
+        let pkt = &buf[..len];
+        match ControlCodec::peek(pkt) {
+            Ok(Peeked::Hi {
+                nonce, cert, suite, ..
+            }) => {
+                let Some(key) = check_hi(cfg, codec, &mut refused, from, &cert, suite) else {
+                    counters.bad_cert.fetch_add(1, Ordering::Relaxed);
                     continue;
-                }
-                if let Some(r) = parse_reply(msg) {
-                    return Ok((r, from));
-                }
-            }
-            Err(d) => {
-                count_drop(counters, d);
-                // Only what comes from a bootstrap address says anything
-                // about the bootstrap (and, unauthenticated, still only
-                // colours the error message; see `udp_failure_is_final`).
-                if cfg.bootstrap.contains(&from) {
-                    refused.note(d);
-                }
-                if d == ControlDrop::WrongCipher {
-                    others.check(cfg, &buf[..len], from)?;
+                };
+                let fresh = !known.contains_key(&from);
+                known.insert(from, Bootstrap { key, cookie: nonce });
+                if fresh {
+                    // Ask at once, not at the next retry.
+                    next_send = Instant::now();
                 }
             }
+            Ok(Peeked::Sealed { .. }) => match codec.open(pkt, unix_ms()) {
+                Ok(Opened {
+                    channel, msg, peer, ..
+                }) => {
+                    if !asked.contains(&(channel, peer)) {
+                        counters.unbound.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    if let Some(r) = parse_reply(msg) {
+                        return Ok((r, from));
+                    }
+                }
+                Err(d) => {
+                    count_drop(counters, d);
+                    // Only what comes from a member that said who it is
+                    // says anything about it (and, unauthenticated, still
+                    // only colours the error message).
+                    if known.contains_key(&from) {
+                        refused.note(d);
+                    }
+                }
+            },
+            Ok(_) => {
+                counters.malformed.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(d) => count_drop(counters, d),
         }
     }
 }
 
-/// Asks the bootstrap members over TCP (an edge node's join): our
-/// `Hello`, the CN's `Hello`, then a `JoinRequest` bound to the CN's nonce
-/// and a `JoinReply` bound to the request's.
+/// Asks the bootstrap members over TCP (an edge node's join): our `Hi`,
+/// the CN's `Hi` (its certificate checked), then a `JoinRequest` sealed
+/// for it and bound to its nonce, and a `JoinReply` bound to the
+/// request's.
 fn join_tcp(
     cfg: &NodeConfig,
     node_id: u64,
@@ -498,7 +553,6 @@ fn join_tcp(
 ) -> anyhow::Result<(Reply, SocketAddr)> {
     let deadline = Instant::now() + wait;
     let mut refused = Refusals::default();
-    let mut others = OtherSuites::new(cfg);
     while Instant::now() < deadline {
         for b in &cfg.bootstrap {
             if stop.load(Ordering::Relaxed) {
@@ -512,19 +566,17 @@ fn join_tcp(
                 continue;
             };
             let _ = s.set_nodelay(true);
-            let my_nonce = new_channel();
-            let hello = codec.seal(
-                &ControlMsg::Hello { nonce: my_nonce },
+            let hi = ControlCodec::hi(
                 Ipv4Addr::UNSPECIFIED,
-                Ipv4Addr::UNSPECIFIED,
-                &NO_CHANNEL,
-                unix_ms(),
+                &new_channel(),
+                &cfg.credentials.cert,
+                cfg.suite,
             );
-            if write_frame(&mut s, &hello).is_err() {
+            if write_frame(&mut s, &hi).is_err() {
                 continue;
             }
             counters.tx.fetch_add(1, Ordering::Relaxed);
-            let mut asked: Option<Channel> = None;
+            let mut asked: Option<(Channel, [u8; 32])> = None;
             let mut dec = FrameDecoder::new(0);
             let until = Instant::now() + Duration::from_secs(2).min(left);
             'read: while Instant::now() < until {
@@ -542,36 +594,59 @@ fn join_tcp(
                 while let Some(f) = dec.next_frame() {
                     let Ok(f) = f else { break 'read };
                     counters.rx.fetch_add(1, Ordering::Relaxed);
-                    match codec.open(&mut *f, unix_ms()) {
-                        Ok(Opened {
-                            msg: ControlMsg::Hello { nonce },
-                            channel,
-                            ..
-                        }) if channel == NO_CHANNEL && asked.is_none() => {
-                            let (p, req) =
-                                join_request(cfg, codec, node_id, Role::Edge, *b, &nonce);
+                    match ControlCodec::peek(f) {
+                        Ok(Peeked::Hi {
+                            nonce, cert, suite, ..
+                        }) if asked.is_none() => {
+                            let Some(key) = check_hi(cfg, codec, &mut refused, *b, &cert, suite)
+                            else {
+                                // The bootstrap itself said it, over TCP.
+                                let e = join_error(cfg, &refused, "TCP", wait);
+                                return Err(final_refusal(e));
+                            };
+                            if refused.cipher.is_some() {
+                                let e = join_error(cfg, &refused, "TCP", wait);
+                                return Err(final_refusal(e));
+                            }
+                            let Some((p, req)) = join_request(
+                                cfg,
+                                codec,
+                                node_id,
+                                Role::Edge,
+                                *b,
+                                &key,
+                                None,
+                                &nonce,
+                            ) else {
+                                break 'read;
+                            };
                             if write_frame(&mut s, &p).is_err() {
                                 break 'read;
                             }
                             counters.tx.fetch_add(1, Ordering::Relaxed);
-                            asked = Some(req);
+                            asked = Some((req, key));
                         }
-                        Ok(Opened { msg, channel, .. }) => {
-                            if asked != Some(channel) {
-                                counters.unbound.fetch_add(1, Ordering::Relaxed);
-                                continue;
+                        Ok(Peeked::Sealed { .. }) => match codec.open(f, unix_ms()) {
+                            Ok(Opened {
+                                msg, channel, peer, ..
+                            }) => {
+                                if asked != Some((channel, peer)) {
+                                    counters.unbound.fetch_add(1, Ordering::Relaxed);
+                                    continue;
+                                }
+                                if let Some(r) = parse_reply(msg) {
+                                    return Ok((r, *b));
+                                }
                             }
-                            if let Some(r) = parse_reply(msg) {
-                                return Ok((r, *b));
+                            Err(d) => {
+                                count_drop(counters, d);
+                                refused.note(d);
                             }
+                        },
+                        Ok(_) => {
+                            counters.malformed.fetch_add(1, Ordering::Relaxed);
                         }
-                        Err(d) => {
-                            count_drop(counters, d);
-                            refused.note(d);
-                            if d == ControlDrop::WrongCipher {
-                                others.check(cfg, f, *b)?;
-                            }
-                        }
+                        Err(d) => count_drop(counters, d),
                     }
                 }
             }
@@ -579,6 +654,14 @@ fn join_tcp(
         std::thread::sleep(JOIN_RETRY);
     }
     Err(join_error(cfg, &refused, "TCP", wait))
+}
+
+/// A refusal the bootstrap made itself (over TCP): no retry changes it.
+fn final_refusal(e: anyhow::Error) -> anyhow::Error {
+    match e.downcast::<Refused>() {
+        Ok(r) => Refused::Final(Box::new(r)).into(),
+        Err(e) => e,
+    }
 }
 
 pub(crate) fn write_frame(s: &mut TcpStream, body: &[u8]) -> std::io::Result<()> {
@@ -590,39 +673,60 @@ pub(crate) fn write_frame(s: &mut TcpStream, body: &[u8]) -> std::io::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ela_dataplane::crypto::GroupSecret;
+    use ela_control::identity::{CaKey, NodeKey};
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
 
-    /// Found by review: one forged packet (right version, garbage tag)
-    /// sent to a joiner during its UDP probe was counted as the
-    /// bootstrap's refusal, and `--role auto` then exited with "different
-    /// group key" instead of joining over TCP. Only an authenticated
-    /// refusal ends the join.
+    /// Found by review: one forged packet sent to a joiner during its UDP
+    /// probe was counted as the bootstrap's refusal, and `--role auto`
+    /// then exited instead of joining over TCP. Nothing said over UDP is
+    /// final; what the bootstrap says over TCP is.
     #[test]
-    fn only_an_authenticated_refusal_ends_an_auto_join() {
-        let proven = anyhow::Error::from(Refused::CipherMismatch {
+    fn only_a_refusal_over_tcp_ends_an_auto_join() {
+        let mismatch = || Refused::CipherMismatch {
             bootstrap: "192.0.2.1:7000".parse().unwrap(),
             theirs: Suite::ChaCha20Poly1305,
             ours: Suite::Blowfish,
-        });
-        assert!(udp_failure_is_final(&proven));
+        };
+        assert!(udp_failure_is_final(&final_refusal(mismatch().into())));
         for unproven in [
-            anyhow::Error::from(Refused::GroupKey(1)),
-            anyhow::Error::from(Refused::Cipher(Suite::Blowfish)),
+            anyhow::Error::from(mismatch()),
+            anyhow::Error::from(Refused::Tag(1)),
+            anyhow::Error::from(Refused::Authority {
+                bootstrap: "192.0.2.1:7000".parse().unwrap(),
+                why: "x".into(),
+            }),
             anyhow!("could not join: no member answered"),
         ] {
             assert!(!udp_failure_is_final(&unproven), "{unproven}");
         }
     }
 
+    fn codec(ca: &CaKey, seed: u64) -> (ControlCodec, Cert, [u8; 32]) {
+        let k = NodeKey::generate(&mut StdRng::seed_from_u64(seed));
+        let now = unix_now();
+        let cert = ca
+            .sign(&k.public(), "n", None, now - 60, now + 3600)
+            .unwrap();
+        let key = k.public().dh;
+        (
+            ControlCodec::new(k, ca.public(), Suite::Blowfish),
+            cert,
+            key,
+        )
+    }
+
     /// Issue 9, points 5 and 6: a JoinRequest replayed with a forged source
     /// reflected up to 225× its size, and a reply past ~40 members needed
-    /// IP fragments. Requests are 1200 bytes; replies to them are never
-    /// larger, still useful, and answer exactly that request.
+    /// IP fragments. Requests are 1200 bytes (with the joiner's
+    /// certificate, over UDP); replies to them are never larger, still
+    /// useful, and answer exactly that request, for that joiner alone.
     #[test]
     fn join_replies_are_no_larger_than_their_request() {
-        let secret = GroupSecret::from_bytes([4; 32]);
-        let mut joiner = ControlCodec::new(&secret);
-        let mut member = ControlCodec::new(&secret);
+        let ca = CaKey::generate(&mut StdRng::seed_from_u64(1));
+        let (mut joiner, jcert, jkey) = codec(&ca, 2);
+        let (mut member, mcert, mkey) = codec(&ca, 3);
+        joiner.trust(&mcert, unix_now()).unwrap();
         let net: Ipv4Net = "10.0.0.0/16".parse().unwrap();
         let ident = |i: u32, role| {
             NodeIdentity::new(
@@ -641,18 +745,24 @@ mod tests {
             (Some(Ipv4Addr::new(10, 0, 9, 9)), "[2001:db8::1]:7000"),
             (Some(Ipv4Addr::new(10, 0, 0, 5)), "192.0.2.1:7000"),
         ] {
-            let (mut req, nonce) = sealed_join_request(
+            let (req, nonce) = sealed_join_request(
                 &mut joiner,
+                &jcert,
                 u64::MAX,
                 requested,
                 Role::Edge,
                 via.parse().unwrap(),
+                &mkey,
+                Some(&[9; COOKIE_LEN]),
                 &NO_CHANNEL,
-            );
+            )
+            .unwrap();
             assert_eq!(req.len(), JOIN_REQUEST_BYTES);
-            let opened = member.open(&mut req, unix_ms()).unwrap();
+            let opened = member.open(&req, unix_ms()).unwrap();
+            assert_eq!(opened.peer, jkey);
             let reply = sealed_join_reply(
                 &mut member,
+                &opened.peer,
                 me.clone(),
                 members.clone(),
                 net,
@@ -664,9 +774,8 @@ mod tests {
             .unwrap();
             assert!(reply.len() <= JOIN_REQUEST_BYTES, "{} bytes", reply.len());
             assert!(matches!(opened.msg, ControlMsg::JoinRequest { nonce: n, .. } if n == nonce));
-            let mut reply = reply;
-            let o = joiner.open(&mut reply, unix_ms()).unwrap();
-            assert_eq!(o.channel, nonce, "bound to its request");
+            let o = joiner.open(&reply, unix_ms()).unwrap();
+            assert_eq!((o.channel, o.peer), (nonce, mkey), "bound to its request");
             let r = parse_reply(o.msg).unwrap();
             assert_eq!(r.members[0], me, "the member itself first");
             // A head start (keys included); SWIM brings the rest.
@@ -687,6 +796,7 @@ mod tests {
         // A budget too small for any reply gives none rather than more.
         assert!(sealed_join_reply(
             &mut member,
+            &jkey,
             me,
             members,
             net,

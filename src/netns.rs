@@ -215,7 +215,8 @@ pub struct NodeSpec {
     pub addr: Option<Ipv4Addr>,
     /// `--bootstrap`: members to join through; empty founds a group.
     pub bootstrap: Vec<SocketAddr>,
-    /// `--key-file`: the group secret.
+    /// `--key-file`: the group secret (empty: none, identity flags in
+    /// `extra` instead).
     pub key: PathBuf,
     /// `--role`.
     pub role: NodeRole,
@@ -228,6 +229,15 @@ impl NodeSpec {
     pub fn new(key: impl Into<PathBuf>) -> NodeSpec {
         NodeSpec {
             key: key.into(),
+            ..NodeSpec::default()
+        }
+    }
+
+    /// A spec with an identity only (`--ca --cert --node-key`, from
+    /// [`Lab::identity`]) and no group secret.
+    pub fn with_identity(flags: Vec<String>) -> NodeSpec {
+        NodeSpec {
+            extra: flags,
             ..NodeSpec::default()
         }
     }
@@ -1087,8 +1097,6 @@ impl Lab {
             bin.to_string_lossy().into_owned(),
             "--listen".into(),
             listen.to_string(),
-            "--key-file".into(),
-            spec.key.to_string_lossy().into_owned(),
             "--control".into(),
             control.to_string_lossy().into_owned(),
             // The lab's own state, never the machine's.
@@ -1098,6 +1106,10 @@ impl Lab {
                 .to_string_lossy()
                 .into_owned(),
         ];
+        if !spec.key.as_os_str().is_empty() {
+            args.push("--key-file".into());
+            args.push(spec.key.to_string_lossy().into_owned());
+        }
         for b in &spec.bootstrap {
             args.push("--bootstrap".into());
             args.push(b.to_string());

@@ -22,9 +22,10 @@ use arc_swap::ArcSwap;
 use ela_control::addr;
 use ela_control::attach::FreshAttachments;
 use ela_control::edge::{EdgeAction, EdgeLinks};
-use ela_control::identity::hex32;
+use ela_control::identity::{hex32, Cert};
 use ela_control::membership::{self, Event, Membership, NodeIdentity};
 use ela_control::msg::ControlMsg;
+use ela_control::pairwise::{JoinCookies, COOKIE_LEN};
 use ela_control::router::{EdgeNode, LinkId};
 use ela_control::{NextHop, Role, RouteTable};
 use ela_dataplane::crypto::{GroupSecret, Suite};
@@ -41,8 +42,8 @@ use tracing::{debug, info, warn};
 
 use crate::cli::{self, CipherArg, IoArg, RoleArg, RunArgs};
 use crate::control_codec::{
-    new_channel, unix_ms, unix_ns, Channel, ControlCodec, ControlDrop, Opened, CONTROL_OVERHEAD,
-    MAX_CONTROL_BODY, NO_CHANNEL,
+    new_channel, unix_ms, unix_ns, Channel, ControlCodec, ControlDrop, Opened, Peeked,
+    CONTROL_OVERHEAD, MAX_CONTROL_BODY, NO_CHANNEL,
 };
 use crate::credentials::{self, Credentials, IdentityFlags};
 use crate::identity::unix_now;
@@ -96,16 +97,15 @@ enum Via {
 
 /// Whether an authentic, fresh control message is bound to us and to the
 /// way it came: link messages (`Attach`, `Keepalive`) to the nonce of our
-/// `Hello` on that very link; a `Hello` on a link and a `JoinRequest` over
-/// UDP to nothing (they start a binding); SWIM and `EdgeAttached` to no
+/// `Hi` on that very link; a `JoinRequest` over UDP to nothing (it starts
+/// a binding); SWIM and `EdgeAttached` to no
 /// link but to our overlay address. Anything else is refused: a message
 /// captured anywhere means nothing to another member or on another
-/// connection. (Pending connections apply the same rule for `Hello`,
+/// connection. (Pending connections apply the same rule for `Hi`,
 /// `JoinRequest` and `Attach` in `on_pending_frame`.)
 fn is_bound(msg: &ControlMsg, via: Via, channel: &Channel, dst: Ipv4Addr, me: Ipv4Addr) -> bool {
     match (msg, via) {
         (ControlMsg::Attach { .. } | ControlMsg::Keepalive, Via::Link(mine)) => *channel == mine,
-        (ControlMsg::Hello { .. }, Via::Link(_)) => *channel == NO_CHANNEL,
         (ControlMsg::JoinRequest { .. }, Via::Udp) => {
             *channel == NO_CHANNEL && dst.is_unspecified()
         }
@@ -131,6 +131,10 @@ const RELAYED_HANDSHAKES_PER_SEC: u32 = 50;
 /// it holds (anti-entropy: a member that missed the flood, or joined
 /// after it, still learns them).
 const REVOCATION_GOSSIP: Duration = Duration::from_secs(5);
+/// Joins whose certificate a CN checks per second for one source address
+/// (each costs a signature check and an X25519; the cookie proved the
+/// address first).
+const JOINS_PER_SEC: u32 = 20;
 /// Revocations per message (each 112 bytes encoded).
 const REVOCATIONS_PER_MSG: usize = 8;
 
@@ -138,7 +142,11 @@ const REVOCATIONS_PER_MSG: usize = 8;
 pub struct NodeConfig {
     pub listen: SocketAddr,
     pub bootstrap: Vec<SocketAddr>,
-    pub secret: Arc<GroupSecret>,
+    /// Group-secret mode only (`--key-file`): where the authority came
+    /// from. Nothing is sealed with it.
+    pub secret: Option<Arc<GroupSecret>>,
+    /// The packet cipher (`--cipher`).
+    pub suite: Suite,
     /// This node's key and certificate (from files, or made from the
     /// group secret).
     pub credentials: Credentials,
@@ -192,14 +200,6 @@ impl NodeConfig {
             unix_now(),
             &mut rand::rngs::OsRng,
         )?;
-        // Until control messages ride sessions (issue 10), the group secret
-        // still protects control messages and packets, so identity files
-        // alone cannot run a node yet.
-        let secret = secret.ok_or_else(|| {
-            anyhow!(
-                "--ca/--cert/--node-key alone cannot run a node yet (that mode lands with pairwise control sessions, issue 10): give the group's --key-file too"
-            )
-        })?;
         let net = a.net.trunc();
         addr::validate_net(net)?;
         // Only a certificate from files can fix the address.
@@ -269,6 +269,7 @@ impl NodeConfig {
             listen: a.listen,
             bootstrap: a.bootstrap,
             secret,
+            suite,
             credentials,
             revocations,
             state_file,
@@ -400,8 +401,10 @@ pub fn run(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     }
     let node_id: u64 = rand::thread_rng().gen();
     let started_ms = unix_ms();
-    let secret = cfg.secret.clone();
-    let mut codec = ControlCodec::new(&secret);
+    let mut codec = ControlCodec::new(cfg.credentials.key.clone(), cfg.credentials.ca, cfg.suite);
+    for fp in cfg.revocations.fingerprints() {
+        codec.revoke(*fp);
+    }
     let ctl_counters = Arc::new(ControlCounters::default());
 
     let joined = decide_and_join(&cfg, &group, node_id, &mut codec, &ctl_counters, &stop)?;
@@ -501,7 +504,6 @@ pub fn run(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         member_view: BTreeMap::new(),
         status: None,
         group: &group,
-        secret: &secret,
         cores: core_shared.clone(),
         links: BTreeMap::new(),
         next_link: 0,
@@ -518,7 +520,7 @@ pub fn run(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             cfg.credentials.cert.clone(),
             cfg.credentials.ca,
             joined.addr,
-            cfg.secret.suite(),
+            cfg.suite,
             Instant::now(),
             &mut rand::thread_rng(),
         ),
@@ -528,6 +530,7 @@ pub fn run(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             cfg.credentials.fingerprint,
             cfg.credentials.expires,
         ),
+        my_cert: cfg.credentials.cert.clone(),
         revoke_rx,
         next_revocation_gossip: Instant::now() + REVOCATION_GOSSIP,
         revocation_cursor: [0; 32],
@@ -536,6 +539,8 @@ pub fn run(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             2 * RELAYED_HANDSHAKES_PER_SEC,
             4096,
         ),
+        join_cookies: JoinCookies::new(Instant::now(), &mut rand::thread_rng()),
+        join_limiter: SourceLimiter::per_host(JOINS_PER_SEC, 2 * JOINS_PER_SEC, 4096),
         use_uring,
         multishot,
         offloads,
@@ -609,6 +614,8 @@ pub(crate) fn count_drop(c: &ControlCounters, d: ControlDrop) {
         ControlDrop::Stale => &c.stale,
         ControlDrop::Replay => &c.replay,
         ControlDrop::Malformed | ControlDrop::Undecodable => &c.malformed,
+        ControlDrop::UnknownSender => &c.unknown_sender,
+        ControlDrop::BadCert => &c.bad_cert,
     };
     f.fetch_add(1, Ordering::Relaxed);
 }
@@ -638,8 +645,11 @@ struct CtlLink {
     /// Our `Hello` nonce on this connection: the peer's link messages
     /// must carry it as their channel.
     my_nonce: Channel,
-    /// The peer's, which ours carry (unknown until its `Hello` arrives).
+    /// The peer's, which ours carry (unknown until its `Hi` arrives).
     peer_nonce: Option<Channel>,
+    /// The key the peer's `Hi` certificate proved: its link messages
+    /// must be sealed by it.
+    peer_key: Option<[u8; 32]>,
     /// EN side: an `Attach` to send once the CN's nonce is known.
     attach_waiting: Option<(bool, u64)>,
 }
@@ -665,7 +675,6 @@ struct Control<'a> {
     member_view: BTreeMap<Ipv4Addr, Role>,
     status: Option<Arc<StatusShared>>,
     group: &'a UdpGroup,
-    secret: &'a GroupSecret,
     cores: Arc<Shared>,
     links: BTreeMap<LinkId, CtlLink>,
     next_link: LinkId,
@@ -685,11 +694,17 @@ struct Control<'a> {
     sessions: SessionDriver,
     /// Handshakes this CN relays, per source network.
     relay_limiter: SourceLimiter,
+    /// Cookies a UDP joiner must bring before its certificate is checked.
+    join_cookies: JoinCookies,
+    /// Joins whose certificates are checked, per source address.
+    join_limiter: SourceLimiter,
     /// Revocations held (persisted in `cfg.state_file`).
     revocations: Revocations,
     /// This node's certificate as status shows it: (name, fingerprint,
     /// expires); renewed on SIGHUP.
     cert_view: (String, [u8; 32], u64),
+    /// This node's certificate, as `Hi`s show it (renewed on SIGHUP).
+    my_cert: Cert,
     /// Revocations handed over on the control socket.
     revoke_rx: Receiver<Revocation>,
     next_revocation_gossip: Instant,
@@ -836,7 +851,7 @@ impl Control<'_> {
         // relayed unchanged, like data.
         if let Ok(h) = Header::parse(pkt) {
             if h.ptype == PacketType::Control && !h.dst.is_unspecified() && h.dst != me {
-                self.relay(pkt, h);
+                self.relay(pkt, h, &from);
                 return;
             }
             if h.ptype == PacketType::Handshake {
@@ -844,14 +859,47 @@ impl Control<'_> {
                 return;
             }
         }
-        let Opened { hdr, channel, msg } = match self.codec.open(pkt, unix_ms()) {
+        let peeked = match ControlCodec::peek(pkt) {
+            Ok(p) => p,
+            Err(d) => {
+                count_drop(&self.counters, d);
+                return;
+            }
+        };
+        match peeked {
+            Peeked::HiRequest { .. } => {
+                self.on_hi_request(len, &from);
+                return;
+            }
+            Peeked::Hi { nonce, cert, .. } => {
+                self.on_link_hi(nonce, &cert, &from);
+                return;
+            }
+            Peeked::Intro { cookie, .. } => {
+                // A joiner's request: its address proven (the cookie) and
+                // within its rate before its certificate costs a
+                // signature check.
+                if !self.admit_intro(&cookie, &from) {
+                    return;
+                }
+            }
+            Peeked::Sealed { sender, .. } => self.learn_sender(&sender),
+        }
+        let Opened {
+            hdr,
+            channel,
+            msg,
+            peer,
+        } = match self.codec.open(pkt, unix_ms()) {
             Ok(x) => x,
             Err(d) => {
                 count_drop(&self.counters, d);
                 return;
             }
         };
-        if !self.bound_to_us(&hdr, &channel, &msg, &from) {
+        if !self.bound_to_us(&hdr, &channel, &msg, &from)
+            || !self.speaks_for(&peer, &hdr, &msg, &from)
+        {
             self.counters.unbound.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -861,7 +909,7 @@ impl Control<'_> {
                 // Over TCP, joins are answered before the link exists.
                 let Source::Udp(observed) = from else { return };
                 // An unverified source address gets no more than it sent.
-                let Some(p) = self.join_reply(&msg, observed, len) else {
+                let Some(p) = self.join_reply(&msg, &peer, observed, len) else {
                     return;
                 };
                 debug_assert!(p.len() <= len);
@@ -882,6 +930,7 @@ impl Control<'_> {
                 if self.role != Role::Core
                     || identity.role != Role::Edge
                     || hdr.src != identity.overlay
+                    || identity.dh != peer
                 {
                     return;
                 }
@@ -901,28 +950,8 @@ impl Control<'_> {
                     .collect();
                 self.take_revocations(list, Some(hdr.src));
             }
-            ControlMsg::Hello { nonce } => {
-                // EN side: the CN's nonce; now our Attach can be bound.
-                let Source::Link(id) = from else { return };
-                let Some(l) = self.links.get_mut(&id) else {
-                    return;
-                };
-                if l.peer_nonce.is_some() {
-                    return;
-                }
-                l.peer_nonce = Some(nonce);
-                let waiting = l.attach_waiting.take();
-                if let LinkKind::Core { cn } = l.kind {
-                    if let Some(e) = self.edge.as_mut() {
-                        info!(%cn, link = id, "link to core node up");
-                        e.connected(Instant::now(), cn, id);
-                    }
-                }
-                if let Some((primary, seq)) = waiting {
-                    self.send_attach(id, primary, seq);
-                }
-                self.edge_actions();
-            }
+            // Superseded by the clear `Hi` (issue 10): never bound.
+            ControlMsg::Hello { .. } => {}
             ControlMsg::EdgeAttached {
                 en,
                 en_node_id,
@@ -967,6 +996,153 @@ impl Control<'_> {
         is_bound(msg, via, channel, hdr.dst, self.members.identity().overlay)
     }
 
+    /// Whether the sender, `peer` (the key the packet was sealed with), may
+    /// say what it says from `hdr.src` (issue 10: nothing a member says
+    /// is taken for another member's word). Link messages must come from
+    /// the key that link's `Hi` proved; SWIM from the key its sender
+    /// identity names; `EdgeAttached` from the key membership gives
+    /// `hdr.src`; and nothing from an address the certificate does not
+    /// fix.
+    fn speaks_for(&self, peer: &[u8; 32], hdr: &Header, msg: &ControlMsg, from: &Source) -> bool {
+        let now_s = unix_now();
+        let Some(t) = self.codec.trusted(peer, now_s) else {
+            return false;
+        };
+        if let Some(fixed) = t.fixed {
+            if !hdr.src.is_unspecified() && hdr.src != fixed {
+                return false;
+            }
+        }
+        match msg {
+            ControlMsg::Attach { .. } | ControlMsg::Keepalive => match from {
+                Source::Link(id) => self
+                    .links
+                    .get(id)
+                    .is_some_and(|l| l.peer_key == Some(*peer)),
+                Source::Udp(_) => false,
+            },
+            // Checked by `bound_to_us`: an intro over UDP, to no one yet.
+            ControlMsg::JoinRequest { .. } => true,
+            // SWIM speaks for the identity in its header: it must be the
+            // sealing key's. Another key's claim to the same address is
+            // a conflict for §3.2 to settle, so it is heard.
+            ControlMsg::Swim(data) => membership::swim_sender(data)
+                .is_some_and(|id| id.overlay == hdr.src && id.dh == *peer),
+            ControlMsg::EdgeAttached { .. } => self.members.holds(hdr.src, peer) == Some(true),
+            // Each revocation is checked against the authority.
+            ControlMsg::Revoked { .. } => true,
+            ControlMsg::JoinReply { .. } | ControlMsg::Hello { .. } => false,
+        }
+    }
+
+    /// A sealed packet from a key whose certificate the codec has not
+    /// seen: a session handshake may have proved it meanwhile.
+    fn learn_sender(&mut self, key: &[u8; 32]) {
+        if self.codec.trusted(key, unix_now()).is_some() {
+            return;
+        }
+        if let Some(cert) = self.sessions.cert_of(key).cloned() {
+            if self.codec.trust(&cert, unix_now()).is_err() {
+                self.counters.bad_cert.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A joiner asks who listens here (UDP): our certificate and a cookie
+    /// for its address, no larger than what it sent and with no crypto
+    /// spent but a MAC.
+    fn on_hi_request(&mut self, len: usize, from: &Source) {
+        let Source::Udp(sa) = from else {
+            self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if self.role != Role::Core {
+            return;
+        }
+        let cookie = self
+            .join_cookies
+            .make(Instant::now(), *sa, &mut rand::thread_rng());
+        let me = self.members.identity().overlay;
+        let hi = ControlCodec::hi(me, &cookie, &self.my_cert, self.codec.suite());
+        if hi.len() <= len && self.socket.send_to(&hi, sa).is_ok() {
+            self.counters.tx.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a joiner's intro (UDP) may have its certificate checked:
+    /// it carries the cookie we gave its address, within the address's
+    /// rate.
+    fn admit_intro(&mut self, cookie: &[u8; COOKIE_LEN], from: &Source) -> bool {
+        let Source::Udp(sa) = from else {
+            self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+            return false;
+        };
+        let now = Instant::now();
+        if !self
+            .join_cookies
+            .check(now, *sa, cookie, &mut rand::thread_rng())
+        {
+            self.counters
+                .join_cookie_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        if !self.join_limiter.allow(now, sa.ip()) {
+            self.counters
+                .join_rate_limited
+                .fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// EN side: the CN's `Hi` on our link: its certificate, checked, and
+    /// the nonce our link messages must carry. Now our `Attach` can go.
+    fn on_link_hi(&mut self, nonce: Channel, cert: &Cert, from: &Source) {
+        let Source::Link(id) = from else {
+            self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let key = match self.codec.trust(cert, unix_now()) {
+            Ok(k) => k,
+            Err(e) => {
+                warn!(link = id, "the core node's certificate is refused: {e}");
+                self.counters.bad_cert.fetch_add(1, Ordering::Relaxed);
+                let _ = self.cores.send(0, Command::CloseLink { id: *id });
+                return;
+            }
+        };
+        let Some(l) = self.links.get(id) else {
+            return;
+        };
+        if l.peer_nonce.is_some() {
+            return;
+        }
+        // The CN we dialled, by the key membership gives it.
+        if let LinkKind::Core { cn } = l.kind {
+            if self.members.holds(cn, &key) == Some(false) {
+                warn!(%cn, link = id, "another node's certificate answered at this core node's address");
+                self.counters.bad_cert.fetch_add(1, Ordering::Relaxed);
+                let _ = self.cores.send(0, Command::CloseLink { id: *id });
+                return;
+            }
+        }
+        let l = self.links.get_mut(id).expect("checked above");
+        l.peer_nonce = Some(nonce);
+        l.peer_key = Some(key);
+        let waiting = l.attach_waiting.take();
+        if let LinkKind::Core { cn } = l.kind {
+            if let Some(e) = self.edge.as_mut() {
+                info!(%cn, link = id, "link to core node up");
+                e.connected(Instant::now(), cn, *id);
+            }
+        }
+        if let Some((primary, seq)) = waiting {
+            self.send_attach(*id, primary, seq);
+        }
+        self.edge_actions();
+    }
+
     /// Tells every other CN that `en` is now attached here, so that they
     /// route to it through us at once after a failover (gossip of the EN's
     /// own announcement can take longer under load).
@@ -982,28 +1158,45 @@ impl Control<'_> {
             if m.role != Role::Core || m.node_id == me.node_id || m.underlay.ip().is_unspecified() {
                 continue;
             }
-            let p = self
-                .codec
-                .seal(&msg, me.overlay, m.overlay, &NO_CHANNEL, unix_ms());
+            let Some(p) =
+                self.codec
+                    .seal(&msg, me.overlay, m.overlay, &m.dh, &NO_CHANNEL, unix_ms())
+            else {
+                continue;
+            };
             if self.socket.send_to(&p, m.underlay).is_ok() {
                 self.counters.tx.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
 
-    fn relay(&mut self, pkt: &mut [u8], h: Header) {
+    /// Passes on a control packet between an EN and another member. It
+    /// is sealed for its recipient alone, so a relay cannot check it;
+    /// instead the hop it came over must be the sender's: an EN's own
+    /// link, or a CN's underlay address (a CN relays UDP only to its ENs).
+    /// Its recipient checks the rest (tag, freshness, replay).
+    fn relay(&mut self, pkt: &mut [u8], h: Header, from: &Source) {
         if self.role != Role::Core || h.hops >= MAX_HOPS {
             self.counters.malformed.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        // Authentic, fresh and not seen before: a relay must not forward
-        // replays or old packets any more than a recipient accepts them.
-        if let Err(d) = self.codec.check_relay(pkt, unix_ms()) {
-            count_drop(&self.counters, d);
+        let routes = self.routes.load();
+        let hop_ok = match from {
+            Source::Link(id) => matches!(
+                self.links.get(id).map(|l| &l.kind),
+                Some(LinkKind::Edge { en, .. }) if en.overlay == h.src
+            ),
+            Source::Udp(sa) => {
+                matches!(routes.lookup(h.src), NextHop::Core(c) if c == *sa)
+                    && matches!(routes.lookup(h.dst), NextHop::Edge(_))
+            }
+        };
+        if !hop_ok {
+            self.counters.unbound.fetch_add(1, Ordering::Relaxed);
             return;
         }
         pkt[HOPS_OFFSET] = h.hops + 1;
-        let hop = self.routes.load().lookup(h.dst);
+        let hop = routes.lookup(h.dst);
         match hop {
             NextHop::Core(sa) => {
                 let _ = self.socket.send_to(pkt, sa);
@@ -1036,13 +1229,16 @@ impl Control<'_> {
     fn flush(&mut self) {
         let me = self.members.identity().overlay;
         while let Some(t) = self.members.poll_transmit() {
-            let p = self.codec.seal(
+            let Some(p) = self.codec.seal(
                 &ControlMsg::Swim(t.payload),
                 me,
                 t.to.overlay,
+                &t.to.dh,
                 &NO_CHANNEL,
                 unix_ms(),
-            );
+            ) else {
+                continue;
+            };
             self.send_to_member(&t.to, p);
         }
     }
@@ -1279,6 +1475,7 @@ impl Control<'_> {
             } else {
                 info!(fingerprint = %hex32(&fp), "certificate revoked");
             }
+            self.codec.revoke(fp);
             let outs = self.sessions.revoke(fp, now);
             self.carry_sessions(outs);
         }
@@ -1343,6 +1540,7 @@ impl Control<'_> {
         }
         info!(name = %creds.name, fingerprint = %hex32(&creds.fingerprint), "SIGHUP: certificate renewed");
         self.cert_view = (creds.name, creds.fingerprint, creds.expires);
+        self.my_cert = creds.cert;
         if let Some(s) = &self.status {
             s.info.store(Arc::new(self.node_info()));
         }
@@ -1375,8 +1573,13 @@ impl Control<'_> {
     /// Seals a control message for member `to` and sends it its way.
     fn send_msg(&mut self, msg: &ControlMsg, to: &NodeIdentity) -> bool {
         let me = self.members.identity().overlay;
-        let p = self.codec.seal(msg, me, to.overlay, &NO_CHANNEL, unix_ms());
-        self.send_to_member(to, p)
+        match self
+            .codec
+            .seal(msg, me, to.overlay, &to.dh, &NO_CHANNEL, unix_ms())
+        {
+            Some(p) => self.send_to_member(to, p),
+            None => false,
+        }
     }
 
     /// Sends a sealed control packet to a member: straight to a CN's
@@ -1498,9 +1701,9 @@ impl Control<'_> {
             } else {
                 0
             },
-            cipher: self.secret.suite().name().to_string(),
+            cipher: self.cfg.suite.name().to_string(),
             offload: self.offloads,
-            key_fingerprint: self.secret.fingerprint(),
+            key_fingerprint: self.cfg.secret.as_ref().map(|s| s.fingerprint()),
             name: self.cert_view.0.clone(),
             fingerprint: hex32(&self.cert_view.1),
             public_key: hex32(&self.members.identity().dh),
@@ -1616,7 +1819,8 @@ mod tests {
             assert!(!is_bound(m, Via::Udp, &mine, none, me));
             assert!(!is_bound(m, Via::Udp, &NO_CHANNEL, me, me));
         }
-        assert!(is_bound(&hello, link, &NO_CHANNEL, none, me));
+        // The sealed Hello gave way to the clear `Hi` (issue 10).
+        assert!(!is_bound(&hello, link, &NO_CHANNEL, none, me));
         assert!(!is_bound(&hello, link, &mine, none, me));
         assert!(!is_bound(&hello, Via::Udp, &NO_CHANNEL, none, me));
         assert!(is_bound(&join, Via::Udp, &NO_CHANNEL, none, me));

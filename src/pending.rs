@@ -132,10 +132,12 @@ pub struct PendingConn {
     pub stream: TcpStream,
     pub peer: SocketAddr,
     pub since: Instant,
-    /// The nonce we sent in our `Hello`: the peer's messages must carry it.
+    /// The nonce we sent in our `Hi`: the peer's messages must carry it.
     pub my_nonce: [u8; 16],
-    /// From the peer's `Hello`.
+    /// From the peer's `Hi`.
     pub peer_nonce: Option<[u8; 16]>,
+    /// The key the peer's `Hi` certificate proved.
+    pub peer_key: Option<[u8; 32]>,
     rx: Vec<u8>,
     tx: Vec<u8>,
     /// Bytes read so far (bounded by [`MAX_HANDSHAKE`]).
@@ -161,6 +163,7 @@ impl PendingConn {
             since: now,
             my_nonce,
             peer_nonce: None,
+            peer_key: None,
             rx: Vec::new(),
             tx: Vec::new(),
             read_total: 0,

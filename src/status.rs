@@ -58,7 +58,9 @@ pub struct NodeInfo {
     pub cipher: String,
     /// Kernel offloads in use.
     pub offload: crate::node::Offloads,
-    pub key_fingerprint: String,
+    /// Group-secret mode: the secret's fingerprint (`null` with
+    /// certificates from an authority).
+    pub key_fingerprint: Option<String>,
     /// This node's name, from its certificate.
     pub name: String,
     /// Its certificate's fingerprint (hex; what a revocation names).
@@ -99,6 +101,16 @@ pub struct ControlCounters {
     pub replay: AtomicU64,
     pub malformed: AtomicU64,
     pub joins_answered: AtomicU64,
+    /// Sealed control packets from a key whose certificate this node has
+    /// not checked (a member not met yet, or a forger).
+    pub unknown_sender: AtomicU64,
+    /// Certificates refused: of another authority, expired, revoked, or
+    /// forged (in a `Hi`, an intro, or a handshake-proved key).
+    pub bad_cert: AtomicU64,
+    /// UDP join requests without a valid cookie for their source.
+    pub join_cookie_refused: AtomicU64,
+    /// UDP join requests over their source address's rate.
+    pub join_rate_limited: AtomicU64,
     /// Authentic and fresh, but not bound to us or to the link or request
     /// it came on (a replay to another member or connection).
     pub unbound: AtomicU64,
@@ -184,6 +196,10 @@ pub fn snapshot(s: &StatusShared) -> Value {
             "stale": c.stale.load(r),
             "replay": c.replay.load(r), "malformed": c.malformed.load(r),
             "joins_answered": c.joins_answered.load(r),
+            "unknown_sender": c.unknown_sender.load(r),
+            "bad_cert": c.bad_cert.load(r),
+            "join_cookie_refused": c.join_cookie_refused.load(r),
+            "join_rate_limited": c.join_rate_limited.load(r),
             "unbound": c.unbound.load(r),
             "conns_refused": c.conns_refused.load(r),
             "conns_pending": c.conns_pending.load(r),
@@ -493,9 +509,11 @@ pub fn format_table(v: &Value) -> String {
         s("underlay")
     ));
     out.push_str(&format!(
-        "node id {}  key {}  mtu {}  up {} s\n",
+        "node id {}  group key {}  mtu {}  up {} s\n",
         s("node_id"),
-        s("key_fingerprint"),
+        v.get("key_fingerprint")
+            .and_then(|k| k.as_str())
+            .unwrap_or("none (an authority's certificates)"),
         n("/mtu"),
         n("/uptime_secs")
     ));

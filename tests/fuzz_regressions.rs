@@ -3,7 +3,7 @@
 //! (`fuzz/corpus/<target>/`) and every crash found
 //! (`fuzz/regressions/<target>/`) goes through the same invariant checks
 //! the target asserts (control message decoding, the control codec's
-//! open/check_relay against a model of it; certificate, revocation and
+//! peek/open against a model of it; certificate, revocation and
 //! key-file decoding; handshake messages and cookie checks). The checks live in `fuzz/src/`; see
 //! `fuzz/README.md`. The dataplane's targets run in
 //! `dataplane/tests/fuzz_regressions.rs`.

@@ -4,7 +4,7 @@
 //! revocation outlives restarts of the others.
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -65,8 +65,9 @@ fn revoked(st: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn spec(key: &Path, pki: &Pki, i: u8, via: Option<std::net::SocketAddr>) -> NodeSpec {
-    let mut s = NodeSpec::new(key).addr(ip(i)).extra(pki.flags(i));
+fn spec(pki: &Pki, i: u8, via: Option<std::net::SocketAddr>) -> NodeSpec {
+    // Identities only: no group secret anywhere (issue 10).
+    let mut s = NodeSpec::with_identity(pki.flags(i)).addr(ip(i));
     if let Some(v) = via {
         s = s.bootstrap(v);
     }
@@ -79,15 +80,12 @@ fn a_revocation_reaches_every_member_and_outlives_their_restarts() {
         let hosts: Vec<_> = (1..=N)
             .map(|k| lab.add_host(&format!("node{k}")))
             .collect::<Result<_>>()?;
-        let key = lab.keygen("group")?;
         let pki = Pki::new(lab)?;
-        let (n1, _) = lab.start_node(hosts[0], &spec(&key, &pki, 1, None))?;
+        let (n1, _) = lab.start_node(hosts[0], &spec(&pki, 1, None))?;
         let mut nodes: Vec<Node> = vec![n1];
         for i in 2..=N as u8 {
-            let (n, _) = lab.start_node(
-                hosts[i as usize - 1],
-                &spec(&key, &pki, i, Some(nodes[0].listen)),
-            )?;
+            let (n, _) =
+                lab.start_node(hosts[i as usize - 1], &spec(&pki, i, Some(nodes[0].listen)))?;
             nodes.push(n);
         }
         let refs: Vec<&Node> = nodes.iter().collect();
@@ -160,6 +158,17 @@ fn a_revocation_reaches_every_member_and_outlives_their_restarts() {
             reached.iter().flatten().map(|d| d.as_millis()).collect::<Vec<_>>()
         );
 
+        // Its control messages open nowhere now either: every member
+        // drops it from membership (SWIM hears nothing from it).
+        let t1 = Instant::now();
+        let refs: Vec<&Node> = nodes.iter().take(N - 1).collect();
+        lab.wait_converged(&refs, N - 1, CONVERGE)
+            .context("the revoked node is still a member")?;
+        eprintln!(
+            "every member dropped the revoked node{last} from membership {:.1} s after the revocation reached them",
+            t1.elapsed().as_secs_f64()
+        );
+
         // The revoked node gets nothing through, either way.
         let r = lab.ping(victim_host, ip(2), 10, Duration::from_millis(100))?;
         ensure!(
@@ -183,14 +192,14 @@ fn a_revocation_reaches_every_member_and_outlives_their_restarts() {
         );
 
         // node2 restarts: it still holds the revocation (its state file),
-        // and still refuses node8, which keeps trying.
+        // and still refuses node8.
         let n2 = nodes.remove(1);
         lab.kill(n2.pid, libc::SIGTERM);
         ensure!(
             lab.wait_exit(n2.pid, Duration::from_secs(10)).is_some(),
             "node2 did not stop"
         );
-        let (n2, st) = lab.start_node(n2.host, &spec(&key, &pki, 2, Some(nodes[0].listen)))?;
+        let (n2, st) = lab.start_node(n2.host, &spec(&pki, 2, Some(nodes[0].listen)))?;
         ensure!(
             revoked(&st).contains(&fp),
             "node2 forgot the revocation over its restart: {}",
@@ -198,7 +207,7 @@ fn a_revocation_reaches_every_member_and_outlives_their_restarts() {
         );
         nodes.insert(1, n2);
         let refs: Vec<&Node> = nodes.iter().collect();
-        lab.wait_converged(&refs[..N - 1], N, CONVERGE)?;
+        lab.wait_converged(&refs[..N - 1], N - 1, CONVERGE)?;
         std::thread::sleep(Duration::from_secs(2));
         let r = lab.ping(victim_host, ip(2), 10, Duration::from_millis(100))?;
         ensure!(
@@ -206,13 +215,8 @@ fn a_revocation_reaches_every_member_and_outlives_their_restarts() {
             "node{last} -> restarted node2: {}/10 delivered",
             r.received
         );
-        let st = lab.status(&nodes[1])?;
-        ensure!(
-            netns::counter(&st, "control.handshakes_failed") > 0
-                || netns::counter(&st, "control.sessions") < N as u64 - 1,
-            "restarted node2 shows no refused handshake: {}",
-            st["control"]
-        );
+        // Nor does it list node8 (`wait_converged` above: N - 1 members,
+        // the same on every node): node8's certificate opens nothing.
         // The restarted node2 handshakes with every member again (its
         // peers still hold sessions with its previous run until it
         // calls): within the retry spacing, not necessarily at once.
@@ -245,10 +249,9 @@ fn a_revocation_reaches_every_member_and_outlives_their_restarts() {
 fn a_sighup_renewal_keeps_a_running_tcp_flow() {
     netns::lab_test("sighup_renewal", BIN, |lab: &mut Lab| {
         let h = [lab.add_host("node1")?, lab.add_host("node2")?];
-        let key = lab.keygen("group")?;
         let pki = Pki::new(lab)?;
-        let (n1, st1) = lab.start_node(h[0], &spec(&key, &pki, 1, None))?;
-        let (n2, _) = lab.start_node(h[1], &spec(&key, &pki, 2, Some(n1.listen)))?;
+        let (n1, st1) = lab.start_node(h[0], &spec(&pki, 1, None))?;
+        let (n2, _) = lab.start_node(h[1], &spec(&pki, 2, Some(n1.listen)))?;
         lab.wait_converged(&[&n1, &n2], 2, CONVERGE)?;
         let old_fp = st1["fingerprint"].as_str().unwrap_or_default().to_string();
         let r = lab.ping(h[1], ip(1), 3, Duration::from_millis(200))?;

@@ -26,6 +26,7 @@ pub mod handshake;
 pub mod identity;
 pub mod membership;
 pub mod msg;
+pub mod pairwise;
 pub mod revocation;
 pub mod router;
 pub mod session;

@@ -239,6 +239,14 @@ pub struct Membership {
 /// key, so nothing is lost in trust.
 pub const DEPARTED_GRACE: Duration = Duration::from_secs(10);
 
+/// The sender's identity in a SWIM payload's header, without handling
+/// it: the caller checks it against who sealed the packet (issue 10: a
+/// member must not speak for another in SWIM).
+pub fn swim_sender(data: &[u8]) -> Option<NodeIdentity> {
+    use foca::Codec;
+    PostcardCodec.decode_header(data).ok().map(|h| h.src)
+}
+
 impl Membership {
     pub fn new(identity: NodeIdentity, config: Config, seed: u64) -> Membership {
         Membership {
@@ -321,6 +329,24 @@ impl Membership {
         let mut v: Vec<NodeIdentity> = self.foca.iter_members().map(|m| m.id().clone()).collect();
         v.push(self.foca.identity().clone());
         v
+    }
+
+    /// Whether the member (not this node) at `overlay` has X25519 key
+    /// `dh`: `None` if no member holds `overlay`, else whether one that
+    /// does has that key. What a control message's source address is
+    /// checked against (issue 10).
+    pub fn holds(&self, overlay: Ipv4Addr, dh: &[u8; 32]) -> Option<bool> {
+        let mut found = None;
+        for m in self.foca.iter_members() {
+            let id = m.id();
+            if id.overlay == overlay {
+                if id.dh == *dh {
+                    return Some(true);
+                }
+                found = Some(false);
+            }
+        }
+        found
     }
 
     /// Members declared down within [`DEPARTED_GRACE`] (for key lookup

@@ -551,6 +551,30 @@ impl Sessions {
     /// initiation to it.
     pub fn revoke(&mut self, fingerprint: [u8; 32]) -> Vec<Action> {
         self.revoked.insert(fingerprint);
+        self.drop_cert(fingerprint)
+    }
+
+    /// Certificate expiry, enforced while running and not only at
+    /// handshakes: every session proved with a certificate whose last
+    /// valid second is before `now_s` goes (a handshake with it fails
+    /// from then on, so none comes back).
+    pub fn expire(&mut self, now_s: u64) -> Vec<Action> {
+        let expired: Vec<[u8; 32]> = self
+            .peers
+            .values()
+            .filter_map(|p| p.cert.as_ref())
+            .filter(|c| c.body().not_after < now_s)
+            .map(Cert::fingerprint)
+            .collect();
+        expired
+            .into_iter()
+            .flat_map(|f| self.drop_cert(f))
+            .collect()
+    }
+
+    /// Forgets every session proved with certificate `fingerprint`, any
+    /// initiation to it, and the certificate.
+    fn drop_cert(&mut self, fingerprint: [u8; 32]) -> Vec<Action> {
         let mut out = Vec::new();
         let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
         for key in keys {

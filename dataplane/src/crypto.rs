@@ -455,6 +455,28 @@ impl PacketKeys {
         Self::from_key(suite, &key)
     }
 
+    /// Keys of one control epoch (the hour) between two members (issue
+    /// 10): HKDF-SHA256, ikm = their pairwise control secret
+    /// (`ela_control::pairwise::control_secret`), salt = `"ela-fast v1"`,
+    /// info = `"ela-fast v2 "` ‖ suite name ‖ `" control"` ‖ epoch (u32
+    /// BE). Both directions share it: control packets carry random 64-bit
+    /// nonces (collisions after about 2^26 packets of one pair in one
+    /// hour), and the header's source and destination, which the tag
+    /// covers, tell the directions apart.
+    pub fn derive_control_pair(shared: &[u8; KEY_LEN], suite: Suite, epoch: u32) -> Self {
+        let parts: [&[u8]; 4] = [
+            INFO_PREFIX,
+            suite.name().as_bytes(),
+            INFO_CONTROL,
+            &epoch.to_be_bytes(),
+        ];
+        let mut key = [0u8; KEY_LEN];
+        Hkdf::<Sha256>::new(Some(HKDF_SALT), shared)
+            .expand_multi_info(&parts, &mut key)
+            .expect("32 bytes is within HKDF-SHA256's output limit");
+        Self::from_key(suite, &key)
+    }
+
     /// `info` follows `"ela-fast v2 "` and the suite name.
     fn derive(secret: &GroupSecret, info: &[&[u8]]) -> Self {
         let suite = secret.suite();

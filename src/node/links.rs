@@ -34,7 +34,7 @@ impl Control<'_> {
         stream: TcpStream,
         kind: LinkKind,
         my_nonce: Channel,
-        peer_nonce: Option<Channel>,
+        peer_auth: Option<(Channel, [u8; 32])>,
         initial: Vec<u8>,
     ) -> Option<LinkId> {
         let _ = stream.set_nodelay(true);
@@ -56,7 +56,8 @@ impl Control<'_> {
                 peer,
                 since: Instant::now(),
                 my_nonce,
-                peer_nonce,
+                peer_nonce: peer_auth.map(|p| p.0),
+                peer_key: peer_auth.map(|p| p.1),
                 attach_waiting: None,
             },
         );
@@ -115,16 +116,8 @@ impl Control<'_> {
         let _ = s.set_nodelay(true);
         let mut conn = PendingConn::new(s, peer, now, new_channel());
         let me = self.members.identity().overlay;
-        let hello = self.codec.seal(
-            &ControlMsg::Hello {
-                nonce: conn.my_nonce,
-            },
-            me,
-            Ipv4Addr::UNSPECIFIED,
-            &NO_CHANNEL,
-            unix_ms(),
-        );
-        if !conn.send_frame(&hello) {
+        let hi = ControlCodec::hi(me, &conn.my_nonce, &self.my_cert, self.codec.suite());
+        if !conn.send_frame(&hi) {
             return;
         }
         self.counters.tx.fetch_add(1, Ordering::Relaxed);
@@ -195,12 +188,46 @@ impl Control<'_> {
         }
     }
 
-    /// A frame from pending connection `i`: its `Hello`, then an `Attach`
-    /// (it becomes a link) or a `JoinRequest` (answered here), each bound
-    /// to the nonce of our `Hello`. Anything else ends it.
+    /// A frame from pending connection `i`: its `Hi` (a certificate we
+    /// check), then an `Attach` (it becomes a link) or a `JoinRequest`
+    /// (answered here), each sealed by the key the `Hi` proved and bound
+    /// to the nonce of ours. Anything else ends it.
     fn on_pending_frame(&mut self, i: usize, pkt: &mut [u8]) -> PendingStep {
         self.counters.rx.fetch_add(1, Ordering::Relaxed);
-        let Opened { hdr, channel, msg } = match self.codec.open(pkt, unix_ms()) {
+        match ControlCodec::peek(pkt) {
+            Ok(Peeked::Hi { nonce, cert, .. }) if self.pending[i].peer_nonce.is_none() => {
+                // One signature check per connection: the admission
+                // limits bound connections per address and in all.
+                return match self.codec.trust(&cert, unix_now()) {
+                    Ok(key) => {
+                        let conn = &mut self.pending[i];
+                        conn.peer_nonce = Some(nonce);
+                        conn.peer_key = Some(key);
+                        PendingStep::Keep
+                    }
+                    Err(e) => {
+                        debug!(peer = %self.pending[i].peer, "certificate refused: {e}");
+                        self.counters.bad_cert.fetch_add(1, Ordering::Relaxed);
+                        PendingStep::Close
+                    }
+                };
+            }
+            Ok(Peeked::Sealed { sender, .. }) if self.pending[i].peer_key == Some(sender) => {}
+            Ok(_) => {
+                self.counters.unbound.fetch_add(1, Ordering::Relaxed);
+                return PendingStep::Close;
+            }
+            Err(d) => {
+                count_drop(&self.counters, d);
+                return PendingStep::Close;
+            }
+        }
+        let Opened {
+            hdr,
+            channel,
+            msg,
+            peer,
+        } = match self.codec.open(pkt, unix_ms()) {
             Ok(o) => o,
             Err(d) => {
                 count_drop(&self.counters, d);
@@ -208,11 +235,8 @@ impl Control<'_> {
             }
         };
         let conn = &mut self.pending[i];
+        let fixed = self.codec.trusted(&peer, unix_now()).and_then(|t| t.fixed);
         match msg {
-            ControlMsg::Hello { nonce } if channel == NO_CHANNEL && conn.peer_nonce.is_none() => {
-                conn.peer_nonce = Some(nonce);
-                PendingStep::Keep
-            }
             _ if channel != conn.my_nonce => {
                 debug!(peer = %conn.peer, ?msg, "control message not bound to this connection");
                 self.counters.unbound.fetch_add(1, Ordering::Relaxed);
@@ -220,7 +244,7 @@ impl Control<'_> {
             }
             ControlMsg::JoinRequest { .. } => {
                 let observed = conn.peer;
-                match self.join_reply(&msg, observed, MAX_CONTROL_BODY + CONTROL_OVERHEAD) {
+                match self.join_reply(&msg, &peer, observed, MAX_CONTROL_BODY + CONTROL_OVERHEAD) {
                     Some(reply) if self.pending[i].send_frame(&reply) => {
                         self.counters.tx.fetch_add(1, Ordering::Relaxed);
                         self.counters.joins_answered.fetch_add(1, Ordering::Relaxed);
@@ -237,10 +261,15 @@ impl Control<'_> {
                 let Some(peer_nonce) = conn.peer_nonce else {
                     return PendingStep::Close;
                 };
+                // The EN speaks for itself only: its identity names the
+                // key that sealed this, and its certificate's address.
                 if self.role != Role::Core
                     || identity.role != Role::Edge
                     || hdr.src != identity.overlay
+                    || identity.dh != peer
+                    || fixed.is_some_and(|f| f != identity.overlay)
                 {
+                    self.counters.unbound.fetch_add(1, Ordering::Relaxed);
                     return PendingStep::Close;
                 }
                 let conn = self.take_pending(i);
@@ -250,7 +279,7 @@ impl Control<'_> {
                     en: identity.clone(),
                     primary,
                 };
-                match self.add_link(stream, kind, my_nonce, Some(peer_nonce), initial) {
+                match self.add_link(stream, kind, my_nonce, Some((peer_nonce, peer)), initial) {
                     Some(id) => self.attached(id, identity, primary, seq),
                     None => warn!(en = %identity.overlay, "no link id free for an edge node"),
                 }
@@ -288,6 +317,7 @@ impl Control<'_> {
     pub(super) fn join_reply(
         &mut self,
         req: &ControlMsg,
+        joiner: &[u8; 32],
         observed: SocketAddr,
         budget: usize,
     ) -> Option<Vec<u8>> {
@@ -309,6 +339,7 @@ impl Control<'_> {
         let members = membership::resolve(&self.members.members());
         sealed_join_reply(
             &mut self.codec,
+            joiner,
             me,
             members,
             self.cfg.net,
@@ -323,17 +354,12 @@ impl Control<'_> {
         let now = Instant::now();
         let id = match res {
             Ok(mut s) => {
-                // Our Hello first: the CN binds what it sends us to it.
+                // Our Hi first: the CN checks our certificate, and binds
+                // what it sends us to our nonce.
                 let my_nonce = new_channel();
                 let me = self.members.identity().overlay;
-                let hello = self.codec.seal(
-                    &ControlMsg::Hello { nonce: my_nonce },
-                    me,
-                    Ipv4Addr::UNSPECIFIED,
-                    &NO_CHANNEL,
-                    unix_ms(),
-                );
-                match write_frame(&mut s, &hello) {
+                let hi = ControlCodec::hi(me, &my_nonce, &self.my_cert, self.codec.suite());
+                match write_frame(&mut s, &hi) {
                     Ok(()) => self.add_link(s, LinkKind::Core { cn }, my_nonce, None, Vec::new()),
                     Err(e) => {
                         debug!(%cn, "edge link hello failed: {e}");
@@ -403,18 +429,20 @@ impl Control<'_> {
                 dead.push(id);
                 continue;
             }
-            // Until the peer's Hello arrives there is nothing to bind to.
-            let Some(channel) = l.peer_nonce else {
+            // Until the peer's Hi arrives there is nothing to bind to.
+            let (Some(channel), Some(key)) = (l.peer_nonce, l.peer_key) else {
                 continue;
             };
-            let p = self.codec.seal(
+            if let Some(p) = self.codec.seal(
                 &ControlMsg::Keepalive,
                 me,
                 Ipv4Addr::UNSPECIFIED,
+                &key,
                 &channel,
                 unix_ms(),
-            );
-            self.send_frame(id, p);
+            ) {
+                self.send_frame(id, p);
+            }
         }
         for id in dead {
             debug!(link = id, "closing a silent link");
@@ -428,12 +456,12 @@ impl Control<'_> {
         let Some(l) = self.links.get_mut(&link) else {
             return;
         };
-        let Some(channel) = l.peer_nonce else {
+        let (Some(channel), Some(key)) = (l.peer_nonce, l.peer_key) else {
             l.attach_waiting = Some((primary, seq));
             return;
         };
         let me = self.members.identity().clone();
-        let p = self.codec.seal(
+        if let Some(p) = self.codec.seal(
             &ControlMsg::Attach {
                 identity: me.clone(),
                 primary,
@@ -441,9 +469,11 @@ impl Control<'_> {
             },
             me.overlay,
             Ipv4Addr::UNSPECIFIED,
+            &key,
             &channel,
             unix_ms(),
-        );
-        self.send_frame(link, p);
+        ) {
+            self.send_frame(link, p);
+        }
     }
 }

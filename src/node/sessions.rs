@@ -258,10 +258,16 @@ impl SessionDriver {
         now_ns: u64,
         rng: &mut R,
     ) -> Vec<Out> {
-        let acts = self.sessions.tick(now, now_ns, rng);
+        let mut acts = self.sessions.expire(now_ns / 1_000_000_000);
+        acts.extend(self.sessions.tick(now, now_ns, rng));
         let mut out = self.carry(acts, now);
         out.extend(self.want_all(now, now_ns, rng));
         out
+    }
+
+    /// The certificate a handshake proved for X25519 key `key`.
+    pub fn cert_of(&self, key: &[u8; 32]) -> Option<&Cert> {
+        self.sessions.cert_of(key)
     }
 
     /// A renewed certificate for this node's key (SIGHUP); new handshakes

@@ -388,6 +388,36 @@ fn revocation_forgets_every_session_proved_with_the_certificate() {
     assert!(a.s.on_initiation(t2, NOW_S, &m1, &mut rng).is_ok());
 }
 
+/// Issue 10: certificate expiry is enforced on running sessions too. A
+/// peer whose certificate runs out loses its sessions at the first sweep
+/// after, and cannot handshake again; one that has not expired keeps its.
+#[test]
+fn sessions_end_when_the_peer_certificate_expires() {
+    let ca = CaKey::generate(&mut StdRng::seed_from_u64(1));
+    let (mut a, mut b) = (node(&ca, 2, "a"), node_until(&ca, 3, "b", NOW_S + 10));
+    introduce(&mut a, &mut b);
+    let mut rng = StdRng::seed_from_u64(4);
+    let t0 = Instant::now();
+    let (sa, _) = handshake(&mut a, &mut b, t0, t0, &mut rng);
+    assert!(
+        a.s.expire(NOW_S + 10).is_empty(),
+        "valid through its last second"
+    );
+    assert_eq!(
+        a.s.current(&b.key, t0).map(|s| s.local_index),
+        Some(sa.local_index)
+    );
+    assert_eq!(forgotten(&a.s.expire(NOW_S + 11)), vec![sa.local_index]);
+    assert_eq!(a.s.current(&b.key, t0), None);
+    // b calls again with its expired certificate: refused.
+    let t1 = t0 + Duration::from_secs(11);
+    b.s.register(&a.cert).unwrap();
+    let m1 = sends(&b.s.want(t1, ns(t0, t1), &a.key, &mut rng).unwrap()).pop();
+    if let Some(m1) = m1 {
+        assert!(a.s.on_initiation(t1, NOW_S + 11, &m1, &mut rng).is_err());
+    }
+}
+
 #[test]
 fn replayed_initiations_and_stray_responses_change_nothing() {
     let Lab {
