@@ -274,6 +274,16 @@ impl ControlCodec {
     }
 
     fn keep_trusted(&mut self, key: [u8; 32], t: Trusted, now_s: u64) {
+        // A clear `Hi` proves no possession of the key: an older
+        // certificate of the same key (shorter, or another address) must
+        // not replace a newer one held.
+        if self
+            .trusted
+            .get(&key)
+            .is_some_and(|old| old.not_after > t.not_after && old.not_after >= now_s)
+        {
+            return;
+        }
         if self.trusted.len() >= MAX_TRUSTED && !self.trusted.contains_key(&key) {
             // Certificates only the authority makes fill this: drop the
             // expired ones first, and if none, start over (members'
@@ -290,6 +300,16 @@ impl ControlCodec {
     /// at `now_s`.
     pub fn trusted(&self, key: &[u8; 32], now_s: u64) -> Option<&Trusted> {
         self.trusted.get(key).filter(|t| t.not_after >= now_s)
+    }
+
+    /// The addresses the authority fixed in the certificates held, and
+    /// whose key each belongs to.
+    pub fn fixed_addresses(&self, now_s: u64) -> std::collections::BTreeMap<Ipv4Addr, [u8; 32]> {
+        self.trusted
+            .iter()
+            .filter(|(_, t)| t.not_after >= now_s)
+            .filter_map(|(k, t)| Some((t.fixed?, *k)))
+            .collect()
     }
 
     /// The authority revoked `fingerprint`: its key opens nothing any

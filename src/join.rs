@@ -44,6 +44,8 @@ const JOIN_REQUEST_BYTES: usize = 1200;
 /// In `--role auto`, how long a joiner waits for a UDP answer before it
 /// concludes UDP is blocked and joins over TCP as an edge node.
 const UDP_PROBE: Duration = Duration::from_millis(1500);
+/// Join requests whose replies a UDP joiner still waits for.
+const MAX_ASKED: usize = 64;
 /// Retry period for JoinRequests while no bootstrap has answered.
 const JOIN_RETRY: Duration = Duration::from_millis(300);
 /// What the join produced.
@@ -465,6 +467,11 @@ fn join_udp(
                     Some(&m.cookie),
                     &NO_CHANNEL,
                 ) {
+                    // The replies to the last few rounds are still
+                    // awaited; older ones are given up.
+                    if asked.len() >= MAX_ASKED {
+                        asked.remove(0);
+                    }
                     asked.push((nonce, k));
                     out.push((p, *at));
                 }
@@ -495,6 +502,12 @@ fn join_udp(
         counters.rx.fetch_add(1, Ordering::Relaxed);
         let pkt = &buf[..len];
         match ControlCodec::peek(pkt) {
+            // Only the bootstraps we asked: a `Hi` from anywhere else
+            // would have us send requests (1200 bytes each retry) to an
+            // address nobody verified.
+            Ok(Peeked::Hi { .. }) if !cfg.bootstrap.contains(&from) => {
+                counters.unbound.fetch_add(1, Ordering::Relaxed);
+            }
             Ok(Peeked::Hi {
                 nonce, cert, suite, ..
             }) => {

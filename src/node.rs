@@ -135,6 +135,9 @@ const REVOCATION_GOSSIP: Duration = Duration::from_secs(5);
 /// (each costs a signature check and an X25519; the cookie proved the
 /// address first).
 const JOINS_PER_SEC: u32 = 20;
+/// Certificate checks for strangers per second from one source network
+/// (UDP joins and TCP `Hi`s together).
+const CERTS_PER_NET_PER_SEC: u32 = 50;
 /// Revocations per message (each 112 bytes encoded).
 const REVOCATIONS_PER_MSG: usize = 8;
 
@@ -541,6 +544,7 @@ pub fn run(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         ),
         join_cookies: JoinCookies::new(Instant::now(), &mut rand::thread_rng()),
         join_limiter: SourceLimiter::per_host(JOINS_PER_SEC, 2 * JOINS_PER_SEC, 4096),
+        cert_limiter: SourceLimiter::new(CERTS_PER_NET_PER_SEC, 2 * CERTS_PER_NET_PER_SEC, 4096),
         use_uring,
         multishot,
         offloads,
@@ -698,6 +702,10 @@ struct Control<'a> {
     join_cookies: JoinCookies,
     /// Joins whose certificates are checked, per source address.
     join_limiter: SourceLimiter,
+    /// Certificate checks for strangers (UDP joins and TCP `Hi`s), per
+    /// source network (/24, /64): one address's share is not all a
+    /// network gets.
+    cert_limiter: SourceLimiter,
     /// Revocations held (persisted in `cfg.state_file`).
     revocations: Revocations,
     /// This node's certificate as status shows it: (name, fingerprint,
@@ -1087,7 +1095,7 @@ impl Control<'_> {
                 .fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        if !self.join_limiter.allow(now, sa.ip()) {
+        if !self.join_limiter.allow(now, sa.ip()) || !self.cert_limiter.allow(now, sa.ip()) {
             self.counters
                 .join_rate_limited
                 .fetch_add(1, Ordering::Relaxed);
@@ -1103,6 +1111,16 @@ impl Control<'_> {
             self.counters.malformed.fetch_add(1, Ordering::Relaxed);
             return;
         };
+        // Only the first frame of a link we dialled is the CN's `Hi`;
+        // any later one (e.g. relayed to us by a forger) is ignored,
+        // never a reason to check a signature or close the link.
+        match self.links.get(id) {
+            Some(l) if l.peer_nonce.is_none() && matches!(l.kind, LinkKind::Core { .. }) => {}
+            _ => {
+                self.counters.unbound.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
         let key = match self.codec.trust(cert, unix_now()) {
             Ok(k) => k,
             Err(e) => {
@@ -1112,12 +1130,7 @@ impl Control<'_> {
                 return;
             }
         };
-        let Some(l) = self.links.get(id) else {
-            return;
-        };
-        if l.peer_nonce.is_some() {
-            return;
-        }
+        let l = self.links.get(id).expect("checked above");
         // The CN we dialled, by the key membership gives it.
         if let LinkKind::Core { cn } = l.kind {
             if self.members.holds(cn, &key) == Some(false) {
@@ -1191,7 +1204,10 @@ impl Control<'_> {
                     && matches!(routes.lookup(h.dst), NextHop::Edge(_))
             }
         };
-        if !hop_ok {
+        // Only sealed messages go member to member; `Hi`s and joins are
+        // for the node they reach.
+        let sealed = matches!(ControlCodec::peek(pkt), Ok(Peeked::Sealed { .. }));
+        if !hop_ok || !sealed {
             self.counters.unbound.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -1329,6 +1345,13 @@ impl Control<'_> {
     /// §3.2: another node won our address; take a random free one.
     fn move_address(&mut self) {
         let old = self.members.identity().overlay;
+        if self.cfg.credentials.fixed_addr == Some(old) {
+            // The authority gave us this address: a claim gossiped for it
+            // is an impostor's (`membership::without_impostors` keeps it
+            // out of every route table), not a reason to leave.
+            warn!(addr = %old, "another node claims our certificate-fixed address; keeping it");
+            return;
+        }
         let taken = self.members.taken();
         match addr::choose(self.cfg.net, None, &taken, &mut rand::thread_rng()) {
             Ok(a) => {
@@ -1349,8 +1372,12 @@ impl Control<'_> {
     /// Builds and swaps the route table; republishes status.
     fn refresh(&mut self) {
         self.generation += 1;
+        let mut fixed = self.codec.fixed_addresses(unix_now());
+        if let Some(a) = self.cfg.credentials.fixed_addr {
+            fixed.insert(a, self.codec.my_key());
+        }
+        let members = membership::without_impostors(self.members.members(), &fixed);
         let me = self.members.identity();
-        let members = self.members.members();
         let departed = self.members.departed();
         let table = match self.role {
             Role::Core => {

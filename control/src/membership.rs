@@ -437,6 +437,20 @@ impl Membership {
     }
 }
 
+/// `members` without impostors at certificate-fixed addresses (issue 10):
+/// an address the authority fixed for key `fixed[addr]` is held by that
+/// key only, whatever claim time gossip gives another identity for it. So
+/// no member can win a fixed address by gossiping a claim for it.
+pub fn without_impostors(
+    members: Vec<NodeIdentity>,
+    fixed: &BTreeMap<Ipv4Addr, [u8; 32]>,
+) -> Vec<NodeIdentity> {
+    members
+        .into_iter()
+        .filter(|m| fixed.get(&m.overlay).is_none_or(|k| *k == m.dh))
+        .collect()
+}
+
 /// The members as the router sees them: one holder per overlay address,
 /// chosen by the §3.2 claim rule, so every node builds the same table.
 pub fn resolve(members: &[NodeIdentity]) -> Vec<NodeIdentity> {

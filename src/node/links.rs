@@ -196,8 +196,15 @@ impl Control<'_> {
         self.counters.rx.fetch_add(1, Ordering::Relaxed);
         match ControlCodec::peek(pkt) {
             Ok(Peeked::Hi { nonce, cert, .. }) if self.pending[i].peer_nonce.is_none() => {
-                // One signature check per connection: the admission
-                // limits bound connections per address and in all.
+                // One signature check per connection, and connections
+                // can be churned: a rate per source network too.
+                let ip = self.pending[i].peer.ip();
+                if !self.cert_limiter.allow(Instant::now(), ip) {
+                    self.counters
+                        .join_rate_limited
+                        .fetch_add(1, Ordering::Relaxed);
+                    return PendingStep::Close;
+                }
                 return match self.codec.trust(&cert, unix_now()) {
                     Ok(key) => {
                         let conn = &mut self.pending[i];

@@ -429,3 +429,26 @@ fn restarted_node_supersedes_its_predecessor() {
         assert_eq!(v.get(&ip(2)), Some(&77), "{v:?}");
     }
 }
+
+/// Found by review (issue 10): a member gossiped an identity claiming a
+/// certificate-fixed address with claim time 0; the rule gave it the
+/// address and the owner moved. An address the authority fixed is held
+/// by its certificate's key only.
+#[test]
+fn fixed_addresses_belong_to_their_certificate_key() {
+    let addr = Ipv4Addr::new(10, 0, 0, 7);
+    let underlay: std::net::SocketAddr = "172.31.0.7:7000".parse().unwrap();
+    let mut owner = NodeIdentity::new(1, addr, underlay, Role::Core, 5_000);
+    owner.dh = [1; 32];
+    let mut impostor = NodeIdentity::new(2, addr, underlay, Role::Core, 0);
+    impostor.dh = [2; 32];
+    let mut other = NodeIdentity::new(3, Ipv4Addr::new(10, 0, 0, 8), underlay, Role::Core, 1);
+    other.dh = [3; 32];
+    let all = vec![owner.clone(), impostor.clone(), other.clone()];
+    // Without the authority's word, the earlier claim wins: the impostor.
+    assert!(resolve(&all).iter().any(|m| m.dh == [2; 32]));
+    let fixed = BTreeMap::from([(addr, [1u8; 32])]);
+    let kept = resolve(&without_impostors(all, &fixed));
+    assert_eq!(kept.len(), 2);
+    assert!(kept.contains(&owner) && kept.contains(&other));
+}
