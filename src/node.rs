@@ -135,6 +135,10 @@ const REVOCATION_GOSSIP: Duration = Duration::from_secs(5);
 /// (each costs a signature check and an X25519; the cookie proved the
 /// address first).
 const JOINS_PER_SEC: u32 = 20;
+/// Sealed control packets from unknown senders kept for a handshake to
+/// show their certificates, and for how long.
+const MAX_UNKNOWN: usize = 64;
+const UNKNOWN_FOR: Duration = Duration::from_secs(2);
 /// Certificate checks for strangers per second from one source network
 /// (UDP joins and TCP `Hi`s together).
 const CERTS_PER_NET_PER_SEC: u32 = 50;
@@ -544,6 +548,7 @@ pub fn run(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         ),
         join_cookies: JoinCookies::new(Instant::now(), &mut rand::thread_rng()),
         join_limiter: SourceLimiter::per_host(JOINS_PER_SEC, 2 * JOINS_PER_SEC, 4096),
+        unknown: std::collections::VecDeque::new(),
         cert_limiter: SourceLimiter::new(CERTS_PER_NET_PER_SEC, 2 * CERTS_PER_NET_PER_SEC, 4096),
         use_uring,
         multishot,
@@ -659,6 +664,7 @@ struct CtlLink {
 }
 
 /// Where a control packet came from (answers go back the same way).
+#[derive(Clone, Copy)]
 enum Source {
     Udp(SocketAddr),
     Link(LinkId),
@@ -702,6 +708,9 @@ struct Control<'a> {
     join_cookies: JoinCookies,
     /// Joins whose certificates are checked, per source address.
     join_limiter: SourceLimiter,
+    /// Sealed control packets from keys not known yet, with when and how
+    /// they came (see `retry_unknown`).
+    unknown: std::collections::VecDeque<(Instant, Vec<u8>, Source)>,
     /// Certificate checks for strangers (UDP joins and TCP `Hi`s), per
     /// source network (/24, /64): one address's share is not all a
     /// network gets.
@@ -821,6 +830,34 @@ impl Control<'_> {
     }
 
     /// Timers and queued work.
+    /// Takes up again the packets of senders whose certificates were
+    /// unknown, now that a handshake may have shown them; drops those
+    /// older than [`UNKNOWN_FOR`]. Forgeries naming unknown keys can only
+    /// push honest ones out of this bounded queue: SWIM then retries, as
+    /// before the queue existed.
+    fn retry_unknown(&mut self) {
+        if self.unknown.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let now_s = unix_now();
+        let queued: Vec<_> = self.unknown.drain(..).collect();
+        for (at, mut pkt, from) in queued {
+            if now.saturating_duration_since(at) > UNKNOWN_FOR {
+                continue;
+            }
+            let Ok(Peeked::Sealed { sender, .. }) = ControlCodec::peek(&pkt) else {
+                continue;
+            };
+            self.learn_sender(&sender);
+            if self.codec.trusted(&sender, now_s).is_some() {
+                self.on_packet(&mut pkt, from);
+            } else {
+                self.unknown.push_back((at, pkt, from));
+            }
+        }
+    }
+
     fn tick(&mut self) {
         let now = Instant::now();
         // What core 0 could not hand over, for status.
@@ -833,6 +870,7 @@ impl Control<'_> {
         }
         let outs = self.sessions.tick(now, unix_ns(), &mut rand::thread_rng());
         self.carry_sessions(outs);
+        self.retry_unknown();
         if now >= self.next_revocation_gossip {
             self.next_revocation_gossip = now + REVOCATION_GOSSIP;
             self.gossip_revocations();
@@ -900,6 +938,17 @@ impl Control<'_> {
             peer,
         } = match self.codec.open(pkt, unix_ms()) {
             Ok(x) => x,
+            Err(ControlDrop::UnknownSender) => {
+                // A member that just (re)started talks before our
+                // handshake with it has shown us its certificate: keep
+                // it until then (see `retry_unknown`).
+                self.counters.unknown_sender.fetch_add(1, Ordering::Relaxed);
+                if self.unknown.len() >= MAX_UNKNOWN {
+                    self.unknown.pop_front();
+                }
+                self.unknown.push_back((Instant::now(), pkt.to_vec(), from));
+                return;
+            }
             Err(d) => {
                 count_drop(&self.counters, d);
                 return;
@@ -1459,7 +1508,10 @@ impl Control<'_> {
             .sessions
             .on_packet(&h, pkt, from_addr, now, unix_now(), &mut rand::thread_rng())
         {
-            Ok(outs) => self.carry_sessions_from(outs, Some(from)),
+            Ok(outs) => {
+                self.carry_sessions_from(outs, Some(from));
+                self.retry_unknown();
+            }
             Err(r) => {
                 debug!(src = %h.src, from = %from_addr, ?r, "handshake refused");
                 let counter = match r {

@@ -281,3 +281,103 @@ fn identities_alone_admit_members_and_only_them() {
         Ok(())
     });
 }
+
+/// Found by review: a CN relayed any control packet to its edge nodes,
+/// and an edge node checked a `Hi` arriving on an established link and
+/// closed the link when it failed. So an outsider spoofing one CN's
+/// underlay address sent the EN's primary CN `Hi`s (a member's public
+/// certificate, one signature bit flipped) addressed to the EN, and each
+/// one cut the EN's primary link. Now CNs relay only sealed packets, and
+/// an EN takes a `Hi` only as the first frame of a link it dialled.
+#[test]
+fn a_forged_hi_cannot_cut_an_edge_node_off() {
+    use ela_control::identity::Cert;
+    use ela_dataplane::crypto::Suite;
+    use ela_fast::control_codec::ControlCodec;
+    use std::net::{SocketAddr, SocketAddrV4};
+
+    netns::lab_test("forged_hi", BIN, |lab: &mut Lab| {
+        let h: Vec<_> = (1..=4)
+            .map(|k| lab.add_host(&format!("node{k}")))
+            .collect::<Result<_>>()?;
+        let id = |lab: &Lab, i: u8| lab.identity(&format!("node{i}"), Some(ip(i)));
+        let (n1, _) = lab.start_node(h[0], &NodeSpec::with_identity(id(lab, 1)?))?;
+        let (n2, _) = lab.start_node(
+            h[1],
+            &NodeSpec::with_identity(id(lab, 2)?).bootstrap(n1.listen),
+        )?;
+        let mut en = NodeSpec::with_identity(id(lab, 3)?).bootstrap(n1.listen);
+        en.role = NodeRole::Edge;
+        let (n3, _) = lab.start_node(h[2], &en)?;
+        lab.wait_converged(&[&n1, &n2, &n3], 3, CONVERGE)?;
+        // §3.3: the EN's primary is the nearest smaller address, node2.
+        let t0 = Instant::now();
+        while netns::primary(&lab.status(&n3)?) != Some(ip(2)) {
+            ensure!(
+                t0.elapsed() < Duration::from_secs(10),
+                "node3's primary is not node2"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ping_ok(lab, &n3, ip(1), "edge node3 -> node1 before")?;
+
+        // node1's certificate (public), its last signature byte flipped.
+        let text = fs::read_to_string(lab.dir().join("node1.cert"))?;
+        let mut bytes = Cert::parse(&text)?.encode();
+        *bytes.last_mut().expect("a signature") ^= 1;
+        let forged = Cert::decode(&bytes)?;
+        let mut hi = ControlCodec::hi(ip(1), &[9; 16], &forged, Suite::Blowfish);
+        // Addressed to the EN (bytes 12..16 of the header: destination).
+        hi[12..16].copy_from_slice(&ip(3).octets());
+        let v4 = |a: SocketAddr| match a {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => unreachable!("the lab underlay is IPv4"),
+        };
+        // From node1's underlay address (spoofed), to node2, which routes
+        // node1's overlay address to that very underlay: the hop checks
+        // pass, only the form and the EN's link state stand in the way.
+        let (from, to): (SocketAddrV4, SocketAddrV4) = (v4(n1.listen), v4(n2.listen));
+        let before = lab.status(&n2)?;
+        let log_before = fs::read_to_string(&n3.log)?.lines().count();
+        let sent = 20;
+        lab.in_netns(h[3], || -> Result<()> {
+            for _ in 0..sent {
+                netns::send_raw_ipv4(&netns::ipv4_udp_packet(from, to, &hi))?;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(())
+        })?;
+        std::thread::sleep(Duration::from_millis(500));
+        let after = lab.status(&n2)?;
+        let log = fs::read_to_string(&n3.log)?;
+        let downs: Vec<&str> = log
+            .lines()
+            .skip(log_before)
+            .filter(|l| {
+                l.contains("link to core node down") || l.contains("certificate is refused")
+            })
+            .collect();
+        eprintln!(
+            "{sent} forged Hi's to node2 for edge node3: node2 {}; node3 logged {} link downs",
+            netns::grown_counters(&before, &after),
+            downs.len()
+        );
+        ensure!(
+            downs.is_empty(),
+            "the forged Hi's reached node3:\n{}",
+            downs.join("\n")
+        );
+        ensure!(
+            netns::counter(&after, "control.unbound")
+                >= netns::counter(&before, "control.unbound") + sent,
+            "node2 did not refuse to relay them: {}",
+            netns::grown_counters(&before, &after)
+        );
+        ensure!(
+            netns::primary(&lab.status(&n3)?) == Some(ip(2)),
+            "node3 lost its primary"
+        );
+        ping_ok(lab, &n3, ip(1), "edge node3 -> node1 after")?;
+        Ok(())
+    });
+}
