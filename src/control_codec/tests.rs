@@ -460,3 +460,23 @@ fn a_certificate_around_junk_is_not_trusted() {
     assert!(m.codec.open(&p, NOW_MS).is_ok());
     assert!(m.codec.trusted(&a.key, NOW_S).is_some());
 }
+
+/// Found by review: a clear `Hi` proves no possession of the key, so an
+/// older certificate of the same key (shorter, or another fixed address)
+/// sent by anyone replaced the newer one held. It no longer does.
+#[test]
+fn an_older_certificate_does_not_replace_a_newer_one() {
+    let authority = ca(1);
+    let mut b = node(&authority, 2);
+    let k = NodeKey::generate(&mut StdRng::seed_from_u64(1));
+    let newer = authority
+        .sign(&k.public(), "n1", Some(ip(1)), NOW_S - DAY, NOW_S + 2 * DAY)
+        .unwrap();
+    let older = authority
+        .sign(&k.public(), "n1", Some(ip(9)), NOW_S - DAY, NOW_S + DAY)
+        .unwrap();
+    let key = b.codec.trust(&newer, NOW_S).unwrap();
+    b.codec.trust(&older, NOW_S).unwrap();
+    let t = b.codec.trusted(&key, NOW_S).unwrap();
+    assert_eq!((t.not_after, t.fixed), (NOW_S + 2 * DAY, Some(ip(1))));
+}
