@@ -184,6 +184,8 @@ pub const NAT_TABLE: &str = "elalab_nat";
 struct Proc {
     child: Child,
     what: String,
+    /// A node's, for the status snapshot of a failure report.
+    node: Option<Node>,
 }
 
 /// The node kind a lab node is asked to be (`--role`).
@@ -931,6 +933,7 @@ impl Lab {
             Proc {
                 child,
                 what: format!("{}: {}", self.host_name(h), argv.join(" ")),
+                node: None,
             },
         );
         Ok(pid)
@@ -1125,14 +1128,18 @@ impl Lab {
         args.extend(spec.extra.iter().cloned());
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let pid = self.spawn(h, &argv, &log)?;
-        Ok(Node {
+        let node = Node {
             name,
             host: h,
             pid,
             listen,
             control,
             log,
-        })
+        };
+        if let Some(p) = self.procs().get_mut(&pid) {
+            p.node = Some(node.clone());
+        }
+        Ok(node)
     }
 
     /// [`Lab::spawn_node`], then waits (up to 30 s) until its control
@@ -1404,6 +1411,30 @@ impl Lab {
                     Err(e) => format!("unknown: {e}"),
                 };
                 s.push_str(&format!("pid {pid} [{state}] {}\n", p.what));
+            }
+        }
+        // What each running node counts, at the moment of the failure:
+        // drops and counters say which hop lost the packets.
+        let running: Vec<Node> = {
+            let mut procs = self.procs();
+            let mut v: Vec<Node> = procs
+                .values_mut()
+                .filter_map(|p| match p.child.try_wait() {
+                    Ok(None) => p.node.clone(),
+                    _ => None,
+                })
+                .collect();
+            v.sort_by_key(|n| n.pid);
+            v
+        };
+        for n in running {
+            match self.status(&n) {
+                Ok(st) => s.push_str(&format!(
+                    "----- {} status -----\n{}\n",
+                    n.name,
+                    status_digest(&st)
+                )),
+                Err(e) => s.push_str(&format!("----- {} status: {e:#}\n", n.name)),
             }
         }
         let mut logs: Vec<PathBuf> = fs::read_dir(&self.dir)
@@ -2149,6 +2180,37 @@ pub fn send_raw_ipv4(packet: &[u8]) -> Result<usize> {
     };
     ensure!(n >= 0, "raw sendto {dst}: {}", io::Error::last_os_error());
     Ok(n as usize)
+}
+
+/// A status document in one dense paragraph for failure reports: every
+/// non-zero number, non-empty string and boolean, by its path.
+pub fn status_digest(v: &Value) -> String {
+    fn walk(v: &Value, path: &str, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    walk(x, &p, out);
+                }
+            }
+            Value::Array(a) => {
+                for (i, x) in a.iter().enumerate() {
+                    walk(x, &format!("{path}[{i}]"), out);
+                }
+            }
+            Value::Number(n) if n.as_f64() != Some(0.0) => out.push(format!("{path}={n}")),
+            Value::String(s) if !s.is_empty() => out.push(format!("{path}={s}")),
+            Value::Bool(b) => out.push(format!("{path}={b}")),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(v, "", &mut out);
+    out.join(" ")
 }
 
 #[cfg(test)]

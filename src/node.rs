@@ -135,6 +135,10 @@ const REVOCATION_GOSSIP: Duration = Duration::from_secs(5);
 /// (each costs a signature check and an X25519; the cookie proved the
 /// address first).
 const JOINS_PER_SEC: u32 = 20;
+/// Handshake responses held for their keys to reach the cores, at most;
+/// and for how long at most.
+const MAX_ANSWERS: usize = 256;
+const ANSWER_WAIT: Duration = Duration::from_millis(100);
 /// Sealed control packets from unknown senders kept for a handshake to
 /// show their certificates, and for how long.
 const MAX_UNKNOWN: usize = 64;
@@ -549,6 +553,7 @@ pub fn run(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         join_cookies: JoinCookies::new(Instant::now(), &mut rand::thread_rng()),
         join_limiter: SourceLimiter::per_host(JOINS_PER_SEC, 2 * JOINS_PER_SEC, 4096),
         unknown: std::collections::VecDeque::new(),
+        answers: std::collections::VecDeque::new(),
         cert_limiter: SourceLimiter::new(CERTS_PER_NET_PER_SEC, 2 * CERTS_PER_NET_PER_SEC, 4096),
         use_uring,
         multishot,
@@ -711,6 +716,9 @@ struct Control<'a> {
     /// Sealed control packets from keys not known yet, with when and how
     /// they came (see `retry_unknown`).
     unknown: std::collections::VecDeque<(Instant, Vec<u8>, Source)>,
+    /// Handshake responses waiting for their keys to reach every core
+    /// (see `send_answers`): the cores' command mark, when, where to.
+    answers: std::collections::VecDeque<(Vec<u64>, Instant, Source, Vec<u8>)>,
     /// Certificate checks for strangers (UDP joins and TCP `Hi`s), per
     /// source network (/24, /64): one address's share is not all a
     /// network gets.
@@ -780,10 +788,15 @@ impl Control<'_> {
             {
                 deadline = deadline.min(t);
             }
-            let ms = deadline
-                .saturating_duration_since(now)
-                .as_millis()
-                .clamp(1, CONTROL_TICK.as_millis()) as u64;
+            let ms = if self.answers.is_empty() {
+                deadline
+                    .saturating_duration_since(now)
+                    .as_millis()
+                    .clamp(1, CONTROL_TICK.as_millis()) as u64
+            } else {
+                // Cores apply keys within microseconds: look again soon.
+                1
+            };
             let listening = self.accept_paused_until.is_none_or(|t| now >= t);
             let mut fds = vec![
                 self.socket.as_raw_fd(),
@@ -814,6 +827,7 @@ impl Control<'_> {
                     }
                 }
             }
+            self.send_answers();
             while let Ok((cn, res)) = self.connect_rx.try_recv() {
                 self.on_connected(cn, res);
             }
@@ -1688,8 +1702,14 @@ impl Control<'_> {
     /// Carries out what the session driver asks for; `Reply` goes back to
     /// `from` (what the packet being answered came by).
     fn carry_sessions_from(&mut self, outs: Vec<sessions::Out>, from: Option<&Source>) {
+        let mut answers = Vec::new();
         for o in outs {
             match o {
+                sessions::Out::Answer { packet } => {
+                    if let Some(f) = from {
+                        answers.push((*f, packet));
+                    }
+                }
                 sessions::Out::Reply { packet } => {
                     let sent = match from {
                         Some(Source::Udp(a)) => self.socket.send_to(&packet, *a).is_ok(),
@@ -1719,7 +1739,45 @@ impl Control<'_> {
                 }
             }
         }
+        if !answers.is_empty() {
+            // After the loop: the mark covers the keys installed above.
+            let mark = self.cores.command_mark();
+            let at = Instant::now();
+            for (f, p) in answers {
+                if self.answers.len() >= MAX_ANSWERS {
+                    (self.counters.handshakes_rate_limited).fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                self.answers.push_back((mark.clone(), at, f, p));
+            }
+            self.send_answers();
+        }
         (self.counters.sessions).store(self.sessions.installed() as u64, Ordering::Relaxed);
+    }
+
+    /// Sends the handshake responses whose keys every core now holds, or
+    /// that waited [`ANSWER_WAIT`] (a core that stalls so long loses the
+    /// race anyway; the response is not worth losing too).
+    fn send_answers(&mut self) {
+        let now = Instant::now();
+        while let Some((mark, at, _, _)) = self.answers.front() {
+            if !self.cores.commands_applied(mark)
+                && now.saturating_duration_since(*at) < ANSWER_WAIT
+            {
+                break;
+            }
+            let (_, _, from, packet) = self.answers.pop_front().expect("front exists");
+            let sent = match from {
+                Source::Udp(a) => self.socket.send_to(&packet, a).is_ok(),
+                Source::Link(id) => self.send_frame(id, packet),
+            };
+            if sent {
+                self.counters.tx.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .handshakes_sent
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     fn carry_sessions(&mut self, outs: Vec<sessions::Out>) {

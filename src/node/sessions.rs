@@ -89,6 +89,12 @@ pub enum Out {
     /// Send this handshake packet back the way the one being answered
     /// came (its UDP source, or its link).
     Reply { packet: Vec<u8> },
+    /// A response: back the way the initiation came, like `Reply`, but
+    /// only once every core holds the receiving keys installed with it
+    /// (the `Cores` commands before it). Sent earlier, the initiator's
+    /// first packet can beat the keys to a core and be dropped; the
+    /// responder's session then stays unconfirmed and it cannot send.
+    Answer { packet: Vec<u8> },
     /// Give every core this command.
     Cores(Arc<SessionCommand>),
 }
@@ -344,7 +350,7 @@ impl SessionDriver {
                         debug!(src = %hdr.src, %from, "initiation refused: {e}");
                         Refused::Handshake
                     })?;
-                Ok(self.carry(acts, now))
+                Ok(self.carry_answering(acts, now, Some(hdr.src)))
             }
             KIND_RESPONSE => {
                 let acts = self.sessions.on_response(now, now_s, body).map_err(|e| {
@@ -378,30 +384,47 @@ impl SessionDriver {
 
     /// Turns the session table's actions into packets and core commands.
     fn carry(&mut self, acts: Vec<Action>, now: Instant) -> Vec<Out> {
+        self.carry_answering(acts, now, None)
+    }
+
+    /// Responses (the only messages of a length other than an
+    /// initiation's) go to `answering`, the initiator's overlay address.
+    fn carry_answering(
+        &mut self,
+        acts: Vec<Action>,
+        now: Instant,
+        answering: Option<Ipv4Addr>,
+    ) -> Vec<Out> {
         let mut out = Vec::new();
         for a in acts {
             match a {
+                Action::Send { peer: _, msg } if msg.len() != 4 + INITIATION_LEN => {
+                    // Answered back the way the initiation came, so that
+                    // a peer membership does not list yet (it joined a
+                    // moment ago) still gets its response; it is shorter
+                    // than the initiation.
+                    let Some(dst) = answering else {
+                        continue;
+                    };
+                    debug!(%dst, "handshake response");
+                    out.push(Out::Answer {
+                        packet: self.packet(KIND_RESPONSE, dst, &msg),
+                    });
+                }
                 Action::Send { peer, msg } => {
                     let Some(dst) = self.members.get(&peer).map(|m| m.addr) else {
                         continue;
                     };
-                    // Responses are shorter than initiations (fixed
-                    // length), so the length tells them apart.
-                    let (kind, body) = if msg.len() == 4 + INITIATION_LEN {
-                        let ini = self
-                            .initiators
-                            .entry(peer)
-                            .or_insert_with(|| CookieInitiator::new(&peer));
-                        let body = ini.seal(now, &msg);
-                        self.last_initiation.insert(peer, msg);
-                        (KIND_INITIATION, body)
-                    } else {
-                        (KIND_RESPONSE, msg)
-                    };
-                    debug!(%dst, kind, "handshake sent");
+                    let ini = self
+                        .initiators
+                        .entry(peer)
+                        .or_insert_with(|| CookieInitiator::new(&peer));
+                    let body = ini.seal(now, &msg);
+                    self.last_initiation.insert(peer, msg);
+                    debug!(%dst, "handshake initiation");
                     out.push(Out::Send {
                         dst,
-                        packet: self.packet(kind, dst, &body),
+                        packet: self.packet(KIND_INITIATION, dst, &body),
                     });
                 }
                 Action::Install {
@@ -493,6 +516,9 @@ impl SessionDriver {
                 continue;
             };
             self.unbound.remove(&index);
+            if !send {
+                self.sessions.confirmation_missed(index);
+            }
             out.extend(self.install(addr, &s, send));
         }
         out

@@ -611,3 +611,69 @@ fn removing_a_peer_forgets_its_sessions_and_initiation() {
         "unknown now"
     );
 }
+
+/// Lab finding: a responder with traffic of its own started a second
+/// handshake the moment it had answered one (it had no session to send
+/// on yet), so a mesh forming at once ran every handshake twice. It now
+/// waits for the initiator's first packet, for [`CONFIRM_GRACE`].
+#[test]
+fn a_responder_waits_for_confirmation_before_starting_its_own() {
+    let Lab {
+        ca: _,
+        mut a,
+        mut b,
+        mut rng,
+        t0,
+    } = lab();
+    let m1 = sends(&a.s.want(t0, ns(t0, t0), &b.key, &mut rng).unwrap())
+        .pop()
+        .expect("an initiation");
+    let out = b.s.on_initiation(t0, NOW_S, &m1, &mut rng).unwrap();
+    let (sb, _) = installed(&out).pop().expect("responder installs");
+    // b has traffic for a, but its answered session is about to be
+    // confirmed: nothing to send, now or on ticks within the grace.
+    let soon = t0 + CONFIRM_GRACE / 2;
+    assert!(sends(&b.s.want(t0, ns(t0, t0), &a.key, &mut rng).unwrap()).is_empty());
+    assert!(sends(&b.s.tick(soon, ns(t0, soon), &mut rng)).is_empty());
+    // The initiator's first packet never came: b calls a itself.
+    let late = t0 + CONFIRM_GRACE;
+    assert_eq!(sends(&b.s.tick(late, ns(t0, late), &mut rng)).len(), 1);
+    // Confirmed in time instead, b sends on the session it answered.
+    let Lab {
+        ca: _,
+        mut a,
+        mut b,
+        mut rng,
+        t0,
+    } = lab();
+    let (_, sb2) = handshake(&mut a, &mut b, t0, t0, &mut rng);
+    assert_eq!(b.s.current(&a.key, t0), Some(&sb2));
+    assert!(sends(&b.s.tick(t0 + CONFIRM_GRACE, ns(t0, t0 + CONFIRM_GRACE), &mut rng)).is_empty());
+    let _ = sb;
+}
+
+/// Lab finding: a responder whose keys reached the cores late (its peer
+/// was not yet a member) never got the initiator's first packet, and
+/// waited out the grace with nothing to send on.
+#[test]
+fn a_missed_confirmation_ends_the_wait_at_once() {
+    let Lab {
+        ca: _,
+        mut a,
+        mut b,
+        mut rng,
+        t0,
+    } = lab();
+    let m1 = sends(&a.s.want(t0, ns(t0, t0), &b.key, &mut rng).unwrap())
+        .pop()
+        .expect("an initiation");
+    let out = b.s.on_initiation(t0, NOW_S, &m1, &mut rng).unwrap();
+    let (sb, _) = installed(&out).pop().expect("responder installs");
+    assert!(sends(&b.s.want(t0, ns(t0, t0), &a.key, &mut rng).unwrap()).is_empty());
+    b.s.confirmation_missed(sb.local_index);
+    assert_eq!(
+        sends(&b.s.want(t0, ns(t0, t0), &a.key, &mut rng).unwrap()).len(),
+        1,
+        "b calls a itself"
+    );
+}

@@ -162,11 +162,12 @@ impl PollCore {
             if pfds[2].revents != 0 {
                 let mut v = [0u8; 8];
                 let _ = nonblocking_read(wake_fd, &mut v);
-                while let Some(cmd) = self.cfg.shared.cores[self.cfg.index].commands.pop() {
+                while let Some(cmd) = self.cfg.shared.next_command(self.cfg.index) {
                     if !self.on_command(now, &routes, cmd) {
                         self.publish();
                         return;
                     }
+                    self.cfg.shared.command_done(self.cfg.index);
                 }
                 while let Some((id, v)) = self.cfg.shared.link_inbox.pop() {
                     self.link_send(id, Class::Data, &v);

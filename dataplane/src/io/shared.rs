@@ -238,6 +238,8 @@ impl Shared {
             cores.push(CoreHandle {
                 commands: ArrayQueue::new(1024),
                 wake_fd: eventfd()?,
+                sent: AtomicU64::new(0),
+                applied: AtomicU64::new(0),
             });
         }
         let pool = |n| {
@@ -271,8 +273,36 @@ impl Shared {
     pub fn send(&self, i: usize, cmd: Command) -> Result<(), Command> {
         let h = &self.cores[i];
         h.commands.push(cmd)?;
+        h.sent.fetch_add(1, Ordering::Release);
         poke(h.wake_fd);
         Ok(())
+    }
+
+    /// The next command for core `i`; call [`Self::command_done`] once it
+    /// is carried out.
+    pub(super) fn next_command(&self, i: usize) -> Option<Command> {
+        self.cores[i].commands.pop()
+    }
+
+    pub(super) fn command_done(&self, i: usize) {
+        self.cores[i].applied.fetch_add(1, Ordering::Release);
+    }
+
+    /// How many commands each core has been sent so far: once
+    /// [`Self::commands_applied`] says every core got that far, whatever
+    /// was sent before the mark (session keys) is in use on every core.
+    pub fn command_mark(&self) -> Vec<u64> {
+        self.cores
+            .iter()
+            .map(|c| c.sent.load(Ordering::Acquire))
+            .collect()
+    }
+
+    pub fn commands_applied(&self, mark: &[u64]) -> bool {
+        self.cores
+            .iter()
+            .zip(mark)
+            .all(|(c, m)| c.applied.load(Ordering::Acquire) >= *m)
     }
 
     /// Drains the control wake-up counter (call before draining `events`).
@@ -385,6 +415,11 @@ impl Drop for Shared {
 pub struct CoreHandle {
     pub(super) commands: ArrayQueue<Command>,
     pub(super) wake_fd: RawFd,
+    /// Commands queued for this core, and those it has carried out: the
+    /// control thread compares them to know that keys it installed are in
+    /// use before it answers a handshake (see [`Shared::command_mark`]).
+    sent: AtomicU64,
+    applied: AtomicU64,
 }
 
 /// What the kernel's offloads allow on this node (see [`super::udp`] and
@@ -738,5 +773,34 @@ mod tests {
         }
         assert_eq!(shared.pools[udp].len(), UDP_POOL_BUFFERS);
         assert_eq!(shared.pools[Lane::Link as usize].len(), POOL_BUFFERS / 2);
+    }
+}
+
+#[cfg(test)]
+mod mark_tests {
+    use super::*;
+
+    /// The control thread answers a handshake only once every core holds
+    /// the keys it installed: the mark says so only after each core has
+    /// carried out everything queued before it.
+    #[test]
+    fn a_command_mark_is_reached_only_when_every_core_applied_its_commands() {
+        let s = Shared::new(2).unwrap();
+        assert!(s.commands_applied(&s.command_mark()), "nothing queued");
+        s.send(0, Command::CloseLink { id: 1 }).unwrap();
+        s.send(1, Command::CloseLink { id: 2 }).unwrap();
+        let mark = s.command_mark();
+        assert!(!s.commands_applied(&mark));
+        assert!(s.next_command(0).is_some());
+        assert!(!s.commands_applied(&mark), "popped is not yet applied");
+        s.command_done(0);
+        assert!(!s.commands_applied(&mark), "core 1 still has its own");
+        assert!(s.next_command(1).is_some());
+        s.command_done(1);
+        assert!(s.commands_applied(&mark));
+        // Later commands do not move an earlier mark back.
+        s.send(0, Command::CloseLink { id: 3 }).unwrap();
+        assert!(s.commands_applied(&mark));
+        assert!(!s.commands_applied(&s.command_mark()));
     }
 }

@@ -601,13 +601,12 @@ impl Core {
                         OP_LINK_RECV => self.on_link_recv(now, &routes, idx as LinkId, res),
                         OP_LINK_SEND => self.on_link_send(idx as LinkId, res),
                         OP_WAKE => {
-                            while let Some(cmd) =
-                                self.cfg.shared.cores[self.cfg.index].commands.pop()
-                            {
+                            while let Some(cmd) = self.cfg.shared.next_command(self.cfg.index) {
                                 if !self.on_command(now, &routes, cmd) {
                                     self.publish();
                                     return Ok(());
                                 }
+                                self.cfg.shared.command_done(self.cfg.index);
                             }
                             self.drain_link_inbox();
                             self.drain_handoff(now, &routes);

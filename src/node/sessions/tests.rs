@@ -67,7 +67,7 @@ fn run(nodes: &mut [&mut Node], mut queue: Vec<(Ipv4Addr, Out)>, now: Instant) -
                     queue.extend(outs.into_iter().map(|o| (dst, back_to(o, from))));
                 }
             }
-            Out::Reply { .. } => unreachable!("turned into a Send by back_to"),
+            Out::Reply { .. } | Out::Answer { .. } => unreachable!("turned into a Send by back_to"),
         }
     }
     moved
@@ -76,7 +76,7 @@ fn run(nodes: &mut [&mut Node], mut queue: Vec<(Ipv4Addr, Out)>, now: Instant) -
 /// A reply goes back to whoever sent what it answers (`to`).
 fn back_to(o: Out, to: Ipv4Addr) -> Out {
     match o {
-        Out::Reply { packet } => Out::Send { dst: to, packet },
+        Out::Reply { packet } | Out::Answer { packet } => Out::Send { dst: to, packet },
         o => o,
     }
 }
@@ -196,8 +196,19 @@ fn sessions_bind_to_membership_addresses_and_certificates() {
         outs.into_iter().map(|o| (B, o)).collect(),
         t0,
     );
-    assert!(receive_keys(&b).iter().any(|(p, ..)| *p == A));
-    // B's own call to A completes at once (A knows B).
+    let (_, index, _) = *receive_keys(&b)
+        .iter()
+        .find(|(p, ..)| *p == A)
+        .expect("bound to A");
+    // A's first packet on it (A completed: B answered at once) confirms
+    // it, and B sends on it.
+    assert_one_way(&a, &b);
+    let outs = b.d.on_confirmed(index, t0);
+    run(
+        &mut [&mut a, &mut b],
+        outs.into_iter().map(|o| (B, o)).collect(),
+        t0,
+    );
     assert_one_way(&b, &a);
 
     // M's certificate fixes 10.0.0.9; membership says it holds B's
@@ -391,4 +402,57 @@ fn the_responder_sends_once_a_core_confirms_the_session() {
         t0,
     );
     assert_one_way(&b, &a);
+}
+
+/// Lab finding: a node answered an initiation only once membership
+/// listed its sender, and members often hear a joiner's initiation first.
+/// The response was lost, and the joiner waited [`RETRY_AFTER`] for its
+/// session. It now goes back the way the initiation came, right away, and
+/// the session is installed when membership names the peer.
+#[test]
+fn an_initiation_from_a_peer_not_yet_listed_is_answered() {
+    let ca = CaKey::generate(&mut StdRng::seed_from_u64(1));
+    let (mut a, mut b) = (node(&ca, 2, A, None), node(&ca, 3, B, None));
+    let mut rng = StdRng::seed_from_u64(4);
+    let t0 = Instant::now();
+    let outs =
+        a.d.set_members(members(&[&a, &b]), t0, ns(t0, t0), &mut rng);
+    b.d.set_members(members(&[&b]), t0, ns(t0, t0), &mut rng);
+    let init = outs
+        .into_iter()
+        .find_map(|o| match o {
+            Out::Send { dst, packet } if dst == B => Some(packet),
+            _ => None,
+        })
+        .expect("a calls b");
+    let hdr = Header::parse(&init).unwrap();
+    let src: SocketAddr = (std::net::IpAddr::from(A), 7000).into();
+    let outs =
+        b.d.on_packet(&hdr, &init, src, t0, NOW_S, &mut rng)
+            .unwrap();
+    let answer = outs
+        .iter()
+        .find_map(|o| match o {
+            Out::Answer { packet } => Some(packet.clone()),
+            _ => None,
+        })
+        .expect("b answers a peer membership has not shown it yet");
+    let h = Header::parse(&answer).unwrap();
+    assert_eq!((h.src, h.dst), (B, A), "addressed back to the initiator");
+    assert!(answer.len() < init.len(), "smaller than what it answers");
+    // a completes; b installs its side once membership names a.
+    let outs = a.d.on_packet(
+        &h,
+        &answer,
+        (std::net::IpAddr::from(B), 7000).into(),
+        t0,
+        NOW_S,
+        &mut rng,
+    );
+    assert!(outs.unwrap().iter().any(|o| matches!(o, Out::Cores(_))));
+    assert_eq!(b.d.installed(), 0);
+    let outs =
+        b.d.set_members(members(&[&a, &b]), t0, ns(t0, t0), &mut rng);
+    assert!(outs.iter().any(|o| matches!(o, Out::Cores(c)
+        if matches!(**c, SessionCommand::Receive { peer, .. } if peer == A))));
 }
