@@ -180,7 +180,8 @@ fn epoch_at(ms: u64) -> u32 {
 /// One peer's pairwise secret and the epoch keys made from it.
 struct Pair {
     secret: [u8; 32],
-    keys: Vec<(u32, PacketKeys)>,
+    /// Per hour and direction (true: ours to the peer).
+    keys: Vec<(u32, bool, PacketKeys)>,
 }
 
 impl Drop for Pair {
@@ -330,7 +331,15 @@ impl ControlCodec {
 
     /// The keys shared with `peer` for `epoch`, if `epoch` is within one
     /// of now's and `peer` is a usable key.
-    fn keys(&mut self, peer: &[u8; 32], epoch: u32, now_ms: u64) -> Option<&PacketKeys> {
+    /// `sending`: the keys we seal with for `peer`, else those `peer`
+    /// seals with for us.
+    fn keys(
+        &mut self,
+        peer: &[u8; 32],
+        epoch: u32,
+        now_ms: u64,
+        sending: bool,
+    ) -> Option<&PacketKeys> {
         let cur = epoch_at(now_ms);
         if epoch.abs_diff(cur) > 1 {
             return None;
@@ -349,15 +358,24 @@ impl ControlCodec {
             );
         }
         let suite = self.suite;
+        let sender = if sending { self.my_dh } else { *peer };
         let pair = self.pairs.get_mut(peer).expect("inserted above");
-        if !pair.keys.iter().any(|(e, _)| *e == epoch) {
-            pair.keys.retain(|(e, _)| e.abs_diff(cur) <= 1);
+        if !pair
+            .keys
+            .iter()
+            .any(|(e, s, _)| *e == epoch && *s == sending)
+        {
+            pair.keys.retain(|(e, ..)| e.abs_diff(cur) <= 1);
             pair.keys.push((
                 epoch,
-                PacketKeys::derive_control_pair(&pair.secret, suite, epoch),
+                sending,
+                PacketKeys::derive_control_pair(&pair.secret, suite, epoch, &sender),
             ));
         }
-        pair.keys.iter().find(|(e, _)| *e == epoch).map(|(_, k)| k)
+        pair.keys
+            .iter()
+            .find(|(e, s, _)| *e == epoch && *s == sending)
+            .map(|(.., k)| k)
     }
 
     /// `header ‖ time ‖ channel ‖ body ‖ tag`, sealed for `to`.
@@ -376,7 +394,7 @@ impl ControlCodec {
         buf[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&now_ms.to_be_bytes());
         buf[HEADER_LEN + 8..HEADER_LEN + PREFIX].copy_from_slice(channel);
         buf[HEADER_LEN + PREFIX..HEADER_LEN + payload_len].copy_from_slice(&body);
-        let keys = self.keys(to, hdr.index, now_ms)?;
+        let keys = self.keys(to, hdr.index, now_ms, true)?;
         let n = keys
             .seal(&mut buf, payload_len)
             .expect("control messages are built to fit MAX_CONTROL_BODY");
@@ -553,7 +571,7 @@ impl ControlCodec {
     ) -> Result<(Header, Channel, ControlMsg), ControlDrop> {
         let hdr = Header::parse(pkt).map_err(|_| ControlDrop::Malformed)?;
         let keys = self
-            .keys(sender, hdr.index, now_ms)
+            .keys(sender, hdr.index, now_ms, false)
             .ok_or(ControlDrop::Stale)?;
         let range = keys.open(pkt).map_err(|e| match e {
             CryptoError::WrongSuite => ControlDrop::WrongCipher,

@@ -167,10 +167,12 @@ fn accept_reply(
         }
     }
     info!(via = %from, addr = %a, %role, members = reply.members.len(), "joined");
+    // Each identity is its own node's word (signed): one the member
+    // altered or made up is not called.
     let seeds = reply
         .members
         .into_iter()
-        .filter(|m| !predecessor(m))
+        .filter(|m| !predecessor(m) && m.verify())
         .collect();
     Ok(Joined {
         role,

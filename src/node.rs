@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use arc_swap::ArcSwap;
 use ela_control::addr;
-use ela_control::attach::FreshAttachments;
+use ela_control::attach::{self, FreshAttachments};
 use ela_control::edge::{EdgeAction, EdgeLinks};
 use ela_control::identity::{hex32, Cert};
-use ela_control::membership::{self, Event, Membership, NodeIdentity};
+use ela_control::membership::{self, Event, IdentitySig, Membership, NodeIdentity};
 use ela_control::msg::ControlMsg;
 use ela_control::pairwise::{JoinCookies, COOKIE_LEN};
 use ela_control::router::{EdgeNode, LinkId};
@@ -426,7 +426,7 @@ pub fn run(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     info!(iface = %cfg.iface, addr = %joined.addr, net = %cfg.net, mtu = cfg.mtu, queues = n, %role, io = if use_uring { "io_uring" } else { "poll" }, multishot, offload = %offloads, "NPD up");
 
     let identity = NodeIdentity::new(node_id, joined.addr, joined.underlay, role, started_ms)
-        .with_key(&cfg.credentials.key.public());
+        .signed_by(Arc::new(cfg.credentials.key.clone()));
     let swim = match role {
         Role::Core => membership::swim_config(8),
         Role::Edge => membership::edge_swim_config(8),
@@ -647,7 +647,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 #[derive(Clone, Debug)]
 enum LinkKind {
     /// CN side: an EN, and whether we are its primary.
-    Edge { en: NodeIdentity, primary: bool },
+    Edge { en: Box<NodeIdentity>, primary: bool },
     /// EN side: a link to this CN.
     Core { cn: Ipv4Addr },
 }
@@ -995,6 +995,7 @@ impl Control<'_> {
                 identity,
                 primary,
                 seq,
+                proof,
             } => {
                 // A CN's EN re-declaring itself on its link (a failover).
                 let Source::Link(id) = from else { return };
@@ -1002,7 +1003,10 @@ impl Control<'_> {
                     || identity.role != Role::Edge
                     || hdr.src != identity.overlay
                     || identity.dh != peer
+                    || !identity.verify()
+                    || (primary && !self.proves_attachment_here(&identity, seq, &proof))
                 {
+                    self.counters.unbound.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
                 // One link carries one EN session.
@@ -1010,7 +1014,7 @@ impl Control<'_> {
                     Some(LinkKind::Edge { en, .. }) if en.node_id == identity.node_id => {}
                     _ => return,
                 }
-                self.attached(id, identity, primary, seq);
+                self.attached(id, identity, primary, seq, proof);
             }
             ControlMsg::Keepalive => {}
             ControlMsg::Revoked { revocations } => {
@@ -1028,13 +1032,22 @@ impl Control<'_> {
                 en_node_id,
                 seq,
                 cn,
+                proof,
             } => {
                 if self.role != Role::Core || hdr.src != cn {
                     return;
                 }
-                // Only for the EN session membership knows (or a new one).
-                let known = self.members.members().into_iter().find(|m| m.overlay == en);
-                if known.is_some_and(|m| m.node_id != en_node_id) {
+                // Only for an EN session membership knows, and only with
+                // the EN's own signature naming this CN at this sequence:
+                // a CN cannot draw an EN's traffic to itself (issue 10).
+                let proven = self.members.members().into_iter().any(|m| {
+                    m.overlay == en
+                        && m.node_id == en_node_id
+                        && m.role == Role::Edge
+                        && attach::attachment_proven(&m.sign, en, en_node_id, seq, cn, &proof)
+                });
+                if !proven {
+                    self.counters.unbound.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
                 debug!(%en, %cn, seq, "edge node moved");
@@ -1222,13 +1235,14 @@ impl Control<'_> {
     /// Tells every other CN that `en` is now attached here, so that they
     /// route to it through us at once after a failover (gossip of the EN's
     /// own announcement can take longer under load).
-    fn announce_attachment(&mut self, en: Ipv4Addr, en_node_id: u64, seq: u64) {
+    fn announce_attachment(&mut self, en: Ipv4Addr, en_node_id: u64, seq: u64, proof: IdentitySig) {
         let me = self.members.identity().clone();
         let msg = ControlMsg::EdgeAttached {
             en,
             en_node_id,
             seq,
             cn: me.overlay,
+            proof,
         };
         for m in self.members.members() {
             if m.role != Role::Core || m.node_id == me.node_id || m.underlay.ip().is_unspecified() {
@@ -1440,6 +1454,7 @@ impl Control<'_> {
             fixed.insert(a, self.codec.my_key());
         }
         let members = membership::without_impostors(self.members.members(), &fixed);
+        (self.fresh_attachments).retain_ens(|en| members.iter().any(|m| m.overlay == en));
         let me = self.members.identity();
         let departed = self.members.departed();
         let table = match self.role {
@@ -1922,6 +1937,7 @@ mod tests {
             identity: id,
             primary: true,
             seq: 1,
+            proof: IdentitySig::default(),
         };
         let join = ControlMsg::JoinRequest {
             node_id: 1,
@@ -1937,6 +1953,7 @@ mod tests {
             en_node_id: 1,
             seq: 1,
             cn: other,
+            proof: IdentitySig::default(),
         };
         let hello = ControlMsg::Hello { nonce: theirs };
         let reply = ControlMsg::JoinReply {

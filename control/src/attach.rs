@@ -17,6 +17,55 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+use crate::identity::NodeKey;
+use crate::membership::IdentitySig;
+
+const ATTACHMENT_DOMAIN: &[u8] = b"ela-fast attachment v1\0";
+
+fn attachment_bytes(en: Ipv4Addr, en_node_id: u64, seq: u64, cn: Ipv4Addr) -> Vec<u8> {
+    let mut v = ATTACHMENT_DOMAIN.to_vec();
+    v.extend_from_slice(&en.octets());
+    v.extend_from_slice(&en_node_id.to_be_bytes());
+    v.extend_from_slice(&seq.to_be_bytes());
+    v.extend_from_slice(&cn.octets());
+    v
+}
+
+/// The EN's word that `cn` is its primary as of attach sequence `seq`
+/// (issue 10): a CN passes it on in `EdgeAttached`, and nobody routes an
+/// EN's traffic to a CN the EN did not name, whatever sequence it claims.
+pub fn prove_attachment(
+    key: &NodeKey,
+    en: Ipv4Addr,
+    en_node_id: u64,
+    seq: u64,
+    cn: Ipv4Addr,
+) -> IdentitySig {
+    IdentitySig::from_bytes(key.sign(&attachment_bytes(en, en_node_id, seq, cn)))
+}
+
+/// Whether `proof` is the EN's (Ed25519 key `en_sign`, as its signed
+/// identity announces) for this attachment.
+pub fn attachment_proven(
+    en_sign: &[u8; 32],
+    en: Ipv4Addr,
+    en_node_id: u64,
+    seq: u64,
+    cn: Ipv4Addr,
+    proof: &IdentitySig,
+) -> bool {
+    use ed25519_dalek::{Signature, VerifyingKey};
+    let Ok(k) = VerifyingKey::from_bytes(en_sign) else {
+        return false;
+    };
+    !k.is_weak()
+        && k.verify_strict(
+            &attachment_bytes(en, en_node_id, seq, cn),
+            &Signature::from_bytes(&proof.to_bytes()),
+        )
+        .is_ok()
+}
+
 /// How long a direct announcement overrides membership (gossip converges
 /// well within it).
 pub const FRESH_ATTACHMENT_TTL: Duration = Duration::from_secs(5);
@@ -32,6 +81,10 @@ struct Entry {
 #[derive(Clone, Debug, Default)]
 pub struct FreshAttachments {
     by_en: BTreeMap<Ipv4Addr, Entry>,
+    /// Per EN address: the session and the highest sequence heard, kept
+    /// past the entry's expiry, so that a CN replaying an older (signed)
+    /// attachment to itself cannot take the EN's traffic back.
+    newest: BTreeMap<Ipv4Addr, (u64, u64)>,
 }
 
 impl FreshAttachments {
@@ -55,6 +108,12 @@ impl FreshAttachments {
         seq: u64,
         cn: Ipv4Addr,
     ) -> bool {
+        match self.newest.get(&en) {
+            Some(&(id, top)) if id == en_node_id && seq < top => return false,
+            _ => {
+                self.newest.insert(en, (en_node_id, seq));
+            }
+        }
         let fresh = Entry {
             cn,
             en_node_id,
@@ -86,6 +145,11 @@ impl FreshAttachments {
         let before = self.by_en.len();
         self.by_en.retain(|_, e| e.until > now);
         self.by_en.len() != before
+    }
+
+    /// Forgets the sequences of EN addresses no member holds any more.
+    pub fn retain_ens(&mut self, mut is_member: impl FnMut(Ipv4Addr) -> bool) {
+        self.newest.retain(|en, _| is_member(*en));
     }
 
     /// `(en, cn)` for [`crate::membership::core_routes`].
@@ -146,16 +210,6 @@ mod tests {
     }
 
     #[test]
-    fn an_expired_entry_does_not_block_an_older_sequence() {
-        let t = Instant::now();
-        let mut a = FreshAttachments::new();
-        assert!(a.observe(t, ip(25), 7, 5, ip(10)));
-        let after = t + FRESH_ATTACHMENT_TTL;
-        assert!(a.observe(after, ip(25), 7, 4, ip(20)));
-        assert_eq!(a.hints(), vec![(ip(25), ip(20))]);
-    }
-
-    #[test]
     fn ens_are_independent_and_expire_together_or_apart() {
         let t = Instant::now();
         let mut a = FreshAttachments::new();
@@ -168,5 +222,55 @@ mod tests {
         assert_eq!(a.hints(), vec![(ip(15), ip(10))]);
         assert!(a.expire(t2 + FRESH_ATTACHMENT_TTL));
         assert!(a.hints().is_empty());
+    }
+
+    /// Review finding (issue 10): a CN member announced any EN as its own
+    /// with sequence u64::MAX, and every CN routed that EN's traffic to it
+    /// (renewing it every few seconds kept it so). An attachment now needs
+    /// the EN's signature naming that CN at that sequence.
+    #[test]
+    fn only_the_edge_node_can_name_its_primary() {
+        use rand::SeedableRng;
+        let key = NodeKey::generate(&mut rand::rngs::StdRng::seed_from_u64(5));
+        let sign = key.public().to_bytes().sign;
+        let proof = prove_attachment(&key, ip(15), 7, 3, ip(10));
+        assert!(attachment_proven(&sign, ip(15), 7, 3, ip(10), &proof));
+        // Another CN, sequence, session or EN: the proof does not carry.
+        assert!(!attachment_proven(&sign, ip(15), 7, 3, ip(20), &proof));
+        assert!(!attachment_proven(
+            &sign,
+            ip(15),
+            7,
+            u64::MAX,
+            ip(10),
+            &proof
+        ));
+        assert!(!attachment_proven(&sign, ip(15), 8, 3, ip(10), &proof));
+        assert!(!attachment_proven(&sign, ip(16), 7, 3, ip(10), &proof));
+        let other = NodeKey::generate(&mut rand::rngs::StdRng::seed_from_u64(6));
+        let forged = prove_attachment(&other, ip(15), 7, 9, ip(20));
+        assert!(!attachment_proven(&sign, ip(15), 7, 9, ip(20), &forged));
+        assert!(!attachment_proven(&[0; 32], ip(15), 7, 3, ip(10), &proof));
+    }
+
+    /// A CN that once was an EN's primary holds a genuine proof naming
+    /// itself; replayed after the EN moved on (and the newer entry
+    /// expired), it must not take the EN's traffic back.
+    #[test]
+    fn an_older_attachment_is_refused_even_after_the_newer_one_expired() {
+        let t = Instant::now();
+        let mut a = FreshAttachments::new();
+        assert!(a.observe(t, ip(15), 7, 1, ip(10)));
+        assert!(a.observe(t, ip(15), 7, 2, ip(20)));
+        let later = t + FRESH_ATTACHMENT_TTL * 2;
+        assert!(a.expire(later));
+        assert!(!a.observe(later, ip(15), 7, 1, ip(10)), "a replay of seq 1");
+        assert!(a.hints().is_empty());
+        // A new session of the EN starts its sequence over.
+        assert!(a.observe(later, ip(15), 8, 1, ip(10)));
+        // Once the EN is no member, what was heard of it goes.
+        a.retain_ens(|_| false);
+        assert!(a.expire(later + FRESH_ATTACHMENT_TTL * 2));
+        assert!(a.observe(later, ip(15), 7, 1, ip(10)));
     }
 }

@@ -12,7 +12,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
-use foca::{Config, Foca, Identity, Notification, PostcardCodec, Runtime, Timer};
+use foca::{Codec, Config, Foca, Identity, Notification, PostcardCodec, Runtime, Timer};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -20,7 +20,10 @@ use serde::{Deserialize, Serialize};
 use crate::addr::{self, Claim};
 use crate::router::{CoreNode, EdgeNode, LinkId, Role, RouteTable};
 
-/// What identifies one running node to the others.
+/// What identifies one running node to the others. Signed by the node's
+/// own Ed25519 key (`sig`), so that what a member relays in gossip about
+/// another is what that other said (issue 10): nobody can move a member's
+/// underlay, address claim or attachment but the member itself.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct NodeIdentity {
     /// Random per process start: the session the dataplane keys on.
@@ -44,7 +47,55 @@ pub struct NodeIdentity {
     /// that: the handshake proves the certificate that binds them.
     pub sign: [u8; 32],
     pub dh: [u8; 32],
+    /// Ed25519 by `sign` over all of the above ([`NodeIdentity::signed_bytes`]).
+    pub sig: IdentitySig,
+    /// This node's own key, to sign its identity again when it changes
+    /// (never sent: only the node's own identity has it).
+    #[serde(skip)]
+    signer: Signer,
 }
+
+/// An Ed25519 signature, in two halves for serde (arrays up to 32).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct IdentitySig(pub [u8; 32], pub [u8; 32]);
+
+impl IdentitySig {
+    pub fn from_bytes(b: [u8; 64]) -> IdentitySig {
+        IdentitySig(
+            b[..32].try_into().expect("32 bytes"),
+            b[32..].try_into().expect("32 bytes"),
+        )
+    }
+
+    pub fn to_bytes(self) -> [u8; 64] {
+        let mut b = [0u8; 64];
+        b[..32].copy_from_slice(&self.0);
+        b[32..].copy_from_slice(&self.1);
+        b
+    }
+}
+
+/// The node's key, carried beside its own identity; equal to any other
+/// and hashed as nothing, so that identities compare by what they say.
+#[derive(Clone, Default)]
+struct Signer(Option<std::sync::Arc<crate::identity::NodeKey>>);
+
+impl PartialEq for Signer {
+    fn eq(&self, _: &Signer) -> bool {
+        true
+    }
+}
+impl Eq for Signer {}
+impl std::hash::Hash for Signer {
+    fn hash<H: std::hash::Hasher>(&self, _: &mut H) {}
+}
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Signer(..)" } else { "-" })
+    }
+}
+
+const IDENTITY_DOMAIN: &[u8] = b"ela-fast node identity v1\0";
 
 impl NodeIdentity {
     pub fn new(
@@ -65,17 +116,72 @@ impl NodeIdentity {
             attached: None,
             sign: [0; 32],
             dh: [0; 32],
+            sig: IdentitySig::default(),
+            signer: Signer(None),
         }
+    }
+
+    /// This node's own identity: its keys announced and signed with them,
+    /// and signed again whenever it changes.
+    pub fn signed_by(self, key: std::sync::Arc<crate::identity::NodeKey>) -> NodeIdentity {
+        let mut id = self.with_key(&key.public());
+        id.signer = Signer(Some(key));
+        id.resign();
+        id
+    }
+
+    /// What `sig` covers: every field but itself, under a domain string.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let fields = (
+            self.node_id,
+            self.overlay,
+            self.underlay,
+            self.role,
+            self.claimed_ms,
+            self.started_ms,
+            self.gen,
+            self.attached,
+            self.sign,
+            self.dh,
+        );
+        let mut v = IDENTITY_DOMAIN.to_vec();
+        v.extend(postcard::to_allocvec(&fields).expect("serialising to a Vec cannot fail"));
+        v
+    }
+
+    /// Signs again after a change (a no-op for others' identities).
+    fn resign(&mut self) {
+        if let Some(k) = self.signer.0.clone() {
+            self.sig = IdentitySig::from_bytes(k.sign(&self.signed_bytes()));
+        }
+    }
+
+    /// Whether `sig` is the announced `sign` key's over this identity.
+    /// Strict verification: no malleable signature, no weak key (what let
+    /// a revoked certificate through Nebula, slackhq/nebula#1600).
+    pub fn verify(&self) -> bool {
+        use ed25519_dalek::{Signature, VerifyingKey};
+        let Ok(k) = VerifyingKey::from_bytes(&self.sign) else {
+            return false;
+        };
+        !k.is_weak()
+            && k.verify_strict(
+                &self.signed_bytes(),
+                &Signature::from_bytes(&self.sig.to_bytes()),
+            )
+            .is_ok()
     }
 
     /// With the node's public keys announced.
     pub fn with_key(self, key: &crate::identity::NodePub) -> NodeIdentity {
         let b = key.to_bytes();
-        NodeIdentity {
+        let mut id = NodeIdentity {
             sign: b.sign,
             dh: b.dh,
             ..self
-        }
+        };
+        id.resign();
+        id
     }
 
     /// The announced keys, if any and well formed.
@@ -110,10 +216,12 @@ impl Identity for NodeIdentity {
     type Addr = NodeAddr;
 
     fn renew(&self) -> Option<Self> {
-        Some(NodeIdentity {
+        let mut id = NodeIdentity {
             gen: self.gen.wrapping_add(1),
             ..self.clone()
-        })
+        };
+        id.resign();
+        Some(id)
     }
 
     fn addr(&self) -> NodeAddr {
@@ -222,8 +330,88 @@ pub fn edge_swim_config(expected_members: u32) -> Config {
     c
 }
 
+/// foca's codec, refusing any SWIM message that carries an identity its
+/// own key did not sign: a member can relay others' identities but not
+/// change them. Verified identities are remembered (gossip repeats them).
+#[derive(Default)]
+pub struct SignedCodec {
+    verified: std::collections::HashSet<NodeIdentity>,
+}
+
+/// Identities kept as verified, at most (then the set starts over).
+const VERIFIED_CACHE: usize = 4096;
+
+impl SignedCodec {
+    fn check(&mut self, id: &NodeIdentity) -> Result<(), postcard::Error> {
+        if self.verified.contains(id) {
+            return Ok(());
+        }
+        if !id.verify() {
+            return Err(postcard::Error::DeserializeBadEncoding);
+        }
+        if self.verified.len() >= VERIFIED_CACHE {
+            self.verified.clear();
+        }
+        self.verified.insert(id.clone());
+        Ok(())
+    }
+}
+
+impl foca::Codec<NodeIdentity> for SignedCodec {
+    type Error = postcard::Error;
+
+    fn encode_header(
+        &mut self,
+        header: &foca::Header<NodeIdentity>,
+        buf: impl bytes::BufMut,
+    ) -> Result<(), Self::Error> {
+        PostcardCodec.encode_header(header, buf)
+    }
+
+    fn decode_header(
+        &mut self,
+        buf: impl bytes::Buf,
+    ) -> Result<foca::Header<NodeIdentity>, Self::Error> {
+        use foca::Message as M;
+        let h: foca::Header<NodeIdentity> = PostcardCodec.decode_header(buf)?;
+        self.check(&h.src)?;
+        self.check(&h.dst)?;
+        match &h.message {
+            M::PingReq { target: t, .. } | M::IndirectAck { target: t, .. } => self.check(t)?,
+            M::IndirectPing { origin: t, .. } | M::ForwardedAck { origin: t, .. } => {
+                self.check(t)?
+            }
+            M::Ping(_)
+            | M::Ack(_)
+            | M::Announce
+            | M::Feed
+            | M::Gossip
+            | M::Broadcast
+            | M::TurnUndead => {}
+        }
+        Ok(h)
+    }
+
+    fn encode_member(
+        &mut self,
+        member: &foca::Member<NodeIdentity>,
+        buf: impl bytes::BufMut,
+    ) -> Result<(), Self::Error> {
+        PostcardCodec.encode_member(member, buf)
+    }
+
+    fn decode_member(
+        &mut self,
+        buf: impl bytes::Buf,
+    ) -> Result<foca::Member<NodeIdentity>, Self::Error> {
+        let m: foca::Member<NodeIdentity> = PostcardCodec.decode_member(buf)?;
+        self.check(m.id())?;
+        Ok(m)
+    }
+}
+
 pub struct Membership {
-    foca: Foca<NodeIdentity, PostcardCodec, StdRng, foca::NoCustomBroadcast>,
+    foca: Foca<NodeIdentity, SignedCodec, StdRng, foca::NoCustomBroadcast>,
     out: Outbox,
     timers: Vec<(Instant, Timer<NodeIdentity>)>,
     events: VecDeque<Event>,
@@ -243,14 +431,18 @@ pub const DEPARTED_GRACE: Duration = Duration::from_secs(10);
 /// it: the caller checks it against who sealed the packet (issue 10: a
 /// member must not speak for another in SWIM).
 pub fn swim_sender(data: &[u8]) -> Option<NodeIdentity> {
-    use foca::Codec;
     PostcardCodec.decode_header(data).ok().map(|h| h.src)
 }
 
 impl Membership {
     pub fn new(identity: NodeIdentity, config: Config, seed: u64) -> Membership {
         Membership {
-            foca: Foca::new(identity, config, StdRng::seed_from_u64(seed), PostcardCodec),
+            foca: Foca::new(
+                identity,
+                config,
+                StdRng::seed_from_u64(seed),
+                SignedCodec::default(),
+            ),
             out: Outbox::default(),
             timers: Vec::new(),
             events: VecDeque::new(),
@@ -366,6 +558,7 @@ impl Membership {
         id.overlay = addr;
         id.claimed_ms = now_ms;
         id.gen = id.gen.wrapping_add(1);
+        id.resign();
         let _ = self.foca.change_identity(id, &mut self.out);
         self.events.push_back(Event::MembersChanged);
         self.settle(now);
@@ -380,6 +573,7 @@ impl Membership {
         }
         id.attached = cn;
         id.gen = id.gen.wrapping_add(1);
+        id.resign();
         let _ = self.foca.change_identity(id, &mut self.out);
         self.events.push_back(Event::MembersChanged);
         self.settle(now);
@@ -391,6 +585,7 @@ impl Membership {
         let mut id = self.foca.identity().clone();
         id.underlay = underlay;
         id.gen = id.gen.wrapping_add(1);
+        id.resign();
         let _ = self.foca.change_identity(id, &mut self.out);
         self.events.push_back(Event::MembersChanged);
         self.settle(now);

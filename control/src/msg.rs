@@ -51,6 +51,10 @@ pub enum ControlMsg {
         primary: bool,
         /// The EN's attach sequence (see [`crate::edge::EdgeAction::Attach`]).
         seq: u64,
+        /// With `primary`: the EN's signature naming this CN at `seq`
+        /// ([`crate::attach::prove_attachment`]), passed on in
+        /// `EdgeAttached`.
+        proof: crate::membership::IdentitySig,
     },
     /// Either way on a TCP link, every 100 ms: proves the link and the
     /// peer process alive faster than TCP would notice a silent death.
@@ -64,6 +68,8 @@ pub enum ControlMsg {
         en_node_id: u64,
         seq: u64,
         cn: Ipv4Addr,
+        /// The EN's own word for it (from its `Attach`).
+        proof: crate::membership::IdentitySig,
     },
     /// The first message each end of an EN↔CN TCP connection sends: the
     /// nonce its peer must bind every link message to (see
@@ -181,6 +187,7 @@ mod tests {
                 ),
                 primary: true,
                 seq: 3,
+                proof: crate::membership::IdentitySig([1; 32], [2; 32]),
             },
             ControlMsg::Keepalive,
             ControlMsg::EdgeAttached {
@@ -188,6 +195,7 @@ mod tests {
                 en_node_id: 8,
                 seq: u64::MAX,
                 cn: Ipv4Addr::new(10, 0, 0, 1),
+                proof: crate::membership::IdentitySig([3; 32], [4; 32]),
             },
             ControlMsg::Hello { nonce: [0xa5; 16] },
         ];
@@ -211,15 +219,16 @@ mod tests {
         // Members as large as they get: IPv6 underlay, maximal varints,
         // an attachment.
         let members: Vec<_> = (0..5000u32)
-            .map(|i| NodeIdentity {
-                attached: Some(Ipv4Addr::new(10, 0, 0, 1)),
-                ..NodeIdentity::new(
+            .map(|i| {
+                let mut id = NodeIdentity::new(
                     u64::MAX - i as u64,
                     Ipv4Addr::from(0x0a00_0000 + i),
                     "[ffff::1]:65535".parse().unwrap(),
                     Role::Edge,
                     u64::MAX,
-                )
+                );
+                id.attached = Some(Ipv4Addr::new(10, 0, 0, 1));
+                id
             })
             .collect();
         let observed: SocketAddr = "[ffff::2]:65535".parse().unwrap();

@@ -39,9 +39,6 @@ pub const RESPONDER_REKEY_AFTER: Duration = Duration::from_secs(150);
 pub const REJECT_AFTER: Duration = Duration::from_secs(180);
 pub const RETRY_AFTER: Duration = Duration::from_secs(5);
 pub const GIVE_UP_AFTER: Duration = Duration::from_secs(90);
-/// How long a responder waits for its session's first packet before it
-/// starts a handshake of its own for its traffic.
-pub const CONFIRM_GRACE: Duration = Duration::from_secs(1);
 
 /// A peer, by its X25519 public key (what its certificate binds).
 pub type PeerKey = [u8; 32];
@@ -117,9 +114,6 @@ struct Peer {
     previous: Option<Session>,
     /// A responder's session, not yet confirmed by a packet on it.
     next: Option<Session>,
-    /// `next`'s keys reached the cores too late for the initiator's first
-    /// packet (see [`Sessions::confirmation_missed`]).
-    next_missed: bool,
     /// Newest message-1 timestamp accepted from this peer.
     last_timestamp: Option<u64>,
     /// Traffic for this peer since its last session began: retries and
@@ -128,18 +122,6 @@ struct Peer {
 }
 
 impl Peer {
-    /// A session we answered moments ago waits for the initiator's first
-    /// packet (it sends one at once): starting our own as well would only
-    /// double the handshakes, and in a mesh that forms at once, all of
-    /// them. Past [`CONFIRM_GRACE`] the first packet is taken as lost.
-    fn confirming(&self, now: Instant) -> bool {
-        !self.next_missed
-            && self
-                .next
-                .as_ref()
-                .is_some_and(|s| now.saturating_duration_since(s.born) < CONFIRM_GRACE)
-    }
-
     fn sessions(&self) -> impl Iterator<Item = &Session> {
         [&self.current, &self.previous, &self.next]
             .into_iter()
@@ -283,12 +265,7 @@ impl Sessions {
         let resting = p
             .attempts
             .is_some_and(|(_, last)| now.saturating_duration_since(last) < RETRY_AFTER);
-        if fresh
-            || p.pending.is_some()
-            || resting
-            || p.confirming(now)
-            || (p.cert.is_none() && p.key.is_none())
-        {
+        if fresh || p.pending.is_some() || resting || (p.cert.is_none() && p.key.is_none()) {
             return Ok(Vec::new());
         }
         self.initiate(now, now_ns, *peer, rng)
@@ -396,7 +373,6 @@ impl Sessions {
         }
         let p = self.peers.get_mut(&key).expect("entered above");
         let old = p.next.replace(session.clone());
-        p.next_missed = false;
         self.forget(key, old, &mut out);
         out.push(Action::Install {
             peer: key,
@@ -420,7 +396,6 @@ impl Sessions {
             return out;
         }
         let next = p.next.take();
-        p.next_missed = false;
         let old = std::mem::replace(&mut p.previous, p.current.take());
         p.current = next;
         p.wanted = false;
@@ -430,25 +405,6 @@ impl Sessions {
             local_index,
         });
         out
-    }
-
-    /// The keys of the responder's session `local_index` reached the
-    /// cores only now (membership named the peer after we answered): the
-    /// initiator's first packet, sent at once, found none, so waiting for
-    /// it to confirm the session would be waiting in vain. Traffic for
-    /// the peer starts a handshake of our own at once instead.
-    pub fn confirmation_missed(&mut self, local_index: u32) {
-        let Some(key) = self.indices.get(&local_index) else {
-            return;
-        };
-        if let Some(p) = self.peers.get_mut(key) {
-            if p.next
-                .as_ref()
-                .is_some_and(|s| s.local_index == local_index)
-            {
-                p.next_missed = true;
-            }
-        }
     }
 
     /// A response arrived (its MACs checked).
@@ -579,7 +535,7 @@ impl Sessions {
             let retry = if p.pending.is_some() || p.attempts.is_some() {
                 rested && (p.pending.is_some() || p.wanted)
             } else {
-                p.wanted && (stale || p.current.is_none()) && !p.confirming(now)
+                p.wanted && (stale || p.current.is_none())
             };
             if retry {
                 if let Ok(a) = self.initiate(now, now_ns, key, rng) {

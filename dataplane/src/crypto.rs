@@ -463,12 +463,23 @@ impl PacketKeys {
     /// nonces (collisions after about 2^26 packets of one pair in one
     /// hour), and the header's source and destination, which the tag
     /// covers, tell the directions apart.
-    pub fn derive_control_pair(shared: &[u8; KEY_LEN], suite: Suite, epoch: u32) -> Self {
-        let parts: [&[u8]; 4] = [
+    ///
+    /// One key per direction: `sender` is the X25519 key of the side that
+    /// seals with it. A packet reflected back to its sender, claiming to
+    /// come from the recipient, is then opened under the other direction's
+    /// key and fails its tag.
+    pub fn derive_control_pair(
+        shared: &[u8; KEY_LEN],
+        suite: Suite,
+        epoch: u32,
+        sender: &[u8; 32],
+    ) -> Self {
+        let parts: [&[u8]; 5] = [
             INFO_PREFIX,
             suite.name().as_bytes(),
             INFO_CONTROL,
             &epoch.to_be_bytes(),
+            sender,
         ];
         let mut key = [0u8; KEY_LEN];
         Hkdf::<Sha256>::new(Some(HKDF_SALT), shared)

@@ -274,7 +274,8 @@ fn pair_keys(sender: usize, suite: usize, epoch: u32) -> PacketKeys {
         .or_insert_with(|| {
             let w = world();
             let s = control_secret(&w.ids[sender].key, &w.ids[B].dh).expect("a usable key");
-            PacketKeys::derive_control_pair(&s, Suite::ALL[suite], epoch)
+            let from = w.ids[sender].key.public().dh;
+            PacketKeys::derive_control_pair(&s, Suite::ALL[suite], epoch, &from)
         })
         .clone()
 }
@@ -632,14 +633,17 @@ fn decoded(r: &mut Reader) {
 }
 
 /// The identity foca runs as; seeds address their SWIM messages to it.
+/// Signed, as members' identities must be for SWIM to take them.
 fn swim_identity(node_id: u64) -> NodeIdentity {
+    let n = node_id as u8;
     NodeIdentity::new(
         node_id,
-        Ipv4Addr::new(10, 0, 0, node_id as u8),
-        SocketAddr::from(([192, 0, 2, node_id as u8], 7000)),
+        Ipv4Addr::new(10, 0, 0, n),
+        SocketAddr::from(([192, 0, 2, n], 7000)),
         Role::Core,
         BASE_MS,
     )
+    .signed_by(std::sync::Arc::new(NodeKey::from_bytes([n; 32], [n; 32])))
 }
 
 fn swim(payload: &[u8]) {
@@ -901,17 +905,16 @@ fn hello(r: &mut Reader) {
 
 /// One message of every variant, at their largest where it matters.
 pub fn sample_messages() -> Vec<ControlMsg> {
-    let en = NodeIdentity {
-        attached: Some(Ipv4Addr::new(10, 0, 0, 1)),
-        gen: 3,
-        ..NodeIdentity::new(
-            u64::MAX,
-            Ipv4Addr::new(10, 0, 0, 8),
-            "[2001:db8::8]:65535".parse().expect("addr"),
-            Role::Edge,
-            BASE_MS,
-        )
-    };
+    let mut en = NodeIdentity::new(
+        u64::MAX,
+        Ipv4Addr::new(10, 0, 0, 8),
+        "[2001:db8::8]:65535".parse().expect("addr"),
+        Role::Edge,
+        BASE_MS,
+    );
+    en.attached = Some(Ipv4Addr::new(10, 0, 0, 1));
+    en.gen = 3;
+    let en = en.signed_by(std::sync::Arc::new(NodeKey::from_bytes([8; 32], [8; 32])));
     // A real SWIM message: node 1 announcing itself to node 2.
     let mut m1 = Membership::new(swim_identity(1), swim_config(4), 1);
     m1.join(Instant::now(), vec![swim_identity(2)]);
@@ -947,6 +950,7 @@ pub fn sample_messages() -> Vec<ControlMsg> {
             identity: en,
             primary: true,
             seq: 3,
+            proof: ela_control::membership::IdentitySig([1; 32], [2; 32]),
         },
         ControlMsg::Keepalive,
         ControlMsg::EdgeAttached {
@@ -954,6 +958,7 @@ pub fn sample_messages() -> Vec<ControlMsg> {
             en_node_id: 8,
             seq: u64::MAX,
             cn: Ipv4Addr::new(10, 0, 0, 1),
+            proof: ela_control::membership::IdentitySig([3; 32], [4; 32]),
         },
         ControlMsg::Hello { nonce: [0xa5; 16] },
         ControlMsg::Revoked {

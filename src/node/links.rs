@@ -264,6 +264,7 @@ impl Control<'_> {
                 identity,
                 primary,
                 seq,
+                proof,
             } => {
                 let Some(peer_nonce) = conn.peer_nonce else {
                     return PendingStep::Close;
@@ -274,7 +275,9 @@ impl Control<'_> {
                     || identity.role != Role::Edge
                     || hdr.src != identity.overlay
                     || identity.dh != peer
+                    || !identity.verify()
                     || fixed.is_some_and(|f| f != identity.overlay)
+                    || (primary && !self.proves_attachment_here(&identity, seq, &proof))
                 {
                     self.counters.unbound.fetch_add(1, Ordering::Relaxed);
                     return PendingStep::Close;
@@ -283,11 +286,11 @@ impl Control<'_> {
                 let my_nonce = conn.my_nonce;
                 let (stream, initial) = conn.into_link();
                 let kind = LinkKind::Edge {
-                    en: identity.clone(),
+                    en: Box::new(identity.clone()),
                     primary,
                 };
                 match self.add_link(stream, kind, my_nonce, Some((peer_nonce, peer)), initial) {
-                    Some(id) => self.attached(id, identity, primary, seq),
+                    Some(id) => self.attached(id, identity, primary, seq, proof),
                     None => warn!(en = %identity.overlay, "no link id free for an edge node"),
                 }
                 PendingStep::Attached
@@ -296,13 +299,33 @@ impl Control<'_> {
         }
     }
 
-    /// Link `id` now carries `identity`'s attachment (first or again).
-    pub(super) fn attached(&mut self, id: LinkId, identity: NodeIdentity, primary: bool, seq: u64) {
+    /// Whether `proof` is `en`'s signature naming this CN its primary at
+    /// `seq` (its identity, already verified, gives the key).
+    pub(super) fn proves_attachment_here(
+        &self,
+        en: &NodeIdentity,
+        seq: u64,
+        proof: &IdentitySig,
+    ) -> bool {
+        let me = self.members.identity().overlay;
+        attach::attachment_proven(&en.sign, en.overlay, en.node_id, seq, me, proof)
+    }
+
+    /// Link `id` now carries `identity`'s attachment (first or again);
+    /// `proof` is the EN's word for it when `primary` (checked).
+    pub(super) fn attached(
+        &mut self,
+        id: LinkId,
+        identity: NodeIdentity,
+        primary: bool,
+        seq: u64,
+        proof: IdentitySig,
+    ) {
         info!(en = %identity.overlay, primary, link = id, "edge node attached");
         let (en, en_node_id) = (identity.overlay, identity.node_id);
         if let Some(l) = self.links.get_mut(&id) {
             l.kind = LinkKind::Edge {
-                en: identity,
+                en: Box::new(identity),
                 primary,
             };
         }
@@ -312,7 +335,7 @@ impl Control<'_> {
             let me = self.members.identity().overlay;
             self.fresh_attachments
                 .observe(Instant::now(), en, en_node_id, seq, me);
-            self.announce_attachment(en, en_node_id, seq);
+            self.announce_attachment(en, en_node_id, seq, proof);
         }
         // Routes change only with a primary, but status shows backups too.
         self.refresh();
@@ -468,11 +491,17 @@ impl Control<'_> {
             return;
         };
         let me = self.members.identity().clone();
+        let LinkKind::Core { cn } = l.kind else {
+            return;
+        };
+        let proof =
+            attach::prove_attachment(&self.cfg.credentials.key, me.overlay, me.node_id, seq, cn);
         if let Some(p) = self.codec.seal(
             &ControlMsg::Attach {
                 identity: me.clone(),
                 primary,
                 seq,
+                proof,
             },
             me.overlay,
             Ipv4Addr::UNSPECIFIED,

@@ -516,9 +516,6 @@ impl SessionDriver {
                 continue;
             };
             self.unbound.remove(&index);
-            if !send {
-                self.sessions.confirmation_missed(index);
-            }
             out.extend(self.install(addr, &s, send));
         }
         out

@@ -17,6 +17,12 @@ struct Sim {
     seed_base: u64,
 }
 
+/// `id` as its node announces it: keys from `seed`, signed.
+fn signed(id: NodeIdentity, seed: u64) -> NodeIdentity {
+    let k = crate::identity::NodeKey::generate(&mut StdRng::seed_from_u64(seed));
+    id.signed_by(std::sync::Arc::new(k))
+}
+
 fn ip(n: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 0, 0, n)
 }
@@ -57,6 +63,7 @@ impl Sim {
     ) -> usize {
         let i = self.nodes.len();
         let id = NodeIdentity::new(1000 + i as u64, overlay, ua(i + 1), role, self.now_ms());
+        let id = signed(id, 1000 + self.seed_base + i as u64);
         let mut m = Membership::new(id, config, self.seed_base + i as u64);
         if let Some(s) = seed_with {
             let seed = self.nodes[s].identity().clone();
@@ -362,7 +369,7 @@ fn edge_nodes_join_move_and_are_routed_by_hint() {
     let now_ms = sim.now_ms();
     let mut id = NodeIdentity::new(500, ip(25), ua(9), Role::Edge, now_ms);
     id.attached = Some(ip(20));
-    let mut en = Membership::new(id, swim_config(8), 500);
+    let mut en = Membership::new(signed(id, 500), swim_config(8), 500);
     en.join(sim.now, vec![sim.nodes[0].identity().clone()]);
     sim.nodes.push(en);
     let e = sim.nodes.len() - 1;
@@ -419,7 +426,7 @@ fn restarted_node_supersedes_its_predecessor() {
     let now_ms = sim.now_ms();
     let mut id = NodeIdentity::new(77, ip(2), ua(2), Role::Core, now_ms);
     id.started_ms = now_ms;
-    let mut m = Membership::new(id, swim_config(8), 99);
+    let mut m = Membership::new(signed(id, 99), swim_config(8), 99);
     let seed = sim.nodes[0].identity().clone();
     m.join(sim.now, vec![seed]);
     sim.nodes[1] = m;
@@ -451,4 +458,49 @@ fn fixed_addresses_belong_to_their_certificate_key() {
     let kept = resolve(&without_impostors(all, &fixed));
     assert_eq!(kept.len(), 2);
     assert!(kept.contains(&owner) && kept.contains(&other));
+}
+
+/// Issue 10: gossip relays what members say about themselves, signed by
+/// them. A member (or anyone who can reach SWIM) that rewrites another's
+/// identity, here moving its underlay to where traffic would be lost,
+/// changes nothing: the SWIM message carrying it is refused whole.
+#[test]
+fn forged_identities_in_gossip_are_refused() {
+    let mut sim = Sim::new();
+    sim.add(ip(1), None);
+    sim.add(ip(2), Some(0));
+    sim.run(1500);
+    let before = sim.views();
+    let victim = sim.nodes[1].identity().clone();
+    assert!(victim.verify());
+    let mut forged = victim.clone();
+    forged.underlay = ua(66);
+    forged.node_id ^= 1;
+    assert!(!forged.verify(), "the signature no longer matches");
+
+    // As the sender of a message (a node announcing itself as the victim).
+    let mut liar = Membership::new(forged.clone(), swim_config(8), 66);
+    liar.join(sim.now, vec![sim.nodes[0].identity().clone()]);
+    let mut n = 0;
+    while let Some(t) = liar.poll_transmit() {
+        sim.nodes[0].handle_swim(sim.now, &t.payload);
+        n += 1;
+    }
+    assert!(n > 0);
+    sim.run(500);
+    assert!(sim.nodes[0].members().iter().all(|m| m.underlay != ua(66)));
+    // As an update carried in another's message.
+    let member = foca::Member::alive(forged.clone());
+    let mut buf = Vec::new();
+    PostcardCodec.encode_member(&member, &mut buf).unwrap();
+    assert!(SignedCodec::default().decode_member(&buf[..]).is_err());
+    let honest = foca::Member::alive(victim);
+    let mut buf = Vec::new();
+    PostcardCodec.encode_member(&honest, &mut buf).unwrap();
+    assert!(SignedCodec::default().decode_member(&buf[..]).is_ok());
+
+    assert_eq!(sim.views(), before);
+    // Unsigned identities (no key announced) are refused too.
+    let bare = NodeIdentity::new(9, ip(9), ua(9), Role::Core, 1);
+    assert!(!bare.verify());
 }
