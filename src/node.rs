@@ -647,7 +647,10 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 #[derive(Clone, Debug)]
 enum LinkKind {
     /// CN side: an EN, and whether we are its primary.
-    Edge { en: Box<NodeIdentity>, primary: bool },
+    Edge {
+        en: Box<NodeIdentity>,
+        primary: bool,
+    },
     /// EN side: a link to this CN.
     Core { cn: Ipv4Addr },
 }
