@@ -1,0 +1,174 @@
+//! Issue 10, a malicious core node against an edge node (root; network
+//! namespaces): a CN member must not draw an EN's traffic to itself.
+//!
+//! The group: CN1 `10.0.0.10`, CN2 `10.0.0.20`, the insider's node M
+//! `10.0.0.30` (a real CN, certified like the others), and the EN
+//! `10.0.0.15`, whose primary is CN1 and backup CN2 (UDP blocked on its
+//! host). The tool runs in M's namespace with M's node key and
+//! certificate and tells CN2, sealed as M would (`ControlCodec`, the
+//! code the nodes run), that the EN attached to M with attach sequence
+//! u64::MAX. Before the EN signed its attachments, CN2 believed it and
+//! routed the EN's traffic through M for as long as M kept saying so.
+//!
+//! The figure: CN2 pings the EN while the tool repeats its claim; how
+//! many of those pings M forwards (M's `forwarded` counter: an honest
+//! route from CN2 to the EN never passes M). With CN2's check of the
+//! EN's signature disabled, the same run shows "cn2 refused 0 … M
+//! forwarded 15 packets": all 15 pings drawn through M. With it, CN2
+//! refuses all 20 claims (`unbound`) and M forwards nothing.
+//!
+//! Every packet stays inside the lab; the tool's claims are 20 in all,
+//! paced; the lab's `Drop` tears everything down.
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, ensure, Result};
+use ela_control::membership::IdentitySig;
+use ela_control::msg::ControlMsg;
+use ela_dataplane::crypto::Suite;
+use ela_fast::control_codec::{ControlCodec, NO_CHANNEL};
+use ela_fast::identity::{load_ca_pub, load_cert, load_node_key};
+use ela_fast::netns::{self, Lab, Node, NodeRole, NodeSpec};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ela-fast");
+const CONVERGE: Duration = Duration::from_secs(30);
+
+fn ip(d: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 0, d)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64
+}
+
+fn forwarded(st: &Value) -> u64 {
+    st["packets"]["forwarded"].as_u64().unwrap_or(0)
+}
+
+fn start(
+    lab: &Lab,
+    h: netns::HostId,
+    name: &str,
+    addr: u8,
+    via: Option<&Node>,
+    edge: bool,
+) -> Result<Node> {
+    let mut spec = NodeSpec::with_identity(lab.identity(name, Some(ip(addr)))?).addr(ip(addr));
+    if let Some(v) = via {
+        spec = spec.bootstrap(v.listen);
+    }
+    if edge {
+        spec.role = NodeRole::Edge;
+    }
+    Ok(lab.start_node(h, &spec)?.0)
+}
+
+#[test]
+fn a_core_node_cannot_draw_an_edge_nodes_traffic() {
+    netns::lab_test("insider_edge", BIN, |lab: &mut Lab| {
+        let h: Vec<_> = ["cn1", "cn2", "insider", "en"]
+            .iter()
+            .map(|n| lab.add_host(n))
+            .collect::<Result<_>>()?;
+        lab.block_udp(h[3])?;
+        let cn1 = start(lab, h[0], "cn1", 10, None, false)?;
+        let cn2 = start(lab, h[1], "cn2", 20, Some(&cn1), false)?;
+        let m = start(lab, h[2], "insider", 30, Some(&cn1), false)?;
+        let en = start(lab, h[3], "en", 15, Some(&cn1), true)?;
+        lab.wait_converged(&[&cn1, &cn2, &m, &en], 4, CONVERGE)?;
+        lab.wait_status(&en, CONVERGE, "primary 10.0.0.10", |st| {
+            netns::primary(st) == Some(ip(10))
+        })?;
+        // Sessions up: CN2 reaches the EN (through CN1).
+        let mut ok = false;
+        for _ in 0..10 {
+            if lab
+                .ping(cn2.host, ip(15), 3, Duration::from_millis(200))?
+                .received
+                == 3
+            {
+                ok = true;
+                break;
+            }
+        }
+        ensure!(ok, "cn2 never reached the edge node");
+
+        // The EN's session id, as status and gossip show it.
+        let en_node_id = u64::from_str_radix(&netns::self_node_id(&lab.status(&en)?)?, 16)?;
+        let dir = lab.dir();
+        let cipher = lab.status(&cn2)?["cipher"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let suite = *Suite::ALL
+            .iter()
+            .find(|s| s.name() == cipher)
+            .ok_or_else(|| anyhow!("unknown cipher {cipher:?}"))?;
+        let mut codec = ControlCodec::new(
+            load_node_key(&dir.join("insider.node.key"))?,
+            load_ca_pub(&dir.join("ca.pub"))?,
+            suite,
+        );
+        let cn2_cert = load_cert(&dir.join("cn2.cert"))?;
+        let cn2_key = codec.trust(&cn2_cert, unix_ms() / 1000)?;
+        let claim = ControlMsg::EdgeAttached {
+            en: ip(15),
+            en_node_id,
+            seq: u64::MAX,
+            cn: ip(30),
+            proof: IdentitySig::default(),
+        };
+
+        let before_m = lab.status(&m)?;
+        let before_cn2 = lab.status(&cn2)?;
+        let to: SocketAddr = cn2.listen;
+        let codec = &mut codec;
+        let lab: &Lab = lab;
+        let tool_host = h[2];
+        let (sent, r) = std::thread::scope(|s| -> Result<_> {
+            let tool = s.spawn(move || {
+                lab.in_netns(tool_host, || -> Result<usize> {
+                    let sock = UdpSocket::bind("0.0.0.0:0")?;
+                    let mut n = 0;
+                    for _ in 0..20 {
+                        let p = codec
+                            .seal(&claim, ip(30), ip(20), &cn2_key, &NO_CHANNEL, unix_ms())
+                            .ok_or_else(|| anyhow!("cannot seal for cn2"))?;
+                        sock.send_to(&p, to)?;
+                        n += 1;
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Ok(n)
+                })
+            });
+            std::thread::sleep(Duration::from_millis(300));
+            let r = lab.ping(cn2.host, ip(15), 15, Duration::from_millis(200))?;
+            let sent = tool.join().map_err(|_| anyhow!("the tool panicked"))??;
+            Ok((sent, r))
+        })?;
+        let after_m = lab.status(&m)?;
+        let after_cn2 = lab.status(&cn2)?;
+        let through_m = forwarded(&after_m) - forwarded(&before_m);
+        let refused = netns::counter(&after_cn2, "control.unbound")
+            - netns::counter(&before_cn2, "control.unbound");
+        eprintln!(
+            "{sent} forged EdgeAttached claims: cn2 refused {refused}; of cn2's {} pings to the EN, {} answered; M forwarded {through_m} packets",
+            r.transmitted, r.received
+        );
+        ensure!(
+            refused >= sent as u64,
+            "cn2 took a claim without the EN's signature ({refused} of {sent} refused)"
+        );
+        ensure!(
+            through_m == 0,
+            "cn2 routed the EN's traffic through the insider ({through_m} packets)"
+        );
+        ensure!(r.received == r.transmitted, "pings lost: {}", r.output);
+        Ok(())
+    });
+}
