@@ -199,9 +199,17 @@ pub struct ControlCodec {
     pairs: HashMap<[u8; 32], Pair>,
     trusted: HashMap<[u8; 32], Trusted>,
     revoked: HashSet<[u8; 32]>,
-    seen: HashMap<u64, u64>,
+    /// Per sender: the nonces of its packets still within the freshness
+    /// window, and their send times. Bounded per sender, so that a member
+    /// flooding its own valid packets costs memory only up to
+    /// [`MAX_SEEN_PER_SENDER`] and delays nobody else's.
+    seen: HashMap<[u8; 32], HashMap<u64, u64>>,
     last_purge_ms: u64,
 }
+
+/// Nonces kept per sender: 130 control packets/s for two minutes, far
+/// above what SWIM and joins send one member (a few per second).
+const MAX_SEEN_PER_SENDER: usize = 16_384;
 
 fn header(src: Ipv4Addr, dst: Ipv4Addr, index: u32) -> Header {
     Header {
@@ -586,14 +594,26 @@ impl ControlCodec {
         if sent_ms.abs_diff(now_ms) > max || epoch_at(sent_ms) != hdr.index {
             return Err(ControlDrop::Stale);
         }
+        let fresh = |t: &u64| now_ms.saturating_sub(*t) <= 2 * max;
         if now_ms.saturating_sub(self.last_purge_ms) > 1000 {
-            self.seen
-                .retain(|_, t| now_ms.saturating_sub(*t) <= 2 * max);
+            self.seen.retain(|_, m| {
+                m.retain(|_, t| fresh(t));
+                !m.is_empty()
+            });
             self.last_purge_ms = now_ms;
         }
-        if self.seen.insert(hdr.counter, sent_ms).is_some() {
+        let mine = self.seen.entry(*sender).or_default();
+        if mine.contains_key(&hdr.counter) {
             return Err(ControlDrop::Replay);
         }
+        if mine.len() >= MAX_SEEN_PER_SENDER {
+            mine.retain(|_, t| fresh(t));
+            if mine.len() >= MAX_SEEN_PER_SENDER {
+                // Past its budget: its packets wait until old ones age out.
+                return Err(ControlDrop::Replay);
+            }
+        }
+        mine.insert(hdr.counter, sent_ms);
         let channel: Channel = plain[8..PREFIX].try_into().expect("16 bytes");
         let msg = ControlMsg::decode(&plain[PREFIX..]).map_err(|_| ControlDrop::Undecodable)?;
         Ok((hdr, channel, msg))

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::ErrorKind;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -127,6 +127,10 @@ const CONTROL_RECV_BATCH: usize = 256;
 /// Handshakes a CN passes on per second for one source network (an EN's
 /// link, or a CN relaying for its ENs).
 const RELAYED_HANDSHAKES_PER_SEC: u32 = 50;
+/// `Revoked` messages taken from one member per second (burst twice
+/// that): a member floods each new revocation once and sends one batch
+/// every [`REVOCATION_GOSSIP`].
+const REVOKED_MSGS_PER_SEC: u32 = 10;
 /// Every this often a node sends one member a batch of the revocations
 /// it holds (anti-entropy: a member that missed the flood, or joined
 /// after it, still learns them).
@@ -552,6 +556,11 @@ pub fn run(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         ),
         join_cookies: JoinCookies::new(Instant::now(), &mut rand::thread_rng()),
         join_limiter: SourceLimiter::per_host(JOINS_PER_SEC, 2 * JOINS_PER_SEC, 4096),
+        revocation_limiter: SourceLimiter::per_host(
+            REVOKED_MSGS_PER_SEC,
+            2 * REVOKED_MSGS_PER_SEC,
+            4096,
+        ),
         unknown: std::collections::VecDeque::new(),
         answers: std::collections::VecDeque::new(),
         cert_limiter: SourceLimiter::new(CERTS_PER_NET_PER_SEC, 2 * CERTS_PER_NET_PER_SEC, 4096),
@@ -712,6 +721,8 @@ struct Control<'a> {
     sessions: SessionDriver,
     /// Handshakes this CN relays, per source network.
     relay_limiter: SourceLimiter,
+    /// `Revoked` messages per member (each may cost signature checks).
+    revocation_limiter: SourceLimiter,
     /// Cookies a UDP joiner must bring before its certificate is checked.
     join_cookies: JoinCookies,
     /// Joins whose certificates are checked, per source address.
@@ -1021,6 +1032,12 @@ impl Control<'_> {
             }
             ControlMsg::Keepalive => {}
             ControlMsg::Revoked { revocations } => {
+                // Each new entry costs a signature check: a member gets a
+                // budget of messages, like a joiner.
+                if !(self.revocation_limiter).allow(Instant::now(), IpAddr::V4(hdr.src)) {
+                    (self.counters.revocations_rate_limited).fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
                 let list: Vec<Revocation> = revocations
                     .iter()
                     .take(REVOCATIONS_PER_MSG)

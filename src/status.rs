@@ -111,6 +111,8 @@ pub struct ControlCounters {
     pub join_cookie_refused: AtomicU64,
     /// UDP join requests over their source address's rate.
     pub join_rate_limited: AtomicU64,
+    /// `Revoked` messages over their sender's budget.
+    pub revocations_rate_limited: AtomicU64,
     /// Authentic and fresh, but not bound to us or to the link or request
     /// it came on (a replay to another member or connection).
     pub unbound: AtomicU64,
@@ -200,6 +202,7 @@ pub fn snapshot(s: &StatusShared) -> Value {
             "bad_cert": c.bad_cert.load(r),
             "join_cookie_refused": c.join_cookie_refused.load(r),
             "join_rate_limited": c.join_rate_limited.load(r),
+            "revocations_rate_limited": c.revocations_rate_limited.load(r),
             "unbound": c.unbound.load(r),
             "conns_refused": c.conns_refused.load(r),
             "conns_pending": c.conns_pending.load(r),

@@ -517,3 +517,50 @@ fn a_packet_reflected_to_its_sender_does_not_open() {
         );
     }
 }
+
+/// Review finding (issue 10): the set of nonces seen had no bound, so a
+/// member sending valid control packets fast grew it without limit.
+/// Each sender now has its own budget: past it, its packets wait, and
+/// another member's still open.
+#[test]
+fn a_flooding_member_fills_only_its_own_replay_budget() {
+    let authority = ca(1);
+    let (mut a, mut b, mut c) = (
+        node(&authority, 1),
+        node(&authority, 2),
+        node(&authority, 3),
+    );
+    introduce(&mut a, &mut b);
+    introduce(&mut c, &mut b);
+    let msg = ControlMsg::Swim(vec![1; 8]);
+    for _ in 0..MAX_SEEN_PER_SENDER {
+        let p = a
+            .codec
+            .seal(&msg, ip(1), ip(2), &b.key, &NO_CHANNEL, NOW_MS)
+            .unwrap();
+        b.codec.open(&p, NOW_MS).unwrap();
+    }
+    let p = a
+        .codec
+        .seal(&msg, ip(1), ip(2), &b.key, &NO_CHANNEL, NOW_MS)
+        .unwrap();
+    assert_eq!(b.codec.open(&p, NOW_MS).unwrap_err(), ControlDrop::Replay);
+    let q = c
+        .codec
+        .seal(&msg, ip(3), ip(2), &b.key, &NO_CHANNEL, NOW_MS)
+        .unwrap();
+    assert_eq!(
+        b.codec.open(&q, NOW_MS).unwrap().msg,
+        msg,
+        "others are unaffected"
+    );
+    // Once its packets age out of the window, it is heard again.
+    let later = NOW_MS + 2 * MAX_AGE.as_millis() as u64 + 1;
+    let p = a
+        .codec
+        .seal(&msg, ip(1), ip(2), &b.key, &NO_CHANNEL, later)
+        .unwrap();
+    assert_eq!(b.codec.open(&p, later).unwrap().msg, msg);
+    let kept: usize = b.codec.seen.values().map(|m| m.len()).sum();
+    assert!(kept <= MAX_SEEN_PER_SENDER + 2, "{kept}");
+}
