@@ -793,8 +793,10 @@ mod tests {
             assert_eq!((o.channel, o.peer), (nonce, mkey), "bound to its request");
             let r = parse_reply(o.msg).unwrap();
             assert_eq!(r.members[0], me, "the member itself first");
-            // A head start (keys included); SWIM brings the rest.
-            assert!(r.members.len() >= 8, "only {} members", r.members.len());
+            // A head start (keys and signatures included: a signed
+            // identity with an IPv6 underlay is ~230 bytes); SWIM brings
+            // the rest.
+            assert!(r.members.len() >= 4, "only {} members", r.members.len());
             let offer = r.offer.expect("an address offered");
             assert!(
                 !members.iter().any(|m| m.overlay == offer),
