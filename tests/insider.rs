@@ -10,12 +10,9 @@
 //! certificate, the authority's public key, and the group key file, which
 //! every node still holds): it makes its own Noise IK session with CN2 as
 //! M, with the handshake code the nodes run (`ela_control::handshake`,
-//! the cookie MACs, `sessions::handshake_packet`). CN2 answers "the member
-//! holding 10.0.0.3", i.e. M's underlay port, where the real node is still
-//! bound; the tool reads the answer off a packet socket in M's namespace
-//! instead of racing the real node for the port, so nothing depends on
-//! SWIM timing. The real node gets the answer too and refuses it (an
-//! index it never sent), which changes nothing here.
+//! the cookie MACs, `sessions::handshake_packet`). CN2 answers back the
+//! way the initiation came, to the tool's own port; the tool reads the
+//! answer off a packet socket in M's namespace.
 //!
 //! One test per claim, each with a control that the same tool succeeds
 //! at, so that a test which passes says something:
@@ -423,7 +420,8 @@ impl Stolen {
 /// Runs M's side of a Noise IK handshake with `peer` from M's namespace,
 /// as M's node would: index ‖ message 1 behind the cookie MACs, in a
 /// handshake packet to the peer's UDP port. The answer is read off a
-/// packet socket in M's namespace (it goes to M's node's port).
+/// packet socket in M's namespace (it comes back to the tool's port, the
+/// way the initiation came).
 fn handshake(lab: &Lab, g: &Group, peer: Ipv4Addr, peer_node: &Node) -> Result<Stolen> {
     let me = &g.insider;
     let peer_pub = NodePub::from_bytes(&g.cn2_cert.body().node)?;
@@ -436,6 +434,8 @@ fn handshake(lab: &Lab, g: &Group, peer: Ipv4Addr, peer_node: &Node) -> Result<S
     let (SocketAddr::V4(to4), SocketAddr::V4(m4)) = (peer_node.listen, g.m.listen) else {
         bail!("the nodes do not listen on IPv4");
     };
+    // Answers go back the way the initiation came: to the tool's port.
+    let mine = SocketAddrV4::new(*m4.ip(), sock.local_addr()?.port());
     let mut rng = rand::thread_rng();
     for attempt in 1..=3 {
         let local_index: u32 = rng.gen_range(1..=u32::MAX);
@@ -451,10 +451,8 @@ fn handshake(lab: &Lab, g: &Group, peer: Ipv4Addr, peer_node: &Node) -> Result<S
         while let Some(ds) = tap.next(deadline) {
             let Some(d) = ds.first() else { continue };
             let p = &d.payload;
-            // CN2's answer goes to the member holding M's address: M's
-            // node's port.
             if d.src != to4
-                || d.dst != m4
+                || d.dst != mine
                 || p.len() < HEADER_LEN + 8
                 || p[0] != VERSION
                 || p[1] != PacketType::Handshake as u8
