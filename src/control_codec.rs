@@ -311,6 +311,16 @@ impl ControlCodec {
         self.trusted.get(key).filter(|t| t.not_after >= now_s)
     }
 
+    /// X25519 key → Ed25519 key of every certificate held (see
+    /// `membership::CertifiedKeys`).
+    pub fn certified_keys(&self, now_s: u64) -> std::collections::BTreeMap<[u8; 32], [u8; 32]> {
+        self.trusted
+            .iter()
+            .filter(|(_, t)| t.not_after >= now_s)
+            .map(|(k, t)| (*k, t.cert.body().node.sign))
+            .collect()
+    }
+
     /// The addresses the authority fixed in the certificates held, and
     /// whose key each belongs to.
     pub fn fixed_addresses(&self, now_s: u64) -> std::collections::BTreeMap<Ipv4Addr, [u8; 32]> {
@@ -607,11 +617,9 @@ impl ControlCodec {
             return Err(ControlDrop::Replay);
         }
         if mine.len() >= MAX_SEEN_PER_SENDER {
-            mine.retain(|_, t| fresh(t));
-            if mine.len() >= MAX_SEEN_PER_SENDER {
-                // Past its budget: its packets wait until old ones age out.
-                return Err(ControlDrop::Replay);
-            }
+            // Past its budget: its packets wait until the purge above
+            // (once a second, not per packet) ages old ones out.
+            return Err(ControlDrop::Replay);
         }
         mine.insert(hdr.counter, sent_ms);
         let channel: Channel = plain[8..PREFIX].try_into().expect("16 bytes");

@@ -1033,8 +1033,12 @@ impl Control<'_> {
             ControlMsg::Keepalive => {}
             ControlMsg::Revoked { revocations } => {
                 // Each new entry costs a signature check: a member gets a
-                // budget of messages, like a joiner.
-                if !(self.revocation_limiter).allow(Instant::now(), IpAddr::V4(hdr.src)) {
+                // budget of messages, like a joiner. Keyed by the key that
+                // sealed them (the source address is the sender's to
+                // choose): its first 16 bytes, as an address-shaped key.
+                let who: [u8; 16] = peer[..16].try_into().expect("16 of 32 bytes");
+                let who = IpAddr::V6(std::net::Ipv6Addr::from(who));
+                if !(self.revocation_limiter).allow(Instant::now(), who) {
                     (self.counters.revocations_rate_limited).fetch_add(1, Ordering::Relaxed);
                     return;
                 }
@@ -1060,12 +1064,22 @@ impl Control<'_> {
                 // Only for an EN session membership knows, and only with
                 // the EN's own signature naming this CN at this sequence:
                 // a CN cannot draw an EN's traffic to itself (issue 10).
-                let proven = self.members.members().into_iter().any(|m| {
-                    m.overlay == en
-                        && m.node_id == en_node_id
-                        && m.role == Role::Edge
-                        && attach::attachment_proven(&m.sign, en, en_node_id, seq, cn, &proof)
-                });
+                // The EN must be the one routing picks for its address
+                // (§3.2, impostors left out), and its key certified: a
+                // member cannot gossip an EN of its own making and vouch
+                // for it (review finding).
+                let certified = self.codec.certified_keys(unix_now());
+                let proven = membership::resolve(&self.trusted_members())
+                    .into_iter()
+                    .any(|m| {
+                        m.overlay == en
+                            && m.node_id == en_node_id
+                            && m.role == Role::Edge
+                            && certified.get(&m.dh) == Some(&m.sign)
+                            // Older than the EN itself says: a replay.
+                            && seq >= m.attach_seq
+                            && attach::attachment_proven(&m.sign, en, en_node_id, seq, cn, &proof)
+                    });
                 if !proven {
                     self.counters.unbound.fetch_add(1, Ordering::Relaxed);
                     return;
@@ -1381,10 +1395,10 @@ impl Control<'_> {
                 EdgeAction::Close { link } => {
                     let _ = self.cores.send(0, Command::CloseLink { id: link });
                 }
-                EdgeAction::PrimaryChanged { cn } => {
+                EdgeAction::PrimaryChanged { cn, seq } => {
                     info!(primary = ?cn, "primary core node changed");
                     self.refresh();
-                    self.members.set_attached(Instant::now(), cn);
+                    self.members.set_attached(Instant::now(), cn, seq);
                 }
             }
         }
@@ -1466,14 +1480,26 @@ impl Control<'_> {
         }
     }
 
-    /// Builds and swaps the route table; republishes status.
-    fn refresh(&mut self) {
-        self.generation += 1;
-        let mut fixed = self.codec.fixed_addresses(unix_now());
+    /// The members as routing may use them: none holding another key's
+    /// certificate-fixed address, none pairing a certified X25519 key with
+    /// another signing key than its certificate's (SWIM refuses those
+    /// from now on too).
+    fn trusted_members(&mut self) -> Vec<NodeIdentity> {
+        let now_s = unix_now();
+        let mut fixed = self.codec.fixed_addresses(now_s);
         if let Some(a) = self.cfg.credentials.fixed_addr {
             fixed.insert(a, self.codec.my_key());
         }
-        let members = membership::without_impostors(self.members.members(), &fixed);
+        let certified = self.codec.certified_keys(now_s);
+        let members = membership::without_impostors(self.members.members(), &fixed, &certified);
+        self.members.set_certified(certified);
+        members
+    }
+
+    /// Builds and swaps the route table; republishes status.
+    fn refresh(&mut self) {
+        self.generation += 1;
+        let members = self.trusted_members();
         (self.fresh_attachments).retain_ens(|en| members.iter().any(|m| m.overlay == en));
         let me = self.members.identity();
         let departed = self.members.departed();

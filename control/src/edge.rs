@@ -40,7 +40,12 @@ pub enum EdgeAction {
     Close { link: LinkId },
     /// The primary changed: rebuild the route table and republish where
     /// we are attached.
-    PrimaryChanged { cn: Option<Ipv4Addr> },
+    PrimaryChanged {
+        cn: Option<Ipv4Addr>,
+        /// The attach sequence from now on (what the EN's signed identity
+        /// announces, so that older attachments can be told apart).
+        seq: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -188,7 +193,10 @@ impl EdgeLinks {
             self.primary = link;
             self.attach_seq += 1;
             let cn = link.map(|l| self.links[&l].cn);
-            self.actions.push_back(EdgeAction::PrimaryChanged { cn });
+            self.actions.push_back(EdgeAction::PrimaryChanged {
+                cn,
+                seq: self.attach_seq,
+            });
         }
     }
 
@@ -319,7 +327,9 @@ mod tests {
         // Backup connects first: it serves as primary until .20 is up.
         e.connected(t0, ip(10), 1);
         let a = drain(&mut e);
-        assert!(a.contains(&EdgeAction::PrimaryChanged { cn: Some(ip(10)) }));
+        assert!(a
+            .iter()
+            .any(|x| matches!(x, EdgeAction::PrimaryChanged { cn: Some(c), .. } if *c == ip(10))));
         assert!(a.contains(&EdgeAction::Attach {
             link: 1,
             primary: true,
@@ -327,7 +337,9 @@ mod tests {
         }));
         e.connected(t0, ip(20), 2);
         let a = drain(&mut e);
-        assert!(a.contains(&EdgeAction::PrimaryChanged { cn: Some(ip(20)) }));
+        assert!(a
+            .iter()
+            .any(|x| matches!(x, EdgeAction::PrimaryChanged { cn: Some(c), .. } if *c == ip(20))));
         assert!(a.contains(&EdgeAction::Attach {
             link: 2,
             primary: true,
@@ -348,7 +360,9 @@ mod tests {
         e.link_down(t1, 2);
         let a = drain(&mut e);
         assert_eq!(e.primary(), Some((ip(10), 1)));
-        assert!(a.contains(&EdgeAction::PrimaryChanged { cn: Some(ip(10)) }));
+        assert!(a
+            .iter()
+            .any(|x| matches!(x, EdgeAction::PrimaryChanged { cn: Some(c), .. } if *c == ip(10))));
         assert!(a.contains(&EdgeAction::Attach {
             link: 1,
             primary: true,

@@ -42,6 +42,9 @@ pub struct NodeIdentity {
     /// An EN's primary CN (a routing hint, see
     /// [`RouteTable::with_edge_hints`]); `None` for CNs.
     pub attached: Option<Ipv4Addr>,
+    /// An EN's attach sequence as of `attached`: an `EdgeAttached` with
+    /// an older one is a replay (see [`crate::attach`]).
+    pub attach_seq: u64,
     /// The node's public keys (Ed25519, X25519; all zero: not announced):
     /// whom to call for a session. Nothing trusts them further than
     /// that: the handshake proves the certificate that binds them.
@@ -114,6 +117,7 @@ impl NodeIdentity {
             started_ms: now_ms,
             gen: 0,
             attached: None,
+            attach_seq: 0,
             sign: [0; 32],
             dh: [0; 32],
             sig: IdentitySig::default(),
@@ -141,6 +145,7 @@ impl NodeIdentity {
             self.started_ms,
             self.gen,
             self.attached,
+            self.attach_seq,
             self.sign,
             self.dh,
         );
@@ -333,9 +338,26 @@ pub fn edge_swim_config(expected_members: u32) -> Config {
 /// foca's codec, refusing any SWIM message that carries an identity its
 /// own key did not sign: a member can relay others' identities but not
 /// change them. Verified identities are remembered (gossip repeats them).
+/// X25519 key → Ed25519 key, as certificates checked by this node bind
+/// them: an identity naming a certified X25519 key must carry that
+/// certificate's signing key, or anyone could sign a copy of another
+/// node's identity with a key of its own (review finding).
+pub type CertifiedKeys = std::sync::Arc<std::sync::RwLock<BTreeMap<[u8; 32], [u8; 32]>>>;
+
 #[derive(Default)]
 pub struct SignedCodec {
     verified: std::collections::HashSet<NodeIdentity>,
+    certified: CertifiedKeys,
+}
+
+/// Whether `id`'s keys agree with what the certificates known say (an
+/// X25519 key no certificate has shown yet passes: its session handshake
+/// will prove it or fail).
+pub fn keys_certified_or_unknown(
+    id: &NodeIdentity,
+    certified: &BTreeMap<[u8; 32], [u8; 32]>,
+) -> bool {
+    certified.get(&id.dh).is_none_or(|sign| *sign == id.sign)
 }
 
 /// Identities kept as verified, at most (then the set starts over).
@@ -343,6 +365,11 @@ const VERIFIED_CACHE: usize = 4096;
 
 impl SignedCodec {
     fn check(&mut self, id: &NodeIdentity) -> Result<(), postcard::Error> {
+        let known = self.certified.read().unwrap_or_else(|e| e.into_inner());
+        if !keys_certified_or_unknown(id, &known) {
+            return Err(postcard::Error::DeserializeBadEncoding);
+        }
+        drop(known);
         if self.verified.contains(id) {
             return Ok(());
         }
@@ -419,6 +446,8 @@ pub struct Membership {
     seeds: Vec<NodeIdentity>,
     /// Members declared down recently, and when.
     departed: Vec<(NodeIdentity, Instant)>,
+    /// Shared with the codec (see [`CertifiedKeys`]).
+    certified: CertifiedKeys,
 }
 
 /// How long the sessions of members declared down stay known to the
@@ -436,13 +465,18 @@ pub fn swim_sender(data: &[u8]) -> Option<NodeIdentity> {
 
 impl Membership {
     pub fn new(identity: NodeIdentity, config: Config, seed: u64) -> Membership {
+        let certified = CertifiedKeys::default();
         Membership {
             foca: Foca::new(
                 identity,
                 config,
                 StdRng::seed_from_u64(seed),
-                SignedCodec::default(),
+                SignedCodec {
+                    verified: Default::default(),
+                    certified: certified.clone(),
+                },
             ),
+            certified,
             out: Outbox::default(),
             timers: Vec::new(),
             events: VecDeque::new(),
@@ -453,6 +487,14 @@ impl Membership {
 
     pub fn identity(&self) -> &NodeIdentity {
         self.foca.identity()
+    }
+
+    /// The key pairs certificates have shown this node so far: SWIM
+    /// refuses identities that pair a certified X25519 key with another
+    /// signing key from now on (those taken earlier are left out by
+    /// [`without_impostors`]).
+    pub fn set_certified(&mut self, keys: BTreeMap<[u8; 32], [u8; 32]>) {
+        *self.certified.write().unwrap_or_else(|e| e.into_inner()) = keys;
     }
 
     /// Joins through `seeds` (members learnt from a JoinReply).
@@ -566,12 +608,13 @@ impl Membership {
 
     /// An EN's primary CN changed: republish it so the other CNs route to
     /// the new one without waiting for failure detection.
-    pub fn set_attached(&mut self, now: Instant, cn: Option<Ipv4Addr>) {
+    pub fn set_attached(&mut self, now: Instant, cn: Option<Ipv4Addr>, seq: u64) {
         let mut id = self.foca.identity().clone();
-        if id.attached == cn {
+        if id.attached == cn && id.attach_seq == seq {
             return;
         }
         id.attached = cn;
+        id.attach_seq = seq;
         id.gen = id.gen.wrapping_add(1);
         id.resign();
         let _ = self.foca.change_identity(id, &mut self.out);
@@ -635,14 +678,19 @@ impl Membership {
 /// `members` without impostors at certificate-fixed addresses (issue 10):
 /// an address the authority fixed for key `fixed[addr]` is held by that
 /// key only, whatever claim time gossip gives another identity for it. So
-/// no member can win a fixed address by gossiping a claim for it.
+/// no member can win a fixed address by gossiping a claim for it. Nor
+/// does an identity that pairs a certified X25519 key with another
+/// signing key than its certificate's count (`certified`): a copy of
+/// another node's identity, re-signed with the copier's key.
 pub fn without_impostors(
     members: Vec<NodeIdentity>,
     fixed: &BTreeMap<Ipv4Addr, [u8; 32]>,
+    certified: &BTreeMap<[u8; 32], [u8; 32]>,
 ) -> Vec<NodeIdentity> {
     members
         .into_iter()
         .filter(|m| fixed.get(&m.overlay).is_none_or(|k| *k == m.dh))
+        .filter(|m| keys_certified_or_unknown(m, certified))
         .collect()
 }
 

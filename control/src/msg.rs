@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 use crate::membership::NodeIdentity;
 use crate::router::Role;
 
+// Control messages live on the control thread, one at a time, and are
+// decoded from packets of at most 64 KB: `Attach`'s inline identity (a
+// few hundred bytes) costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlMsg {
     /// A node asks a member to let it in (§3.2: it learns which addresses

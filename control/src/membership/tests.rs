@@ -384,7 +384,7 @@ fn edge_nodes_join_move_and_are_routed_by_hint() {
     // Failover: the EN now says it is on .10; within a few hundred ms
     // of gossip .30 routes there, long before any CN is declared down.
     let now = sim.now;
-    sim.nodes[e].set_attached(now, Some(ip(10)));
+    sim.nodes[e].set_attached(now, Some(ip(10)), 2);
     sim.run(500);
     let t = core_routes(&me, &sim.nodes[2].members(), Vec::new(), &[], &[], 2);
     assert_eq!(t.lookup(ip(25)), NextHop::Core(ua(1)));
@@ -455,7 +455,7 @@ fn fixed_addresses_belong_to_their_certificate_key() {
     // Without the authority's word, the earlier claim wins: the impostor.
     assert!(resolve(&all).iter().any(|m| m.dh == [2; 32]));
     let fixed = BTreeMap::from([(addr, [1u8; 32])]);
-    let kept = resolve(&without_impostors(all, &fixed));
+    let kept = resolve(&without_impostors(all, &fixed, &BTreeMap::new()));
     assert_eq!(kept.len(), 2);
     assert!(kept.contains(&owner) && kept.contains(&other));
 }
@@ -503,4 +503,54 @@ fn forged_identities_in_gossip_are_refused() {
     // Unsigned identities (no key announced) are refused too.
     let bare = NodeIdentity::new(9, ip(9), ua(9), Role::Core, 1);
     assert!(!bare.verify());
+}
+
+/// Review finding (issue 10): an identity's signature shows only that it
+/// signed itself. A member copied another node's identity (its X25519
+/// key, address, session), changed what it liked and signed the copy
+/// with a key of its own. Once a certificate has shown which signing key
+/// goes with that X25519 key, such a copy is refused by SWIM and left out
+/// of routing.
+#[test]
+fn a_copy_signed_with_another_key_is_refused_once_the_certificate_is_known() {
+    let mut sim = Sim::new();
+    sim.add(ip(1), None);
+    sim.add(ip(2), Some(0));
+    sim.run(1500);
+    let victim = sim.nodes[1].identity().clone();
+    let mut copy =
+        victim
+            .clone()
+            .signed_by(std::sync::Arc::new(crate::identity::NodeKey::generate(
+                &mut StdRng::seed_from_u64(77),
+            )));
+    copy.dh = victim.dh;
+    copy.underlay = ua(66);
+    copy.started_ms = u64::MAX;
+    copy.resign();
+    assert!(
+        copy.verify(),
+        "self-consistent: the signature alone cannot tell"
+    );
+    let certified = BTreeMap::from([(victim.dh, victim.sign)]);
+    sim.nodes[0].set_certified(certified.clone());
+    let member = foca::Member::alive(copy.clone());
+    let mut buf = Vec::new();
+    PostcardCodec.encode_member(&member, &mut buf).unwrap();
+    let mut codec = SignedCodec {
+        verified: Default::default(),
+        certified: std::sync::Arc::new(std::sync::RwLock::new(certified.clone())),
+    };
+    assert!(codec.decode_member(&buf[..]).is_err());
+    // As the sender of its own messages, too.
+    let mut liar = Membership::new(copy.clone(), swim_config(8), 66);
+    liar.join(sim.now, vec![sim.nodes[0].identity().clone()]);
+    while let Some(t) = liar.poll_transmit() {
+        sim.nodes[0].handle_swim(sim.now, &t.payload);
+    }
+    sim.run(500);
+    assert!(sim.nodes[0].members().iter().all(|m| m.underlay != ua(66)));
+    // Taken before the certificate was known: routing leaves it out.
+    let kept = without_impostors(vec![victim.clone(), copy], &BTreeMap::new(), &certified);
+    assert_eq!(kept, vec![victim]);
 }
