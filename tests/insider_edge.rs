@@ -1,5 +1,7 @@
-//! Issue 10, a malicious core node against an edge node (root; network
-//! namespaces): a CN member must not draw an EN's traffic to itself.
+//! Issue 10, a malicious core node (root; network namespaces): a CN
+//! member must not draw an EN's traffic to itself, nor spend another
+//! member's control thread on `Revoked` floods beyond its budget (the
+//! second test, at the end).
 //!
 //! The group: CN1 `10.0.0.10`, CN2 `10.0.0.20`, the insider's node M
 //! `10.0.0.30` (a real CN, certified like the others), and the EN
@@ -169,6 +171,105 @@ fn a_core_node_cannot_draw_an_edge_nodes_traffic() {
             "cn2 routed the EN's traffic through the insider ({through_m} packets)"
         );
         ensure!(r.received == r.transmitted, "pings lost: {}", r.output);
+        Ok(())
+    });
+}
+
+/// A member flooding `Revoked` messages (each entry another authority's
+/// revocation, so each is refused) is taken at its budget of 10/s, burst
+/// 20 (`REVOKED_MSGS_PER_SEC`), keyed by its own key: the rest are
+/// counted as `revocations_rate_limited` and cost nothing more.
+#[test]
+fn a_members_revoked_flood_is_taken_at_its_budget() {
+    netns::lab_test("insider_revoked", BIN, |lab: &mut Lab| {
+        let h: Vec<_> = ["cn1", "cn2", "insider"]
+            .iter()
+            .map(|n| lab.add_host(n))
+            .collect::<Result<_>>()?;
+        let cn1 = start(lab, h[0], "cn1", 10, None, false)?;
+        let cn2 = start(lab, h[1], "cn2", 20, Some(&cn1), false)?;
+        let m = start(lab, h[2], "insider", 30, Some(&cn1), false)?;
+        lab.wait_converged(&[&cn1, &cn2, &m], 3, CONVERGE)?;
+        // Sessions (and so the insider's certificate) known to CN2.
+        let mut ok = false;
+        for _ in 0..10 {
+            if lab
+                .ping(h[2], ip(20), 3, Duration::from_millis(200))?
+                .received
+                == 3
+            {
+                ok = true;
+                break;
+            }
+        }
+        ensure!(ok, "the insider never reached cn2");
+        let dir = lab.dir();
+        let cipher = lab.status(&cn2)?["cipher"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let suite = *Suite::ALL
+            .iter()
+            .find(|s| s.name() == cipher)
+            .ok_or_else(|| anyhow!("unknown cipher {cipher:?}"))?;
+        let mut codec = ControlCodec::new(
+            load_node_key(&dir.join("insider.node.key"))?,
+            load_ca_pub(&dir.join("ca.pub"))?,
+            suite,
+        );
+        let cn2_key = codec.trust(&load_cert(&dir.join("cn2.cert"))?, unix_ms() / 1000)?;
+        let other = ela_control::identity::CaKey::generate(&mut rand::thread_rng());
+        let before = lab.status(&cn2)?;
+        const SENT: u64 = 100;
+        let to = cn2.listen;
+        let codec = &mut codec;
+        let elapsed = lab.in_netns(h[2], move || -> Result<Duration> {
+            let sock = UdpSocket::bind("0.0.0.0:0")?;
+            let t0 = std::time::Instant::now();
+            for i in 0..SENT {
+                let revocations = (0..8u8)
+                    .map(|k| other.revoke([k ^ i as u8; 32], unix_ms() / 1000).encode())
+                    .collect();
+                let msg = ControlMsg::Revoked { revocations };
+                let p = codec
+                    .seal(&msg, ip(30), ip(20), &cn2_key, &NO_CHANNEL, unix_ms())
+                    .ok_or_else(|| anyhow!("cannot seal for cn2"))?;
+                sock.send_to(&p, to)?;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(t0.elapsed())
+        })?;
+        // Let CN2's control thread take them all.
+        let after = lab.wait_status(&cn2, Duration::from_secs(5), "all taken", |st| {
+            netns::counter(st, "control.revocations_rate_limited")
+                + netns::counter(st, "control.bad_tag")
+                >= netns::counter(&before, "control.revocations_rate_limited")
+                    + netns::counter(&before, "control.bad_tag")
+                    + SENT
+        });
+        let after = after.or_else(|_| lab.status(&cn2))?;
+        let limited = netns::counter(&after, "control.revocations_rate_limited")
+            - netns::counter(&before, "control.revocations_rate_limited");
+        let taken = SENT - limited.min(SENT);
+        // Burst 20, then 10/s over the send time (and a little slack).
+        let budget = 20 + (elapsed.as_secs_f64() * 10.0).ceil() as u64 + 2;
+        eprintln!(
+            "{SENT} Revoked messages in {elapsed:?}: cn2 took {taken}, rate-limited {limited} (budget {budget}); {}",
+            netns::grown_counters(&before, &after)
+        );
+        ensure!(
+            taken <= budget,
+            "cn2 took {taken} Revoked messages from one member in {elapsed:?} (budget {budget})"
+        );
+        ensure!(limited >= SENT - budget, "only {limited} rate-limited");
+        // The members are unaffected.
+        ensure!(
+            lab.ping(h[0], ip(20), 3, Duration::from_millis(200))?
+                .received
+                == 3,
+            "cn1 lost cn2"
+        );
+        let _ = m;
         Ok(())
     });
 }
