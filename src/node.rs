@@ -1068,18 +1068,16 @@ impl Control<'_> {
                 // (§3.2, impostors left out), and its key certified: a
                 // member cannot gossip an EN of its own making and vouch
                 // for it (review finding).
-                let certified = self.codec.certified_keys(unix_now());
-                let proven = membership::resolve(&self.trusted_members())
-                    .into_iter()
-                    .any(|m| {
-                        m.overlay == en
+                let (members, certified) = self.trusted_members();
+                let proven = membership::resolve(&members).into_iter().any(|m| {
+                    m.overlay == en
                             && m.node_id == en_node_id
                             && m.role == Role::Edge
                             && certified.get(&m.dh) == Some(&m.sign)
                             // Older than the EN itself says: a replay.
                             && seq >= m.attach_seq
                             && attach::attachment_proven(&m.sign, en, en_node_id, seq, cn, &proof)
-                    });
+                });
                 if !proven {
                     self.counters.unbound.fetch_add(1, Ordering::Relaxed);
                     return;
@@ -1484,7 +1482,8 @@ impl Control<'_> {
     /// certificate-fixed address, none pairing a certified X25519 key with
     /// another signing key than its certificate's (SWIM refuses those
     /// from now on too).
-    fn trusted_members(&mut self) -> Vec<NodeIdentity> {
+    /// Also returns the certified key pairs it used.
+    fn trusted_members(&mut self) -> (Vec<NodeIdentity>, BTreeMap<[u8; 32], [u8; 32]>) {
         let now_s = unix_now();
         let mut fixed = self.codec.fixed_addresses(now_s);
         if let Some(a) = self.cfg.credentials.fixed_addr {
@@ -1492,14 +1491,14 @@ impl Control<'_> {
         }
         let certified = self.codec.certified_keys(now_s);
         let members = membership::without_impostors(self.members.members(), &fixed, &certified);
-        self.members.set_certified(certified);
-        members
+        self.members.set_certified(certified.clone());
+        (members, certified)
     }
 
     /// Builds and swaps the route table; republishes status.
     fn refresh(&mut self) {
         self.generation += 1;
-        let members = self.trusted_members();
+        let (members, _) = self.trusted_members();
         (self.fresh_attachments).retain_ens(|en| members.iter().any(|m| m.overlay == en));
         let me = self.members.identity();
         let departed = self.members.departed();

@@ -70,6 +70,28 @@ fn start(
     Ok(lab.start_node(h, &spec)?.0)
 }
 
+/// The insider's control codec (M's node key, the group's authority, CN2's
+/// cipher), trusting CN2's certificate, and CN2's X25519 key: what the
+/// tool seals with, as M's node would.
+fn insider_codec(lab: &Lab, cn2: &Node) -> Result<(ControlCodec, [u8; 32])> {
+    let dir = lab.dir();
+    let cipher = lab.status(cn2)?["cipher"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let suite = *Suite::ALL
+        .iter()
+        .find(|s| s.name() == cipher)
+        .ok_or_else(|| anyhow!("unknown cipher {cipher:?}"))?;
+    let mut codec = ControlCodec::new(
+        load_node_key(&dir.join("insider.node.key"))?,
+        load_ca_pub(&dir.join("ca.pub"))?,
+        suite,
+    );
+    let cn2_key = codec.trust(&load_cert(&dir.join("cn2.cert"))?, unix_ms() / 1000)?;
+    Ok((codec, cn2_key))
+}
+
 #[test]
 fn a_core_node_cannot_draw_an_edge_nodes_traffic() {
     netns::lab_test("insider_edge", BIN, |lab: &mut Lab| {
@@ -102,22 +124,7 @@ fn a_core_node_cannot_draw_an_edge_nodes_traffic() {
 
         // The EN's session id, as status and gossip show it.
         let en_node_id = u64::from_str_radix(&netns::self_node_id(&lab.status(&en)?)?, 16)?;
-        let dir = lab.dir();
-        let cipher = lab.status(&cn2)?["cipher"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let suite = *Suite::ALL
-            .iter()
-            .find(|s| s.name() == cipher)
-            .ok_or_else(|| anyhow!("unknown cipher {cipher:?}"))?;
-        let mut codec = ControlCodec::new(
-            load_node_key(&dir.join("insider.node.key"))?,
-            load_ca_pub(&dir.join("ca.pub"))?,
-            suite,
-        );
-        let cn2_cert = load_cert(&dir.join("cn2.cert"))?;
-        let cn2_key = codec.trust(&cn2_cert, unix_ms() / 1000)?;
+        let (mut codec, cn2_key) = insider_codec(lab, &cn2)?;
         let claim = ControlMsg::EdgeAttached {
             en: ip(15),
             en_node_id,
@@ -203,21 +210,7 @@ fn a_members_revoked_flood_is_taken_at_its_budget() {
             }
         }
         ensure!(ok, "the insider never reached cn2");
-        let dir = lab.dir();
-        let cipher = lab.status(&cn2)?["cipher"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let suite = *Suite::ALL
-            .iter()
-            .find(|s| s.name() == cipher)
-            .ok_or_else(|| anyhow!("unknown cipher {cipher:?}"))?;
-        let mut codec = ControlCodec::new(
-            load_node_key(&dir.join("insider.node.key"))?,
-            load_ca_pub(&dir.join("ca.pub"))?,
-            suite,
-        );
-        let cn2_key = codec.trust(&load_cert(&dir.join("cn2.cert"))?, unix_ms() / 1000)?;
+        let (mut codec, cn2_key) = insider_codec(lab, &cn2)?;
         let other = ela_control::identity::CaKey::generate(&mut rand::thread_rng());
         let before = lab.status(&cn2)?;
         const SENT: u64 = 100;
