@@ -12,13 +12,16 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
-use foca::{Codec, Config, Foca, Identity, Notification, PostcardCodec, Runtime, Timer};
+use foca::{Config, Foca, Identity, Incarnation, Notification, Runtime, State, Timer};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::addr::{self, Claim};
 use crate::router::{CoreNode, EdgeNode, LinkId, Role, RouteTable};
+
+mod codec;
+pub use codec::{keys_certified_or_unknown, swim_sender, CertifiedKeys, SignedCodec};
 
 /// What identifies one running node to the others. Signed by the node's
 /// own Ed25519 key (`sig`), so that what a member relays in gossip about
@@ -335,108 +338,6 @@ pub fn edge_swim_config(expected_members: u32) -> Config {
     c
 }
 
-/// foca's codec, refusing any SWIM message that carries an identity its
-/// own key did not sign: a member can relay others' identities but not
-/// change them. Verified identities are remembered (gossip repeats them).
-/// X25519 key → Ed25519 key, as certificates checked by this node bind
-/// them: an identity naming a certified X25519 key must carry that
-/// certificate's signing key, or anyone could sign a copy of another
-/// node's identity with a key of its own (review finding).
-pub type CertifiedKeys = std::sync::Arc<std::sync::RwLock<BTreeMap<[u8; 32], [u8; 32]>>>;
-
-#[derive(Default)]
-pub struct SignedCodec {
-    verified: std::collections::HashSet<NodeIdentity>,
-    certified: CertifiedKeys,
-}
-
-/// Whether `id`'s keys agree with what the certificates known say (an
-/// X25519 key no certificate has shown yet passes: its session handshake
-/// will prove it or fail).
-pub fn keys_certified_or_unknown(
-    id: &NodeIdentity,
-    certified: &BTreeMap<[u8; 32], [u8; 32]>,
-) -> bool {
-    certified.get(&id.dh).is_none_or(|sign| *sign == id.sign)
-}
-
-/// Identities kept as verified, at most (then the set starts over).
-const VERIFIED_CACHE: usize = 4096;
-
-impl SignedCodec {
-    fn check(&mut self, id: &NodeIdentity) -> Result<(), postcard::Error> {
-        let known = self.certified.read().unwrap_or_else(|e| e.into_inner());
-        if !keys_certified_or_unknown(id, &known) {
-            return Err(postcard::Error::DeserializeBadEncoding);
-        }
-        drop(known);
-        if self.verified.contains(id) {
-            return Ok(());
-        }
-        if !id.verify() {
-            return Err(postcard::Error::DeserializeBadEncoding);
-        }
-        if self.verified.len() >= VERIFIED_CACHE {
-            self.verified.clear();
-        }
-        self.verified.insert(id.clone());
-        Ok(())
-    }
-}
-
-impl foca::Codec<NodeIdentity> for SignedCodec {
-    type Error = postcard::Error;
-
-    fn encode_header(
-        &mut self,
-        header: &foca::Header<NodeIdentity>,
-        buf: impl bytes::BufMut,
-    ) -> Result<(), Self::Error> {
-        PostcardCodec.encode_header(header, buf)
-    }
-
-    fn decode_header(
-        &mut self,
-        buf: impl bytes::Buf,
-    ) -> Result<foca::Header<NodeIdentity>, Self::Error> {
-        use foca::Message as M;
-        let h: foca::Header<NodeIdentity> = PostcardCodec.decode_header(buf)?;
-        self.check(&h.src)?;
-        self.check(&h.dst)?;
-        match &h.message {
-            M::PingReq { target: t, .. } | M::IndirectAck { target: t, .. } => self.check(t)?,
-            M::IndirectPing { origin: t, .. } | M::ForwardedAck { origin: t, .. } => {
-                self.check(t)?
-            }
-            M::Ping(_)
-            | M::Ack(_)
-            | M::Announce
-            | M::Feed
-            | M::Gossip
-            | M::Broadcast
-            | M::TurnUndead => {}
-        }
-        Ok(h)
-    }
-
-    fn encode_member(
-        &mut self,
-        member: &foca::Member<NodeIdentity>,
-        buf: impl bytes::BufMut,
-    ) -> Result<(), Self::Error> {
-        PostcardCodec.encode_member(member, buf)
-    }
-
-    fn decode_member(
-        &mut self,
-        buf: impl bytes::Buf,
-    ) -> Result<foca::Member<NodeIdentity>, Self::Error> {
-        let m: foca::Member<NodeIdentity> = PostcardCodec.decode_member(buf)?;
-        self.check(m.id())?;
-        Ok(m)
-    }
-}
-
 pub struct Membership {
     foca: Foca<NodeIdentity, SignedCodec, StdRng, foca::NoCustomBroadcast>,
     out: Outbox,
@@ -448,20 +349,26 @@ pub struct Membership {
     departed: Vec<(NodeIdentity, Instant)>,
     /// Shared with the codec (see [`CertifiedKeys`]).
     certified: CertifiedKeys,
+    /// Members under suspicion that this node times out itself.
+    watched: std::collections::HashSet<(NodeIdentity, Incarnation)>,
+    /// foca's timer token, as its latest timers carry it: foca ignores
+    /// timers from before it last went idle or defunct.
+    token: Option<foca::TimerToken>,
 }
+
+/// How long a suspicion this node heard (not one it raised by probing)
+/// lasts before this node declares the suspect down. Members do not take
+/// each other's Down (see [`SignedCodec`]), so each times a suspicion
+/// out itself; the CN timing, on ENs too: an EN's long suspicion guards
+/// against its own probes, not against the CNs' gossip, and ENs learn of
+/// dead CNs this way.
+pub const HEARD_SUSPICION: Duration = Duration::from_millis(2000);
 
 /// How long the sessions of members declared down stay known to the
 /// dataplane: a member wrongly declared down (and about to refute) keeps
 /// delivering meanwhile; its packets still authenticate with the group
 /// key, so nothing is lost in trust.
 pub const DEPARTED_GRACE: Duration = Duration::from_secs(10);
-
-/// The sender's identity in a SWIM payload's header, without handling
-/// it: the caller checks it against who sealed the packet (issue 10: a
-/// member must not speak for another in SWIM).
-pub fn swim_sender(data: &[u8]) -> Option<NodeIdentity> {
-    PostcardCodec.decode_header(data).ok().map(|h| h.src)
-}
 
 impl Membership {
     pub fn new(identity: NodeIdentity, config: Config, seed: u64) -> Membership {
@@ -471,12 +378,11 @@ impl Membership {
                 identity,
                 config,
                 StdRng::seed_from_u64(seed),
-                SignedCodec {
-                    verified: Default::default(),
-                    certified: certified.clone(),
-                },
+                SignedCodec::new(certified.clone()),
             ),
             certified,
+            watched: Default::default(),
+            token: None,
             out: Outbox::default(),
             timers: Vec::new(),
             events: VecDeque::new(),
@@ -637,6 +543,22 @@ impl Membership {
     /// Turns foca's output into timers and events.
     fn settle(&mut self, now: Instant) {
         for (after, t) in self.out.timers.drain(..) {
+            match &t {
+                Timer::ProbeRandomMember(k)
+                | Timer::SendIndirectProbe { token: k, .. }
+                | Timer::ChangeSuspectToDown { token: k, .. }
+                | Timer::PeriodicAnnounce(k)
+                | Timer::PeriodicAnnounceDown(k)
+                | Timer::PeriodicGossip(k) => {
+                    if self.token != Some(*k) {
+                        // A new token: suspicions timed under the old
+                        // one are void, so time them again.
+                        self.watched.clear();
+                    }
+                    self.token = Some(*k)
+                }
+                Timer::RemoveDown(_) => {}
+            }
             self.timers.push((now + after, t));
         }
         let mut changed = false;
@@ -654,12 +576,44 @@ impl Membership {
                 Notification::Active | Notification::Idle => {}
             }
         }
+        self.watch_suspects(now);
         if changed {
             self.events.push_back(Event::MembersChanged);
             if self.lost_address() {
                 self.events.push_back(Event::AddressLost);
             }
         }
+    }
+
+    /// Starts this node's own timer for every suspicion it has not timed
+    /// yet. foca times only the suspicions its own probes raise and takes
+    /// the rest of the group's Down verdicts as final; this node takes no
+    /// member's verdict (see [`SignedCodec`]), so it must reach its own.
+    /// A suspect that refutes in time (a higher incarnation) makes the
+    /// timer a no-op.
+    fn watch_suspects(&mut self, now: Instant) {
+        let Some(token) = self.token else {
+            return;
+        };
+        let suspects: std::collections::HashSet<(NodeIdentity, Incarnation)> = self
+            .foca
+            .iter_membership_state()
+            .filter(|m| m.state() == State::Suspect)
+            .map(|m| (m.id().clone(), m.incarnation()))
+            .collect();
+        for (id, incarnation) in &suspects {
+            if !self.watched.contains(&(id.clone(), *incarnation)) {
+                self.timers.push((
+                    now + HEARD_SUSPICION,
+                    Timer::ChangeSuspectToDown {
+                        member_id: id.clone(),
+                        incarnation: *incarnation,
+                        token,
+                    },
+                ));
+            }
+        }
+        self.watched = suspects;
     }
 
     /// True if another active member holds our overlay address with a

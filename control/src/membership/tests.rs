@@ -1,5 +1,6 @@
 use super::*;
 use crate::router::NextHop;
+use foca::{Codec, PostcardCodec};
 use std::collections::HashMap;
 
 /// N machines trading messages through a queue, clock stepped by hand.
@@ -537,10 +538,9 @@ fn a_copy_signed_with_another_key_is_refused_once_the_certificate_is_known() {
     let member = foca::Member::alive(copy.clone());
     let mut buf = Vec::new();
     PostcardCodec.encode_member(&member, &mut buf).unwrap();
-    let mut codec = SignedCodec {
-        verified: Default::default(),
-        certified: std::sync::Arc::new(std::sync::RwLock::new(certified.clone())),
-    };
+    let mut codec = SignedCodec::new(std::sync::Arc::new(std::sync::RwLock::new(
+        certified.clone(),
+    )));
     assert!(codec.decode_member(&buf[..]).is_err());
     // As the sender of its own messages, too.
     let mut liar = Membership::new(copy.clone(), swim_config(8), 66);
@@ -553,4 +553,73 @@ fn a_copy_signed_with_another_key_is_refused_once_the_certificate_is_known() {
     // Taken before the certificate was known: routing leaves it out.
     let kept = without_impostors(vec![victim.clone(), copy], &BTreeMap::new(), &certified);
     assert_eq!(kept, vec![victim]);
+}
+
+/// A member's Down verdict about another is taken as a suspicion only
+/// (issue 10: SWIM's Down is final, and a member could have every other
+/// member drop anyone by saying it). The liar here is a member in good
+/// standing that tells everyone, every 100 ms for 8 s, that a live
+/// member is down, at the incarnation the group currently knows. The
+/// accused refutes each time; no view loses it for a moment. Without
+/// the codec's demotion the first lie removes it from every view.
+#[test]
+fn a_members_down_verdict_about_another_is_only_a_suspicion() {
+    let mut sim = Sim::new();
+    for k in 1..=4 {
+        sim.add(ip(k), (k > 1).then_some(0));
+    }
+    sim.run(3000);
+    assert!(sim.views().iter().all(|v| v.len() == 4));
+    let liar = sim.nodes[0].identity().clone();
+    let victim = sim.nodes[3].identity().clone();
+    let lie = |sim: &Sim, to: usize| {
+        let incarnation = sim.nodes[1]
+            .foca
+            .iter_membership_state()
+            .find(|m| m.id().node_id == victim.node_id)
+            .map_or(0, |m| m.incarnation());
+        let header = foca::Header {
+            src: liar.clone(),
+            src_incarnation: 0,
+            dst: sim.nodes[to].identity().clone(),
+            message: foca::Message::Gossip,
+        };
+        let mut buf = Vec::new();
+        PostcardCodec.encode_header(&header, &mut buf).unwrap();
+        buf.extend_from_slice(&1u16.to_be_bytes());
+        let down = foca::Member::new(victim.clone(), incarnation, foca::State::Down);
+        PostcardCodec.encode_member(&down, &mut buf).unwrap();
+        buf
+    };
+    for _ in 0..80 {
+        for to in 1..=2 {
+            let p = lie(&sim, to);
+            let now = sim.now;
+            sim.nodes[to].handle_swim(now, &p);
+            assert!(
+                sim.nodes[to]
+                    .members()
+                    .iter()
+                    .any(|m| m.node_id == victim.node_id),
+                "node {to} dropped the accused on a member's word"
+            );
+        }
+        sim.run(100);
+        for (i, v) in sim.views().iter().enumerate() {
+            assert_eq!(v.len(), 4, "node {i} sees {v:?}");
+        }
+    }
+    // A graceful leave (a node's Down about itself) still counts at once.
+    let now = sim.now;
+    sim.nodes[3].leave(now);
+    while let Some(t) = sim.nodes[3].poll_transmit() {
+        if let Some(j) = sim.index_of(&t.to) {
+            sim.net.push_back((j, t.payload));
+        }
+    }
+    sim.down.insert(3);
+    sim.run(1000);
+    for v in sim.views() {
+        assert_eq!(v.len(), 3, "{v:?}");
+    }
 }
