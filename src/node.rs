@@ -131,6 +131,21 @@ const RELAYED_HANDSHAKES_PER_SEC: u32 = 50;
 /// that): a member floods each new revocation once and sends one batch
 /// every [`REVOCATION_GOSSIP`].
 const REVOKED_MSGS_PER_SEC: u32 = 10;
+
+/// A member's budget key: the key that sealed its message (the source
+/// address is the sender's to choose), its first 16 bytes shaped as an
+/// address for [`SourceLimiter`].
+fn key_as_source(peer: &[u8; 32]) -> IpAddr {
+    let who: [u8; 16] = peer[..16].try_into().expect("16 of 32 bytes");
+    IpAddr::V6(std::net::Ipv6Addr::from(who))
+}
+
+/// `EdgeAttached` messages taken per sending member and second (burst 5×).
+/// Each costs a resolve over the membership and a signature check. An
+/// honest CN sends one per EN that fails over to it, to every CN: a CN's
+/// death moves its ENs in one burst; beyond the budget, the ENs' own
+/// gossiped identities still tell (seconds, not milliseconds).
+const EDGE_ATTACHED_PER_SEC: u32 = 200;
 /// Every this often a node sends one member a batch of the revocations
 /// it holds (anti-entropy: a member that missed the flood, or joined
 /// after it, still learns them).
@@ -561,6 +576,11 @@ pub fn run(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             2 * REVOKED_MSGS_PER_SEC,
             4096,
         ),
+        attached_limiter: SourceLimiter::per_host(
+            EDGE_ATTACHED_PER_SEC,
+            5 * EDGE_ATTACHED_PER_SEC,
+            4096,
+        ),
         unknown: std::collections::VecDeque::new(),
         answers: std::collections::VecDeque::new(),
         cert_limiter: SourceLimiter::new(CERTS_PER_NET_PER_SEC, 2 * CERTS_PER_NET_PER_SEC, 4096),
@@ -723,6 +743,8 @@ struct Control<'a> {
     relay_limiter: SourceLimiter,
     /// `Revoked` messages per member (each may cost signature checks).
     revocation_limiter: SourceLimiter,
+    /// `EdgeAttached` messages per member (each costs a resolve).
+    attached_limiter: SourceLimiter,
     /// Cookies a UDP joiner must bring before its certificate is checked.
     join_cookies: JoinCookies,
     /// Joins whose certificates are checked, per source address.
@@ -1033,12 +1055,8 @@ impl Control<'_> {
             ControlMsg::Keepalive => {}
             ControlMsg::Revoked { revocations } => {
                 // Each new entry costs a signature check: a member gets a
-                // budget of messages, like a joiner. Keyed by the key that
-                // sealed them (the source address is the sender's to
-                // choose): its first 16 bytes, as an address-shaped key.
-                let who: [u8; 16] = peer[..16].try_into().expect("16 of 32 bytes");
-                let who = IpAddr::V6(std::net::Ipv6Addr::from(who));
-                if !(self.revocation_limiter).allow(Instant::now(), who) {
+                // budget of messages, like a joiner.
+                if !(self.revocation_limiter).allow(Instant::now(), key_as_source(&peer)) {
                     (self.counters.revocations_rate_limited).fetch_add(1, Ordering::Relaxed);
                     return;
                 }
@@ -1059,6 +1077,10 @@ impl Control<'_> {
                 proof,
             } => {
                 if self.role != Role::Core || hdr.src != cn {
+                    return;
+                }
+                if !(self.attached_limiter).allow(Instant::now(), key_as_source(&peer)) {
+                    (self.counters.edge_attached_rate_limited).fetch_add(1, Ordering::Relaxed);
                     return;
                 }
                 // Only for an EN session membership knows, and only with

@@ -113,6 +113,8 @@ pub struct ControlCounters {
     pub join_rate_limited: AtomicU64,
     /// `Revoked` messages over their sender's budget.
     pub revocations_rate_limited: AtomicU64,
+    /// `EdgeAttached` messages over their sender's budget.
+    pub edge_attached_rate_limited: AtomicU64,
     /// Authentic and fresh, but not bound to us or to the link or request
     /// it came on (a replay to another member or connection).
     pub unbound: AtomicU64,
@@ -203,6 +205,7 @@ pub fn snapshot(s: &StatusShared) -> Value {
             "join_cookie_refused": c.join_cookie_refused.load(r),
             "join_rate_limited": c.join_rate_limited.load(r),
             "revocations_rate_limited": c.revocations_rate_limited.load(r),
+            "edge_attached_rate_limited": c.edge_attached_rate_limited.load(r),
             "unbound": c.unbound.load(r),
             "conns_refused": c.conns_refused.load(r),
             "conns_pending": c.conns_pending.load(r),

@@ -185,7 +185,8 @@ fn a_core_node_cannot_draw_an_edge_nodes_traffic() {
 /// A member flooding `Revoked` messages (each entry another authority's
 /// revocation, so each is refused) is taken at its budget of 10/s, burst
 /// 20 (`REVOKED_MSGS_PER_SEC`), keyed by its own key: the rest are
-/// counted as `revocations_rate_limited` and cost nothing more.
+/// counted as `revocations_rate_limited` and cost nothing more. Then an
+/// `EdgeAttached` flood, at its own budget (`edge_attached_rate_limited`).
 #[test]
 fn a_members_revoked_flood_is_taken_at_its_budget() {
     netns::lab_test("insider_revoked", BIN, |lab: &mut Lab| {
@@ -215,7 +216,7 @@ fn a_members_revoked_flood_is_taken_at_its_budget() {
         let before = lab.status(&cn2)?;
         const SENT: u64 = 100;
         let to = cn2.listen;
-        let codec = &mut codec;
+        let c = &mut codec;
         let elapsed = lab.in_netns(h[2], move || -> Result<Duration> {
             let sock = UdpSocket::bind("0.0.0.0:0")?;
             let t0 = std::time::Instant::now();
@@ -224,7 +225,7 @@ fn a_members_revoked_flood_is_taken_at_its_budget() {
                     .map(|k| other.revoke([k ^ i as u8; 32], unix_ms() / 1000).encode())
                     .collect();
                 let msg = ControlMsg::Revoked { revocations };
-                let p = codec
+                let p = c
                     .seal(&msg, ip(30), ip(20), &cn2_key, &NO_CHANNEL, unix_ms())
                     .ok_or_else(|| anyhow!("cannot seal for cn2"))?;
                 sock.send_to(&p, to)?;
@@ -255,6 +256,55 @@ fn a_members_revoked_flood_is_taken_at_its_budget() {
             "cn2 took {taken} Revoked messages from one member in {elapsed:?} (budget {budget})"
         );
         ensure!(limited >= SENT - budget, "only {limited} rate-limited");
+
+        // `EdgeAttached`, each a resolve over the membership: taken at
+        // 200/s, burst 1000 (`EDGE_ATTACHED_PER_SEC`), per member.
+        let before = lab.status(&cn2)?;
+        const FLOOD: u64 = 3000;
+        let claim = ControlMsg::EdgeAttached {
+            en: ip(15),
+            en_node_id: 1,
+            seq: 1,
+            cn: ip(30),
+            proof: IdentitySig::default(),
+        };
+        let c = &mut codec;
+        let elapsed = lab.in_netns(h[2], move || -> Result<Duration> {
+            let sock = UdpSocket::bind("0.0.0.0:0")?;
+            let t0 = std::time::Instant::now();
+            for i in 0..FLOOD {
+                let p = c
+                    .seal(&claim, ip(30), ip(20), &cn2_key, &NO_CHANNEL, unix_ms())
+                    .ok_or_else(|| anyhow!("cannot seal for cn2"))?;
+                sock.send_to(&p, to)?;
+                if i % 10 == 9 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            Ok(t0.elapsed())
+        })?;
+        let gone = |st: &Value| {
+            netns::counter(st, "control.edge_attached_rate_limited")
+                + netns::counter(st, "control.unbound")
+        };
+        let after = lab.wait_status(&cn2, Duration::from_secs(5), "all taken", |st| {
+            gone(st) >= gone(&before) + FLOOD
+        });
+        let after = after.or_else(|_| lab.status(&cn2))?;
+        let limited = netns::counter(&after, "control.edge_attached_rate_limited")
+            - netns::counter(&before, "control.edge_attached_rate_limited");
+        let resolved =
+            netns::counter(&after, "control.unbound") - netns::counter(&before, "control.unbound");
+        let budget = 1000 + (elapsed.as_secs_f64() * 200.0).ceil() as u64 + 5;
+        eprintln!(
+            "{FLOOD} EdgeAttached in {elapsed:?}: cn2 resolved {resolved}, rate-limited {limited} (budget {budget})"
+        );
+        ensure!(
+            resolved <= budget,
+            "cn2 resolved {resolved} EdgeAttached from one member in {elapsed:?} (budget {budget})"
+        );
+        ensure!(limited > 0, "no EdgeAttached was rate-limited");
+
         // The members are unaffected.
         ensure!(
             lab.ping(h[0], ip(20), 3, Duration::from_millis(200))?
