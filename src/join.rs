@@ -419,6 +419,27 @@ pub(crate) fn sealed_join_reply(
     )
 }
 
+/// Join requests sent over UDP: a reply must answer one of them, sealed
+/// by the member it went to. The replies to the last [`MAX_ASKED`] are
+/// awaited; older ones are given up, so a bootstrap that never answers
+/// (or a joiner retrying for minutes) holds bounded memory.
+#[derive(Default)]
+struct Asked(std::collections::VecDeque<(Channel, [u8; 32])>);
+
+impl Asked {
+    fn note(&mut self, nonce: Channel, member: [u8; 32]) {
+        if self.0.len() >= MAX_ASKED {
+            self.0.pop_front();
+        }
+        self.0.push_back((nonce, member));
+    }
+
+    /// Whether a reply on `channel`, sealed by `peer`, answers a request.
+    fn answers(&self, channel: &Channel, peer: &[u8; 32]) -> bool {
+        self.0.iter().any(|(c, k)| c == channel && k == peer)
+    }
+}
+
 /// Asks the bootstrap members over UDP; the answer proves UDP both ways.
 /// First a `HiRequest` (padded: the `Hi` it draws is smaller), then, to
 /// each member whose certificate checked, our request with its cookie.
@@ -440,7 +461,7 @@ fn join_udp(
     // Members that said who they are, by the address they said it from.
     let mut known: HashMap<SocketAddr, Bootstrap> = HashMap::new();
     // Requests sent: a reply must answer one of them, from its member.
-    let mut asked: Vec<(Channel, [u8; 32])> = Vec::new();
+    let mut asked = Asked::default();
     loop {
         if stop.load(Ordering::Relaxed) {
             bail!("interrupted while joining");
@@ -469,12 +490,7 @@ fn join_udp(
                     Some(&m.cookie),
                     &NO_CHANNEL,
                 ) {
-                    // The replies to the last few rounds are still
-                    // awaited; older ones are given up.
-                    if asked.len() >= MAX_ASKED {
-                        asked.remove(0);
-                    }
-                    asked.push((nonce, k));
+                    asked.note(nonce, k);
                     out.push((p, *at));
                 }
             }
@@ -528,7 +544,7 @@ fn join_udp(
                 Ok(Opened {
                     channel, msg, peer, ..
                 }) => {
-                    if !asked.contains(&(channel, peer)) {
+                    if !asked.answers(&channel, &peer) {
                         counters.unbound.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
@@ -736,6 +752,32 @@ mod tests {
     /// IP fragments. Requests are 1200 bytes (with the joiner's
     /// certificate, over UDP); replies to them are never larger, still
     /// useful, and answer exactly that request, for that joiner alone.
+    /// A joiner retrying against bootstraps that never answer keeps only
+    /// the last `MAX_ASKED` requests (and a reply to one of them, from
+    /// its member, is still taken; one to a request given up is not, nor
+    /// one sealed by another member).
+    #[test]
+    fn a_joiner_awaits_only_its_last_requests() {
+        let mut asked = Asked::default();
+        let nonce = |i: usize| {
+            let mut c = [0u8; 16];
+            c[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            c
+        };
+        for i in 0..10 * MAX_ASKED {
+            asked.note(nonce(i), [i as u8; 32]);
+            assert!(asked.0.len() <= MAX_ASKED);
+        }
+        let last = 10 * MAX_ASKED - 1;
+        assert!(asked.answers(&nonce(last), &[last as u8; 32]));
+        assert!(asked.answers(
+            &nonce(last + 1 - MAX_ASKED),
+            &[(last + 1 - MAX_ASKED) as u8; 32]
+        ));
+        assert!(!asked.answers(&nonce(last - MAX_ASKED), &[(last - MAX_ASKED) as u8; 32]));
+        assert!(!asked.answers(&nonce(last), &[0xee; 32]));
+    }
+
     #[test]
     fn join_replies_are_no_larger_than_their_request() {
         let ca = CaKey::generate(&mut StdRng::seed_from_u64(1));
