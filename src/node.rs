@@ -52,6 +52,7 @@ use crate::pending::{Admission, Admit, PendingConn, Read1, PENDING_TIMEOUT};
 use crate::status::{self, ControlCounters, EdgeView, MemberView, NodeInfo, StatusShared};
 
 mod links;
+mod rivals;
 pub mod sessions;
 pub mod state;
 
@@ -109,9 +110,14 @@ fn is_bound(msg: &ControlMsg, via: Via, channel: &Channel, dst: Ipv4Addr, me: Ip
         (ControlMsg::JoinRequest { .. }, Via::Udp) => {
             *channel == NO_CHANNEL && dst.is_unspecified()
         }
-        (ControlMsg::Swim(_) | ControlMsg::EdgeAttached { .. } | ControlMsg::Revoked { .. }, _) => {
-            *channel == NO_CHANNEL && dst == me
-        }
+        (
+            ControlMsg::Swim(_)
+            | ControlMsg::EdgeAttached { .. }
+            | ControlMsg::Revoked { .. }
+            | ControlMsg::CertRequest { .. }
+            | ControlMsg::Certificate { .. },
+            _,
+        ) => *channel == NO_CHANNEL && dst == me,
         _ => false,
     }
 }
@@ -139,6 +145,10 @@ fn key_as_source(peer: &[u8; 32]) -> IpAddr {
     let who: [u8; 16] = peer[..16].try_into().expect("16 of 32 bytes");
     IpAddr::V6(std::net::Ipv6Addr::from(who))
 }
+
+/// `CertRequest`s and `Certificate`s taken per member and second (burst
+/// twice that): a node asks only about rivals for its own address.
+const CERT_MSGS_PER_SEC: u32 = 20;
 
 /// `EdgeAttached` messages taken per sending member and second (burst 5×).
 /// Each costs a resolve over the membership and a signature check. An
@@ -581,6 +591,8 @@ pub fn run(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             5 * EDGE_ATTACHED_PER_SEC,
             4096,
         ),
+        cert_msg_limiter: SourceLimiter::per_host(CERT_MSGS_PER_SEC, 2 * CERT_MSGS_PER_SEC, 4096),
+        cert_asked: std::collections::HashMap::new(),
         unknown: std::collections::VecDeque::new(),
         answers: std::collections::VecDeque::new(),
         cert_limiter: SourceLimiter::new(CERTS_PER_NET_PER_SEC, 2 * CERTS_PER_NET_PER_SEC, 4096),
@@ -745,6 +757,10 @@ struct Control<'a> {
     revocation_limiter: SourceLimiter,
     /// `EdgeAttached` messages per member (each costs a resolve).
     attached_limiter: SourceLimiter,
+    /// `CertRequest`s and `Certificate`s per member (see `rivals`).
+    cert_msg_limiter: SourceLimiter,
+    /// Rivals for our address whose certificates we asked for, and when.
+    cert_asked: std::collections::HashMap<[u8; 32], Instant>,
     /// Cookies a UDP joiner must bring before its certificate is checked.
     join_cookies: JoinCookies,
     /// Joins whose certificates are checked, per source address.
@@ -931,6 +947,7 @@ impl Control<'_> {
             if self.fresh_attachments.expire(now) {
                 self.refresh();
             }
+            self.settle_rivals(now);
         }
         self.flush();
         self.edge_actions();
@@ -1069,6 +1086,26 @@ impl Control<'_> {
             }
             // Superseded by the clear `Hi` (issue 10): never bound.
             ControlMsg::Hello { .. } => {}
+            ControlMsg::CertRequest { key } => {
+                if !(self.cert_msg_limiter).allow(Instant::now(), key_as_source(&peer)) {
+                    (self.counters.cert_msgs_rate_limited).fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                let Some(t) = self.codec.trusted(&key, unix_now()) else {
+                    return;
+                };
+                let reply = ControlMsg::Certificate {
+                    cert: t.cert.encode(),
+                };
+                self.answer_member(&reply, &hdr, &peer, &from);
+            }
+            ControlMsg::Certificate { cert } => {
+                if !(self.cert_msg_limiter).allow(Instant::now(), key_as_source(&peer)) {
+                    (self.counters.cert_msgs_rate_limited).fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                self.on_rival_cert(&cert);
+            }
             ControlMsg::EdgeAttached {
                 en,
                 en_node_id,
@@ -1169,6 +1206,8 @@ impl Control<'_> {
             ControlMsg::EdgeAttached { .. } => self.members.holds(hdr.src, peer) == Some(true),
             // Each revocation is checked against the authority.
             ControlMsg::Revoked { .. } => true,
+            // Any certified sender (each certificate is checked too).
+            ControlMsg::CertRequest { .. } | ControlMsg::Certificate { .. } => true,
             ControlMsg::JoinReply { .. } | ControlMsg::Hello { .. } => false,
         }
     }
@@ -1511,7 +1550,9 @@ impl Control<'_> {
         if let Some(a) = self.cfg.credentials.fixed_addr {
             fixed.insert(a, self.codec.my_key());
         }
-        let certified = self.codec.certified_keys(now_s);
+        let mut certified = self.codec.certified_keys(now_s);
+        let me = self.members.identity();
+        certified.insert(me.dh, me.sign);
         let members = membership::without_impostors(self.members.members(), &fixed, &certified);
         self.members.set_certified(certified.clone());
         (members, certified)

@@ -115,6 +115,8 @@ pub struct ControlCounters {
     pub revocations_rate_limited: AtomicU64,
     /// `EdgeAttached` messages over their sender's budget.
     pub edge_attached_rate_limited: AtomicU64,
+    /// `CertRequest`s and `Certificate`s over their sender's budget.
+    pub cert_msgs_rate_limited: AtomicU64,
     /// Authentic and fresh, but not bound to us or to the link or request
     /// it came on (a replay to another member or connection).
     pub unbound: AtomicU64,
@@ -206,6 +208,7 @@ pub fn snapshot(s: &StatusShared) -> Value {
             "join_rate_limited": c.join_rate_limited.load(r),
             "revocations_rate_limited": c.revocations_rate_limited.load(r),
             "edge_attached_rate_limited": c.edge_attached_rate_limited.load(r),
+            "cert_msgs_rate_limited": c.cert_msgs_rate_limited.load(r),
             "unbound": c.unbound.load(r),
             "conns_refused": c.conns_refused.load(r),
             "conns_pending": c.conns_pending.load(r),

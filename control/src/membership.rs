@@ -618,14 +618,35 @@ impl Membership {
 
     /// True if another active member holds our overlay address with a
     /// better claim (§3.2 conflict rule, same answer on every node).
+    /// Only a rival whose certificate this node holds counts: anyone can
+    /// sign an identity with a key of its own making and gossip it, and a
+    /// phantom's claim must not move a member (issue 10). A rival not
+    /// certified yet is in [`Membership::uncertified_rivals`].
     pub fn lost_address(&self) -> bool {
         let me = self.foca.identity();
+        let certified = self.certified.read().unwrap_or_else(|e| e.into_inner());
         self.foca.iter_members().any(|m| {
             let o = m.id();
             o.node_id != me.node_id
                 && o.overlay == me.overlay
+                && certified.get(&o.dh) == Some(&o.sign)
                 && addr::keeps_address(&o.claim(), &me.claim())
         })
+    }
+
+    /// The X25519 keys of members claiming our address whose certificate
+    /// this node does not hold: their certificates decide whether we
+    /// lose it, so the caller asks the members for them.
+    pub fn uncertified_rivals(&self) -> Vec<[u8; 32]> {
+        let me = self.foca.identity();
+        let certified = self.certified.read().unwrap_or_else(|e| e.into_inner());
+        self.foca
+            .iter_members()
+            .map(|m| m.id())
+            .filter(|o| o.node_id != me.node_id && o.overlay == me.overlay)
+            .filter(|o| !certified.contains_key(&o.dh))
+            .map(|o| o.dh)
+            .collect()
     }
 }
 
@@ -635,16 +656,29 @@ impl Membership {
 /// no member can win a fixed address by gossiping a claim for it. Nor
 /// does an identity that pairs a certified X25519 key with another
 /// signing key than its certificate's count (`certified`): a copy of
-/// another node's identity, re-signed with the copier's key.
+/// another node's identity, re-signed with the copier's key. Nor does
+/// an identity whose certificate is not known at an address that a
+/// certified one claims: a member can sign a phantom identity with a key
+/// of its own making and claim any address for it (with any claim time);
+/// a certified claim beats it whatever the times. (Identities not
+/// certified yet at free addresses stay: a member that just joined is
+/// called, and its handshake shows its certificate.)
 pub fn without_impostors(
     members: Vec<NodeIdentity>,
     fixed: &BTreeMap<Ipv4Addr, [u8; 32]>,
     certified: &BTreeMap<[u8; 32], [u8; 32]>,
 ) -> Vec<NodeIdentity> {
+    let is_certified = |m: &NodeIdentity| certified.get(&m.dh) == Some(&m.sign);
+    let held: BTreeSet<Ipv4Addr> = members
+        .iter()
+        .filter(|m| is_certified(m))
+        .map(|m| m.overlay)
+        .collect();
     members
         .into_iter()
         .filter(|m| fixed.get(&m.overlay).is_none_or(|k| *k == m.dh))
         .filter(|m| keys_certified_or_unknown(m, certified))
+        .filter(|m| is_certified(m) || !held.contains(&m.overlay))
         .collect()
 }
 

@@ -83,6 +83,14 @@ pub enum ControlMsg {
     /// spread from member to member: a receiver checks each signature,
     /// keeps and applies the new ones and passes those on.
     Revoked { revocations: Vec<Vec<u8>> },
+    /// A member asks another for the certificate of X25519 key `key`: a
+    /// member claiming its address whose certificate it does not hold
+    /// (only certified claims count in §3.2 conflicts, and two rivals
+    /// do not call each other).
+    CertRequest { key: [u8; 32] },
+    /// The answer: the certificate (`Cert::encode`d), checked against the
+    /// authority by the asker.
+    Certificate { cert: Vec<u8> },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]

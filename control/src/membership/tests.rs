@@ -71,6 +71,16 @@ impl Sim {
             m.join(self.now, vec![seed]);
         }
         self.nodes.push(m);
+        // Every node holds every other's certificate (sessions showed
+        // them): their claims count.
+        let all: BTreeMap<[u8; 32], [u8; 32]> = self
+            .nodes
+            .iter()
+            .map(|n| (n.identity().dh, n.identity().sign))
+            .collect();
+        for n in &mut self.nodes {
+            n.set_certified(all.clone());
+        }
         i
     }
 
@@ -622,4 +632,68 @@ fn a_members_down_verdict_about_another_is_only_a_suspicion() {
     for v in sim.views() {
         assert_eq!(v.len(), 3, "{v:?}");
     }
+}
+
+/// Found in review (issue 10): identities whose certificate a node does
+/// not hold passed on their own signature. A member signed a phantom
+/// identity with a key of its own making, claiming a live member's
+/// address with the earliest claim time, and gossiped it: the member
+/// lost its address (and had to move), and routing chose the phantom.
+/// Now a phantom's claim moves nobody, and routing keeps the certified
+/// holder; an uncertified claim to a free address is still routed (a
+/// member that just joined).
+#[test]
+fn a_phantom_identity_takes_no_address() {
+    let mut sim = Sim::new();
+    for k in 1..=3 {
+        sim.add(ip(k), (k > 1).then_some(0));
+    }
+    sim.run(2000);
+    let victim = sim.nodes[2].identity().clone();
+    let phantom = signed(
+        NodeIdentity::new(666, victim.overlay, ua(66), Role::Core, 0),
+        666,
+    );
+    let free = signed(NodeIdentity::new(667, ip(77), ua(67), Role::Core, 0), 667);
+    // Gossiped by the first member, to everyone.
+    for (to, p) in [(1usize, &phantom), (2, &phantom), (1, &free), (2, &free)] {
+        let header = foca::Header {
+            src: sim.nodes[0].identity().clone(),
+            src_incarnation: 0,
+            dst: sim.nodes[to].identity().clone(),
+            message: foca::Message::Gossip,
+        };
+        let mut buf = Vec::new();
+        PostcardCodec.encode_header(&header, &mut buf).unwrap();
+        buf.extend_from_slice(&1u16.to_be_bytes());
+        PostcardCodec
+            .encode_member(&foca::Member::alive(p.clone()), &mut buf)
+            .unwrap();
+        let now = sim.now;
+        sim.nodes[to].handle_swim(now, &buf);
+    }
+    assert!(
+        sim.nodes[2].members().iter().any(|m| m.node_id == 666),
+        "the phantom is listed (its signature is its own)"
+    );
+    assert!(
+        !sim.nodes[2].lost_address(),
+        "a phantom's claim moved a member"
+    );
+    assert_eq!(sim.nodes[2].uncertified_rivals(), vec![phantom.dh]);
+    let certified: BTreeMap<[u8; 32], [u8; 32]> = sim
+        .nodes
+        .iter()
+        .map(|n| (n.identity().dh, n.identity().sign))
+        .collect();
+    let routed = resolve(&without_impostors(
+        sim.nodes[1].members(),
+        &BTreeMap::new(),
+        &certified,
+    ));
+    let at = |a: Ipv4Addr| routed.iter().find(|m| m.overlay == a).map(|m| m.node_id);
+    assert_eq!(at(victim.overlay), Some(victim.node_id));
+    assert_eq!(at(ip(77)), Some(667), "a free address is routed");
+    sim.run(500);
+    assert_eq!(sim.nodes[2].identity().overlay, victim.overlay);
 }
