@@ -1555,6 +1555,7 @@ impl Control<'_> {
         certified.insert(me.dh, me.sign);
         let members = membership::without_impostors(self.members.members(), &fixed, &certified);
         self.members.set_certified(certified.clone());
+        self.members.set_fixed(fixed);
         (members, certified)
     }
 

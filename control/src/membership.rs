@@ -349,11 +349,16 @@ pub struct Membership {
     departed: Vec<(NodeIdentity, Instant)>,
     /// Shared with the codec (see [`CertifiedKeys`]).
     certified: CertifiedKeys,
-    /// Members under suspicion that this node times out itself.
-    watched: std::collections::HashSet<(NodeIdentity, Incarnation)>,
+    /// Certificate-fixed addresses and their keys (see `set_fixed`).
+    fixed: BTreeMap<Ipv4Addr, [u8; 32]>,
+    /// Members under suspicion, and when this node declares them down
+    /// unless they refute (foca's own probes' deadline, or ours).
+    watched: std::collections::HashMap<(NodeIdentity, Incarnation), Instant>,
     /// foca's timer token, as its latest timers carry it: foca ignores
-    /// timers from before it last went idle or defunct.
+    /// timers from before it last went idle, defunct or renewed.
     token: Option<foca::TimerToken>,
+    /// The token changed: every suspicion is timed again, to its deadline.
+    retime: bool,
 }
 
 /// How long a suspicion this node heard (not one it raised by probing)
@@ -381,8 +386,10 @@ impl Membership {
                 SignedCodec::new(certified.clone()),
             ),
             certified,
+            fixed: BTreeMap::new(),
             watched: Default::default(),
             token: None,
+            retime: false,
             out: Outbox::default(),
             timers: Vec::new(),
             events: VecDeque::new(),
@@ -550,14 +557,21 @@ impl Membership {
                 | Timer::PeriodicAnnounce(k)
                 | Timer::PeriodicAnnounceDown(k)
                 | Timer::PeriodicGossip(k) => {
-                    if self.token != Some(*k) {
-                        // A new token: suspicions timed under the old
-                        // one are void, so time them again.
-                        self.watched.clear();
-                    }
+                    // A new token voids every timer foca had, ours too.
+                    self.retime |= self.token.is_some_and(|old| old != *k);
                     self.token = Some(*k)
                 }
                 Timer::RemoveDown(_) => {}
+            }
+            if let Timer::ChangeSuspectToDown {
+                member_id,
+                incarnation,
+                ..
+            } = &t
+            {
+                // A suspicion foca's own probe raised, timed by foca to
+                // its config (an EN's long one).
+                (self.watched).insert((member_id.clone(), *incarnation), now + after);
             }
             self.timers.push((now + after, t));
         }
@@ -590,30 +604,38 @@ impl Membership {
     /// the rest of the group's Down verdicts as final; this node takes no
     /// member's verdict (see [`SignedCodec`]), so it must reach its own.
     /// A suspect that refutes in time (a higher incarnation) makes the
-    /// timer a no-op.
+    /// timer a no-op. When foca voids its timers (it went idle or renewed
+    /// its identity, which any member can make it do), each suspicion is
+    /// timed again to its original deadline, not from scratch: renewals
+    /// forced every second must not keep a crashed member listed.
     fn watch_suspects(&mut self, now: Instant) {
         let Some(token) = self.token else {
             return;
         };
-        let suspects: std::collections::HashSet<(NodeIdentity, Incarnation)> = self
-            .foca
-            .iter_membership_state()
-            .filter(|m| m.state() == State::Suspect)
-            .map(|m| (m.id().clone(), m.incarnation()))
-            .collect();
-        for (id, incarnation) in &suspects {
-            if !self.watched.contains(&(id.clone(), *incarnation)) {
+        let retime = std::mem::take(&mut self.retime);
+        let mut next = std::collections::HashMap::new();
+        for m in self.foca.iter_membership_state() {
+            if m.state() != State::Suspect {
+                continue;
+            }
+            let key = (m.id().clone(), m.incarnation());
+            let (deadline, timed) = match self.watched.get(&key) {
+                Some(d) => (*d, !retime),
+                None => (now + HEARD_SUSPICION, false),
+            };
+            if !timed {
                 self.timers.push((
-                    now + HEARD_SUSPICION,
+                    deadline.max(now),
                     Timer::ChangeSuspectToDown {
-                        member_id: id.clone(),
-                        incarnation: *incarnation,
+                        member_id: key.0.clone(),
+                        incarnation: key.1,
                         token,
                     },
                 ));
             }
+            next.insert(key, deadline);
         }
-        self.watched = suspects;
+        self.watched = next;
     }
 
     /// True if another active member holds our overlay address with a
@@ -625,18 +647,19 @@ impl Membership {
     pub fn lost_address(&self) -> bool {
         let me = self.foca.identity();
         let certified = self.certified.read().unwrap_or_else(|e| e.into_inner());
-        self.foca.iter_members().any(|m| {
-            let o = m.id();
-            o.node_id != me.node_id
-                && o.overlay == me.overlay
-                && certified.get(&o.dh) == Some(&o.sign)
-                && addr::keeps_address(&o.claim(), &me.claim())
-        })
+        without_impostors(self.members(), &self.fixed, &certified)
+            .iter()
+            .any(|o| {
+                o.node_id != me.node_id
+                    && o.overlay == me.overlay
+                    && certified.get(&o.dh) == Some(&o.sign)
+                    && addr::keeps_address(&o.claim(), &me.claim())
+            })
     }
 
-    /// The X25519 keys of members claiming our address whose certificate
-    /// this node does not hold: their certificates decide whether we
-    /// lose it, so the caller asks the members for them.
+    /// The X25519 keys of members claiming our address with a better
+    /// claim, whose certificate this node does not hold: if they have
+    /// one, we lose the address, so the caller asks the members for them.
     pub fn uncertified_rivals(&self) -> Vec<[u8; 32]> {
         let me = self.foca.identity();
         let certified = self.certified.read().unwrap_or_else(|e| e.into_inner());
@@ -645,8 +668,14 @@ impl Membership {
             .map(|m| m.id())
             .filter(|o| o.node_id != me.node_id && o.overlay == me.overlay)
             .filter(|o| !certified.contains_key(&o.dh))
+            .filter(|o| addr::keeps_address(&o.claim(), &me.claim()))
             .map(|o| o.dh)
             .collect()
+    }
+
+    /// The addresses the authority fixed, by key (see [`without_impostors`]).
+    pub fn set_fixed(&mut self, fixed: BTreeMap<Ipv4Addr, [u8; 32]>) {
+        self.fixed = fixed;
     }
 }
 
@@ -668,6 +697,29 @@ pub fn without_impostors(
     fixed: &BTreeMap<Ipv4Addr, [u8; 32]>,
     certified: &BTreeMap<[u8; 32], [u8; 32]>,
 ) -> Vec<NodeIdentity> {
+    let fixed_for: BTreeMap<[u8; 32], Ipv4Addr> = fixed.iter().map(|(a, k)| (*k, *a)).collect();
+    let members: Vec<NodeIdentity> = members
+        .into_iter()
+        .filter(|m| fixed.get(&m.overlay).is_none_or(|k| *k == m.dh))
+        // A key whose certificate fixes an address claims no other.
+        .filter(|m| fixed_for.get(&m.dh).is_none_or(|a| *a == m.overlay))
+        .filter(|m| keys_certified_or_unknown(m, certified))
+        .collect();
+    // One identity per key, its newest (each signed by the key's owner,
+    // the filters above made sure): otherwise one certificate could back
+    // any number of identities, each claiming another member's address
+    // (review finding).
+    let mut newest: BTreeMap<[u8; 32], (u64, u32, u64)> = BTreeMap::new();
+    for m in &members {
+        let e = newest
+            .entry(m.dh)
+            .or_insert((m.started_ms, m.gen, m.node_id));
+        *e = (*e).max((m.started_ms, m.gen, m.node_id));
+    }
+    let members: Vec<NodeIdentity> = members
+        .into_iter()
+        .filter(|m| newest.get(&m.dh) == Some(&(m.started_ms, m.gen, m.node_id)))
+        .collect();
     let is_certified = |m: &NodeIdentity| certified.get(&m.dh) == Some(&m.sign);
     let held: BTreeSet<Ipv4Addr> = members
         .iter()
@@ -676,8 +728,6 @@ pub fn without_impostors(
         .collect();
     members
         .into_iter()
-        .filter(|m| fixed.get(&m.overlay).is_none_or(|k| *k == m.dh))
-        .filter(|m| keys_certified_or_unknown(m, certified))
         .filter(|m| is_certified(m) || !held.contains(&m.overlay))
         .collect()
 }

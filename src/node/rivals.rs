@@ -15,8 +15,10 @@ use rand::seq::SliceRandom;
 const ASK_EVERY: Duration = Duration::from_secs(1);
 /// Members asked at a time.
 const ASK_MEMBERS: usize = 3;
-/// Rivals asked about at most (older entries are forgotten).
+/// Rivals asked about at most (the oldest question is forgotten).
 const MAX_ASKED_RIVALS: usize = 64;
+/// New questions per keepalive tick (100 ms).
+const ASK_PER_TICK: usize = 2;
 
 impl Control<'_> {
     /// While members claim our address: settles the conflict with the
@@ -41,19 +43,39 @@ impl Control<'_> {
         if rivals.is_empty() {
             return;
         }
+        // An EN asks its primary CN, over its link (an answer routed to
+        // the EN's address could reach the rival instead).
+        let primary = self
+            .edge
+            .as_ref()
+            .and_then(|e| e.primary())
+            .map(|(cn, _)| cn);
         let mut asked_members: Vec<NodeIdentity> = members
             .into_iter()
             .filter(|m| m.role == Role::Core && m.node_id != me.node_id && m.overlay != me.overlay)
             .filter(|m| certified.get(&m.dh) == Some(&m.sign))
+            .filter(|m| self.role == Role::Core || Some(m.overlay) == primary)
             .collect();
         asked_members.shuffle(&mut rand::thread_rng());
         asked_members.truncate(ASK_MEMBERS);
-        for key in rivals {
-            if (self.cert_asked.get(&key)).is_some_and(|at| now.duration_since(*at) < ASK_EVERY) {
-                continue;
-            }
-            if self.cert_asked.len() >= MAX_ASKED_RIVALS {
-                self.cert_asked.clear();
+        // A member can gossip any number of phantoms at our address: a
+        // few new questions per tick, each rival at most every second.
+        let due: Vec<[u8; 32]> = rivals
+            .into_iter()
+            .filter(|k| {
+                (self.cert_asked.get(k)).is_none_or(|at| now.duration_since(*at) >= ASK_EVERY)
+            })
+            .take(ASK_PER_TICK)
+            .collect();
+        for key in due {
+            if self.cert_asked.len() >= MAX_ASKED_RIVALS && !self.cert_asked.contains_key(&key) {
+                // Forget the oldest question, not all of them.
+                if let Some(oldest) = (self.cert_asked.iter())
+                    .min_by_key(|(_, at)| **at)
+                    .map(|(k, _)| *k)
+                {
+                    self.cert_asked.remove(&oldest);
+                }
             }
             self.cert_asked.insert(key, now);
             debug!(rival = %hex32(&key), asked = asked_members.len(), "asking for a rival's certificate");
@@ -72,15 +94,16 @@ impl Control<'_> {
         };
         // Only what was asked for costs a signature check.
         let key = cert.body().node.dh;
-        if self.cert_asked.remove(&key).is_none() || self.codec.trusted(&key, unix_now()).is_some()
-        {
+        if !self.cert_asked.contains_key(&key) || self.codec.trusted(&key, unix_now()).is_some() {
             return;
         }
         if let Err(e) = self.codec.trust(&cert, unix_now()) {
+            // A bad answer does not void the question: others may answer.
             debug!("a rival's certificate is refused: {e}");
             self.counters.bad_cert.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        self.cert_asked.remove(&key);
         self.refresh();
         if self.members.lost_address() {
             self.move_address();

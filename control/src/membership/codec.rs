@@ -22,7 +22,8 @@ pub type CertifiedKeys = std::sync::Arc<std::sync::RwLock<BTreeMap<[u8; 32], [u8
 /// third party's Down is read as a suspicion at the same incarnation,
 /// which the accused can refute and which the receiver itself turns into
 /// Down if it is not refuted in time (see `Membership::watch_suspects`).
-/// A node's Down about itself (a graceful leave) and about the receiver
+/// A node's Down about itself, any identity of its own key (a graceful
+/// leave; the identity a renewal replaced), and about the receiver
 /// (which can only renew its identity, as after a `TurnUndead`) stand.
 #[derive(Default)]
 pub struct SignedCodec {
@@ -129,7 +130,7 @@ impl foca::Codec<NodeIdentity> for SignedCodec {
         let own_word = self
             .ends
             .as_ref()
-            .is_some_and(|(src, dst)| m.id() == src || m.id() == dst);
+            .is_some_and(|(src, dst)| m.id().dh == src.dh || m.id() == dst);
         if m.state() == State::Down && !own_word {
             return Ok(foca::Member::new(
                 m.id().clone(),

@@ -256,7 +256,9 @@ fn deaf_edge_node_does_not_declare_core_nodes_down() {
         );
         sim.deaf.insert(en);
         let mut lost_a_cn = false;
-        for _ in 0..60 {
+        // 12 s: two EN probe periods and more, past the CN suspicion (a
+        // suspicion its own probe raised must last the EN's 20 s).
+        for _ in 0..120 {
             sim.run(100);
             // Every view, the deaf EN's too, must keep the three CNs.
             lost_a_cn |= (0..=en).any(|i| (1..=3).any(|k| !sim.views()[i].contains_key(&ip(k))));
@@ -696,4 +698,100 @@ fn a_phantom_identity_takes_no_address() {
     assert_eq!(at(ip(77)), Some(667), "a free address is routed");
     sim.run(500);
     assert_eq!(sim.nodes[2].identity().overlay, victim.overlay);
+}
+
+/// Review finding: any member can make another renew its identity (a
+/// `TurnUndead`, or its Down sent to the member itself), and a renewal
+/// voids foca's timers. Had each renewal restarted the suspicions this
+/// node times itself, a member forcing one every second would keep a
+/// crashed member in the victim's view for ever. Bound: the victim,
+/// renewing every 500 ms, drops the crashed member within 6 s like
+/// everyone else.
+#[test]
+fn forced_renewals_do_not_keep_a_crashed_member_listed() {
+    let mut sim = Sim::new();
+    for k in 1..=4 {
+        sim.add(ip(k), (k > 1).then_some(0));
+    }
+    sim.run(3000);
+    assert!(sim.views().iter().all(|v| v.len() == 4));
+    sim.down.insert(3);
+    let liar = sim.nodes[0].identity().clone();
+    for _ in 0..12 {
+        let header = foca::Header {
+            src: liar.clone(),
+            src_incarnation: 0,
+            dst: sim.nodes[1].identity().clone(),
+            message: foca::Message::TurnUndead,
+        };
+        let mut buf = Vec::new();
+        PostcardCodec.encode_header(&header, &mut buf).unwrap();
+        let now = sim.now;
+        sim.nodes[1].handle_swim(now, &buf);
+        sim.run(500);
+    }
+    for (i, v) in sim.views().iter().enumerate() {
+        assert!(
+            !v.contains_key(&ip(4)),
+            "node {i} still lists the crashed member: {v:?}"
+        );
+    }
+}
+
+/// Review finding: nothing limited a certified key to one identity. A
+/// member signed extra identities with its own key (other session ids,
+/// the earliest claim times), each claiming another member's address,
+/// and every holder lost its address to a certified claim. Now a key
+/// counts with its newest identity only: the member keeps its own
+/// address and takes none.
+#[test]
+fn one_certificate_backs_one_identity() {
+    let mut sim = Sim::new();
+    for k in 1..=3 {
+        sim.add(ip(k), (k > 1).then_some(0));
+    }
+    sim.run(2000);
+    let me = sim.nodes[0].identity().clone();
+    let victim = sim.nodes[2].identity().clone();
+    let key = std::sync::Arc::new(crate::identity::NodeKey::generate(
+        &mut StdRng::seed_from_u64(1000),
+    ));
+    assert_eq!(key.public().to_bytes().dh, me.dh, "the member's own key");
+    let extra = NodeIdentity {
+        node_id: 4242,
+        overlay: victim.overlay,
+        underlay: ua(42),
+        claimed_ms: 0,
+        started_ms: me.started_ms - 1,
+        ..me.clone()
+    }
+    .signed_by(key);
+    assert!(extra.verify());
+    let header = foca::Header {
+        src: me.clone(),
+        src_incarnation: 0,
+        dst: victim.clone(),
+        message: foca::Message::Gossip,
+    };
+    let mut buf = Vec::new();
+    PostcardCodec.encode_header(&header, &mut buf).unwrap();
+    buf.extend_from_slice(&1u16.to_be_bytes());
+    PostcardCodec
+        .encode_member(&foca::Member::alive(extra.clone()), &mut buf)
+        .unwrap();
+    let now = sim.now;
+    sim.nodes[2].handle_swim(now, &buf);
+    assert!(sim.nodes[2].members().iter().any(|m| m.node_id == 4242));
+    assert!(
+        !sim.nodes[2].lost_address(),
+        "a second identity of one certified key took an address"
+    );
+    let certified = BTreeMap::from([(me.dh, me.sign), (victim.dh, victim.sign)]);
+    let routed = resolve(&without_impostors(
+        sim.nodes[2].members(),
+        &BTreeMap::new(),
+        &certified,
+    ));
+    assert!(routed.iter().any(|m| m.node_id == me.node_id));
+    assert!(routed.iter().all(|m| m.node_id != 4242));
 }
