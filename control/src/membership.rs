@@ -464,10 +464,39 @@ impl Membership {
         self.events.pop_front()
     }
 
-    /// Leaves gracefully: tells a few members we are down; gossip does
-    /// the rest.
+    /// Leaves gracefully: tells every member we are down, each directly.
+    /// Members take a Down only from the node itself (see
+    /// [`SignedCodec`]); relayed, it is a suspicion that lasts
+    /// [`HEARD_SUSPICION`], so foca's few messages plus gossip would leave
+    /// most members routing to us for seconds.
     pub fn leave(&mut self, now: Instant) {
+        use foca::Codec as _;
+        let me = self.foca.identity().clone();
+        let targets: Vec<NodeIdentity> = self.foca.iter_members().map(|m| m.id().clone()).collect();
         let _ = self.foca.leave_cluster(&mut self.out);
+        for to in targets {
+            let header = foca::Header {
+                src: me.clone(),
+                src_incarnation: 0,
+                dst: to.clone(),
+                message: foca::Message::Gossip,
+            };
+            let mut payload = Vec::new();
+            if foca::PostcardCodec
+                .encode_header(&header, &mut payload)
+                .is_err()
+            {
+                continue;
+            }
+            payload.extend_from_slice(&1u16.to_be_bytes());
+            let down = foca::Member::new(me.clone(), 0, State::Down);
+            if foca::PostcardCodec
+                .encode_member(&down, &mut payload)
+                .is_ok()
+            {
+                self.out.transmits.push_back(Transmit { to, payload });
+            }
+        }
         self.settle(now);
     }
 
