@@ -654,6 +654,13 @@ fn swim(payload: &[u8]) {
     while m.poll_transmit().is_some() {}
     while m.poll_event().is_some() {}
     let _ = m.members();
+    // What a payload leaves behind: suspicions this node times itself
+    // (demoted Downs), rivals for its address, a leave to every member.
+    let _ = m.lost_address();
+    let _ = m.uncertified_rivals();
+    m.handle_timeout(now + std::time::Duration::from_secs(3));
+    m.leave(now + std::time::Duration::from_secs(3));
+    while m.poll_transmit().is_some() {}
 }
 
 fn forged(r: &mut Reader) {
