@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use ela_control::addr;
 use ela_control::identity::Cert;
-use ela_control::membership::NodeIdentity;
+use ela_control::membership::{NodeIdentity, NodeKeys};
 use ela_control::msg::ControlMsg;
 use ela_control::pairwise::COOKIE_LEN;
 use ela_control::Role;
@@ -149,9 +149,10 @@ fn accept_reply(
     // does not hold our address against us: we supersede it.
     // So does any earlier identity of our key (an EN's, or a CN's that
     // moved underlay).
-    let my_dh = cfg.credentials.key.public().to_bytes().dh;
+    let mine = cfg.credentials.key.public().to_bytes();
     let predecessor = |m: &NodeIdentity| {
-        m.dh == my_dh || (role == Role::Core && m.role == Role::Core && m.underlay == underlay)
+        (m.dh, m.sign) == (mine.dh, mine.sign)
+            || (role == Role::Core && m.role == Role::Core && m.underlay == underlay)
     };
     let taken: BTreeSet<Ipv4Addr> = reply
         .members
@@ -378,6 +379,18 @@ fn sealed_join_request(
     Some((p, nonce))
 }
 
+/// The addresses a joiner whose certificate binds `joiner` (X25519,
+/// Ed25519) cannot have: every identity's, resolved or not (a claim that
+/// loses the rule still holds its address until it moves), but those of
+/// the joiner's own predecessor (its keys, restarted before the group saw
+/// the old process leave), which it takes back and supersedes.
+pub(crate) fn taken_for(joiner: NodeKeys, all: &[NodeIdentity]) -> BTreeSet<Ipv4Addr> {
+    (all.iter())
+        .filter(|m| (m.dh, m.sign) != joiner)
+        .map(|m| m.overlay)
+        .collect()
+}
+
 /// A member's sealed `JoinReply` for the joiner with key `joiner`, at
 /// most `budget` bytes, bound to the request's `nonce`: itself first,
 /// then as many `members` as fit, and the address §3.2 gives the joiner
@@ -388,6 +401,7 @@ pub(crate) fn sealed_join_reply(
     joiner: &[u8; 32],
     me: NodeIdentity,
     members: Vec<NodeIdentity>,
+    taken: BTreeSet<Ipv4Addr>,
     net: Ipv4Net,
     requested: Option<Ipv4Addr>,
     nonce: &Channel,
@@ -395,13 +409,7 @@ pub(crate) fn sealed_join_reply(
     budget: usize,
 ) -> Option<Vec<u8>> {
     let body = budget.checked_sub(CONTROL_OVERHEAD)?.min(MAX_CONTROL_BODY);
-    // The joiner's own predecessor (its key, restarted before the group
-    // saw the old process leave) holds no address against it: it takes
-    // its old address back and supersedes it (one identity per key).
-    let mut taken: BTreeSet<Ipv4Addr> = (members.iter())
-        .filter(|m| m.dh != *joiner)
-        .map(|m| m.overlay)
-        .collect();
+    let mut taken = taken;
     taken.insert(me.overlay);
     let offer = addr::choose(net, requested, &taken, &mut rand::thread_rng()).ok();
     let me_addr = me.overlay;
@@ -832,6 +840,7 @@ mod tests {
                 &opened.peer,
                 me.clone(),
                 members.clone(),
+                taken_for(([1; 32], [1; 32]), &members),
                 net,
                 requested,
                 &nonce,
@@ -868,6 +877,7 @@ mod tests {
             &jkey,
             me,
             members,
+            BTreeSet::new(),
             net,
             None,
             &[1; 16],
@@ -885,7 +895,8 @@ mod tests {
     #[test]
     fn a_restarted_node_is_offered_its_own_address_back() {
         let ca = CaKey::generate(&mut StdRng::seed_from_u64(1));
-        let (_, _, jkey) = codec(&ca, 2);
+        let (_, jcert, jkey) = codec(&ca, 2);
+        let jsign = jcert.body().node.sign;
         let (mut member, _, _) = codec(&ca, 3);
         let net: Ipv4Net = "10.0.0.0/24".parse().unwrap();
         let me = NodeIdentity::new(
@@ -909,6 +920,7 @@ mod tests {
                 &jkey,
                 me.clone(),
                 vec![old.clone()],
+                taken_for((jkey, jsign), std::slice::from_ref(old)),
                 net,
                 wanted,
                 &[3; 16],
@@ -925,8 +937,12 @@ mod tests {
         jcodec.trust(&mcert, unix_now()).unwrap();
         // Another node's key at the address: taken.
         assert_ne!(offer(&mut member, &old, &mut jcodec), wanted);
-        // The joiner's own key: its predecessor.
+        // The joiner's X25519 key with another signing key (a copy made
+        // to free the address): taken.
         old.dh = jkey;
+        assert_ne!(offer(&mut member, &old, &mut jcodec), wanted);
+        // The joiner's own keys: its predecessor.
+        old.sign = jsign;
         assert_eq!(offer(&mut member, &old, &mut jcodec), wanted);
     }
 }

@@ -1755,7 +1755,7 @@ pub fn contains_bytes(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
-// ---- hostile-network support (tests/hostile.rs) ------------------------
+// ---- hostile-network support (tests/hostile/) --------------------------
 //
 // Underlay MTU, packet captures that outlive one closure, a spoofing raw
 // sender, and the pcap parsing an attacker needs: UDP datagrams and

@@ -593,6 +593,7 @@ pub fn run(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         ),
         cert_msg_limiter: SourceLimiter::per_host(CERT_MSGS_PER_SEC, 2 * CERT_MSGS_PER_SEC, 4096),
         cert_asked: std::collections::HashMap::new(),
+        next_rival_check: Instant::now(),
         unknown: std::collections::VecDeque::new(),
         answers: std::collections::VecDeque::new(),
         cert_limiter: SourceLimiter::new(CERTS_PER_NET_PER_SEC, 2 * CERTS_PER_NET_PER_SEC, 4096),
@@ -760,7 +761,10 @@ struct Control<'a> {
     /// `CertRequest`s and `Certificate`s per member (see `rivals`).
     cert_msg_limiter: SourceLimiter,
     /// Rivals for our address whose certificates we asked for, and when.
-    cert_asked: std::collections::HashMap<[u8; 32], Instant>,
+    /// (when last asked, how many times: questions back off).
+    cert_asked: std::collections::HashMap<[u8; 32], (Instant, u32)>,
+    /// When `settle_rivals` may next look (it costs a membership pass).
+    next_rival_check: Instant,
     /// Cookies a UDP joiner must bring before its certificate is checked.
     join_cookies: JoinCookies,
     /// Joins whose certificates are checked, per source address.
@@ -1994,7 +1998,7 @@ mod tests {
 
     /// A flood on the control port must not keep the control thread
     /// reading: each turn of its loop reads at most a batch, then runs
-    /// timers, keepalives and SWIM (`hostile::control_port_flood_...`
+    /// timers, keepalives and SWIM (`hostile::resources::control_port_flood_...`
     /// is the lab version; a 2-vCPU VM cannot send faster than the
     /// thread reads, so this is the check that fails without the cap).
     #[test]

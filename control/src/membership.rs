@@ -214,11 +214,18 @@ impl NodeIdentity {
 
 /// foca's notion of "the same node": a CN is its underlay endpoint; an EN,
 /// whose underlay is whatever NAT mapping it came through, its session.
+/// Either only under the same keys: foca lets the newer of two identities
+/// at one address replace the other, and a member signing an identity of
+/// its own with a victim's underlay (and the latest start time) would
+/// otherwise replace the victim in every member's table (review finding).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NodeAddr {
-    Underlay(SocketAddr),
-    Session(u64),
+    Underlay(SocketAddr, NodeKeys),
+    Session(u64, NodeKeys),
 }
+
+/// An identity's announced keys (X25519, Ed25519).
+pub type NodeKeys = ([u8; 32], [u8; 32]);
 
 impl Identity for NodeIdentity {
     type Addr = NodeAddr;
@@ -233,15 +240,29 @@ impl Identity for NodeIdentity {
     }
 
     fn addr(&self) -> NodeAddr {
+        let keys = (self.dh, self.sign);
         match self.role {
-            Role::Core => NodeAddr::Underlay(self.underlay),
-            Role::Edge => NodeAddr::Session(self.node_id),
+            Role::Core => NodeAddr::Underlay(self.underlay, keys),
+            Role::Edge => NodeAddr::Session(self.node_id, keys),
         }
     }
 
     fn win_addr_conflict(&self, adversary: &Self) -> bool {
         (self.started_ms, self.gen, self.node_id)
             > (adversary.started_ms, adversary.gen, adversary.node_id)
+    }
+}
+
+/// The token a foca timer carries (none for `RemoveDown`).
+fn timer_token(t: &Timer<NodeIdentity>) -> Option<foca::TimerToken> {
+    match t {
+        Timer::ProbeRandomMember(k)
+        | Timer::SendIndirectProbe { token: k, .. }
+        | Timer::ChangeSuspectToDown { token: k, .. }
+        | Timer::PeriodicAnnounce(k)
+        | Timer::PeriodicAnnounceDown(k)
+        | Timer::PeriodicGossip(k) => Some(*k),
+        Timer::RemoveDown(_) => None,
     }
 }
 
@@ -327,7 +348,8 @@ pub fn swim_config(expected_members: u32) -> Config {
 /// and found every probe overdue) suspected a healthy CN and declared it
 /// down 2 s later, before the CN's refutation could reach it through that
 /// same link; Down is final in SWIM, so the whole group dropped the CN and
-/// every EN failed away from it (`hostile::stalled_edge_node_leaves_others_untouched`).
+/// every EN failed away from it
+/// (`hostile::resources::stalled_edge_node_leaves_others_untouched`).
 /// CNs, which probe each other directly over UDP, still detect failures
 /// as fast as before and tell the ENs.
 pub fn edge_swim_config(expected_members: u32) -> Config {
@@ -440,6 +462,25 @@ impl Membership {
         });
         due.sort_by_key(|(at, _)| *at);
         for (_, t) in due {
+            if let Timer::ChangeSuspectToDown {
+                member_id,
+                incarnation,
+                ..
+            } = &t
+            {
+                // foca tells a suspect it is down (`TurnUndead`) whenever
+                // it still lists it, even after it refuted, and the suspect
+                // then renews its identity; with every member timing every
+                // suspicion, each refuted suspicion would cost a renewal.
+                let still = (self.foca.iter_membership_state()).any(|m| {
+                    m.id() == member_id
+                        && m.incarnation() == *incarnation
+                        && m.state() == State::Suspect
+                });
+                if !still {
+                    continue;
+                }
+            }
             let _ = self.foca.handle_timer(t, &mut self.out);
         }
         if self.foca.num_members() == 0 && !self.seeds.is_empty() {
@@ -579,18 +620,10 @@ impl Membership {
     /// Turns foca's output into timers and events.
     fn settle(&mut self, now: Instant) {
         for (after, t) in self.out.timers.drain(..) {
-            match &t {
-                Timer::ProbeRandomMember(k)
-                | Timer::SendIndirectProbe { token: k, .. }
-                | Timer::ChangeSuspectToDown { token: k, .. }
-                | Timer::PeriodicAnnounce(k)
-                | Timer::PeriodicAnnounceDown(k)
-                | Timer::PeriodicGossip(k) => {
-                    // A new token voids every timer foca had, ours too.
-                    self.retime |= self.token.is_some_and(|old| old != *k);
-                    self.token = Some(*k)
-                }
-                Timer::RemoveDown(_) => {}
+            if let Some(k) = timer_token(&t) {
+                // A new token voids every timer foca had, ours too.
+                self.retime |= self.token.is_some_and(|old| old != k);
+                self.token = Some(k)
             }
             if let Timer::ChangeSuspectToDown {
                 member_id,
@@ -599,8 +632,13 @@ impl Membership {
             } = &t
             {
                 // A suspicion foca's own probe raised, timed by foca to
-                // its config (an EN's long one).
-                (self.watched).insert((member_id.clone(), *incarnation), now + after);
+                // its config (an EN's long one); a failed probe of a
+                // suspect times it again, but the first deadline stands.
+                let at = now + after;
+                (self.watched)
+                    .entry((member_id.clone(), *incarnation))
+                    .and_modify(|d| *d = (*d).min(at))
+                    .or_insert(at);
             }
             self.timers.push((now + after, t));
         }
@@ -642,6 +680,11 @@ impl Membership {
             return;
         };
         let retime = std::mem::take(&mut self.retime);
+        if retime {
+            // foca ignores timers from before the new token: drop them.
+            self.timers
+                .retain(|(_, t)| timer_token(t).is_none_or(|k| k == token));
+        }
         let mut next = std::collections::HashMap::new();
         for m in self.foca.iter_membership_state() {
             if m.state() != State::Suspect {
@@ -738,16 +781,17 @@ pub fn without_impostors(
     // the filters above made sure): otherwise one certificate could back
     // any number of identities, each claiming another member's address
     // (review finding).
-    let mut newest: BTreeMap<[u8; 32], (u64, u32, u64)> = BTreeMap::new();
+    // Keyed by both keys: before a certificate shows which signing key
+    // goes with an X25519 key, a copy signed with another key must not
+    // count as the owner's newest identity (it is left out once known).
+    let mut newest: BTreeMap<NodeKeys, (u64, u32, u64)> = BTreeMap::new();
     for m in &members {
-        let e = newest
-            .entry(m.dh)
-            .or_insert((m.started_ms, m.gen, m.node_id));
+        let e = (newest.entry((m.dh, m.sign))).or_insert((m.started_ms, m.gen, m.node_id));
         *e = (*e).max((m.started_ms, m.gen, m.node_id));
     }
     let members: Vec<NodeIdentity> = members
         .into_iter()
-        .filter(|m| newest.get(&m.dh) == Some(&(m.started_ms, m.gen, m.node_id)))
+        .filter(|m| newest.get(&(m.dh, m.sign)) == Some(&(m.started_ms, m.gen, m.node_id)))
         .collect();
     let is_certified = |m: &NodeIdentity| certified.get(&m.dh) == Some(&m.sign);
     let held: BTreeSet<Ipv4Addr> = members

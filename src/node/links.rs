@@ -366,12 +366,22 @@ impl Control<'_> {
         }
         debug!(%observed, node = %hex_id(*node_id), %role, "join request");
         let me = self.members.identity().clone();
-        let members = membership::resolve(&self.members.members());
+        let all = self.members.members();
+        let joiner_sign = self
+            .codec
+            .trusted(joiner, unix_now())?
+            .cert
+            .body()
+            .node
+            .sign;
+        let taken = crate::join::taken_for((*joiner, joiner_sign), &all);
+        let members = membership::resolve(&all);
         sealed_join_reply(
             &mut self.codec,
             joiner,
             me,
             members,
+            taken,
             self.cfg.net,
             *requested,
             nonce,

@@ -11,7 +11,9 @@
 use super::*;
 use rand::seq::SliceRandom;
 
-/// How often one rival's certificate is asked for.
+/// How often a contested address is looked at (a pass over membership).
+const CHECK_EVERY: Duration = Duration::from_millis(250);
+/// How often one rival's certificate is asked for (at first).
 const ASK_EVERY: Duration = Duration::from_secs(1);
 /// Members asked at a time.
 const ASK_MEMBERS: usize = 3;
@@ -24,8 +26,13 @@ impl Control<'_> {
     /// While members claim our address: settles the conflict with the
     /// certified ones (certificates also arrive by handshakes, which
     /// change no membership) and asks for the certificates of the others,
-    /// each at most every [`ASK_EVERY`]. Called on every keepalive tick.
+    /// each at most every [`ASK_EVERY`], backing off. Called on every
+    /// keepalive tick; looks every [`CHECK_EVERY`].
     pub(super) fn settle_rivals(&mut self, now: Instant) {
+        if now < self.next_rival_check {
+            return;
+        }
+        self.next_rival_check = now + CHECK_EVERY;
         let me = self.members.identity().clone();
         let contested = (self.members.members().iter())
             .any(|m| m.overlay == me.overlay && m.node_id != me.node_id);
@@ -63,7 +70,11 @@ impl Control<'_> {
         let due: Vec<[u8; 32]> = rivals
             .into_iter()
             .filter(|k| {
-                (self.cert_asked.get(k)).is_none_or(|at| now.duration_since(*at) >= ASK_EVERY)
+                (self.cert_asked.get(k)).is_none_or(|(at, n)| {
+                    // 1 s, 2 s, 4 s … 32 s: a phantom's certificate never
+                    // comes, and it may be kept at our address for ever.
+                    now.duration_since(*at) >= ASK_EVERY * (1 << (*n).min(5))
+                })
             })
             .take(ASK_PER_TICK)
             .collect();
@@ -71,13 +82,14 @@ impl Control<'_> {
             if self.cert_asked.len() >= MAX_ASKED_RIVALS && !self.cert_asked.contains_key(&key) {
                 // Forget the oldest question, not all of them.
                 if let Some(oldest) = (self.cert_asked.iter())
-                    .min_by_key(|(_, at)| **at)
+                    .min_by_key(|(_, (at, _))| *at)
                     .map(|(k, _)| *k)
                 {
                     self.cert_asked.remove(&oldest);
                 }
             }
-            self.cert_asked.insert(key, now);
+            let tries = self.cert_asked.get(&key).map_or(0, |(_, n)| n + 1);
+            self.cert_asked.insert(key, (now, tries));
             debug!(rival = %hex32(&key), asked = asked_members.len(), "asking for a rival's certificate");
             for m in &asked_members {
                 self.send_msg(&ControlMsg::CertRequest { key }, m);

@@ -238,7 +238,8 @@ fn paused_member_rejoins_after_declaring_everyone_down() {
 }
 
 /// An EN whose link delivers nothing to it for a while (congested, as in
-/// `hostile::stalled_edge_node_leaves_others_untouched`) still sends. With
+/// `hostile::resources::stalled_edge_node_leaves_others_untouched`) still
+/// sends. With
 /// the CN timings it suspected a healthy CN and declared it down 2 s
 /// later; in the lab the CN's refutation was lost among the congestion
 /// and the group took the EN's word. Bound: with the EN timings no CN
@@ -437,13 +438,14 @@ fn restarted_node_supersedes_its_predecessor() {
     sim.add(ip(1), None);
     sim.add(ip(2), Some(0));
     sim.run(1500);
-    // Node 1 crashes and restarts on the same underlay, new session.
+    // Node 1 crashes and restarts on the same underlay, new session,
+    // same node key (it is kept in a file).
     sim.down.insert(1);
     sim.run(100);
     let now_ms = sim.now_ms();
     let mut id = NodeIdentity::new(77, ip(2), ua(2), Role::Core, now_ms);
     id.started_ms = now_ms;
-    let mut m = Membership::new(signed(id, 99), swim_config(8), 99);
+    let mut m = Membership::new(signed(id, 1001), swim_config(8), 99);
     let seed = sim.nodes[0].identity().clone();
     m.join(sim.now, vec![seed]);
     sim.nodes[1] = m;
@@ -625,6 +627,14 @@ fn a_members_down_verdict_about_another_is_only_a_suspicion() {
             assert_eq!(v.len(), 4, "node {i} sees {v:?}");
         }
     }
+    // Refuting cost it nothing more: no member told it that it was down
+    // once it had refuted (foca sends `TurnUndead` to any suspect still
+    // listed when a timer fires), so it never renewed its identity.
+    assert_eq!(
+        sim.nodes[3].identity().gen,
+        victim.gen,
+        "the accused renewed"
+    );
     // A graceful leave (a node's Down about itself) still counts at once.
     let now = sim.now;
     sim.nodes[3].leave(now);
@@ -798,4 +808,64 @@ fn one_certificate_backs_one_identity() {
     ));
     assert!(routed.iter().any(|m| m.node_id == me.node_id));
     assert!(routed.iter().all(|m| m.node_id != 4242));
+}
+
+/// Review finding: foca lets the newer of two identities at one foca
+/// address replace the other, and that address was the underlay alone. A
+/// member signed an identity of its own with a victim's underlay and the
+/// latest start time, and gossiped it: every member replaced the victim
+/// with it (and, sent as its own Down, dropped the victim at once). foca's
+/// address now includes the keys, so only the victim's own identities
+/// supersede each other.
+#[test]
+fn nobody_supersedes_a_member_but_the_member() {
+    let mut sim = Sim::new();
+    for k in 1..=3 {
+        sim.add(ip(k), (k > 1).then_some(0));
+    }
+    sim.run(2000);
+    let me = sim.nodes[0].identity().clone();
+    let victim = sim.nodes[2].identity().clone();
+    let key = std::sync::Arc::new(crate::identity::NodeKey::generate(
+        &mut StdRng::seed_from_u64(1000),
+    ));
+    let usurper = NodeIdentity {
+        node_id: 4343,
+        overlay: ip(43),
+        underlay: victim.underlay,
+        started_ms: u64::MAX,
+        ..me.clone()
+    }
+    .signed_by(key);
+    for state in [foca::State::Alive, foca::State::Down] {
+        let header = foca::Header {
+            src: me.clone(),
+            src_incarnation: 0,
+            dst: sim.nodes[1].identity().clone(),
+            message: foca::Message::Gossip,
+        };
+        let mut buf = Vec::new();
+        PostcardCodec.encode_header(&header, &mut buf).unwrap();
+        buf.extend_from_slice(&1u16.to_be_bytes());
+        PostcardCodec
+            .encode_member(&foca::Member::new(usurper.clone(), 0, state), &mut buf)
+            .unwrap();
+        let now = sim.now;
+        sim.nodes[1].handle_swim(now, &buf);
+        assert!(
+            sim.nodes[1]
+                .members()
+                .iter()
+                .any(|m| m.node_id == victim.node_id),
+            "the victim was superseded by another key's identity ({state:?})"
+        );
+    }
+    sim.run(3000);
+    for (i, v) in sim.views().iter().enumerate() {
+        assert_eq!(
+            v.get(&victim.overlay),
+            Some(&victim.node_id),
+            "node {i}: {v:?}"
+        );
+    }
 }
