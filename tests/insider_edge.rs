@@ -186,7 +186,8 @@ fn a_core_node_cannot_draw_an_edge_nodes_traffic() {
 /// revocation, so each is refused) is taken at its budget of 10/s, burst
 /// 20 (`REVOKED_MSGS_PER_SEC`), keyed by its own key: the rest are
 /// counted as `revocations_rate_limited` and cost nothing more. Then an
-/// `EdgeAttached` flood, at its own budget (`edge_attached_rate_limited`).
+/// `EdgeAttached` flood, at its own budget (`edge_attached_rate_limited`),
+/// and a `CertRequest` flood (`cert_msgs_rate_limited`).
 #[test]
 fn a_members_revoked_flood_is_taken_at_its_budget() {
     netns::lab_test("insider_revoked", BIN, |lab: &mut Lab| {
@@ -304,6 +305,39 @@ fn a_members_revoked_flood_is_taken_at_its_budget() {
             "cn2 resolved {resolved} EdgeAttached from one member in {elapsed:?} (budget {budget})"
         );
         ensure!(limited > 0, "no EdgeAttached was rate-limited");
+
+        // `CertRequest`, each answered with a certificate (sealed, sent):
+        // taken at 20/s, burst 40 (`CERT_MSGS_PER_SEC`), per member.
+        let cn1_key = load_cert(&lab.dir().join("cn1.cert"))?.body().node.dh;
+        let before = lab.status(&cn2)?;
+        const ASKS: u64 = 200;
+        let ask = ControlMsg::CertRequest { key: cn1_key };
+        let c = &mut codec;
+        let elapsed = lab.in_netns(h[2], move || -> Result<Duration> {
+            let sock = UdpSocket::bind("0.0.0.0:0")?;
+            let t0 = std::time::Instant::now();
+            for _ in 0..ASKS {
+                let p = c
+                    .seal(&ask, ip(30), ip(20), &cn2_key, &NO_CHANNEL, unix_ms())
+                    .ok_or_else(|| anyhow!("cannot seal for cn2"))?;
+                sock.send_to(&p, to)?;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(t0.elapsed())
+        })?;
+        std::thread::sleep(Duration::from_millis(300));
+        let after = lab.status(&cn2)?;
+        let limited = netns::counter(&after, "control.cert_msgs_rate_limited")
+            - netns::counter(&before, "control.cert_msgs_rate_limited");
+        let answered = ASKS - limited.min(ASKS);
+        let budget = 40 + (elapsed.as_secs_f64() * 20.0).ceil() as u64 + 2;
+        eprintln!(
+            "{ASKS} CertRequests in {elapsed:?}: cn2 answered {answered}, rate-limited {limited} (budget {budget})"
+        );
+        ensure!(
+            answered <= budget,
+            "cn2 answered {answered} CertRequests from one member in {elapsed:?} (budget {budget})"
+        );
 
         // The members are unaffected.
         ensure!(

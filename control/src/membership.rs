@@ -254,6 +254,34 @@ impl Identity for NodeIdentity {
     }
 }
 
+/// A SWIM message as foca puts it on the wire: the header, then (if any)
+/// a big-endian u16 count and the member updates. For what foca does not
+/// send itself (a leave to every member), and for tests that play a
+/// member.
+pub fn swim_message(
+    src: &NodeIdentity,
+    dst: &NodeIdentity,
+    message: foca::Message<NodeIdentity>,
+    updates: &[foca::Member<NodeIdentity>],
+) -> Option<Vec<u8>> {
+    use foca::Codec as _;
+    let header = foca::Header {
+        src: src.clone(),
+        src_incarnation: 0,
+        dst: dst.clone(),
+        message,
+    };
+    let mut buf = Vec::new();
+    foca::PostcardCodec.encode_header(&header, &mut buf).ok()?;
+    if !updates.is_empty() {
+        buf.extend_from_slice(&u16::try_from(updates.len()).ok()?.to_be_bytes());
+        for u in updates {
+            foca::PostcardCodec.encode_member(u, &mut buf).ok()?;
+        }
+    }
+    Some(buf)
+}
+
 /// The token a foca timer carries (none for `RemoveDown`).
 fn timer_token(t: &Timer<NodeIdentity>) -> Option<foca::TimerToken> {
     match t {
@@ -512,30 +540,12 @@ impl Membership {
     /// [`HEARD_SUSPICION`], so foca's few messages plus gossip would leave
     /// most members routing to us for seconds.
     pub fn leave(&mut self, now: Instant) {
-        use foca::Codec as _;
         let me = self.foca.identity().clone();
         let targets: Vec<NodeIdentity> = self.foca.iter_members().map(|m| m.id().clone()).collect();
         let _ = self.foca.leave_cluster(&mut self.out);
         for to in targets {
-            let header = foca::Header {
-                src: me.clone(),
-                src_incarnation: 0,
-                dst: to.clone(),
-                message: foca::Message::Gossip,
-            };
-            let mut payload = Vec::new();
-            if foca::PostcardCodec
-                .encode_header(&header, &mut payload)
-                .is_err()
-            {
-                continue;
-            }
-            payload.extend_from_slice(&1u16.to_be_bytes());
             let down = foca::Member::new(me.clone(), 0, State::Down);
-            if foca::PostcardCodec
-                .encode_member(&down, &mut payload)
-                .is_ok()
-            {
+            if let Some(payload) = swim_message(&me, &to, foca::Message::Gossip, &[down]) {
                 self.out.transmits.push_back(Transmit { to, payload });
             }
         }
@@ -728,6 +738,14 @@ impl Membership {
                     && certified.get(&o.dh) == Some(&o.sign)
                     && addr::keeps_address(&o.claim(), &me.claim())
             })
+    }
+
+    /// Whether another identity claims our address (a pass over the
+    /// members, no copies).
+    pub fn contested(&self) -> bool {
+        let me = self.foca.identity();
+        (self.foca.iter_members())
+            .any(|m| m.id().overlay == me.overlay && m.id().node_id != me.node_id)
     }
 
     /// The X25519 keys of members claiming our address with a better

@@ -33,12 +33,10 @@ impl Control<'_> {
             return;
         }
         self.next_rival_check = now + CHECK_EVERY;
-        let me = self.members.identity().clone();
-        let contested = (self.members.members().iter())
-            .any(|m| m.overlay == me.overlay && m.node_id != me.node_id);
-        if !contested {
+        if !self.members.contested() {
             return;
         }
+        let me = self.members.identity().clone();
         // Brings membership's certified keys up to date.
         let (members, certified) = self.trusted_members();
         if self.members.lost_address() {

@@ -128,6 +128,19 @@ impl Sim {
         }
     }
 
+    /// Node `i` leaves gracefully: what it sends on its way out is
+    /// delivered, then it is gone.
+    fn leave(&mut self, i: usize) {
+        let now = self.now;
+        self.nodes[i].leave(now);
+        while let Some(t) = self.nodes[i].poll_transmit() {
+            if let Some(j) = self.index_of(&t.to) {
+                self.net.push_back((j, t.payload));
+            }
+        }
+        self.down.insert(i);
+    }
+
     fn views(&self) -> Vec<BTreeMap<Ipv4Addr, u64>> {
         (0..self.nodes.len())
             .filter(|i| !self.down.contains(i))
@@ -168,14 +181,7 @@ fn graceful_leave_is_propagated() {
     }
     sim.run(3000);
     assert!(sim.views().iter().all(|v| v.len() == 8));
-    let now = sim.now;
-    sim.nodes[7].leave(now);
-    while let Some(t) = sim.nodes[7].poll_transmit() {
-        if let Some(j) = sim.index_of(&t.to) {
-            sim.net.push_back((j, t.payload));
-        }
-    }
-    sim.down.insert(7);
+    sim.leave(7);
     sim.run(100);
     for v in sim.views() {
         assert_eq!(v.len(), 7, "{v:?}");
@@ -596,17 +602,17 @@ fn a_members_down_verdict_about_another_is_only_a_suspicion() {
             .iter_membership_state()
             .find(|m| m.id().node_id == victim.node_id)
             .map_or(0, |m| m.incarnation());
-        let header = foca::Header {
-            src: liar.clone(),
-            src_incarnation: 0,
-            dst: sim.nodes[to].identity().clone(),
-            message: foca::Message::Gossip,
-        };
-        let mut buf = Vec::new();
-        PostcardCodec.encode_header(&header, &mut buf).unwrap();
-        buf.extend_from_slice(&1u16.to_be_bytes());
-        let down = foca::Member::new(victim.clone(), incarnation, foca::State::Down);
-        PostcardCodec.encode_member(&down, &mut buf).unwrap();
+        let buf = swim_message(
+            &liar,
+            sim.nodes[to].identity(),
+            foca::Message::Gossip,
+            &[foca::Member::new(
+                victim.clone(),
+                incarnation,
+                foca::State::Down,
+            )],
+        )
+        .unwrap();
         buf
     };
     for _ in 0..80 {
@@ -636,14 +642,7 @@ fn a_members_down_verdict_about_another_is_only_a_suspicion() {
         "the accused renewed"
     );
     // A graceful leave (a node's Down about itself) still counts at once.
-    let now = sim.now;
-    sim.nodes[3].leave(now);
-    while let Some(t) = sim.nodes[3].poll_transmit() {
-        if let Some(j) = sim.index_of(&t.to) {
-            sim.net.push_back((j, t.payload));
-        }
-    }
-    sim.down.insert(3);
+    sim.leave(3);
     sim.run(1000);
     for v in sim.views() {
         assert_eq!(v.len(), 3, "{v:?}");
@@ -673,18 +672,13 @@ fn a_phantom_identity_takes_no_address() {
     let free = signed(NodeIdentity::new(667, ip(77), ua(67), Role::Core, 0), 667);
     // Gossiped by the first member, to everyone.
     for (to, p) in [(1usize, &phantom), (2, &phantom), (1, &free), (2, &free)] {
-        let header = foca::Header {
-            src: sim.nodes[0].identity().clone(),
-            src_incarnation: 0,
-            dst: sim.nodes[to].identity().clone(),
-            message: foca::Message::Gossip,
-        };
-        let mut buf = Vec::new();
-        PostcardCodec.encode_header(&header, &mut buf).unwrap();
-        buf.extend_from_slice(&1u16.to_be_bytes());
-        PostcardCodec
-            .encode_member(&foca::Member::alive(p.clone()), &mut buf)
-            .unwrap();
+        let buf = swim_message(
+            sim.nodes[0].identity(),
+            sim.nodes[to].identity(),
+            foca::Message::Gossip,
+            &[foca::Member::alive(p.clone())],
+        )
+        .unwrap();
         let now = sim.now;
         sim.nodes[to].handle_swim(now, &buf);
     }
@@ -732,14 +726,13 @@ fn forced_renewals_do_not_keep_a_crashed_member_listed() {
     sim.down.insert(3);
     let liar = sim.nodes[0].identity().clone();
     for _ in 0..12 {
-        let header = foca::Header {
-            src: liar.clone(),
-            src_incarnation: 0,
-            dst: sim.nodes[1].identity().clone(),
-            message: foca::Message::TurnUndead,
-        };
-        let mut buf = Vec::new();
-        PostcardCodec.encode_header(&header, &mut buf).unwrap();
+        let buf = swim_message(
+            &liar,
+            sim.nodes[1].identity(),
+            foca::Message::TurnUndead,
+            &[],
+        )
+        .unwrap();
         let now = sim.now;
         sim.nodes[1].handle_swim(now, &buf);
         sim.run(500);
@@ -781,18 +774,13 @@ fn one_certificate_backs_one_identity() {
     }
     .signed_by(key);
     assert!(extra.verify());
-    let header = foca::Header {
-        src: me.clone(),
-        src_incarnation: 0,
-        dst: victim.clone(),
-        message: foca::Message::Gossip,
-    };
-    let mut buf = Vec::new();
-    PostcardCodec.encode_header(&header, &mut buf).unwrap();
-    buf.extend_from_slice(&1u16.to_be_bytes());
-    PostcardCodec
-        .encode_member(&foca::Member::alive(extra.clone()), &mut buf)
-        .unwrap();
+    let buf = swim_message(
+        &me,
+        &victim,
+        foca::Message::Gossip,
+        &[foca::Member::alive(extra.clone())],
+    )
+    .unwrap();
     let now = sim.now;
     sim.nodes[2].handle_swim(now, &buf);
     assert!(sim.nodes[2].members().iter().any(|m| m.node_id == 4242));
@@ -838,18 +826,13 @@ fn nobody_supersedes_a_member_but_the_member() {
     }
     .signed_by(key);
     for state in [foca::State::Alive, foca::State::Down] {
-        let header = foca::Header {
-            src: me.clone(),
-            src_incarnation: 0,
-            dst: sim.nodes[1].identity().clone(),
-            message: foca::Message::Gossip,
-        };
-        let mut buf = Vec::new();
-        PostcardCodec.encode_header(&header, &mut buf).unwrap();
-        buf.extend_from_slice(&1u16.to_be_bytes());
-        PostcardCodec
-            .encode_member(&foca::Member::new(usurper.clone(), 0, state), &mut buf)
-            .unwrap();
+        let buf = swim_message(
+            &me,
+            sim.nodes[1].identity(),
+            foca::Message::Gossip,
+            &[foca::Member::new(usurper.clone(), 0, state)],
+        )
+        .unwrap();
         let now = sim.now;
         sim.nodes[1].handle_swim(now, &buf);
         assert!(
