@@ -52,6 +52,7 @@ fn run(suite: Suite, threads: usize, cores: &[core_affinity::CoreId]) -> f64 {
                     key: [7; 32],
                     counter: sequence,
                     keepalive: Arc::new(AtomicBool::new(false)),
+                    path_mtu: Default::default(),
                 });
                 let ip = common::ip_packet(LEN);
                 let mut bufs = vec![vec![0u8; 2048]; BATCH];

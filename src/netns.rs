@@ -739,6 +739,27 @@ impl Lab {
     /// (nftables table `ip elalab_nat`). Put hosts behind it with
     /// [`Lab::add_host_behind`]. Needs `nft`.
     pub fn add_nat_router(&mut self, name: &str) -> Result<HostId> {
+        let id = self.add_lan_router(name)?;
+        self.nft(
+            id,
+            &format!(
+                "table ip {NAT_TABLE} {{\n\
+                 chain post {{ type nat hook postrouting priority 100; oifname \"eth0\" masquerade; }}\n\
+                 }}\n"
+            ),
+        )?;
+        Ok(id)
+    }
+
+    /// Adds a plain router: like [`Lab::add_nat_router`] but without the
+    /// NAT, so hosts behind it keep their addresses and bridged hosts
+    /// reach them once [`Lab::route_lan_via`] gave them the route. For
+    /// paths with something in the middle (a narrow MTU, a filter).
+    pub fn add_router(&mut self, name: &str) -> Result<HostId> {
+        self.add_lan_router(name)
+    }
+
+    fn add_lan_router(&mut self, name: &str) -> Result<HostId> {
         let r = self.hosts.iter().filter(|h| h.lan.is_some()).count();
         let octet = usize::from(LAN_BASE_OCTET) + r;
         ensure!(octet <= 250, "too many NAT routers in one lab");
@@ -764,16 +785,51 @@ impl Lab {
             "enabling ip_forward in {name}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
-        self.nft(
-            id,
-            &format!(
-                "table ip {NAT_TABLE} {{\n\
-                 chain post {{ type nat hook postrouting priority 100; oifname \"eth0\" masquerade; }}\n\
-                 }}\n"
-            ),
-        )?;
         self.hosts[id.0].lan = Some(Lan { octet, hosts: 1 });
         Ok(id)
+    }
+
+    /// Gives bridged host `h` a route to `router`'s segment through it
+    /// (for a router made with [`Lab::add_router`]).
+    pub fn route_lan_via(&self, h: HostId, router: HostId) -> Result<()> {
+        let Some(lan) = self.hosts[router.0].lan else {
+            bail!("{} is not a router", self.host_name(router));
+        };
+        let net = format!("192.168.{}.0/24", lan.octet);
+        let via = self.underlay_ip(router).to_string();
+        self.ip(&["-n", self.netns(h), "route", "add", &net, "via", &via])
+    }
+
+    /// Narrows `router`'s segment to `mtu`: its bridge and its side of
+    /// every host link on it, so the router cannot forward larger packets
+    /// onto it (it answers "fragmentation needed", unless
+    /// [`Lab::filter_icmp_errors`]) and drops larger frames the hosts
+    /// send, silently, as a narrower link on the way would. The hosts'
+    /// own interfaces keep their MTU: they cannot know.
+    pub fn narrow_lan(&self, router: HostId, mtu: u32) -> Result<()> {
+        let Some(lan) = self.hosts[router.0].lan else {
+            bail!("{} is not a router", self.host_name(router));
+        };
+        let m = mtu.to_string();
+        let ns = self.netns(router).to_string();
+        for k in 2..=lan.hosts {
+            self.ip(&["-n", &ns, "link", "set", &format!("h{k}"), "mtu", &m])?;
+        }
+        self.ip(&["-n", &ns, "link", "set", "lan0", "mtu", &m])
+    }
+
+    /// Makes `router` drop the ICMP errors path MTU discovery relies on
+    /// (IPv4 "destination unreachable", IPv6 "packet too big"), those it
+    /// sends and those it forwards: the black hole a filtering firewall
+    /// makes (nftables table `inet elalab_icmpblock` in its namespace).
+    pub fn filter_icmp_errors(&self, router: HostId) -> Result<()> {
+        self.nft(
+            router,
+            "table inet elalab_icmpblock {\n\
+             chain f { type filter hook forward priority 0; icmp type destination-unreachable drop; icmpv6 type packet-too-big drop; }\n\
+             chain o { type filter hook output priority 0; icmp type destination-unreachable drop; icmpv6 type packet-too-big drop; }\n\
+             }\n",
+        )
     }
 
     /// Adds a host on `router`'s private segment (see

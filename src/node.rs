@@ -34,6 +34,7 @@ use ela_dataplane::io::udp::{self, UdpGroup};
 use ela_dataplane::io::uring::{
     self, Command, CoreConfig, CoreEvent, OffloadConfig, Shared, MAX_LINKS,
 };
+use ela_dataplane::session::SessionCommand;
 use ela_dataplane::stats::CoreStats;
 use ela_dataplane::wire::{Header, PacketType, HOPS_OFFSET, MAX_HOPS};
 use ipnet::Ipv4Net;
@@ -52,6 +53,7 @@ use crate::pending::{Admission, Admit, PendingConn, Read1, PENDING_TIMEOUT};
 use crate::status::{self, ControlCounters, EdgeView, MemberView, NodeInfo, StatusShared};
 
 mod links;
+mod paths;
 mod rivals;
 pub mod sessions;
 pub mod state;
@@ -594,6 +596,8 @@ pub fn run(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         cert_msg_limiter: SourceLimiter::per_host(CERT_MSGS_PER_SEC, 2 * CERT_MSGS_PER_SEC, 4096),
         cert_asked: std::collections::HashMap::new(),
         next_rival_check: Instant::now(),
+        paths: paths::Paths::new(cfg.mtu, rand::random()),
+        paths_shown: Instant::now(),
         unknown: std::collections::VecDeque::new(),
         answers: std::collections::VecDeque::new(),
         cert_limiter: SourceLimiter::new(CERTS_PER_NET_PER_SEC, 2 * CERTS_PER_NET_PER_SEC, 4096),
@@ -614,6 +618,7 @@ pub fn run(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     ctl.refresh();
     let shared = Arc::new(StatusShared {
         info: ArcSwap::from_pointee(ctl.node_info()),
+        paths: ArcSwap::from_pointee(Vec::new()),
         cores: stats.clone(),
         control: ctl_counters,
         started: Instant::now(),
@@ -752,6 +757,10 @@ struct Control<'a> {
     fresh_attachments: FreshAttachments,
     /// Pairwise sessions with every member (see `node::sessions`).
     sessions: SessionDriver,
+    /// Path MTU per peer (see `node::paths`), and when `status` last
+    /// got it.
+    paths: paths::Paths,
+    paths_shown: Instant,
     /// Handshakes this CN relays, per source network.
     relay_limiter: SourceLimiter,
     /// `Revoked` messages per member (each may cost signature checks).
@@ -838,6 +847,7 @@ impl Control<'_> {
                 self.members.poll_timeout(),
                 self.edge.as_ref().and_then(|e| e.poll_timeout()),
                 Some(self.next_keepalive),
+                self.paths.poll_timeout(),
             ]
             .into_iter()
             .flatten()
@@ -881,6 +891,7 @@ impl Control<'_> {
                         let outs = self.sessions.on_confirmed(local_index, Instant::now());
                         self.carry_sessions(outs);
                     }
+                    CoreEvent::ProbeAck { peer, id } => self.paths.on_ack(peer, id, Instant::now()),
                 }
             }
             self.send_answers();
@@ -940,6 +951,7 @@ impl Control<'_> {
         }
         let outs = self.sessions.tick(now, unix_ns(), &mut rand::thread_rng());
         self.carry_sessions(outs);
+        self.probe_paths(now);
         self.retry_unknown();
         if now >= self.next_revocation_gossip {
             self.next_revocation_gossip = now + REVOCATION_GOSSIP;
@@ -1611,6 +1623,9 @@ impl Control<'_> {
                 .set_members(keyed, now, unix_ns(), &mut rand::thread_rng()),
         );
         self.carry_sessions(outs);
+        let addrs: std::collections::HashSet<Ipv4Addr> =
+            members.iter().map(|m| m.overlay).collect();
+        self.paths.retain(|a| addrs.contains(&a));
         if let Some(s) = &self.status {
             s.info.store(Arc::new(self.node_info()));
         }
@@ -1850,6 +1865,16 @@ impl Control<'_> {
                     }
                 }
                 sessions::Out::Cores(cmd) => {
+                    if let SessionCommand::Send {
+                        peer,
+                        counter,
+                        path_mtu,
+                        ..
+                    } = &*cmd
+                    {
+                        self.paths
+                            .on_send_session(*peer, path_mtu, counter, Instant::now());
+                    }
                     for i in 0..self.cores.cores.len() {
                         if self.cores.send(i, Command::Session(cmd.clone())).is_err() {
                             (self.counters.session_commands_lost).fetch_add(1, Ordering::Relaxed);
@@ -1924,6 +1949,30 @@ impl Control<'_> {
             self.counters.tx.fetch_add(1, Ordering::Relaxed);
         }
         sent
+    }
+
+    /// Path MTU probes due go to the cores (each peer's to one core, so
+    /// its probes share a socket queue); `status` gets the paths at most
+    /// every 250 ms.
+    fn probe_paths(&mut self, now: Instant) {
+        let n = self.cores.cores.len().max(1);
+        for p in self.paths.poll(now) {
+            let core = u32::from(p.peer) as usize % n;
+            let cmd = Command::Probe {
+                peer: p.peer,
+                len: p.len,
+                id: p.id,
+            };
+            // A full queue loses the probe: the search takes it as lost.
+            let _ = self.cores.send(core, cmd);
+        }
+        if now.saturating_duration_since(self.paths_shown) >= Duration::from_millis(250) {
+            self.paths_shown = now;
+            if let Some(s) = &self.status {
+                s.paths
+                    .store(Arc::new(self.paths.view(&self.routes.load())));
+            }
+        }
     }
 
     fn node_info(&self) -> NodeInfo {

@@ -36,6 +36,25 @@ pub struct MemberView {
     pub is_self: bool,
 }
 
+/// One path as `status` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PathStatus {
+    pub peer: String,
+    /// The largest IP packet the overlay carries to the peer.
+    pub mtu: u16,
+    /// The largest underlay IP packet this takes on the first hop, when
+    /// that is UDP (`null` over an EN↔CN TCP link: the kernel's TCP
+    /// handles its MTU).
+    pub path_mtu: Option<u16>,
+    /// "udp", "udp-relayed" (via a CN) or "tcp-link".
+    pub via: String,
+    /// Whether probes have confirmed it (else the NPD MTU, assumed).
+    pub confirmed: bool,
+    pub searching: bool,
+    pub searches: u32,
+    pub black_holes: u32,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct NodeInfo {
     pub addr: String,
@@ -155,6 +174,8 @@ pub struct ControlCounters {
 
 pub struct StatusShared {
     pub info: ArcSwap<NodeInfo>,
+    /// Path MTU per peer (the control thread stores it as it changes).
+    pub paths: ArcSwap<Vec<PathStatus>>,
     pub cores: Arc<[CoreStats]>,
     pub control: Arc<ControlCounters>,
     pub started: std::time::Instant,
@@ -191,6 +212,11 @@ pub fn snapshot(s: &StatusShared) -> Value {
         "drops": drops,
         "drops_total": t.drops_total(),
         "gso_fallback": {"peers": t.gso_off_peers, "cores_all_off": t.gso_off_cores},
+        "pmtu": {
+            "icmp_too_big": t.icmp_too_big, "mss_clamped": t.mss_clamped,
+            "probes_sent": t.probes_sent, "probes_answered": t.probes_answered,
+        },
+        "paths": &**s.paths.load(),
         "per_core": s.cores.iter().map(|c| {
             let x = c.snapshot();
             json!({"tun_rx": x.tun_rx, "tun_tx": x.tun_tx, "udp_rx": x.udp_rx,
@@ -597,6 +623,40 @@ pub fn format_table(v: &Value) -> String {
                 f("underlay"),
                 f("node_id"),
                 me
+            ));
+        }
+    }
+    if let Some(ps) = v
+        .get("paths")
+        .and_then(|m| m.as_array())
+        .filter(|p| !p.is_empty())
+    {
+        out.push_str(&format!(
+            "\n{:<16} {:>5} {:>9} {:<12} {}\n",
+            "PATH TO", "MTU", "PATH MTU", "VIA", "STATE"
+        ));
+        for p in ps {
+            let f = |k: &str| {
+                p.get(k).map_or("?".to_string(), |x| match x {
+                    Value::String(s) => s.clone(),
+                    Value::Null => "-".to_string(),
+                    x => x.to_string(),
+                })
+            };
+            let state = if p.get("searching").and_then(|x| x.as_bool()) == Some(true) {
+                "searching"
+            } else if p.get("confirmed").and_then(|x| x.as_bool()) == Some(true) {
+                "confirmed"
+            } else {
+                "assumed"
+            };
+            out.push_str(&format!(
+                "{:<16} {:>5} {:>9} {:<12} {}\n",
+                f("peer"),
+                f("mtu"),
+                f("path_mtu"),
+                f("via"),
+                state
             ));
         }
     }

@@ -118,6 +118,7 @@ pub fn connect_as(
             key: tx,
             counter: Arc::new(AtomicU64::new(0)),
             keepalive: Arc::new(AtomicBool::new(false)),
+            path_mtu: Default::default(),
         });
     }
 }

@@ -15,6 +15,7 @@
 //!   certified nodes.
 //! - [`cookie`]: MACs and cookie replies that keep handshake floods from
 //!   costing asymmetric crypto or amplifying.
+//! - [`pmtu`]: path MTU discovery per peer by probes (RFC 8899).
 //! - [`session`]: when to handshake, retry, rekey and forget pairwise
 //!   sessions, and which index names which keys.
 
@@ -27,6 +28,7 @@ pub mod identity;
 pub mod membership;
 pub mod msg;
 pub mod pairwise;
+pub mod pmtu;
 pub mod revocation;
 pub mod router;
 pub mod session;

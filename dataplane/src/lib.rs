@@ -14,6 +14,7 @@ pub mod forwarder;
 pub mod framing;
 pub mod io;
 pub mod offload;
+pub mod pmtu;
 pub mod replay;
 pub mod session;
 pub mod stats;

@@ -216,6 +216,11 @@ impl RxKeys {
 /// What the control thread tells the cores about sessions (every core
 /// gets every command: a session's packets are steered to the core that
 /// owns its peer, and any core may send).
+/// The largest inner packet the path to a peer carries (probed by the
+/// control thread, `ela_control::pmtu`); 0 until known. One per peer,
+/// read by every core with a relaxed load.
+pub type PathMtu = Arc<std::sync::atomic::AtomicU32>;
+
 pub enum SessionCommand {
     /// Accept packets from `peer` that name `local_index`.
     Receive {
@@ -237,6 +242,9 @@ pub enum SessionCommand {
         key: [u8; KEY_LEN],
         counter: Arc<AtomicU64>,
         keepalive: Arc<std::sync::atomic::AtomicBool>,
+        /// The path to `peer` (see [`PathMtu`]), shared with the control
+        /// thread's probing and kept across rekeys.
+        path_mtu: PathMtu,
     },
     /// Stop receiving on `local_index`, and sending on it.
     Forget { local_index: u32 },
@@ -290,9 +298,19 @@ pub struct TxSession {
     /// cores sent, so they are discarded (counters are plentiful).
     batch: u64,
     keepalive: Arc<std::sync::atomic::AtomicBool>,
+    pub path_mtu: PathMtu,
 }
 
 impl TxSession {
+    /// The largest inner packet the path carries, if known.
+    #[inline]
+    pub fn path_mtu(&self) -> Option<u16> {
+        match self.path_mtu.load(Ordering::Relaxed) {
+            0 => None,
+            m => Some(m as u16),
+        }
+    }
+
     /// The next counter and its keys; `None` once the session is used up.
     #[inline]
     pub fn take(&mut self, batch: u64) -> Option<(u64, &PacketKeys)> {
@@ -362,8 +380,10 @@ impl SessionTable {
                 key,
                 counter,
                 keepalive,
+                path_mtu,
             } => {
                 let tx = TxSession {
+                    path_mtu: path_mtu.clone(),
                     local_index: *local_index,
                     remote_index: *remote_index,
                     keys: TxKeys::new(*key, *suite),

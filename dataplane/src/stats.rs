@@ -62,10 +62,13 @@ pub enum DropReason {
     /// A packet for another node that did not come wrapped by an
     /// authenticated hop: relays forward nothing they cannot check.
     NotForUs,
+    /// From the NPD, larger than the path to its destination carries (its
+    /// sender got an ICMP "fragmentation needed": `icmp_too_big`).
+    PathMtu,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 19;
+    pub const COUNT: usize = 20;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
         DropReason::BadTag,
@@ -86,6 +89,7 @@ impl DropReason {
         DropReason::NoSession,
         DropReason::UnknownSession,
         DropReason::NotForUs,
+        DropReason::PathMtu,
     ];
 
     pub fn name(self) -> &'static str {
@@ -109,6 +113,7 @@ impl DropReason {
             DropReason::NoSession => "no_session",
             DropReason::UnknownSession => "unknown_session",
             DropReason::NotForUs => "not_for_us",
+            DropReason::PathMtu => "path_mtu",
         }
     }
 }
@@ -136,6 +141,14 @@ pub struct Counters {
     /// 1 if this core turned UDP GSO off for every peer (the device
     /// refused it, or too many peers did); summed, the cores that did.
     pub gso_off_cores: u64,
+    /// ICMP "fragmentation needed" written to the NPD for packets too big
+    /// for their path.
+    pub icmp_too_big: u64,
+    /// TCP SYNs whose MSS was lowered to fit the path.
+    pub mss_clamped: u64,
+    /// Path MTU probes sent, and the peers' probes acknowledged.
+    pub probes_sent: u64,
+    pub probes_answered: u64,
     pub drops: [u64; DropReason::COUNT],
 }
 
@@ -159,6 +172,10 @@ impl Counters {
         self.rx_bytes += o.rx_bytes;
         self.gso_off_peers += o.gso_off_peers;
         self.gso_off_cores += o.gso_off_cores;
+        self.icmp_too_big += o.icmp_too_big;
+        self.mss_clamped += o.mss_clamped;
+        self.probes_sent += o.probes_sent;
+        self.probes_answered += o.probes_answered;
         for (a, b) in self.drops.iter_mut().zip(o.drops.iter()) {
             *a += *b;
         }
@@ -226,6 +243,10 @@ pub struct CoreStats {
     rx_bytes: AtomicU64,
     gso_off_peers: AtomicU64,
     gso_off_cores: AtomicU64,
+    icmp_too_big: AtomicU64,
+    mss_clamped: AtomicU64,
+    probes_sent: AtomicU64,
+    probes_answered: AtomicU64,
     drops: [AtomicU64; DropReason::COUNT],
 }
 
@@ -242,6 +263,10 @@ impl CoreStats {
         self.rx_bytes.store(c.rx_bytes, r);
         self.gso_off_peers.store(c.gso_off_peers, r);
         self.gso_off_cores.store(c.gso_off_cores, r);
+        self.icmp_too_big.store(c.icmp_too_big, r);
+        self.mss_clamped.store(c.mss_clamped, r);
+        self.probes_sent.store(c.probes_sent, r);
+        self.probes_answered.store(c.probes_answered, r);
         for (a, v) in self.drops.iter().zip(c.drops.iter()) {
             a.store(*v, r);
         }
@@ -277,6 +302,10 @@ impl CoreStats {
             rx_bytes: self.rx_bytes.load(r),
             gso_off_peers: self.gso_off_peers.load(r),
             gso_off_cores: self.gso_off_cores.load(r),
+            icmp_too_big: self.icmp_too_big.load(r),
+            mss_clamped: self.mss_clamped.load(r),
+            probes_sent: self.probes_sent.load(r),
+            probes_answered: self.probes_answered.load(r),
             drops,
         }
     }

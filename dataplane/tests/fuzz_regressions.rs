@@ -21,6 +21,8 @@ mod input;
 mod keyfile;
 #[path = "../../fuzz/src/offload.rs"]
 mod offload;
+#[path = "../../fuzz/src/pmtu.rs"]
+mod pmtu;
 #[path = "../../fuzz/src/wire_header.rs"]
 mod wire_header;
 
@@ -68,6 +70,11 @@ fn replay(target: &str, check: fn(&[u8]), seeds: fn() -> Vec<Vec<u8>>) {
 #[test]
 fn wire_header_corpus() {
     replay("wire_header", wire_header::run, wire_header::seeds);
+}
+
+#[test]
+fn pmtu_corpus() {
+    replay("pmtu", pmtu::run, pmtu::seeds);
 }
 
 #[test]

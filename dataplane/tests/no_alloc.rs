@@ -97,6 +97,7 @@ fn pair(a: &mut Forwarder, b: &mut Forwarder) {
         key: [5; 32],
         counter: Arc::new(AtomicU64::new(0)),
         keepalive: Arc::new(AtomicBool::new(false)),
+        path_mtu: Default::default(),
     });
     b.apply(&SessionCommand::Receive {
         peer: A,

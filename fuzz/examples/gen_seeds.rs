@@ -9,7 +9,7 @@ use std::path::Path;
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
     type Run = fn(&[u8]);
-    let sets: [(&str, Vec<Vec<u8>>, Run); 9] = [
+    let sets: [(&str, Vec<Vec<u8>>, Run); 10] = [
         (
             "forwarder",
             ela_fast_fuzz::forwarder::seeds(),
@@ -54,6 +54,11 @@ fn main() {
             "handshake",
             ela_fast_fuzz::handshake::seeds(),
             ela_fast_fuzz::handshake::run,
+        ),
+        (
+            "pmtu",
+            ela_fast_fuzz::pmtu::seeds(),
+            ela_fast_fuzz::pmtu::run,
         ),
     ];
     for (target, seeds, run) in sets {

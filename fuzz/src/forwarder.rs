@@ -4,12 +4,14 @@
 //! The world: CN A, CN C, and EN E attached to C (A's packets to E go
 //! through C, wrapped for it); A↔E, A↔C and E↔C hold sessions.
 //!
-//! Input: one mode byte (modulo 4), then
+//! Input: one mode byte (modulo 5), then
 //! - 0, 1 (`raw`): the rest is a datagram, given to C and to E;
 //! - 2, 3 (`sealed`): an IP payload length and bytes, a tamper position
 //!   and bit, and a flag: A seals an IPv4 packet A→E and wraps it for C;
 //!   it is tampered with (or not), given to C, and what C passes on is
-//!   given to E; then the same wrapped packet is given to C again.
+//!   given to E; then the same wrapped packet is given to C again;
+//! - 4 (`probe`): a length, an id, a tamper position, bit and flag: A
+//!   sends E a path MTU probe through C (tampered with or not).
 //!
 //! Invariants:
 //! - nothing panics, and every packet given in is either passed on,
@@ -21,7 +23,11 @@
 //! - a tampered wrapping is passed on only if the flipped bit is in the
 //!   outer `hops` byte (which no tag covers), and then still delivers the
 //!   same packet; any other flip is dropped by C;
-//! - the same wrapping given to C twice is passed on at most once.
+//! - the same wrapping given to C twice is passed on at most once;
+//! - an untampered probe is answered by E with an acknowledgement no
+//!   larger than the probe, which C relays and A takes (no drop) as from
+//!   E with the same id; a tampered one is dropped by C unless only
+//!   `hops` changed.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -87,6 +93,7 @@ fn pair(x: (&mut Forwarder, Ipv4Addr), y: (&mut Forwarder, Ipv4Addr), seed: u8) 
             key: tx,
             counter: Arc::new(AtomicU64::new(0)),
             keepalive: Arc::new(AtomicBool::new(false)),
+            path_mtu: Default::default(),
         });
     }
 }
@@ -133,7 +140,7 @@ fn inbound(f: &mut Forwarder, t: &RouteTable, pkt: &[u8]) -> (Verdict, Vec<u8>) 
 pub fn run(data: &[u8]) {
     let mut r = Reader::new(data);
     let mut w = world();
-    match r.u8() % 4 {
+    match r.u8() % 5 {
         0 | 1 => {
             let pkt = r.rest();
             let (v, _) = inbound(&mut w.c, &w.tc, pkt);
@@ -141,8 +148,45 @@ pub fn run(data: &[u8]) {
             let (v, _) = inbound(&mut w.e, &w.te, pkt);
             assert_eq!(v, Verdict::Drop, "E took bytes nobody sealed");
         }
+        4 => probe(&mut r, &mut w),
         _ => sealed(&mut r, &mut w),
     }
+}
+
+fn probe(r: &mut Reader, w: &mut World) {
+    let len = usize::from(r.u16()) % MAX_IP;
+    let id = r.u64();
+    let tamper_at = usize::from(r.u16());
+    let tamper_bit = 1u8 << (r.u8() % 8);
+    let tamper = r.bool();
+    let mut buf = vec![0u8; HEADROOM + MAX_DATA_PAYLOAD + 2 * TAG_LEN];
+    w.a.begin_batch();
+    let out = w.a.probe(&w.ta, &mut buf, E, len, id);
+    assert_eq!(
+        out.verdict,
+        Verdict::Udp(SocketAddr::from(([172, 31, 0, 3], 7000)))
+    );
+    let mut wire = buf[out.range].to_vec();
+    let at = tamper_at % wire.len();
+    if tamper {
+        wire[at] ^= tamper_bit;
+    }
+    let (v, inner) = inbound(&mut w.c, &w.tc, &wire);
+    if tamper && at != HOPS_OFFSET {
+        assert_eq!(v, Verdict::Drop, "C passed on a probe flipped at byte {at}");
+        return;
+    }
+    assert_eq!(v, Verdict::Link(E_AT_C));
+    let (v, ack) = inbound(&mut w.e, &w.te, &inner);
+    assert_eq!(v, Verdict::Link(E_UP), "E did not answer the probe");
+    assert!(ack.len() <= inner.len(), "E answered with more than came");
+    let (v, ack) = inbound(&mut w.c, &w.tc, &ack);
+    assert_eq!(v, Verdict::Udp(SocketAddr::from(([172, 31, 0, 1], 7000))));
+    let drops = w.a.counters.drops_total();
+    let (v, _) = inbound(&mut w.a, &w.ta, &ack);
+    assert_eq!(v, Verdict::Drop);
+    assert_eq!(w.a.counters.drops_total(), drops, "an ack counted as a drop");
+    assert_eq!(w.a.take_probe_acks().collect::<Vec<_>>(), vec![(E, id)]);
 }
 
 fn sealed(r: &mut Reader, w: &mut World) {
@@ -212,6 +256,18 @@ pub fn seeds() -> Vec<Vec<u8>> {
                 .u8(3)
                 .u8(u8::from(tamper))
                 .bytes(b"ela-fast forwarder seed")
+                .done(),
+        );
+    }
+    for (len, tamper) in [(1200u16, false), (9, false), (600, true)] {
+        out.push(
+            Writer::new()
+                .u8(4)
+                .u16(len)
+                .u64(0x0123_4567_89ab_cdef)
+                .u16(40)
+                .u8(1)
+                .u8(u8::from(tamper))
                 .done(),
         );
     }

@@ -16,4 +16,5 @@ pub mod identity;
 pub mod input;
 pub mod keyfile;
 pub mod offload;
+pub mod pmtu;
 pub mod wire_header;

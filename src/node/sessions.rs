@@ -38,7 +38,7 @@ use ela_control::handshake::INITIATION_LEN;
 use ela_control::identity::{CaPub, Cert, NodeKey, NodePub};
 use ela_control::session::{Action, PeerKey, Session, Sessions};
 use ela_dataplane::crypto::Suite;
-use ela_dataplane::session::SessionCommand;
+use ela_dataplane::session::{PathMtu, SessionCommand};
 use ela_dataplane::wire::{Header, PacketType, HEADER_LEN};
 use rand::{CryptoRng, RngCore};
 
@@ -138,6 +138,9 @@ pub struct SessionDriver {
     /// Established but not installed (peer unknown to membership yet):
     /// local index → whether to send on it.
     unbound: HashMap<u32, bool>,
+    /// Each member's path MTU, handed to every session with it so that a
+    /// rekey keeps what probing learned (see `node::paths`).
+    path_mtus: HashMap<Ipv4Addr, PathMtu>,
 }
 
 impl SessionDriver {
@@ -169,6 +172,7 @@ impl SessionDriver {
             by_addr: HashMap::new(),
             installed: HashMap::new(),
             unbound: HashMap::new(),
+            path_mtus: HashMap::new(),
         }
     }
 
@@ -229,6 +233,9 @@ impl SessionDriver {
             self.last_initiation.remove(&k);
         }
         self.members = next;
+        let addrs: std::collections::HashSet<Ipv4Addr> =
+            self.members.values().map(|m| m.addr).collect();
+        self.path_mtus.retain(|a, _| addrs.contains(a));
         self.by_addr = self.members.iter().map(|(k, m)| (m.addr, *k)).collect();
         let keys: Vec<(PeerKey, NodePub)> = self.members.iter().map(|(k, m)| (*k, m.key)).collect();
         for (_, key) in &keys {
@@ -486,7 +493,8 @@ impl SessionDriver {
         out
     }
 
-    fn send_command(&self, addr: Ipv4Addr, s: &Session, keepalive: bool) -> Out {
+    fn send_command(&mut self, addr: Ipv4Addr, s: &Session, keepalive: bool) -> Out {
+        let path_mtu = self.path_mtus.entry(addr).or_default().clone();
         Out::Cores(Arc::new(SessionCommand::Send {
             peer: addr,
             local_index: s.local_index,
@@ -495,6 +503,7 @@ impl SessionDriver {
             key: s.keys.send,
             counter: Arc::new(AtomicU64::new(0)),
             keepalive: Arc::new(AtomicBool::new(keepalive)),
+            path_mtu,
         }))
     }
 

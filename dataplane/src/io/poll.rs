@@ -238,6 +238,9 @@ impl PollCore {
                 .shared
                 .event(CoreEvent::SessionConfirmed { local_index });
         }
+        for (peer, id) in self.fwd.take_probe_acks() {
+            self.cfg.shared.event(CoreEvent::ProbeAck { peer, id });
+        }
         while let Some(peer) = self.fwd.next_keepalive() {
             let out = self.fwd.keepalive(routes, &mut self.buf, peer);
             self.send(out.verdict, out.range.start, out.range.len());
@@ -489,6 +492,10 @@ impl PollCore {
             Command::CloseLink { id } => self.close_link(id),
             Command::SendFrame { id, packet } => self.link_send(id, Class::Control, &packet),
             Command::Session(cmd) => self.fwd.apply(&cmd),
+            Command::Probe { peer, len, id } => {
+                let out = self.fwd.probe(routes, &mut self.buf, peer, len.into(), id);
+                self.send(out.verdict, out.range.start, out.range.len());
+            }
         }
         true
     }

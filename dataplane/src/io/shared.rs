@@ -93,6 +93,12 @@ pub enum Command {
     },
     /// Install or forget session keys (every core gets each one).
     Session(Arc<SessionCommand>),
+    /// Send a path MTU probe of `len` payload bytes to `peer` (any core).
+    Probe {
+        peer: Ipv4Addr,
+        len: u16,
+        id: u64,
+    },
 }
 
 /// Messages from core 0 to the control thread.
@@ -106,6 +112,8 @@ pub enum CoreEvent {
     /// The first packet on the session with this local index
     /// authenticated (key confirmation; from any core).
     SessionConfirmed { local_index: u32 },
+    /// `peer` acknowledged path MTU probe `id` (from any core).
+    ProbeAck { peer: Ipv4Addr, id: u64 },
 }
 
 /// Core → control events. Control frames queue (bounded: a flood of them
@@ -626,7 +634,9 @@ mod tests {
                 assert!(!down_seen[id as usize], "frame of {id} after its down");
                 frames += 1;
             }
-            CoreEvent::SessionConfirmed { .. } => unreachable!("not produced here"),
+            CoreEvent::SessionConfirmed { .. } | CoreEvent::ProbeAck { .. } => {
+                unreachable!("not produced here")
+            }
         };
         while !producer.is_finished() {
             if let Some(e) = q.pop() {

@@ -92,26 +92,34 @@ fn new_socket(addr: SocketAddr, reuseport: bool) -> Result<Socket, IoError> {
     Ok(s)
 }
 
-/// IPv4 data sockets size datagrams by the interface MTU and never by a
-/// path MTU learned from ICMP, and leave DF clear (as WireGuard does):
-/// anyone can forge an ICMP "fragmentation needed" that quotes our
-/// datagrams (the port is well known), and with the default
-/// (`IP_PMTUDISC_WANT`) it would lower the path MTU for ten minutes, so
-/// every datagram to that peer went out fragmented and its GSO sends
-/// failed. Real path-MTU handling is its own issue; until then routers
-/// fragment. IPv6 keeps the default: its routers do not fragment.
-fn ignore_path_mtu(s: &Socket) {
-    if s.local_addr()
-        .ok()
-        .and_then(|a| a.as_socket())
-        .is_some_and(|a| a.is_ipv4())
-    {
-        set_int_opt(
-            s.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            libc::IP_PMTUDISC_OMIT,
-        );
+/// Data sockets set DF and never size datagrams by a path MTU the kernel
+/// learned from ICMP (`IP_PMTUDISC_PROBE`): anyone can forge a
+/// "fragmentation needed" that quotes our datagrams (the port is well
+/// known), and with the default (`IP_PMTUDISC_WANT`) it would lower the
+/// path MTU for ten minutes. Nobody fragments them either: what each
+/// peer's path carries is probed end to end (`ela_control::pmtu`), and
+/// inner packets too big for it get an ICMP back into the NPD
+/// (`crate::pmtu`). A datagram larger than the local interface's MTU
+/// fails with EMSGSIZE.
+fn probe_path_mtu(s: &Socket) {
+    match s.local_addr().ok().and_then(|a| a.as_socket()) {
+        Some(a) if a.is_ipv4() => {
+            set_int_opt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                libc::IP_PMTUDISC_PROBE,
+            );
+        }
+        Some(_) => {
+            set_int_opt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU_DISCOVER,
+                libc::IPV6_PMTUDISC_PROBE,
+            );
+        }
+        None => {}
     }
 }
 
@@ -208,7 +216,7 @@ pub fn bind_group(addr: SocketAddr, n_data: usize, offload: bool) -> Result<UdpG
         data.push(s);
     }
     for s in &data {
-        ignore_path_mtu(s);
+        probe_path_mtu(s);
     }
     let gso = offload && data.iter().all(probe_gso);
     let gro = offload
@@ -311,7 +319,7 @@ mod tests {
     }
 
     /// Forged ICMP "fragmentation needed" must not size our datagrams:
-    /// the data sockets use the interface MTU only.
+    /// the data sockets set DF and use the interface MTU only.
     #[test]
     fn data_sockets_ignore_path_mtu_and_gro_can_be_turned_off() {
         let mut g = bind_group("127.0.0.1:0".parse().unwrap(), 2, true).unwrap();
@@ -319,7 +327,7 @@ mod tests {
             let fd = s.as_raw_fd();
             assert_eq!(
                 get_int_opt(fd, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER),
-                Some(libc::IP_PMTUDISC_OMIT)
+                Some(libc::IP_PMTUDISC_PROBE)
             );
         }
         let gro = |g: &UdpGroup| {

@@ -54,7 +54,7 @@ pub use super::shared::{
     Command, CoreConfig, CoreEvent, CoreHandle, EventQueue, OffloadConfig, Shared, MAX_LINKS,
 };
 use super::IoError;
-use crate::forwarder::{Forwarder, Verdict, HEADROOM, MAX_DATA_PAYLOAD};
+use crate::forwarder::{Forwarder, Out, Verdict, HEADROOM, MAX_DATA_PAYLOAD};
 use crate::framing::LEN_PREFIX;
 use crate::offload::{self, Send, MAX_SEGMENTS, VIRTIO_NET_HDR_LEN};
 use crate::stats::{DropReason, Latency};
@@ -510,8 +510,60 @@ impl Core {
             Command::CloseLink { id } => self.close_link(id),
             Command::SendFrame { id, packet } => self.send_frame(id, &packet),
             Command::Session(cmd) => self.fwd.apply(&cmd),
+            Command::Probe { peer, len, id } => {
+                if let Some(slot) = self.free.pop() {
+                    let slot = slot as usize;
+                    let base = slot * self.slot_size;
+                    let buf = &mut self.bufs[base..base + self.slot_size];
+                    let out = self.fwd.probe(routes, buf, peer, len.into(), id);
+                    self.emit(slot, out);
+                }
+            }
         }
         true
+    }
+
+    /// Sends a packet the core built itself (keepalive, probe) in `slot`.
+    fn emit(&mut self, slot: usize, out: Out) {
+        let (s, l) = (out.range.start, out.range.len());
+        match out.verdict {
+            Verdict::Udp(to) if self.off.is_some() => {
+                self.stage_single(to, slot, s, l);
+                self.free.push(slot as u16);
+            }
+            Verdict::Udp(to) => self.send_udp(slot, to, s, l),
+            Verdict::Link(id) => self.send_link(id, slot, s, l),
+            Verdict::Tun | Verdict::Drop => self.free.push(slot as u16),
+        }
+    }
+
+    /// Writes a packet the core made for its own host (an ICMP error) to
+    /// the NPD at once, behind a zero virtio-net header in offload mode.
+    /// Cold, and small: no batching.
+    #[cold]
+    fn answer_host(&mut self, pkt: &[u8]) {
+        let mut b = [0u8; VIRTIO_NET_HDR_LEN + 128];
+        let h = if self.off.is_some() {
+            VIRTIO_NET_HDR_LEN
+        } else {
+            0
+        };
+        let Some(dst) = b.get_mut(h..h + pkt.len()) else {
+            self.fwd.counters.drop(DropReason::TunWriteError);
+            return;
+        };
+        dst.copy_from_slice(pkt);
+        // SAFETY: writes b[..h + len] (alive) to our TUN queue fd.
+        let rc = unsafe {
+            libc::write(
+                self.cfg.tun_fd,
+                b.as_ptr() as *const libc::c_void,
+                h + pkt.len(),
+            )
+        };
+        if rc < 0 {
+            self.fwd.counters.drop(DropReason::TunWriteError);
+        }
     }
 
     /// A packet another core handed over, copied into a free slot; a
@@ -717,22 +769,16 @@ impl Core {
                 .shared
                 .event(CoreEvent::SessionConfirmed { local_index });
         }
+        for (peer, id) in self.fwd.take_probe_acks() {
+            self.cfg.shared.event(CoreEvent::ProbeAck { peer, id });
+        }
         while let Some(peer) = self.fwd.next_keepalive() {
             let Some(slot) = self.free.pop() else { break };
             let slot = slot as usize;
             let base = slot * self.slot_size;
             let buf = &mut self.bufs[base..base + self.slot_size];
             let out = self.fwd.keepalive(routes, buf, peer);
-            let (s, l) = (out.range.start, out.range.len());
-            match out.verdict {
-                Verdict::Udp(to) if self.off.is_some() => {
-                    self.stage_single(to, slot, s, l);
-                    self.free.push(slot as u16);
-                }
-                Verdict::Udp(to) => self.send_udp(slot, to, s, l),
-                Verdict::Link(id) => self.send_link(id, slot, s, l),
-                Verdict::Tun | Verdict::Drop => self.free.push(slot as u16),
-            }
+            self.emit(slot, out);
         }
     }
 
@@ -756,7 +802,16 @@ impl Core {
                 self.send_udp(slot, to, out.range.start, out.range.len())
             }
             Verdict::Link(id) => self.send_link(id, slot, out.range.start, out.range.len()),
-            Verdict::Tun | Verdict::Drop => self.free.push(slot as u16),
+            Verdict::Tun => {
+                let base = slot * self.slot_size;
+                let icmp = base + out.range.start..base + out.range.end;
+                let mut b = [0u8; 128];
+                let n = icmp.len().min(b.len());
+                b[..n].copy_from_slice(&self.bufs[icmp.start..icmp.start + n]);
+                self.free.push(slot as u16);
+                self.answer_host(&b[..n]);
+            }
+            Verdict::Drop => self.free.push(slot as u16),
         }
     }
 
@@ -823,7 +878,16 @@ impl Core {
                     self.send_link_from(id, LinkSrc::Staging { start, len });
                     off = self.off.take().expect("offload mode");
                 }
-                Verdict::Tun | Verdict::Drop => {}
+                Verdict::Tun => {
+                    let pkt = &off.staging[start + out.range.start..start + out.range.end];
+                    let mut b = [0u8; 128];
+                    let n = pkt.len().min(b.len());
+                    b[..n].copy_from_slice(&pkt[..n]);
+                    self.off = Some(off);
+                    self.answer_host(&b[..n]);
+                    off = self.off.take().expect("offload mode");
+                }
+                Verdict::Drop => {}
             }
         }
         off.staged += split.count * split.stride;

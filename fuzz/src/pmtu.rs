@@ -1,0 +1,132 @@
+//! `pmtu`: what the dataplane does to packets for path MTU handling, on
+//! any bytes (an inner packet is whatever a local program or a member
+//! sends).
+//!
+//! Input: a mode byte (modulo 3), two bytes of MTU/MSS, then a packet.
+//! - 0: `classify` the packet;
+//! - 1: `clamp_mss` it;
+//! - 2: `frag_needed` on it.
+//!
+//! Invariants:
+//! - nothing panics;
+//! - clamping changes at most the MSS option's two bytes and the TCP
+//!   checksum, only of an IPv4 TCP SYN, and only to lower the MSS to the
+//!   given value; a checksum that was right stays right;
+//! - an ICMP error is written only over the packet's own bytes, is a
+//!   well-formed IPv4 ICMP "fragmentation needed" with both checksums
+//!   right, names the MTU, goes from the packet's destination to its
+//!   source, and quotes the packet's first bytes as they were.
+
+use ela_dataplane::pmtu::{self, Payload};
+
+use crate::input::{Reader, Writer};
+
+fn sum(data: &[u8], init: u32) -> u16 {
+    let mut s = init;
+    for c in data.chunks(2) {
+        s += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !(s as u16)
+}
+
+/// Whether `p` is an IPv4 TCP segment whose checksum verifies.
+fn tcp_checksum_ok(p: &[u8]) -> bool {
+    if p.len() < 20 || p[0] >> 4 != 4 || p[9] != 6 {
+        return false;
+    }
+    let ihl = usize::from(p[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
+    if ihl < 20 || total < ihl + 20 || total != p.len() {
+        return false;
+    }
+    let seg = &p[ihl..total];
+    let mut init = 0u32;
+    for c in p[12..20].chunks(2) {
+        init += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    init += 6 + seg.len() as u32;
+    sum(seg, init) == 0
+}
+
+pub fn run(data: &[u8]) {
+    let mut r = Reader::new(data);
+    let mode = r.u8() % 3;
+    let v = r.u16();
+    let pkt = r.rest().to_vec();
+    match mode {
+        0 => {
+            let c = pmtu::classify(&pkt);
+            if let Payload::Ip = c {
+                assert!(pkt[0] >> 4 != 0);
+            }
+        }
+        1 => {
+            let mut q = pkt.clone();
+            let was_ok = tcp_checksum_ok(&pkt);
+            let changed = pmtu::clamp_mss(&mut q, v);
+            assert_eq!(q.len(), pkt.len());
+            if !changed {
+                assert_eq!(q, pkt, "changed bytes yet said it did not");
+                return;
+            }
+            assert!(pmtu::is_tcp_syn(&pkt), "clamped a packet that is no SYN");
+            let diff: Vec<usize> = (0..q.len()).filter(|&i| q[i] != pkt[i]).collect();
+            let ihl = usize::from(pkt[0] & 0x0f) * 4;
+            for &i in &diff {
+                let rel = i - ihl;
+                assert!(rel == 16 || rel == 17 || rel >= 20, "clamping changed byte {i}");
+            }
+            assert!(diff.len() <= 4, "clamping changed {} bytes", diff.len());
+            if was_ok {
+                assert!(tcp_checksum_ok(&q), "clamping broke a right checksum");
+            }
+        }
+        _ => {
+            let at = 40;
+            let mut buf = vec![0xa5u8; at + pkt.len() + 40];
+            buf[at..at + pkt.len()].copy_from_slice(&pkt);
+            let before = buf.clone();
+            let Some(rg) = pmtu::frag_needed(&mut buf, at, pkt.len(), v) else {
+                assert_eq!(buf, before, "wrote yet answered nothing");
+                return;
+            };
+            assert!(rg.start >= at && rg.end <= at + pkt.len(), "wrote outside the packet");
+            assert_eq!(buf[..at], before[..at]);
+            assert_eq!(buf[at + pkt.len()..], before[at + pkt.len()..]);
+            let icmp = &buf[rg];
+            assert!(icmp.len() >= 28 + 28 && icmp.len() <= 28 + 68);
+            assert_eq!(sum(&icmp[..20], 0), 0, "IP header checksum");
+            assert_eq!(sum(&icmp[20..], 0), 0, "ICMP checksum");
+            assert_eq!(usize::from(u16::from_be_bytes([icmp[2], icmp[3]])), icmp.len());
+            assert_eq!((icmp[0], icmp[9], icmp[20], icmp[21]), (0x45, 1, 3, 4));
+            assert_eq!(u16::from_be_bytes([icmp[26], icmp[27]]), v);
+            assert_eq!(icmp[12..16], pkt[16..20]);
+            assert_eq!(icmp[16..20], pkt[12..16]);
+            assert_eq!(icmp[28..], pkt[..icmp.len() - 28]);
+        }
+    }
+}
+
+pub fn seeds() -> Vec<Vec<u8>> {
+    let mut syn = vec![0u8; 44];
+    syn[0] = 0x45;
+    syn[2..4].copy_from_slice(&44u16.to_be_bytes());
+    syn[9] = 6;
+    syn[12..16].copy_from_slice(&[10, 0, 0, 1]);
+    syn[16..20].copy_from_slice(&[10, 0, 0, 2]);
+    syn[32] = 6 << 4;
+    syn[33] = 0x02;
+    syn[40..44].copy_from_slice(&[2, 4, 5, 0xb4]);
+    let mut big = vec![0u8; 300];
+    big[0] = 0x45;
+    big[2..4].copy_from_slice(&300u16.to_be_bytes());
+    big[9] = 17;
+    vec![
+        Writer::new().u8(0).u16(0).bytes(&[1, 0, 0, 0, 0, 0, 0, 0, 9, 0]).done(),
+        Writer::new().u8(1).u16(1200).bytes(&syn).done(),
+        Writer::new().u8(2).u16(1332).bytes(&big).done(),
+    ]
+}
