@@ -906,16 +906,18 @@ impl Lab {
         Ok(())
     }
 
-    /// Drops every UDP packet in and out of `h` (nftables table `inet
-    /// elalab_udpblock` in its namespace): a firewall that lets only TCP
-    /// through, so an `--role auto` node there becomes an edge node.
+    /// Drops every UDP packet in and out of `h`'s underlay interface
+    /// (nftables table `inet elalab_udpblock` in its namespace): a
+    /// firewall that lets only TCP through, so an `--role auto` node there
+    /// becomes an edge node. The overlay (`ela0`) is not filtered: inside
+    /// the VPN the node is on the LAN like any other.
     pub fn block_udp(&self, h: HostId) -> Result<()> {
         self.nft(
             h,
             &format!(
                 "table inet {UDP_BLOCK_TABLE} {{\n\
-                 chain i {{ type filter hook input priority 0; meta l4proto udp drop; }}\n\
-                 chain o {{ type filter hook output priority 0; meta l4proto udp drop; }}\n\
+                 chain i {{ type filter hook input priority 0; iifname \"eth0\" meta l4proto udp drop; }}\n\
+                 chain o {{ type filter hook output priority 0; oifname \"eth0\" meta l4proto udp drop; }}\n\
                  }}\n"
             ),
         )

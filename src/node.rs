@@ -1608,7 +1608,8 @@ impl Control<'_> {
                 membership::edge_routes(me, &members, primary, &departed, self.generation)
             }
         };
-        self.routes.store(Arc::new(table));
+        self.routes
+            .store(Arc::new(table.with_broadcast(self.cfg.net.broadcast())));
         let now = Instant::now();
         let mut outs = self.sessions.set_me(me.overlay);
         // Members that left lose their sessions at once: one that comes

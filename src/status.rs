@@ -217,6 +217,7 @@ pub fn snapshot(s: &StatusShared) -> Value {
             "probes_sent": t.probes_sent, "probes_answered": t.probes_answered,
         },
         "paths": &**s.paths.load(),
+        "flood": {"packets": t.flooded, "copies": t.flood_copies},
         "per_core": s.cores.iter().map(|c| {
             let x = c.snapshot();
             json!({"tun_rx": x.tun_rx, "tun_tx": x.tun_tx, "udp_rx": x.udp_rx,

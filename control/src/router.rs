@@ -143,6 +143,8 @@ pub struct RouteTable {
     hint_keys: Vec<u32>,
     /// Indices into `cns`.
     hint_cns: Vec<usize>,
+    /// The overlay network's broadcast address (0: none named).
+    broadcast: u32,
 }
 
 impl Default for RouteTable {
@@ -192,6 +194,7 @@ impl RouteTable {
             member_ids: Vec::new(),
             hint_keys: Vec::new(),
             hint_cns: Vec::new(),
+            broadcast: 0,
         }
     }
 
@@ -255,6 +258,7 @@ impl RouteTable {
             member_ids,
             hint_keys: Vec::new(),
             hint_cns: Vec::new(),
+            broadcast: 0,
         }
     }
 
@@ -314,6 +318,7 @@ impl RouteTable {
             member_ids,
             hint_keys: Vec::new(),
             hint_cns: Vec::new(),
+            broadcast: 0,
         }
     }
 
@@ -416,6 +421,25 @@ impl RouteTable {
     }
 
     /// This node's overlay address; `None` for [`RouteTable::empty`].
+    /// Names the overlay network's broadcast address: the dataplane sends
+    /// packets to it to every member.
+    pub fn with_broadcast(mut self, b: Ipv4Addr) -> Self {
+        self.broadcast = u32::from(b);
+        self
+    }
+
+    pub fn broadcast(&self) -> Option<Ipv4Addr> {
+        (self.broadcast != 0).then(|| Ipv4Addr::from(self.broadcast))
+    }
+
+    /// Every member but this node, in address order.
+    pub fn peers(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.member_keys
+            .iter()
+            .filter(move |k| **k != self.self_addr)
+            .map(|k| Ipv4Addr::from(*k))
+    }
+
     pub fn self_addr(&self) -> Option<Ipv4Addr> {
         match self.kind {
             Kind::Empty => None,

@@ -24,6 +24,7 @@ use ela_control::router::LinkId;
 use ela_control::{NextHop, RouteTable};
 
 use crate::crypto::{self, CryptoError};
+use crate::flood::{self, Scope};
 use crate::pmtu::{self, Payload};
 use crate::session::{RxRefusal, SessionCommand, SessionTable};
 use crate::stats::{Counters, DropReason};
@@ -57,6 +58,11 @@ pub enum Verdict {
     Link(LinkId),
     /// Write `buf[range]` (the decrypted IP packet) to the NPD.
     Tun,
+    /// `buf[range]` is an IP packet from the NPD for every member
+    /// (broadcast, link-local multicast): the io layer calls
+    /// [`Forwarder::flood_begin`], then [`Forwarder::flood_copy`] for
+    /// each of `RouteTable::peers` on a copy of it.
+    Flood,
     /// Dropped; the reason is already counted (a keepalive is not a
     /// drop, and is not counted as one).
     Drop,
@@ -99,6 +105,7 @@ pub struct Forwarder {
     keepalives: Vec<Ipv4Addr>,
     /// Path MTU probes the peers acknowledged: (peer, probe id).
     probe_acks: Vec<(Ipv4Addr, u64)>,
+    flood_budget: flood::Budget,
     pub counters: Counters,
 }
 
@@ -116,6 +123,7 @@ impl Forwarder {
             confirmed: Vec::with_capacity(MAX_CONFIRMED),
             keepalives: Vec::with_capacity(MAX_KEEPALIVES),
             probe_acks: Vec::with_capacity(MAX_PROBE_ACKS),
+            flood_budget: flood::Budget::default(),
             counters: Counters::default(),
         }
     }
@@ -182,6 +190,20 @@ impl Forwarder {
             self.counters.drop(DropReason::TooBig);
             return Out::drop();
         }
+        match flood::scope(dst, routes.broadcast()) {
+            Scope::Unicast => {}
+            Scope::Flood => {
+                self.counters.flooded += 1;
+                return Out {
+                    verdict: Verdict::Flood,
+                    range: at..at + n,
+                };
+            }
+            Scope::Dropped => {
+                self.counters.drop(DropReason::Multicast);
+                return Out::drop();
+            }
+        }
         let out = self.seal_to(routes, buf, at, n, self_addr, dst, true);
         match out.verdict {
             Verdict::Drop | Verdict::Tun => {}
@@ -189,6 +211,50 @@ impl Forwarder {
                 self.counters.udp_tx += 1;
                 self.counters.tx_bytes += n as u64;
             }
+        }
+        out
+    }
+
+    /// Before the copies of a flood: the budget refills.
+    #[cold]
+    pub fn flood_begin(&mut self, now: std::time::Instant) {
+        self.flood_budget.refill(now);
+    }
+
+    /// One copy of a flooded packet (at `buf[at..at + n]`, as
+    /// [`Verdict::Flood`] gave it, copied to a buffer of its own) for
+    /// `peer`. Past the core's budget it is dropped (`flood_limited`); a
+    /// copy too big for the peer's path is dropped without an ICMP (none
+    /// answers a broadcast).
+    pub fn flood_copy(
+        &mut self,
+        routes: &RouteTable,
+        buf: &mut [u8],
+        at: usize,
+        n: usize,
+        peer: Ipv4Addr,
+    ) -> Out {
+        let Some(self_addr) = routes.self_addr() else {
+            return Out::drop();
+        };
+        if !self.flood_budget.take() {
+            self.counters.drop(DropReason::FloodLimited);
+            return Out::drop();
+        }
+        if self
+            .sessions
+            .tx(peer)
+            .and_then(|t| t.path_mtu())
+            .is_some_and(|m| n > usize::from(m))
+        {
+            self.counters.drop(DropReason::PathMtu);
+            return Out::drop();
+        }
+        let out = self.seal_to(routes, buf, at, n, self_addr, peer, false);
+        if out.verdict != Verdict::Drop {
+            self.counters.udp_tx += 1;
+            self.counters.tx_bytes += n as u64;
+            self.counters.flood_copies += 1;
         }
         out
     }
@@ -478,7 +544,11 @@ impl Forwarder {
         // packet between the authenticated addresses, cut to its own
         // length (a member's padding must not reach the TUN or GRO).
         let range = match wire::Ipv4Inner::parse(&pkt[range.clone()]) {
-            Some(ip) if ip.src == hdr.src && ip.dst == hdr.dst => {
+            Some(ip)
+                if ip.src == hdr.src
+                    && (ip.dst == hdr.dst
+                        || flood::scope(ip.dst, routes.broadcast()) == Scope::Flood) =>
+            {
                 range.start..range.start + ip.total_len
             }
             _ => {

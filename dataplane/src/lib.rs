@@ -10,6 +10,7 @@
 
 pub mod blowfish;
 pub mod crypto;
+pub mod flood;
 pub mod forwarder;
 pub mod framing;
 pub mod io;

@@ -65,10 +65,16 @@ pub enum DropReason {
     /// From the NPD, larger than the path to its destination carries (its
     /// sender got an ICMP "fragmentation needed": `icmp_too_big`).
     PathMtu,
+    /// From the NPD, to a multicast group the overlay does not carry (see
+    /// `flood`).
+    Multicast,
+    /// A broadcast or link-local multicast copy over the core's flood
+    /// budget.
+    FloodLimited,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 20;
+    pub const COUNT: usize = 22;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
         DropReason::BadTag,
@@ -90,6 +96,8 @@ impl DropReason {
         DropReason::UnknownSession,
         DropReason::NotForUs,
         DropReason::PathMtu,
+        DropReason::Multicast,
+        DropReason::FloodLimited,
     ];
 
     pub fn name(self) -> &'static str {
@@ -114,6 +122,8 @@ impl DropReason {
             DropReason::UnknownSession => "unknown_session",
             DropReason::NotForUs => "not_for_us",
             DropReason::PathMtu => "path_mtu",
+            DropReason::Multicast => "multicast",
+            DropReason::FloodLimited => "flood_limited",
         }
     }
 }
@@ -149,6 +159,10 @@ pub struct Counters {
     /// Path MTU probes sent, and the peers' probes acknowledged.
     pub probes_sent: u64,
     pub probes_answered: u64,
+    /// Broadcast and link-local multicast packets from the NPD sent to
+    /// every member, and the sealed copies that took.
+    pub flooded: u64,
+    pub flood_copies: u64,
     pub drops: [u64; DropReason::COUNT],
 }
 
@@ -176,6 +190,8 @@ impl Counters {
         self.mss_clamped += o.mss_clamped;
         self.probes_sent += o.probes_sent;
         self.probes_answered += o.probes_answered;
+        self.flooded += o.flooded;
+        self.flood_copies += o.flood_copies;
         for (a, b) in self.drops.iter_mut().zip(o.drops.iter()) {
             *a += *b;
         }
@@ -247,6 +263,8 @@ pub struct CoreStats {
     mss_clamped: AtomicU64,
     probes_sent: AtomicU64,
     probes_answered: AtomicU64,
+    flooded: AtomicU64,
+    flood_copies: AtomicU64,
     drops: [AtomicU64; DropReason::COUNT],
 }
 
@@ -267,6 +285,8 @@ impl CoreStats {
         self.mss_clamped.store(c.mss_clamped, r);
         self.probes_sent.store(c.probes_sent, r);
         self.probes_answered.store(c.probes_answered, r);
+        self.flooded.store(c.flooded, r);
+        self.flood_copies.store(c.flood_copies, r);
         for (a, v) in self.drops.iter().zip(c.drops.iter()) {
             a.store(*v, r);
         }
@@ -306,6 +326,8 @@ impl CoreStats {
             mss_clamped: self.mss_clamped.load(r),
             probes_sent: self.probes_sent.load(r),
             probes_answered: self.probes_answered.load(r),
+            flooded: self.flooded.load(r),
+            flood_copies: self.flood_copies.load(r),
             drops,
         }
     }

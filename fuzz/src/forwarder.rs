@@ -185,7 +185,11 @@ fn probe(r: &mut Reader, w: &mut World) {
     let drops = w.a.counters.drops_total();
     let (v, _) = inbound(&mut w.a, &w.ta, &ack);
     assert_eq!(v, Verdict::Drop);
-    assert_eq!(w.a.counters.drops_total(), drops, "an ack counted as a drop");
+    assert_eq!(
+        w.a.counters.drops_total(),
+        drops,
+        "an ack counted as a drop"
+    );
     assert_eq!(w.a.take_probe_acks().collect::<Vec<_>>(), vec![(E, id)]);
 }
 

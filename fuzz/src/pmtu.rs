@@ -77,7 +77,10 @@ pub fn run(data: &[u8]) {
             let ihl = usize::from(pkt[0] & 0x0f) * 4;
             for &i in &diff {
                 let rel = i - ihl;
-                assert!(rel == 16 || rel == 17 || rel >= 20, "clamping changed byte {i}");
+                assert!(
+                    rel == 16 || rel == 17 || rel >= 20,
+                    "clamping changed byte {i}"
+                );
             }
             assert!(diff.len() <= 4, "clamping changed {} bytes", diff.len());
             if was_ok {
@@ -93,14 +96,20 @@ pub fn run(data: &[u8]) {
                 assert_eq!(buf, before, "wrote yet answered nothing");
                 return;
             };
-            assert!(rg.start >= at && rg.end <= at + pkt.len(), "wrote outside the packet");
+            assert!(
+                rg.start >= at && rg.end <= at + pkt.len(),
+                "wrote outside the packet"
+            );
             assert_eq!(buf[..at], before[..at]);
             assert_eq!(buf[at + pkt.len()..], before[at + pkt.len()..]);
             let icmp = &buf[rg];
             assert!(icmp.len() >= 28 + 28 && icmp.len() <= 28 + 68);
             assert_eq!(sum(&icmp[..20], 0), 0, "IP header checksum");
             assert_eq!(sum(&icmp[20..], 0), 0, "ICMP checksum");
-            assert_eq!(usize::from(u16::from_be_bytes([icmp[2], icmp[3]])), icmp.len());
+            assert_eq!(
+                usize::from(u16::from_be_bytes([icmp[2], icmp[3]])),
+                icmp.len()
+            );
             assert_eq!((icmp[0], icmp[9], icmp[20], icmp[21]), (0x45, 1, 3, 4));
             assert_eq!(u16::from_be_bytes([icmp[26], icmp[27]]), v);
             assert_eq!(icmp[12..16], pkt[16..20]);
@@ -125,7 +134,11 @@ pub fn seeds() -> Vec<Vec<u8>> {
     big[2..4].copy_from_slice(&300u16.to_be_bytes());
     big[9] = 17;
     vec![
-        Writer::new().u8(0).u16(0).bytes(&[1, 0, 0, 0, 0, 0, 0, 0, 9, 0]).done(),
+        Writer::new()
+            .u8(0)
+            .u16(0)
+            .bytes(&[1, 0, 0, 0, 0, 0, 0, 0, 9, 0])
+            .done(),
         Writer::new().u8(1).u16(1200).bytes(&syn).done(),
         Writer::new().u8(2).u16(1332).bytes(&big).done(),
     ]

@@ -50,6 +50,7 @@
 
 mod common;
 mod forgeries;
+mod lan;
 mod mtu;
 mod replays;
 mod resources;

@@ -781,3 +781,84 @@ fn syn_mss_is_clamped_to_the_path_both_ways() {
     let (_, wire) = send(&mut a, &syn(A, B, 536));
     assert_eq!(mss(&recv(&mut b, &wire).1), 536);
 }
+
+// ---- broadcast and multicast (issue 11) ---------------------------------
+
+#[test]
+#[cfg_attr(feature = "null-cipher", ignore = "the null cipher accepts forgeries")]
+fn broadcasts_flood_one_sealed_copy_per_member_and_others_groups_drop() {
+    let bcast = Ipv4Addr::new(10, 0, 0, 255);
+    let (mut a, mut b, mut c) = (node(A), node(B), node(C));
+    for n in [&mut a, &mut b, &mut c] {
+        n.routes = std::mem::take(&mut n.routes).with_broadcast(bcast);
+    }
+    pair(&mut a, &mut b, 40, Suite::Blowfish);
+    pair(&mut a, &mut c, 41, Suite::Blowfish);
+    for dst in [bcast, Ipv4Addr::BROADCAST, Ipv4Addr::new(224, 0, 0, 251)] {
+        let ip = icmp(A, dst, b"to all");
+        let (out, bytes) = send(&mut a, &ip);
+        assert_eq!(out.verdict, Verdict::Flood, "{dst}");
+        assert_eq!(bytes, ip, "the flood is of the packet as read");
+        a.fwd.flood_begin(std::time::Instant::now());
+        let peers: Vec<Ipv4Addr> = a.routes.peers().collect();
+        assert_eq!(peers, vec![B, C, E]);
+        let mut delivered = 0;
+        for p in peers {
+            let mut buf = vec![0u8; 2048];
+            buf[HEADROOM..HEADROOM + ip.len()].copy_from_slice(&ip);
+            let out = a.fwd.flood_copy(&a.routes, &mut buf, HEADROOM, ip.len(), p);
+            let wire = buf[out.range].to_vec();
+            let to = match p {
+                x if x == B => &mut b,
+                x if x == C => &mut c,
+                // No session with E: dropped and counted.
+                _ => {
+                    assert_eq!(out.verdict, Verdict::Drop);
+                    continue;
+                }
+            };
+            let (out, plain) = recv(to, &wire);
+            assert_eq!(out.verdict, Verdict::Tun, "{dst} to {p}");
+            assert_eq!(plain, ip);
+            delivered += 1;
+        }
+        assert_eq!(delivered, 2);
+    }
+    assert_eq!(a.fwd.counters.flooded, 3);
+    assert_eq!(a.fwd.counters.flood_copies, 6);
+    // A group the overlay does not carry.
+    let (out, _) = send(&mut a, &icmp(A, Ipv4Addr::new(239, 1, 2, 3), b"group"));
+    assert_eq!(out.verdict, Verdict::Drop);
+    assert_eq!(drops(&a, DropReason::Multicast), 1);
+    // The inner source check holds for floods too: B cannot deliver a
+    // broadcast as A.
+    let mut buf = vec![0u8; 2048];
+    let spoof = icmp(A, bcast, b"as A");
+    buf[HEADROOM..HEADROOM + spoof.len()].copy_from_slice(&spoof);
+    b.fwd.begin_batch();
+    let out = b
+        .fwd
+        .seal_to(&b.routes, &mut buf, HEADROOM, spoof.len(), B, A, false);
+    let w = buf[out.range].to_vec();
+    assert_eq!(recv(&mut a, &w).0.verdict, Verdict::Drop);
+    assert_eq!(drops(&a, DropReason::InnerMismatch), 1);
+}
+
+#[test]
+fn a_flood_past_the_budget_is_dropped_and_counted() {
+    let (mut a, mut b) = (node(A), node(B));
+    pair(&mut a, &mut b, 42, Suite::Blowfish);
+    let ip = icmp(A, Ipv4Addr::BROADCAST, b"chatty");
+    let now = std::time::Instant::now();
+    a.fwd.flood_begin(now);
+    let mut sent = 0u64;
+    for _ in 0..crate::flood::COPIES_BURST + 500 {
+        let mut buf = vec![0u8; 256];
+        buf[HEADROOM..HEADROOM + ip.len()].copy_from_slice(&ip);
+        a.fwd.begin_batch();
+        let out = a.fwd.flood_copy(&a.routes, &mut buf, HEADROOM, ip.len(), B);
+        sent += u64::from(out.verdict != Verdict::Drop);
+    }
+    assert_eq!(sent, crate::flood::COPIES_BURST);
+    assert_eq!(drops(&a, DropReason::FloodLimited), 500);
+}

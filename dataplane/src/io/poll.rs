@@ -70,6 +70,8 @@ struct PollCore {
     cfg: CoreConfig,
     fwd: Forwarder,
     buf: Vec<u8>,
+    /// The packet being flooded, while each copy is sealed in `buf`.
+    flood_buf: Vec<u8>,
     links: LinkTable<PollLink>,
     budget: Budget,
     lat: Latency,
@@ -117,6 +119,7 @@ pub fn run(cfg: CoreConfig) -> Result<(), IoError> {
     let mut core = PollCore {
         fwd: Forwarder::new(),
         buf: vec![0u8; BUF_SIZE],
+        flood_buf: Vec::with_capacity(MAX_DATA_PAYLOAD),
         links,
         budget: Budget::new(LIMITS),
         lat: Latency::default(),
@@ -260,6 +263,10 @@ impl PollCore {
             }
             let t = Instant::now();
             let out = self.fwd.outbound(routes, &mut self.buf, HEADROOM, n);
+            if out.verdict == Verdict::Flood {
+                self.flood(routes, out.range);
+                continue;
+            }
             let sent = self.send(out.verdict, out.range.start, out.range.len());
             self.record(t, true, sent);
         }
@@ -295,6 +302,23 @@ impl PollCore {
         let to_tun = out.verdict == Verdict::Tun;
         let sent = self.send(out.verdict, out.range.start, out.range.len());
         self.record(t, false, sent && to_tun);
+    }
+
+    /// Sends the packet at `self.buf[range]` to every member, one sealed
+    /// copy each (see `crate::flood`).
+    #[cold]
+    fn flood(&mut self, routes: &RouteTable, range: std::ops::Range<usize>) {
+        self.flood_buf.clear();
+        self.flood_buf.extend_from_slice(&self.buf[range]);
+        let n = self.flood_buf.len();
+        self.fwd.flood_begin(Instant::now());
+        for peer in routes.peers() {
+            self.buf[HEADROOM..HEADROOM + n].copy_from_slice(&self.flood_buf);
+            let out = self
+                .fwd
+                .flood_copy(routes, &mut self.buf, HEADROOM, n, peer);
+            self.send(out.verdict, out.range.start, out.range.len());
+        }
     }
 
     /// Carries out a verdict on `self.buf[start..start + len]`; true if
@@ -357,7 +381,7 @@ impl PollCore {
                 }
                 queued
             }
-            Verdict::Drop => false,
+            Verdict::Drop | Verdict::Flood => false,
         }
     }
 

@@ -92,7 +92,20 @@ impl Npd {
         self.queues[0]
             .set_network_address(addr, prefix, None)
             .map_err(cfg)?;
+        self.set_broadcast(addr, prefix).map_err(cfg)?;
         self.queues[0].enabled(true).map_err(cfg)
+    }
+
+    /// The overlay is a LAN: its broadcast address must be one the kernel
+    /// delivers locally (a TUN has none by default), or floods that
+    /// reach the node would be dropped as not ours.
+    fn set_broadcast(&self, addr: Ipv4Addr, prefix: u8) -> std::io::Result<()> {
+        if prefix >= 31 {
+            return Ok(());
+        }
+        let mask = u32::MAX << (32 - u32::from(prefix));
+        let b = Ipv4Addr::from(u32::from(addr) | !mask);
+        self.queues[0].set_broadcast(b.into())
     }
 
     pub fn name(&self) -> &str {
@@ -116,11 +129,13 @@ impl Npd {
     /// §3.2: moves the node to a new overlay address (after losing a
     /// simultaneous claim).
     pub fn set_addr(&self, addr: Ipv4Addr, prefix: u8) -> Result<(), IoError> {
+        let cfg = |source| IoError::ConfigureTun {
+            name: self.name.clone(),
+            source,
+        };
         self.queues[0]
             .set_network_address(addr, prefix, None)
-            .map_err(|source| IoError::ConfigureTun {
-                name: self.name.clone(),
-                source,
-            })
+            .map_err(cfg)?;
+        self.set_broadcast(addr, prefix).map_err(cfg)
     }
 }

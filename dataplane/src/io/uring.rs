@@ -91,6 +91,8 @@ const STAGING_BYTES: usize = 1 << 20;
 const STAGING_LOW: usize = 128 << 10;
 /// Plaintexts coalesced per batch of TUN writes.
 const RX_BATCH: usize = 64;
+/// Broadcasts one TUN read (a super-packet) may carry to be flooded.
+const MAX_FLOODS_PER_READ: usize = 64;
 /// Completions handled per wakeup before submitting again.
 const MAX_BATCH: usize = 256;
 
@@ -186,6 +188,8 @@ struct Core {
     slot_size: usize,
     off: Option<Box<Offload>>,
     free: Vec<u16>,
+    /// Broadcasts of one offload read waiting to be flooded: (slot, range).
+    floods: Vec<(u16, std::ops::Range<usize>)>,
     tun_armed: usize,
     udp_armed: usize,
     wake_buf: Box<u64>,
@@ -314,6 +318,7 @@ pub fn run(cfg: CoreConfig) -> Result<(), IoError> {
         slot_size,
         off,
         free: (0..SLOTS as u16).rev().collect(),
+        floods: Vec::with_capacity(MAX_FLOODS_PER_READ),
         tun_armed: 0,
         udp_armed: 0,
         wake_buf: Box::new(0),
@@ -533,8 +538,30 @@ impl Core {
             }
             Verdict::Udp(to) => self.send_udp(slot, to, s, l),
             Verdict::Link(id) => self.send_link(id, slot, s, l),
-            Verdict::Tun | Verdict::Drop => self.free.push(slot as u16),
+            Verdict::Tun | Verdict::Drop | Verdict::Flood => self.free.push(slot as u16),
         }
+    }
+
+    /// Sends the IP packet at `slot[range]` to every member, one sealed
+    /// copy each in a slot of its own (see `crate::flood`); frees `slot`.
+    #[cold]
+    fn flood(&mut self, routes: &RouteTable, slot: usize, range: std::ops::Range<usize>) {
+        let n = range.len();
+        let src = slot * self.slot_size + range.start;
+        self.fwd.flood_begin(Instant::now());
+        for peer in routes.peers() {
+            let Some(copy) = self.free.pop() else {
+                self.fwd.counters.drop(DropReason::LinkFull);
+                break;
+            };
+            let copy = copy as usize;
+            let base = copy * self.slot_size;
+            self.bufs.copy_within(src..src + n, base + HEADROOM);
+            let buf = &mut self.bufs[base..base + self.slot_size];
+            let out = self.fwd.flood_copy(routes, buf, HEADROOM, n, peer);
+            self.emit(copy, out);
+        }
+        self.free.push(slot as u16);
     }
 
     /// Writes a packet the core made for its own host (an ICMP error) to
@@ -811,6 +838,7 @@ impl Core {
                 self.free.push(slot as u16);
                 self.answer_host(&b[..n]);
             }
+            Verdict::Flood => self.flood(routes, slot, out.range),
             Verdict::Drop => self.free.push(slot as u16),
         }
     }
@@ -887,11 +915,32 @@ impl Core {
                     self.answer_host(&b[..n]);
                     off = self.off.take().expect("offload mode");
                 }
+                Verdict::Flood => {
+                    // Copied out now; flooded once the staging area is
+                    // consistent again (a flood's sends may flush it).
+                    if let Some(copy) = self.free.pop() {
+                        let base = copy as usize * self.slot_size;
+                        let pkt = &off.staging[start + out.range.start..start + out.range.end];
+                        self.bufs[base + HEADROOM..base + HEADROOM + pkt.len()]
+                            .copy_from_slice(pkt);
+                        if self.floods.len() < MAX_FLOODS_PER_READ {
+                            self.floods.push((copy, HEADROOM..HEADROOM + pkt.len()));
+                        } else {
+                            self.free.push(copy);
+                            self.fwd.counters.drop(DropReason::FloodLimited);
+                        }
+                    } else {
+                        self.fwd.counters.drop(DropReason::LinkFull);
+                    }
+                }
                 Verdict::Drop => {}
             }
         }
         off.staged += split.count * split.stride;
         self.off = Some(off);
+        while let Some((copy, range)) = self.floods.pop() {
+            self.flood(routes, copy as usize, range);
+        }
     }
 
     /// Puts a sealed datagram that must travel alone (a relayed packet:
@@ -1095,7 +1144,8 @@ impl Core {
         let out = self.fwd.inbound(routes, pkt, n);
         let (s, l) = (at + out.range.start, out.range.len());
         match out.verdict {
-            Verdict::Drop => false,
+            // Only packets from the NPD flood.
+            Verdict::Drop | Verdict::Flood => false,
             // Offload: TUN writes and UDP sends go out once per batch, from
             // copies.
             Verdict::Tun if self.off.is_some() => {
