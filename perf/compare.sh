@@ -31,7 +31,9 @@
 #   RESULTS_DIR=dir  default perf/results
 # System ids: raw ela-bf-1 ela-bf-2 ela-cc-1 ela-cc-2 ela-bf-1-nooff
 #             ela-bf-1-busy (opt-in --busy-poll-us $BUSY_POLL_US, default 200)
-#             ela-relay tinc wireguard-go boringtun openvpn-bf openvpn-gcm
+#             ela-relay ela-en-up tinc wireguard-go boringtun openvpn-bf openvpn-gcm
+# Every row's note gives the iperf3 sender's TCP retransmits; ela-relay
+# (CN→CN→EN) and ela-en-up (EN→CN→CN) are the edge-link legs.
 set -euo pipefail
 
 KNOBS=""   # the knobs set by the caller, for the "command" line of the table
@@ -61,7 +63,7 @@ PEERS_ROOT=${PEERS_ROOT:-${HOME:-/root}/.cache/ela-fast-peers}
 NO_INSTALL=${NO_INSTALL:-0}
 RESULTS_DIR=${RESULTS_DIR:-$REPO/perf/results}
 
-ALL_SYSTEMS="raw ela-bf-1 ela-bf-2 ela-cc-1 ela-cc-2 ela-bf-1-nooff ela-bf-1-busy ela-relay ela-base-bf-1 ela-base-relay tinc wireguard-go boringtun openvpn-bf openvpn-gcm"
+ALL_SYSTEMS="raw ela-bf-1 ela-bf-2 ela-cc-1 ela-cc-2 ela-bf-1-nooff ela-bf-1-busy ela-relay ela-en-up ela-base-bf-1 ela-base-relay ela-base-en-up tinc wireguard-go boringtun openvpn-bf openvpn-gcm"
 
 PFX=cmp$$                      # namespace / interface prefix, unique per run
 UA=10.9.0.1 UB=10.9.0.2 UC=10.9.0.3   # underlay (veth) addresses
@@ -210,13 +212,13 @@ if want openvpn-bf openvpn-gcm; then need openvpn openvpn || true; need openssl 
 if want wireguard-go boringtun; then need wg wireguard-tools || true; fi
 if want wireguard-go; then need wireguard-go wireguard-go || true; fi
 if want boringtun; then find_boringtun || true; fi
-if want ela-relay ela-base-relay; then need nft nftables || true; fi
+if want ela-relay ela-en-up ela-base-relay ela-base-en-up; then need nft nftables || true; fi
 if [ -n "${ELA_BASE_BIN:-}" ]; then
     [ -x "$ELA_BASE_BIN" ] || die "ELA_BASE_BIN=$ELA_BASE_BIN is not an executable"
 fi
 
 ELA_BIN=${ELA_BIN:-}
-if want ela-bf-1 ela-bf-2 ela-cc-1 ela-cc-2 ela-bf-1-nooff ela-bf-1-busy ela-relay; then
+if want ela-bf-1 ela-bf-2 ela-cc-1 ela-cc-2 ela-bf-1-nooff ela-bf-1-busy ela-relay ela-en-up; then
     if [ -z "$ELA_BIN" ]; then
         log "cargo build --release"
         cargo build --release -q || die "cargo build failed"
@@ -352,12 +354,24 @@ measure() {
         iperf3 -c "$dst" -p $IPERF_PORT -t "$DURATION" -P 4 -J > "$lf.iperf3-P4.json" 2>&1 \
         || log "$id: iperf3 -P 4 failed (see $lf.iperf3-P4.json)"
     t4=$(iperf_bps "$lf.iperf3-P4.json")
+    local r1 r4
+    r1=$(iperf_retr "$lf.iperf3-P1.json"); r4=$(iperf_retr "$lf.iperf3-P4.json")
+    NOTE="${NOTE:+$NOTE; }TCP retransmits ${r1:-?} (1 stream) ${r4:-?} (4 streams)"
     log "$id: 1 stream ${t1:-?} b/s, 4 streams ${t4:-?} b/s, sockperf RTT p50 ${p50:-?} p99 ${p99:-?} us, ping ${ping_ms:-?} ms, VPN CPU ${cpu1:-?} % (1 stream) ${cpul:-?} % (ping-pong)"
     result "$id" "$t1" "$t4" "$p50" "$p99" "$ping_ms" "$cpu1" "$cpul" ""
 }
 
 cpu_pct() { # ticks0 ticks1 wall0 wall1 -> CPU % (100 = one core)
     python3 -c "import os, sys; a = [float(x) for x in sys.argv[1:]]; print(f'{(a[1]-a[0])/os.sysconf(\"SC_CLK_TCK\")/(a[3]-a[2])*100:.0f}')" "$@"
+}
+iperf_retr() { # the sender's TCP retransmits over the run
+    python3 - "$1" <<'PY' 2>/dev/null || true
+import json, sys
+try:
+    print(json.load(open(sys.argv[1]))["end"]["sum_sent"]["retransmits"])
+except Exception:
+    pass
+PY
 }
 iperf_bps() {
     python3 - "$1" <<'PY' 2>/dev/null || true
@@ -478,7 +492,9 @@ ela_cipher_name() { case $1 in blowfish) echo "Blowfish" ;; chacha20-poly1305) e
 sys_ela_relay() {
     local id=${RELAY_ID:-ela-relay} cipher=${RELAY_CIPHER:-blowfish} cores=${RELAY_CORES:-}
     KIND=ela
-    LABEL="ela-fast $(ela_cipher_name "$cipher"), CN→CN→EN relay (UDP then TCP)${cores:+, --cores $cores}${TAG:-}"
+    local path="CN→CN→EN relay (UDP then TCP)"
+    [ "${RELAY_UP:-0}" = 1 ] && path="EN→CN→CN, up the edge link (TCP then UDP)"
+    LABEL="ela-fast $(ela_cipher_name "$cipher"), $path${cores:+, --cores $cores}${TAG:-}"
     command -v nft >/dev/null || { unavailable $id "nft (nftables) missing"; return 0; }
     make_triple
     nsx c nft -f - <<EOF
@@ -507,7 +523,12 @@ EOF
         fail $id "node c became '$role', not an edge node"; return 0
     fi
     ela_check "$LOGS/$id.status-c.json" "$cipher"
-    measure $id a c $OC $ELA_PIDS
+    if [ "${RELAY_UP:-0}" = 1 ]; then
+        # EN c → CN a: up the EN's TCP link to b, relayed to a over UDP.
+        measure $id c a $OA $ELA_PIDS
+    else
+        measure $id a c $OC $ELA_PIDS
+    fi
     local i; for i in a b c; do ela_status $i > "$LOGS/$id.status-$i-after.json" || true; done
 }
 
@@ -661,10 +682,13 @@ run_one() {
         ela-bf-1-nooff) sys_ela ela-bf-1-nooff blowfish "$ELA_ONE_CORE" "--no-offload" ;;
         ela-bf-1-busy) sys_ela ela-bf-1-busy blowfish "$ELA_ONE_CORE" "--busy-poll-us ${BUSY_POLL_US:-200}" ;;
         ela-relay) sys_ela_relay ;;
+        ela-en-up) RELAY_ID=ela-en-up RELAY_UP=1 sys_ela_relay ;;
         ela-base-bf-1) EBIN=$ELA_BASE_BIN TAG=" [base build]"
                        sys_ela ela-base-bf-1 blowfish "$ELA_ONE_CORE" ""; EBIN= TAG= ;;
         ela-base-relay) EBIN=$ELA_BASE_BIN TAG=" [base build]" RELAY_ID=ela-base-relay
                         sys_ela_relay; EBIN= TAG= RELAY_ID= ;;
+        ela-base-en-up) EBIN=$ELA_BASE_BIN TAG=" [base build]" RELAY_ID=ela-base-en-up RELAY_UP=1
+                        sys_ela_relay; EBIN= TAG= RELAY_ID= RELAY_UP= ;;
         tinc) sys_tinc ;;
         wireguard-go) sys_wireguard_go ;;
         boringtun) sys_boringtun ;;

@@ -9,6 +9,7 @@
 //! descriptors live only in [`io`].
 
 pub mod blowfish;
+pub mod codel;
 pub mod crypto;
 pub mod flood;
 pub mod forwarder;

@@ -71,10 +71,13 @@ pub enum DropReason {
     /// A broadcast or link-local multicast copy over the core's flood
     /// budget.
     FloodLimited,
+    /// Dropped by an EN↔CN link's CoDel: it waited in the link's queue
+    /// past the target delay for too long (see `codel`).
+    LinkAqm,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 22;
+    pub const COUNT: usize = 23;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
         DropReason::BadTag,
@@ -98,6 +101,7 @@ impl DropReason {
         DropReason::PathMtu,
         DropReason::Multicast,
         DropReason::FloodLimited,
+        DropReason::LinkAqm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -124,6 +128,7 @@ impl DropReason {
             DropReason::PathMtu => "path_mtu",
             DropReason::Multicast => "multicast",
             DropReason::FloodLimited => "flood_limited",
+            DropReason::LinkAqm => "link_aqm",
         }
     }
 }

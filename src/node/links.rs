@@ -38,6 +38,7 @@ impl Control<'_> {
         initial: Vec<u8>,
     ) -> Option<LinkId> {
         let _ = stream.set_nodelay(true);
+        limit_unsent(&stream);
         let peer = stream.peer_addr().ok()?;
         stream.set_nonblocking(true).ok()?;
         let id = self.alloc_link()?;
@@ -521,5 +522,28 @@ impl Control<'_> {
         ) {
             self.send_frame(link, p);
         }
+    }
+}
+
+/// Bytes a link's socket may hold that TCP has not sent yet. The kernel
+/// would otherwise take megabytes (its send buffer grows to
+/// `tcp_wmem`'s maximum), and the queue would stand where no one manages
+/// it: every inner flow's packets would wait behind it, and the link's
+/// CoDel (`ela_dataplane::codel`), which sees only its own queue, would
+/// never see them wait.
+const LINK_NOTSENT_LOWAT: libc::c_int = 128 << 10;
+
+fn limit_unsent(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let v: libc::c_int = LINK_NOTSENT_LOWAT;
+    // SAFETY: a live socket and a c_int on the stack whose size we pass.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            &v as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }

@@ -23,9 +23,12 @@ const IPERF_PORT: &str = "5201";
 /// The tests share one machine's two cores: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// `ELA_NODE_BIN=path` runs the nodes from another build (an older one,
+/// to measure a bound against it in the same conditions).
 pub(crate) fn lab_test(tag: &str, body: impl FnOnce(&mut Lab) -> Result<()>) {
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    netns::lab_test(tag, BIN, body)
+    let bin = std::env::var("ELA_NODE_BIN").unwrap_or_else(|_| BIN.to_string());
+    netns::lab_test(tag, &bin, body)
 }
 
 pub(crate) fn ip(d: u8) -> Ipv4Addr {

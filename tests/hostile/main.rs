@@ -49,6 +49,7 @@
 //! test's figures.
 
 mod common;
+mod edge_legs;
 mod forgeries;
 mod lan;
 mod mtu;

@@ -70,8 +70,10 @@ enum Arrival {
     Segment,
 }
 
-/// Buffers per core. Reads armed on each fd, packets between a read and
-/// their send, and link queues (core 0; see `link::limits`) must fit.
+/// Buffers per core: reads armed on each fd and packets between a read
+/// and their send (link queues copy theirs into small buffers of their
+/// own: see `link::Smalls`; a jumbo frame keeps its slot only while
+/// `slot_floor` slots stay free).
 const SLOTS: usize = 512;
 /// Reads kept armed on the TUN queue and on the UDP socket. 64 each lets a
 /// burst of 64 packets complete in one wakeup (wireguard-go batches 128
@@ -111,13 +113,10 @@ struct Slot {
     msg: libc::msghdr,
     iov: libc::iovec,
     addr: libc::sockaddr_storage,
-    /// Length prefix when the slot is sent as a link frame.
+    /// Length prefix and where the packet starts when the slot is queued
+    /// as a link frame (a jumbo one: see `link::Held`).
     prefix: [u8; LEN_PREFIX],
-    /// A queued link frame charged to the budget's control reserve
-    /// rather than its data pool.
-    reserve: bool,
     start: u32,
-    len: u32,
     /// Control message room (UDP_GRO's segment size on receive).
     cmsg: CmsgRoom,
     /// When the core picked up the packet this slot carries to the TUN or
@@ -188,6 +187,10 @@ struct Core {
     slot_size: usize,
     off: Option<Box<Offload>>,
     free: Vec<u16>,
+    /// Core 0: the small buffers link queues hold their frames in.
+    smalls: link::Smalls,
+    /// Free slots a link frame held in a slot (a jumbo one) must leave.
+    slot_floor: usize,
     /// Broadcasts of one offload read waiting to be flooded: (slot, range).
     floods: Vec<(u16, std::ops::Range<usize>)>,
     tun_armed: usize,
@@ -324,7 +327,9 @@ pub fn run(cfg: CoreConfig) -> Result<(), IoError> {
         wake_buf: Box::new(0),
         fwd,
         links,
-        budget: Budget::new(link::limits(reads)),
+        smalls: link::Smalls::new(if cfg.index == 0 { link::LINK_FRAMES } else { 0 }),
+        slot_floor: 2 * reads + link::LINK_RESERVE,
+        budget: Budget::new(link::limits()),
         lat: Latency::default(),
         batch_start: Instant::now(),
         lat_published: Instant::now(),
@@ -337,6 +342,7 @@ pub fn run(cfg: CoreConfig) -> Result<(), IoError> {
     std::mem::forget(std::mem::take(&mut core.bufs));
     std::mem::forget(std::mem::replace(&mut core.slots, Box::new([])));
     std::mem::forget(std::mem::replace(&mut core.wake_buf, Box::new(0)));
+    core.smalls.forget_buffers();
     std::mem::forget(core.ms.take());
     for l in core.links.drain() {
         l.forget_buffers();

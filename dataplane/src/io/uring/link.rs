@@ -1,8 +1,13 @@
 //! EN↔CN links on the io_uring core 0: one receive armed into the link's
 //! frame decoder and one `writev` of up to [`LINK_WRITEV_FRAMES`] queued
-//! frames in flight, which keeps frame order. Queued frames sit in the
-//! core's slots, charged to the link budget (`io::link`) so a stalled
-//! link cannot take the buffers the reads and other links need.
+//! frames in flight, which keeps frame order. Queued frames are copied
+//! into small buffers of their own ([`Smalls`]: 8192 of 2 KiB, one pool
+//! for all links; a frame too big for one keeps its slot), charged to the
+//! link budget (`io::link`) so a stalled link cannot take what the other
+//! links need. A link's queue must hold a burst: one batch of TUN reads
+//! is hundreds of segments, and a queue of 256 slots overflowed on every
+//! burst, losing ~10 % of the inner TCP's segments (issue 11). Past a
+//! standing delay, CoDel drops at the head (`crate::codel`).
 //!
 //! A link's buffers (decoder, iovecs, queued slots) are pointed at by its
 //! operations in flight, so the link leaves the table only once none is
@@ -21,7 +26,8 @@ use super::super::link::{self, Class, Limits, LinkOwner, LinkTable, LinkUse, Poo
 use super::super::shared::{
     classify_frame, CoreEvent, Lane, LinkFrame, Shared, BUF_SIZE, LINK_RECV_BYTES,
 };
-use super::{ud, Core, OP_LINK_RECV, OP_LINK_SEND, SLOTS};
+use super::{ud, Core, OP_LINK_RECV, OP_LINK_SEND};
+use crate::codel::Codel;
 use crate::framing::{self, FrameDecoder, LEN_PREFIX};
 use crate::stats::DropReason;
 
@@ -30,26 +36,32 @@ use crate::stats::DropReason;
 const LINK_WRITEV_FRAMES: usize = 32;
 /// Hard caps on one link's queued data. The dynamic threshold of the
 /// budget binds first while other links are busy.
-const LINK_QUEUE_FRAMES: usize = 256;
-/// ≈ 8 ms at 1 Gbit/s: more only adds latency to the edge node's flows.
-const LINK_QUEUE_BYTES: usize = 1 << 20;
-/// Slots only control frames may use, all links together, and per link:
-/// a healthy link's keepalives get through while up to
+const LINK_QUEUE_FRAMES: usize = 2048;
+/// ≈ 24 ms at 1 Gbit/s, room for bursts; CoDel keeps the standing part
+/// short.
+const LINK_QUEUE_BYTES: usize = 3 << 20;
+/// Small buffers only control frames may use, all links together, and
+/// per link: a healthy link's keepalives get through while up to
 /// `LINK_RESERVE / LINK_RESERVE_PER_LINK` stalled links hold theirs.
-const LINK_RESERVE: usize = 64;
+pub(super) const LINK_RESERVE: usize = 64;
 const LINK_RESERVE_PER_LINK: usize = 4;
+/// Small frame buffers of core 0: 16 MiB, touched only as queues use
+/// them. Data frames may use all but the control reserve.
+pub(super) const LINK_FRAMES: usize = 8192;
+/// One small buffer: a frame's length prefix and a sealed packet of an
+/// NPD MTU up to ≈ 1 950 bytes, relay wrapping included.
+const FRAME_BUF: usize = 2048;
+/// A queue holding no more than this is never dropped from (RFC 8289's
+/// MTU check: one packet is no standing queue).
+const AQM_MTU: usize = 1500;
 
-/// Core 0's link budget when `reads` slots are kept for reads on the
-/// TUN and the socket. As many again are kept for packets between a
-/// read and the send or write that frees their slot; the rest is for
-/// link queues.
-pub(super) fn limits(reads: usize) -> Limits {
-    assert!(SLOTS > 2 * reads + LINK_RESERVE, "link queues need slots");
-    let data = SLOTS - 2 * reads - LINK_RESERVE;
+/// Core 0's link budget: the small buffers, less the control reserve,
+/// for data; bytes as a jumbo frame in a slot counts them.
+pub(super) fn limits() -> Limits {
+    let data = LINK_FRAMES - LINK_RESERVE;
     Limits {
         data_frames: data,
-        // Slots bound frames; bytes never bind before them here.
-        data_bytes: data * BUF_SIZE,
+        data_bytes: data * FRAME_BUF,
         reserve_frames: LINK_RESERVE,
         reserve_bytes: LINK_RESERVE * BUF_SIZE,
         link_frames: LINK_QUEUE_FRAMES,
@@ -58,12 +70,69 @@ pub(super) fn limits(reads: usize) -> Limits {
     }
 }
 
+/// Core 0's small frame buffers.
+pub(super) struct Smalls {
+    bufs: Box<[u8]>,
+    free: Vec<u32>,
+}
+
+impl Smalls {
+    pub(super) fn new(n: usize) -> Smalls {
+        Smalls {
+            // Zeroed pages cost nothing until a queue first writes them.
+            bufs: vec![0u8; n * FRAME_BUF].into_boxed_slice(),
+            free: (0..n as u32).rev().collect(),
+        }
+    }
+
+    fn take(&mut self, len: usize) -> Option<u32> {
+        if LEN_PREFIX + len > FRAME_BUF {
+            return None;
+        }
+        self.free.pop()
+    }
+
+    fn give(&mut self, i: u32) {
+        self.free.push(i);
+    }
+
+    fn buf(&mut self, i: u32) -> &mut [u8] {
+        let at = i as usize * FRAME_BUF;
+        &mut self.bufs[at..at + FRAME_BUF]
+    }
+
+    /// As the link buffers: the kernel may still read them at exit.
+    pub(super) fn forget_buffers(&mut self) {
+        std::mem::forget(std::mem::take(&mut self.bufs));
+    }
+}
+
+/// Where a queued frame's bytes are.
+#[derive(Clone, Copy, Debug)]
+enum Held {
+    /// A small buffer: prefix and packet back to back.
+    Small(u32),
+    /// A slot (a frame too big for a small buffer): the packet at the
+    /// slot's `start`, its prefix in the slot's `prefix`.
+    Slot(u16),
+}
+
+/// A frame in a link's queue.
+#[derive(Clone, Copy, Debug)]
+struct Queued {
+    held: Held,
+    len: u32,
+    reserve: bool,
+    /// When it was queued (ns since the core's clock base), for CoDel.
+    queued_ns: u64,
+}
+
 pub(super) struct Link {
     fd: OwnedFd,
     decoder: FrameDecoder,
     recv_armed: bool,
-    /// Slots queued for sending, in order.
-    queue: VecDeque<u16>,
+    /// Frames queued for sending, in order.
+    queue: VecDeque<Queued>,
     /// Frames of `queue`'s head covered by the writev in flight.
     in_flight: usize,
     /// Bytes of the head frame (prefix included) already sent.
@@ -72,6 +141,10 @@ pub(super) struct Link {
     closing: bool,
     /// What the queued frames hold of the budget.
     usage: LinkUse,
+    /// Active queue management of the data frames (see `crate::codel`),
+    /// and the bytes of packets queued.
+    codel: Codel,
+    queued_bytes: usize,
 }
 
 impl Link {
@@ -96,10 +169,33 @@ impl Core {
             self.free.push(slot as u16);
             return;
         }
-        match self.admit(id, Class::Data, len) {
-            Some(pool) => self.enqueue(id, slot, start, len, pool),
-            None => self.free.push(slot as u16),
-        }
+        let Some(pool) = self.admit(id, Class::Data, len) else {
+            self.free.push(slot as u16);
+            return;
+        };
+        // Into a small buffer, the slot back to the reads at once; a
+        // frame too big for one keeps its slot, if reads can spare it.
+        let base = slot * self.slot_size + start;
+        let held = match self.smalls.take(len) {
+            Some(i) => {
+                self.smalls.buf(i)[LEN_PREFIX..LEN_PREFIX + len]
+                    .copy_from_slice(&self.bufs[base..base + len]);
+                self.free.push(slot as u16);
+                Held::Small(i)
+            }
+            None if self.free.len() >= self.slot_floor => {
+                let s = &mut self.slots[slot];
+                s.start = start as u32;
+                Held::Slot(slot as u16)
+            }
+            None => {
+                self.free.push(slot as u16);
+                self.give_room(id, pool, len);
+                self.fwd.counters.drop(DropReason::LinkFull);
+                return;
+            }
+        };
+        self.enqueue(id, held, len, pool);
     }
 
     /// Room on link `id` for a `len`-byte frame of `class`: the budget
@@ -124,16 +220,42 @@ impl Core {
         pool
     }
 
-    /// Room on link `id` for a `len`-byte frame and a free slot to copy
-    /// it into: `(slot, pool)`, or `None` (counted).
-    fn link_slot(&mut self, id: LinkId, class: Class, len: usize) -> Option<(usize, Pool)> {
+    /// Room on link `id` for a `len`-byte frame and a buffer to copy it
+    /// into (`held`'s packet bytes at `slot_or_small` offset 0 of what
+    /// [`Self::held_bytes`] gives), or `None` (counted).
+    fn link_buf(&mut self, id: LinkId, class: Class, len: usize) -> Option<(Held, Pool)> {
         let pool = self.admit(id, class, len)?;
-        let Some(slot) = self.free.pop() else {
-            self.give_room(id, pool, len);
-            self.fwd.counters.drop(DropReason::LinkFull);
-            return None;
-        };
-        Some((slot as usize, pool))
+        if let Some(i) = self.smalls.take(len) {
+            return Some((Held::Small(i), pool));
+        }
+        if self.free.len() >= self.slot_floor {
+            if let Some(slot) = self.free.pop() {
+                self.slots[slot as usize].start = 0;
+                return Some((Held::Slot(slot), pool));
+            }
+        }
+        self.give_room(id, pool, len);
+        self.fwd.counters.drop(DropReason::LinkFull);
+        None
+    }
+
+    /// Where the packet of a frame held in `held` goes (`len` bytes).
+    fn held_bytes(&mut self, held: Held, len: usize) -> &mut [u8] {
+        match held {
+            Held::Small(i) => &mut self.smalls.buf(i)[LEN_PREFIX..LEN_PREFIX + len],
+            Held::Slot(slot) => {
+                let at = slot as usize * self.slot_size + self.slots[slot as usize].start as usize;
+                &mut self.bufs[at..at + len]
+            }
+        }
+    }
+
+    /// Gives a queued frame's buffer back.
+    fn release(&mut self, held: Held) {
+        match held {
+            Held::Small(i) => self.smalls.give(i),
+            Held::Slot(slot) => self.free.push(slot),
+        }
     }
 
     /// Gives back room `admit` took for a frame that was not queued.
@@ -143,31 +265,39 @@ impl Core {
         }
     }
 
-    /// Queues `slot[start..start+len]`, admitted into `pool`, on link `id`.
-    fn enqueue(&mut self, id: LinkId, slot: usize, start: usize, len: usize, pool: Pool) {
+    /// Queues the `len`-byte frame in `held`, admitted into `pool`, on
+    /// link `id`.
+    fn enqueue(&mut self, id: LinkId, held: Held, len: usize, pool: Pool) {
+        let queued_ns = self.ns_since_base(self.batch_start);
+        let prefix = framing::prefix(len);
+        match held {
+            Held::Small(i) => self.smalls.buf(i)[..LEN_PREFIX].copy_from_slice(&prefix),
+            Held::Slot(slot) => self.slots[slot as usize].prefix = prefix,
+        }
         let Some(link) = self.links.get_mut(id) else {
-            self.free.push(slot as u16);
+            self.release(held);
             return;
         };
-        let s = &mut self.slots[slot];
-        s.prefix = framing::prefix(len);
-        s.start = start as u32;
-        s.len = len as u32;
-        s.reserve = pool == Pool::Reserve;
-        link.queue.push_back(slot as u16);
+        link.queue.push_back(Queued {
+            held,
+            len: len as u32,
+            reserve: pool == Pool::Reserve,
+            queued_ns,
+        });
+        link.queued_bytes += len;
         self.kick_link(id);
     }
 
     /// Queues a copy of `bytes` on link `id` (core 0).
     fn send_link_copy(&mut self, id: LinkId, class: Class, bytes: &[u8]) {
-        if let Some((slot, pool)) = self.link_slot(id, class, bytes.len()) {
-            self.slot_buf(slot)[..bytes.len()].copy_from_slice(bytes);
-            self.enqueue(id, slot, 0, bytes.len(), pool);
+        if let Some((held, pool)) = self.link_buf(id, class, bytes.len()) {
+            self.held_bytes(held, bytes.len()).copy_from_slice(bytes);
+            self.enqueue(id, held, bytes.len(), pool);
         }
     }
 
     /// A data packet at `from` in the offload staging area or in another
-    /// slot, for link `id`: copied into a slot of its own.
+    /// slot, for link `id`: copied into a buffer of its own.
     pub(super) fn send_link_from(&mut self, id: LinkId, src: LinkSrc) {
         if self.cfg.index != 0 {
             let pkt = match src {
@@ -188,45 +318,98 @@ impl Core {
         let len = match src {
             LinkSrc::Staging { len, .. } | LinkSrc::Slot { len, .. } => len,
         };
-        let Some((t, pool)) = self.link_slot(id, Class::Data, len) else {
+        if matches!(src, LinkSrc::Staging { .. }) && self.off.is_none() {
+            // No staging area without offload: nothing to send.
+            return;
+        }
+        let Some((held, pool)) = self.link_buf(id, Class::Data, len) else {
             return;
         };
-        let to = t * self.slot_size;
-        match (src, self.off.as_ref()) {
-            (LinkSrc::Staging { start, len }, Some(off)) => {
-                self.bufs[to..to + len].copy_from_slice(&off.staging[start..start + len]);
+        match src {
+            LinkSrc::Staging { start, len } => {
+                let off = self.off.take().expect("checked above");
+                self.held_bytes(held, len)
+                    .copy_from_slice(&off.staging[start..start + len]);
+                self.off = Some(off);
             }
-            (LinkSrc::Staging { .. }, None) => {
-                // No staging area without offload: nothing to send.
-                self.free.push(t as u16);
-                self.give_room(id, pool, len);
-                return;
-            }
-            (LinkSrc::Slot { slot, start, len }, _) => {
+            LinkSrc::Slot { slot, start, len } => {
                 let from = slot * self.slot_size + start;
-                self.bufs.copy_within(from..from + len, to);
+                match held {
+                    Held::Small(i) => {
+                        let b = &self.bufs[from..from + len];
+                        self.smalls.buf(i)[LEN_PREFIX..LEN_PREFIX + len].copy_from_slice(b);
+                    }
+                    Held::Slot(t) => {
+                        let to = t as usize * self.slot_size;
+                        self.bufs.copy_within(from..from + len, to);
+                    }
+                }
             }
         }
-        self.enqueue(id, t, 0, len, pool);
+        self.enqueue(id, held, len, pool);
     }
 
-    /// Starts a writev on link `id` if none is in flight.
+    /// Starts a writev on link `id` if none is in flight, after CoDel
+    /// had its say about the data frame at the head.
     fn kick_link(&mut self, id: LinkId) {
+        let now = self.ns_since_base(Instant::now());
         let bufs = self.bufs.as_mut_ptr();
+        let smalls = self.smalls.bufs.as_mut_ptr();
         let Some(link) = self.links.get_mut(id) else {
             return;
         };
         if link.in_flight > 0 || link.queue.is_empty() || link.closing {
             return;
         }
+        // Only a head nothing of which is on the wire yet may go; control
+        // frames (the reserve) never do.
+        while link.head_sent == 0 {
+            let Some(&q) = link.queue.front() else {
+                break;
+            };
+            if q.reserve {
+                break;
+            }
+            let len = q.len as usize;
+            let sojourn = now.saturating_sub(q.queued_ns);
+            let backlog = link.queued_bytes - len;
+            if !link.codel.should_drop(now, sojourn, backlog, AQM_MTU) {
+                break;
+            }
+            link.queue.pop_front();
+            link.queued_bytes -= len;
+            self.budget.give(&mut link.usage, Pool::Data, len);
+            match q.held {
+                Held::Small(i) => self.smalls.free.push(i),
+                Held::Slot(slot) => self.free.push(slot),
+            }
+            self.fwd.counters.drop(DropReason::LinkAqm);
+        }
+        if link.queue.is_empty() {
+            return;
+        }
         let mut n_iov = 0;
         let mut frames = 0;
-        for (i, &slot) in link.queue.iter().take(LINK_WRITEV_FRAMES).enumerate() {
-            let s = &mut self.slots[slot as usize];
-            // SAFETY: start/len were checked against the slot by the
-            // forwarder; the slot stays queued (not reused) until sent.
-            let body = unsafe { bufs.add(slot as usize * self.slot_size + s.start as usize) };
-            let mut parts = [(s.prefix.as_mut_ptr(), LEN_PREFIX), (body, s.len as usize)];
+        for (i, q) in link.queue.iter().take(LINK_WRITEV_FRAMES).enumerate() {
+            let len = q.len as usize;
+            // SAFETY: a queued frame's buffer is its own until it is sent
+            // or the link closes (neither while this writev is in flight),
+            // and its bytes were written within it (checked lengths).
+            let mut parts = match q.held {
+                Held::Small(k) => [
+                    (
+                        unsafe { smalls.add(k as usize * FRAME_BUF) },
+                        LEN_PREFIX + len,
+                    ),
+                    (std::ptr::null_mut(), 0),
+                ],
+                Held::Slot(slot) => {
+                    let s = &mut self.slots[slot as usize];
+                    let body =
+                        unsafe { bufs.add(slot as usize * self.slot_size + s.start as usize) };
+                    [(s.prefix.as_mut_ptr(), LEN_PREFIX), (body, len)]
+                }
+            };
             if i == 0 && link.head_sent > 0 {
                 let mut skip = link.head_sent;
                 for p in parts.iter_mut() {
@@ -333,17 +516,20 @@ impl Core {
         let mut sent = res as usize + link.head_sent;
         link.head_sent = 0;
         for _ in 0..frames {
-            let Some(&slot) = link.queue.front() else {
+            let Some(&q) = link.queue.front() else {
                 break;
             };
-            let s = &self.slots[slot as usize];
-            let total = LEN_PREFIX + s.len as usize;
+            let total = LEN_PREFIX + q.len as usize;
             if sent >= total {
                 sent -= total;
                 link.queue.pop_front();
-                let pool = if s.reserve { Pool::Reserve } else { Pool::Data };
-                self.budget.give(&mut link.usage, pool, s.len as usize);
-                self.free.push(slot);
+                link.queued_bytes -= q.len as usize;
+                let pool = if q.reserve { Pool::Reserve } else { Pool::Data };
+                self.budget.give(&mut link.usage, pool, q.len as usize);
+                match q.held {
+                    Held::Small(i) => self.smalls.give(i),
+                    Held::Slot(slot) => self.free.push(slot),
+                }
             } else {
                 link.head_sent = sent;
                 break;
@@ -370,8 +556,8 @@ impl Core {
         }
         let mut link = self.links.take(id).expect("checked above");
         self.budget.give_all(&mut link.usage);
-        for slot in link.queue {
-            self.free.push(slot);
+        for q in link.queue {
+            self.release(q.held);
         }
         drop(link.fd);
         self.cfg.shared.event(CoreEvent::LinkDown { id });
@@ -403,6 +589,8 @@ impl Core {
             .into_boxed_slice(),
             closing: false,
             usage: LinkUse::default(),
+            codel: Codel::default(),
+            queued_bytes: 0,
         };
         if link::add_link(self, now, routes, id, link, initial) {
             self.arm_link_recv(id);

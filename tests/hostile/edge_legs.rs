@@ -1,0 +1,127 @@
+//! Edge legs under bulk TCP (issue 11, point 4): an EN's TCP link must
+//! not tail-drop one inner segment in ten.
+
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use ela_fast::netns::{self, HostId, Lab};
+use serde_json::Value;
+
+use super::common::*;
+
+/// One iperf3 run of `secs` from `from` to `to` (a server runs there):
+/// (Mbit/s, retransmits, segments sent).
+pub(crate) fn iperf(
+    lab: &Lab,
+    from: HostId,
+    to: std::net::Ipv4Addr,
+    secs: u32,
+) -> Result<(f64, u64)> {
+    let target = to.to_string();
+    let t = secs.to_string();
+    let o = lab.exec_timeout(
+        from,
+        &[
+            "iperf3",
+            "-c",
+            &target,
+            "-p",
+            "5201",
+            "-t",
+            &t,
+            "--connect-timeout",
+            "3000",
+            "-J",
+        ],
+        Duration::from_secs(u64::from(secs) + 20),
+    )?;
+    let v: Value = serde_json::from_slice(&o.stdout).context("iperf3 JSON")?;
+    if let Some(e) = v.get("error").and_then(Value::as_str) {
+        bail!("iperf3 failed: {e}");
+    }
+    let bps = v
+        .pointer("/end/sum_received/bits_per_second")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
+    let retr = v
+        .pointer("/end/sum_sent/retransmits")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    Ok((bps / 1e6, retr))
+}
+
+/// Issue 11, point 4. In one run, 20 s of iperf3 on each leg: CN1→CN3
+/// (the reference), CN2→EN (its primary, over the link), CN1→EN (relayed
+/// by CN2) and EN→CN1 (up the link, relayed). Bounds: every EN leg
+/// retransmits at most 1 % of what 1420-byte segments its throughput
+/// makes, and CN→EN reaches ≥ 70 % of CN→CN.
+#[test]
+fn edge_legs_keep_retransmits_low() {
+    lab_test("edge_legs", |lab| {
+        let g = group(lab)?;
+        // ELA_EDGE_LEG_KBIT=n: the EN's underlay delivers n kbit/s (a
+        // slow access link), to see the link's queue stand.
+        if let Some(k) = std::env::var("ELA_EDGE_LEG_KBIT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            lab.limit_rate_to(g.en.host(), k)?;
+        }
+        for m in g.all() {
+            iperf_server(lab, m.host())?;
+        }
+        let secs = std::env::var("ELA_EDGE_LEG_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20);
+        let legs = [
+            ("CN1→CN3", g.cn1.host(), g.cn3.addr),
+            ("CN2→EN", g.cn2.host(), g.en.addr),
+            ("CN1→EN", g.cn1.host(), g.en.addr),
+            ("EN→CN1", g.en.host(), g.cn1.addr),
+        ];
+        let mut res = Vec::new();
+        for (name, from, to) in legs {
+            let before: Vec<Value> = g
+                .all()
+                .iter()
+                .map(|m| lab.status(&m.node))
+                .collect::<Result<_>>()?;
+            let (mbps, retr) = iperf(lab, from, to, secs)?;
+            let after: Vec<Value> = g
+                .all()
+                .iter()
+                .map(|m| lab.status(&m.node))
+                .collect::<Result<_>>()?;
+            let d = |k: &str| -> u64 {
+                before
+                    .iter()
+                    .zip(&after)
+                    .map(|(b, a)| netns::counter(a, k).saturating_sub(netns::counter(b, k)))
+                    .sum()
+            };
+            let segs = (mbps * 1e6 * f64::from(secs) / 8.0 / 1368.0) as u64;
+            let pct = 100.0 * retr as f64 / segs.max(1) as f64;
+            eprintln!(
+                "{name}: {mbps:.0} Mbit/s, {retr} retransmits ({pct:.2} % of ~{segs} segments); link_full +{}, link_aqm +{}",
+                d("drops.link_full"),
+                d("drops.link_aqm"),
+            );
+            res.push((name, mbps, retr, pct));
+        }
+        let cn_cn = res[0].1;
+        for (name, mbps, retr, pct) in &res[1..] {
+            ensure!(
+                *pct <= 1.0,
+                "{name}: {retr} retransmits, {pct:.2} % (bound 1 %)"
+            );
+            if name.starts_with("CN") {
+                ensure!(
+                    *mbps >= 0.7 * cn_cn,
+                    "{name}: {mbps:.0} Mbit/s, below 70 % of CN→CN's {cn_cn:.0}"
+                );
+            }
+        }
+        Ok(())
+    });
+}
