@@ -159,6 +159,8 @@ struct Host {
     name: String,
     ns: String,
     underlay: Ipv4Addr,
+    /// Set by [`Lab::make_ipv6_only`]: the host's only underlay address.
+    underlay6: Option<std::net::Ipv6Addr>,
     /// For a NAT router: its private segment.
     lan: Option<Lan>,
     /// For a host behind a NAT router: that router.
@@ -713,6 +715,7 @@ impl Lab {
             name: name.to_string(),
             ns: ns.clone(),
             underlay,
+            underlay6: None,
             lan: None,
             behind: None,
         });
@@ -865,6 +868,7 @@ impl Lab {
             name: name.to_string(),
             ns: ns.clone(),
             underlay,
+            underlay6: None,
             lan: None,
             behind: Some(router),
         });
@@ -948,9 +952,51 @@ impl Lab {
         self.hosts[h.0].underlay
     }
 
-    /// Where nodes on this host listen: `<underlay>:7000`.
+    /// Where nodes on this host listen: `<underlay>:7000` (its IPv6
+    /// address after [`Lab::make_ipv6_only`]).
     pub fn underlay_addr(&self, h: HostId) -> SocketAddr {
-        SocketAddr::V4(SocketAddrV4::new(self.underlay_ip(h), NODE_PORT))
+        match self.hosts[h.0].underlay6 {
+            Some(a) => SocketAddr::new(a.into(), NODE_PORT),
+            None => SocketAddr::V4(SocketAddrV4::new(self.underlay_ip(h), NODE_PORT)),
+        }
+    }
+
+    /// Turns a bridged host's underlay into IPv6 only: IPv6 on in its
+    /// namespace, `fd00:e1a::<n>/64` on `eth0` (no duplicate detection:
+    /// the lab assigns unique addresses), its IPv4 address removed.
+    /// Returns the new address.
+    pub fn make_ipv6_only(&mut self, h: HostId) -> Result<std::net::Ipv6Addr> {
+        ensure!(h.0 < self.hosts.len(), "no host {h:?} in this lab");
+        ensure!(
+            self.hosts[h.0].behind.is_none() && self.hosts[h.0].lan.is_none(),
+            "make_ipv6_only handles plain bridged hosts only"
+        );
+        let a = std::net::Ipv6Addr::new(0xfd00, 0xe1a, 0, 0, 0, 0, 0, h.0 as u16 + 1);
+        for k in ["all", "default", "eth0", "lo"] {
+            let out = self.exec(
+                h,
+                &[
+                    "sysctl",
+                    "-qw",
+                    &format!("net.ipv6.conf.{k}.disable_ipv6=0"),
+                ],
+            )?;
+            ensure!(
+                out.status.success(),
+                "enabling IPv6 ({k}) in {}: {}",
+                self.host_name(h),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let ns = self.netns(h).to_string();
+        let cidr = format!("{a}/64");
+        self.ip(&[
+            "-n", &ns, "-6", "addr", "add", &cidr, "dev", "eth0", "nodad",
+        ])?;
+        let v4 = format!("{}/24", self.hosts[h.0].underlay);
+        self.ip(&["-n", &ns, "addr", "del", &v4, "dev", "eth0"])?;
+        self.hosts[h.0].underlay6 = Some(a);
+        Ok(a)
     }
 
     /// Runs `argv` inside the host's namespace and waits (at most

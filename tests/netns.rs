@@ -156,6 +156,48 @@ fn four_core_nodes_all_pairs_ping() {
     });
 }
 
+/// Issue 11: a group whose underlay is IPv6 only (no IPv4 address on any
+/// host's underlay): two CNs over UDP/IPv6 and an EN whose firewall drops
+/// UDP, linked over TCP/IPv6; every ordered pair pings over `ela0`, and
+/// the members' underlay addresses are IPv6.
+#[test]
+fn ipv6_only_underlay() {
+    lab_test("ipv6_underlay", |lab| {
+        let h = add_hosts(lab, 3)?;
+        for &x in &h {
+            lab.make_ipv6_only(x)?;
+        }
+        lab.block_udp(h[2])?;
+        let key = lab.keygen("group")?;
+        let (n1, _) = lab.start_node(h[0], &NodeSpec::new(&key).addr(ip(10)))?;
+        let (n2, _) =
+            lab.start_node(h[1], &NodeSpec::new(&key).addr(ip(20)).bootstrap(n1.listen))?;
+        let (n3, _) =
+            lab.start_node(h[2], &NodeSpec::new(&key).addr(ip(15)).bootstrap(n2.listen))?;
+        let nodes = [&n1, &n2, &n3];
+        let sts = lab.wait_converged(&nodes, 3, CONVERGE)?;
+        let a = addrs(&sts)?;
+        ensure!(
+            netns::role(&sts[2]) == "edge",
+            "the host without UDP should be an edge node: {}",
+            netns::role(&sts[2])
+        );
+        for st in &sts {
+            for m in netns::members(st)? {
+                ensure!(
+                    m.underlay.starts_with('['),
+                    "{} lists {} at a non-IPv6 underlay {}",
+                    st["addr"],
+                    m.addr,
+                    m.underlay
+                );
+            }
+        }
+        ping_all_pairs(lab, &nodes, &a)?;
+        Ok(())
+    });
+}
+
 #[test]
 fn simultaneous_conflicting_claims() {
     lab_test("conflicting_claims", |lab| {
