@@ -821,6 +821,19 @@ impl Lab {
         self.ip(&["-n", &ns, "link", "set", "lan0", "mtu", &m])
     }
 
+    /// Makes host `h` drop every IPv4 fragment it receives, before
+    /// reassembly (nftables table `ip elalab_nofrag`, prerouting at
+    /// priority -450): the firewalls that drop fragments, which turn a
+    /// router's fragmentation into a black hole.
+    pub fn drop_fragments(&self, h: HostId) -> Result<()> {
+        self.nft(
+            h,
+            "table ip elalab_nofrag {\n\
+             chain p { type filter hook prerouting priority -450; ip frag-off & 0x3fff != 0 drop; }\n\
+             }\n",
+        )
+    }
+
     /// Makes `router` drop the ICMP errors path MTU discovery relies on
     /// (IPv4 "destination unreachable", IPv6 "packet too big"), those it
     /// sends and those it forwards: the black hole a filtering firewall

@@ -149,7 +149,8 @@ fn settled_path(
 
 /// Issue 11: two CNs with a router between them whose segment towards
 /// CN2 carries `mtu` bytes; the router answers "fragmentation needed" or
-/// (`filtered`) drops every ICMP error, the black hole a firewall makes.
+/// (`filtered`) drops every ICMP error, and both CNs' hosts drop IP
+/// fragments: the black hole filtering firewalls make.
 /// CN2's own interface stays at 1500, so its large datagrams vanish in
 /// the router silently either way. In every case:
 /// - each CN's `status` shows the path to the other probed to within 4
@@ -168,6 +169,8 @@ fn narrow_path(tag: &str, mtu: u32, filtered: bool) {
         lab.narrow_lan(r, mtu)?;
         if filtered {
             lab.filter_icmp_errors(r)?;
+            lab.drop_fragments(c1)?;
+            lab.drop_fragments(c2)?;
         }
         let cn1 = start(lab, c1, NodeSpec::new(&key).addr(ip(10)), None)?;
         let cn2 = start(
