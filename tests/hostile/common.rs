@@ -297,6 +297,43 @@ impl Bulk {
     }
 }
 
+/// Runs the iperf3 client in `from` against the server in the member at
+/// `to` ([`iperf_server`]) with `args` (duration or size, direction) and
+/// returns its JSON report, or the error it reported.
+pub(crate) fn iperf3(
+    lab: &Lab,
+    from: HostId,
+    to: Ipv4Addr,
+    args: &[&str],
+    budget: Duration,
+) -> Result<Value> {
+    let target = to.to_string();
+    let mut argv = vec![
+        "iperf3",
+        "-c",
+        &target,
+        "-p",
+        IPERF_PORT,
+        "--connect-timeout",
+        "3000",
+        "-J",
+    ];
+    argv.extend_from_slice(args);
+    let o = lab.exec_timeout(from, &argv, budget)?;
+    let text = String::from_utf8_lossy(&o.stdout);
+    let v: Value = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "iperf3 printed no JSON ({}): {text}{}",
+            netns::describe_status(o.status),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    })?;
+    if let Some(e) = v.get("error").and_then(Value::as_str) {
+        bail!("iperf3 failed: {e}");
+    }
+    Ok(v)
+}
+
 /// Bulk TCP from `from` to overlay address `to` for `secs` seconds:
 /// iperf3 (server started with [`iperf_server`]) when installed, else
 /// `ela-fast bench throughput` (every node runs its sink).
@@ -305,33 +342,7 @@ pub(crate) fn bulk(lab: &Lab, from: HostId, to: Ipv4Addr, secs: u32) -> Result<B
     let t = secs.to_string();
     let budget = Duration::from_secs(u64::from(secs) + 20);
     if have_iperf3() {
-        let o = lab.exec_timeout(
-            from,
-            &[
-                "iperf3",
-                "-c",
-                &target,
-                "-p",
-                IPERF_PORT,
-                "-t",
-                &t,
-                "--connect-timeout",
-                "3000",
-                "-J",
-            ],
-            budget,
-        )?;
-        let text = String::from_utf8_lossy(&o.stdout);
-        let v: Value = serde_json::from_str(&text).with_context(|| {
-            format!(
-                "iperf3 printed no JSON ({}): {text}{}",
-                netns::describe_status(o.status),
-                String::from_utf8_lossy(&o.stderr)
-            )
-        })?;
-        if let Some(e) = v.get("error").and_then(Value::as_str) {
-            bail!("iperf3 failed: {e}");
-        }
+        let v = iperf3(lab, from, to, &["-t", &t], budget)?;
         let bytes = v
             .pointer("/end/sum_received/bytes")
             .and_then(Value::as_u64)

@@ -76,33 +76,11 @@ fn transfer(
     to: std::net::Ipv4Addr,
     reverse: bool,
 ) -> anyhow::Result<(u64, u64, f64)> {
-    let target = to.to_string();
-    let mut argv = vec![
-        "iperf3",
-        "-c",
-        &target,
-        "-p",
-        "5201",
-        "-n",
-        "50M",
-        "--connect-timeout",
-        "3000",
-        "-J",
-    ];
+    let mut args = vec!["-n", "50M"];
     if reverse {
-        argv.push("-R");
+        args.push("-R");
     }
-    let o = lab.exec_timeout(from, &argv, Duration::from_secs(60))?;
-    let text = String::from_utf8_lossy(&o.stdout);
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-        anyhow::anyhow!(
-            "iperf3 printed no JSON ({e}): {text} {}",
-            String::from_utf8_lossy(&o.stderr)
-        )
-    })?;
-    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
-        anyhow::bail!("iperf3 failed: {e}");
-    }
+    let v = iperf3(lab, from, to, &args, Duration::from_secs(60))?;
     // The sender's count: iperf3 ends a `-n` test once all of it went
     // out over TCP and the stream closed cleanly (the receiver's
     // `sum_received` is sampled a little before the end).
