@@ -4,6 +4,8 @@
 //! the binary's control thread owns the sockets and timers.
 //!
 //! - [`addr`]: overlay address assignment and the conflict rule (§3.2).
+//! - [`addr6`]: the IPv6 overlay, each member's IPv4 address in the
+//!   group's IPv6 prefix.
 //! - [`router`]: the route table the dataplane reads and its lookup (§3.3).
 //! - [`membership`]: SWIM membership (foca) plus join and address claims.
 //! - [`msg`]: control messages carried inside authenticated control packets.
@@ -20,6 +22,7 @@
 //!   sessions, and which index names which keys.
 
 pub mod addr;
+pub mod addr6;
 pub mod attach;
 pub mod cookie;
 pub mod edge;

@@ -145,6 +145,9 @@ pub struct RouteTable {
     hint_cns: Vec<usize>,
     /// The overlay network's broadcast address (0: none named).
     broadcast: u32,
+    /// The group's IPv6 prefix as a number (0: no IPv6 overlay): see
+    /// [`crate::addr6`].
+    net6: u128,
 }
 
 impl Default for RouteTable {
@@ -195,6 +198,7 @@ impl RouteTable {
             hint_keys: Vec::new(),
             hint_cns: Vec::new(),
             broadcast: 0,
+            net6: 0,
         }
     }
 
@@ -259,6 +263,7 @@ impl RouteTable {
             hint_keys: Vec::new(),
             hint_cns: Vec::new(),
             broadcast: 0,
+            net6: 0,
         }
     }
 
@@ -319,6 +324,7 @@ impl RouteTable {
             hint_keys: Vec::new(),
             hint_cns: Vec::new(),
             broadcast: 0,
+            net6: 0,
         }
     }
 
@@ -430,6 +436,41 @@ impl RouteTable {
 
     pub fn broadcast(&self) -> Option<Ipv4Addr> {
         (self.broadcast != 0).then(|| Ipv4Addr::from(self.broadcast))
+    }
+
+    /// Names the group's IPv6 prefix: members' IPv6 addresses route as
+    /// the IPv4 addresses they hold (see [`crate::addr6`]).
+    pub fn with_net6(mut self, net6: crate::addr6::Net6) -> Self {
+        self.net6 = net6.base();
+        self
+    }
+
+    /// The IPv4 overlay address behind the IPv6 overlay address `v6`:
+    /// `None` if the table has no IPv6 prefix or `v6` is not a member
+    /// address of it. The packet then routes as one to the result.
+    #[inline]
+    pub fn member_of6(&self, v6: std::net::Ipv6Addr) -> Option<Ipv4Addr> {
+        if self.net6 == 0 {
+            return None;
+        }
+        crate::addr6::member_of(self.net6, v6)
+    }
+
+    /// The IPv6 overlay address of the member at `v4`, if the table has
+    /// an IPv6 prefix.
+    #[inline]
+    pub fn addr6_of(&self, v4: Ipv4Addr) -> Option<std::net::Ipv6Addr> {
+        (self.net6 != 0).then(|| std::net::Ipv6Addr::from(self.net6 | u128::from(u32::from(v4))))
+    }
+
+    /// §3.3 for an IPv6 destination: [`Self::route`] of the member it
+    /// names; `Abandon` for an address no member can hold.
+    #[inline]
+    pub fn route6(&self, dst: std::net::Ipv6Addr) -> (NextHop, Ipv4Addr) {
+        match self.member_of6(dst) {
+            Some(v4) => self.route(v4),
+            None => (NextHop::Abandon, Ipv4Addr::UNSPECIFIED),
+        }
     }
 
     /// Every member but this node, in address order.
@@ -840,6 +881,32 @@ mod tests {
         assert_eq!(t.generation(), 3);
         assert_eq!(t.node_id_of(me), Some(42));
         assert_eq!(t.node_id_of(ip("10.0.0.8")), None);
+    }
+
+    #[test]
+    fn ipv6_destinations_route_as_their_members() {
+        let me = ip("10.0.0.10");
+        let cns = vec![cn("10.0.0.10", 1), cn("10.0.0.20", 2)];
+        let members = vec![(me, 1), (ip("10.0.0.20"), 2)];
+        let plain = RouteTable::new_core(me, 1, cns.clone(), vec![], members.clone(), 0);
+        let v6 = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap();
+        // No prefix named: IPv6 routes nowhere.
+        assert_eq!(plain.route6(v6("fd00::a00:14")).0, NextHop::Abandon);
+        assert_eq!(plain.addr6_of(me), None);
+        let net6 = crate::addr6::Net6::new("fd00::/64".parse().unwrap()).unwrap();
+        let t = plain.with_net6(net6);
+        assert_eq!(t.addr6_of(me), Some(v6("fd00::a00:a")));
+        assert_eq!(t.route6(v6("fd00::a00:a")).0, NextHop::Npd);
+        assert_eq!(
+            t.route6(v6("fd00::a00:14")),
+            (NextHop::Core(ul(2)), ip("10.0.0.20"))
+        );
+        // §3.3 step 3 as for IPv4: below 10.0.0.20, at this node: abandon.
+        assert_eq!(t.route6(v6("fd00::a00:f")).0, NextHop::Abandon);
+        assert_eq!(t.route6(v6("fd00::a00:15")).0, NextHop::Core(ul(2)));
+        for d in ["fd00::1:a00:14", "fd01::a00:14", "fe80::a00:14", "ff02::1"] {
+            assert_eq!(t.route6(v6(d)).0, NextHop::Abandon, "{d}");
+        }
     }
 
     #[test]

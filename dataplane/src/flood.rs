@@ -8,6 +8,12 @@
 //! sends unicast to that member. Nobody re-sends what it received, so
 //! relays carry copies like any packet and nothing can loop.
 //!
+//! In IPv6, link-local multicast (`ff02::/16`: all-nodes, mDNS, LLMNR,
+//! SSDP) floods the same way, but for the groups of the link's own
+//! housekeeping: all-routers, MLDv2 reports and solicited-node addresses
+//! (neighbour discovery). The overlay is a point-to-point link to the
+//! kernel and has neither routers nor neighbour discovery to carry.
+//!
 //! Every other multicast group is dropped and counted (`multicast`): the
 //! overlay tracks no group membership, so a group stream would cost
 //! every member a copy of every packet.
@@ -17,7 +23,7 @@
 //! chatty host cannot flood the group, however large. What is over the
 //! budget is dropped and counted (`flood_limited`).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Instant;
 
 /// Sealed copies a core may send for floods, per second and at once.
@@ -51,6 +57,25 @@ pub fn scope(dst: Ipv4Addr, broadcast: Option<Ipv4Addr>) -> Scope {
     }
     Scope::Unicast
 }
+
+/// [`scope`] for an IPv6 destination.
+pub fn scope6(dst: Ipv6Addr) -> Scope {
+    if !dst.is_multicast() {
+        return Scope::Unicast;
+    }
+    let s = dst.segments();
+    let housekeeping = dst == ALL_ROUTERS
+        || dst == MLDV2_ROUTERS
+        || (s[..6] == [0xff02, 0, 0, 0, 0, 1] && s[6] >> 8 == 0xff);
+    if s[0] == 0xff02 && !housekeeping {
+        Scope::Flood
+    } else {
+        Scope::Dropped
+    }
+}
+
+const ALL_ROUTERS: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 2);
+const MLDV2_ROUTERS: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x16);
 
 /// A token bucket of copies.
 #[derive(Debug)]
@@ -114,6 +139,27 @@ mod tests {
             assert_eq!(scope(Ipv4Addr::from(d), b), want, "{d:?}");
         }
         assert_eq!(scope(Ipv4Addr::new(10, 0, 0, 255), None), Scope::Unicast);
+    }
+
+    #[test]
+    fn what_floods_in_ipv6() {
+        for (d, want) in [
+            ("ff02::1", Scope::Flood),
+            ("ff02::fb", Scope::Flood),
+            ("ff02::1:3", Scope::Flood),
+            ("ff02::c", Scope::Flood),
+            ("ff02::2", Scope::Dropped),
+            ("ff02::16", Scope::Dropped),
+            ("ff02::1:ff00:5", Scope::Dropped),
+            ("ff02::1:ffab:cdef", Scope::Dropped),
+            ("ff05::c", Scope::Dropped),
+            ("ff0e::1", Scope::Dropped),
+            ("ff12::1234", Scope::Dropped),
+            ("fd00::a00:5", Scope::Unicast),
+            ("fe80::1", Scope::Unicast),
+        ] {
+            assert_eq!(scope6(d.parse().unwrap()), want, "{d}");
+        }
     }
 
     #[test]

@@ -45,9 +45,6 @@ const MAX_CONFIRMED: usize = 256;
 const MAX_KEEPALIVES: usize = 256;
 /// Probe acknowledgements held for the io layer between batches.
 const MAX_PROBE_ACKS: usize = 256;
-/// IPv4 and TCP headers without options: a SYN's MSS is the path's MTU
-/// less these.
-const TCP_IPV4_HEADERS: u16 = 40;
 
 /// Where a packet goes next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,19 +175,35 @@ impl Forwarder {
             self.counters.drop(DropReason::NoRoute);
             return Out::drop();
         };
-        let Some((src, dst)) = buf.get(at..at + n).and_then(wire::ipv4_src_dst) else {
-            self.counters.drop(DropReason::NotIpv4);
-            return Out::drop();
+        let (dst, scope) = match buf.get(at).map(|b| b >> 4) {
+            Some(4) => {
+                let Some((src, dst)) = buf.get(at..at + n).and_then(wire::ipv4_src_dst) else {
+                    self.counters.drop(DropReason::NotIp);
+                    return Out::drop();
+                };
+                if src != self_addr {
+                    self.counters.drop(DropReason::BadSource);
+                    return Out::drop();
+                }
+                (dst, flood::scope(dst, routes.broadcast()))
+            }
+            Some(6) => match self.outbound6(routes, &buf[at..at + n], self_addr) {
+                Ok(d) => d,
+                Err(r) => {
+                    self.counters.drop(r);
+                    return Out::drop();
+                }
+            },
+            _ => {
+                self.counters.drop(DropReason::NotIp);
+                return Out::drop();
+            }
         };
-        if src != self_addr {
-            self.counters.drop(DropReason::BadSource);
-            return Out::drop();
-        }
         if n > MAX_DATA_PAYLOAD {
             self.counters.drop(DropReason::TooBig);
             return Out::drop();
         }
-        match flood::scope(dst, routes.broadcast()) {
+        match scope {
             Scope::Unicast => {}
             Scope::Flood => {
                 self.counters.flooded += 1;
@@ -213,6 +226,37 @@ impl Forwarder {
             }
         }
         out
+    }
+
+    /// An IPv6 packet from the NPD: the member its destination names (the
+    /// overlay routes IPv6 as the IPv4 addresses behind it: see
+    /// `ela_control::addr6`) and its scope. The link's own housekeeping
+    /// (MLD, solicited-node) is dropped before the source is checked: the
+    /// kernel sends it from `::`.
+    #[inline]
+    fn outbound6(
+        &mut self,
+        routes: &RouteTable,
+        pkt: &[u8],
+        me: Ipv4Addr,
+    ) -> Result<(Ipv4Addr, Scope), DropReason> {
+        let (Some((src, dst)), Some(mine)) = (wire::ipv6_src_dst(pkt), routes.addr6_of(me)) else {
+            return Err(DropReason::NotIp);
+        };
+        let scope = flood::scope6(dst);
+        if scope == Scope::Dropped {
+            return Err(DropReason::Multicast);
+        }
+        if src != mine {
+            return Err(DropReason::BadSource);
+        }
+        match scope {
+            Scope::Unicast => routes
+                .member_of6(dst)
+                .map(|d| (d, scope))
+                .ok_or(DropReason::NoRoute),
+            _ => Ok((me, scope)),
+        }
     }
 
     /// Before the copies of a flood: the budget refills.
@@ -333,7 +377,7 @@ impl Forwarder {
             if n > usize::from(mtu) {
                 return self.too_big(buf, at, n, mtu);
             }
-            if pmtu::clamp_mss(&mut buf[at..at + n], mtu.saturating_sub(TCP_IPV4_HEADERS)) {
+            if pmtu::clamp_to_path(&mut buf[at..at + n], mtu) {
                 self.counters.mss_clamped += 1;
             }
         }
@@ -373,7 +417,7 @@ impl Forwarder {
     #[cold]
     fn too_big(&mut self, buf: &mut [u8], at: usize, n: usize, mtu: u16) -> Out {
         self.counters.drop(DropReason::PathMtu);
-        match pmtu::frag_needed(buf, at, n, mtu) {
+        match pmtu::too_big_reply(buf, at, n, mtu) {
             Some(range) => {
                 self.counters.icmp_too_big += 1;
                 Out {
@@ -540,30 +584,19 @@ impl Forwarder {
                 return Out::drop();
             }
         }
-        // Validate what was decrypted before anything uses it: an IPv4
+        // Validate what was decrypted before anything uses it: an IP
         // packet between the authenticated addresses, cut to its own
         // length (a member's padding must not reach the TUN or GRO).
-        let range = match wire::Ipv4Inner::parse(&pkt[range.clone()]) {
-            Some(ip)
-                if ip.src == hdr.src
-                    && (ip.dst == hdr.dst
-                        || flood::scope(ip.dst, routes.broadcast()) == Scope::Flood) =>
-            {
-                range.start..range.start + ip.total_len
-            }
-            _ => {
-                self.counters.drop(DropReason::InnerMismatch);
-                return Out::drop();
-            }
+        let Some(len) = inner_len(routes, &hdr, &pkt[range.clone()]) else {
+            self.counters.drop(DropReason::InnerMismatch);
+            return Out::drop();
         };
+        let range = range.start..range.start + len;
         // A SYN from the peer: its MSS held to what our path to it
         // carries, for the segments we send back.
         if pmtu::is_tcp_syn(&pkt[range.clone()]) {
             if let Some(mtu) = self.sessions.tx(hdr.src).and_then(|t| t.path_mtu()) {
-                if pmtu::clamp_mss(
-                    &mut pkt[range.clone()],
-                    mtu.saturating_sub(TCP_IPV4_HEADERS),
-                ) {
+                if pmtu::clamp_to_path(&mut pkt[range.clone()], mtu) {
                     self.counters.mss_clamped += 1;
                 }
             }
@@ -643,6 +676,29 @@ impl Forwarder {
             self.counters.udp_tx += 1;
         }
         out
+    }
+}
+
+/// The length of the decrypted IP packet `p` from `hdr.src`, if it may be
+/// delivered: its source is the sender's address (IPv4, or IPv6 in the
+/// group's prefix), and its destination ours or a flood's.
+#[inline]
+fn inner_len(routes: &RouteTable, hdr: &Header, p: &[u8]) -> Option<usize> {
+    match p.first()? >> 4 {
+        4 => {
+            let ip = wire::Ipv4Inner::parse(p)?;
+            let ok = ip.src == hdr.src
+                && (ip.dst == hdr.dst || flood::scope(ip.dst, routes.broadcast()) == Scope::Flood);
+            ok.then_some(ip.total_len)
+        }
+        6 => {
+            let ip = wire::Ipv6Inner::parse(p)?;
+            let ok = Some(ip.src) == routes.addr6_of(hdr.src)
+                && (Some(ip.dst) == routes.addr6_of(hdr.dst)
+                    || flood::scope6(ip.dst) == Scope::Flood);
+            ok.then_some(ip.total_len)
+        }
+        _ => None,
     }
 }
 

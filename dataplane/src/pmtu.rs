@@ -4,11 +4,13 @@
 //! - probe and acknowledgement payloads, carried sealed end to end like
 //!   data, told apart from IP packets by their first byte (an IP packet's
 //!   first nibble is its version, 4 or 6; ours are 0);
-//! - the ICMP "fragmentation needed" written back into the NPD for an
-//!   inner packet too big for its peer's path (ela-fast does not
-//!   fragment: the underlay sockets set DF);
+//! - the ICMP "fragmentation needed" (IPv4) or ICMPv6 "packet too big"
+//!   written back into the NPD for an inner packet too big for its peer's
+//!   path (ela-fast does not fragment: the underlay sockets set DF);
 //! - TCP MSS clamping on SYNs, as tinc's `ClampMSS`, so connections start
 //!   with segments that fit.
+
+use crate::wire::IPV6_HEADER;
 
 /// First byte of a probe payload: `PROBE ‖ id (u64 BE) ‖ zero padding`.
 pub const PROBE: u8 = 0x01;
@@ -129,16 +131,102 @@ pub fn frag_needed(
     Some(at..at + total)
 }
 
-/// Whether `pkt` is an IPv4 TCP segment with SYN set (cheap: checked on
-/// every delivered packet before anything costlier).
+/// Bytes an ICMPv6 error adds before the quoted packet: its IPv6 and
+/// ICMPv6 headers.
+pub const ICMP6_PREFIX: usize = 48;
+/// An ICMPv6 error quotes as much as fits in the minimum MTU (RFC 4443
+/// §2.4 (c)).
+const IPV6_MIN_MTU: usize = 1280;
+const ICMPV6: u8 = 58;
+
+/// The IP packet at `buf[at..at + n]` is too big for a path of `mtu`:
+/// [`frag_needed`] or [`packet_too_big`] by its family.
+pub fn too_big_reply(
+    buf: &mut [u8],
+    at: usize,
+    n: usize,
+    mtu: u16,
+) -> Option<std::ops::Range<usize>> {
+    match buf.get(at)? >> 4 {
+        4 => frag_needed(buf, at, n, mtu),
+        6 => packet_too_big(buf, at, n, mtu),
+        _ => None,
+    }
+}
+
+/// [`frag_needed`] for IPv6: overwrites the packet at `buf[at..at + n]`
+/// with an ICMPv6 "packet too big" (type 2, MTU `mtu`) for its sender,
+/// quoting as much of it as fits in 1280 bytes, from its destination.
+/// `None` for packets that get no answer: ICMPv6 errors, and packets from
+/// the unspecified or a multicast address (RFC 4443 §2.4 (e)).
+pub fn packet_too_big(
+    buf: &mut [u8],
+    at: usize,
+    n: usize,
+    mtu: u16,
+) -> Option<std::ops::Range<usize>> {
+    let pkt = buf.get(at..at + n)?;
+    let (src, dst) = crate::wire::ipv6_src_dst(pkt)?;
+    if src.is_unspecified() || src.is_multicast() || n < ICMP6_PREFIX + IPV6_HEADER {
+        return None;
+    }
+    if pkt[6] == ICMPV6 && pkt.get(IPV6_HEADER).is_none_or(|t| *t < 128) {
+        return None;
+    }
+    let q = (n - ICMP6_PREFIX).min(IPV6_MIN_MTU - ICMP6_PREFIX);
+    let total = ICMP6_PREFIX + q;
+    let body = (total - IPV6_HEADER) as u16;
+    buf.copy_within(at..at + q, at + ICMP6_PREFIX);
+    let h = &mut buf[at..at + ICMP6_PREFIX];
+    h.fill(0);
+    h[0] = 0x60;
+    h[4..6].copy_from_slice(&body.to_be_bytes());
+    h[6] = ICMPV6;
+    h[7] = 64;
+    h[8..24].copy_from_slice(&dst.octets());
+    h[24..40].copy_from_slice(&src.octets());
+    h[40] = 2;
+    h[44..48].copy_from_slice(&u32::from(mtu).to_be_bytes());
+    let c = checksum(
+        &buf[at + IPV6_HEADER..at + total],
+        pseudo6(&buf[at..], body),
+    );
+    buf[at + 42..at + 44].copy_from_slice(&c.to_be_bytes());
+    Some(at..at + total)
+}
+
+/// The IPv6 pseudo-header's sum (RFC 8200 §8.1) for an ICMPv6 body of
+/// `len` bytes, with the addresses of the header at `h`.
+fn pseudo6(h: &[u8], len: u16) -> u32 {
+    let mut s = u32::from(len) + u32::from(ICMPV6);
+    for c in h[8..40].chunks_exact(2) {
+        s += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    s
+}
+
+/// Whether `pkt` is a TCP segment with SYN set, in IPv4 or in IPv6
+/// without extension headers (cheap: checked on every delivered packet
+/// before anything costlier).
 #[inline]
 pub fn is_tcp_syn(pkt: &[u8]) -> bool {
-    pkt.len() > 20
-        && pkt[9] == 6
-        && pkt[0] >> 4 == 4
-        && pkt
-            .get(usize::from(pkt[0] & 0x0f) * 4 + 13)
-            .is_some_and(|f| f & 0x02 != 0)
+    tcp_of(pkt).is_some_and(|at| pkt.get(at + 13).is_some_and(|f| f & 0x02 != 0))
+}
+
+/// Where the TCP header of `pkt` starts: IPv4 (first fragment) or IPv6
+/// whose next header is TCP.
+#[inline]
+fn tcp_of(pkt: &[u8]) -> Option<usize> {
+    let first = *pkt.first()?;
+    match first >> 4 {
+        4 if pkt.len() >= 20 && pkt[9] == 6 => {
+            let ihl = usize::from(first & 0x0f) * 4;
+            let frag = u16::from_be_bytes([pkt[6], pkt[7]]) & 0x1fff;
+            (ihl >= 20 && frag == 0).then_some(ihl)
+        }
+        6 if pkt.len() >= IPV6_HEADER && pkt[6] == 6 => Some(IPV6_HEADER),
+        _ => None,
+    }
 }
 
 /// The Internet checksum of `data` (RFC 1071), starting from `init`.
@@ -157,22 +245,32 @@ fn checksum(data: &[u8], init: u32) -> u16 {
     !(s as u16)
 }
 
-/// If `pkt` is an IPv4 TCP SYN whose MSS option exceeds `mss`, lowers it
-/// to `mss` and updates the TCP checksum incrementally (RFC 1624).
-/// Returns whether it changed anything. Anything malformed is left alone
-/// (the receiving stack judges it).
+/// IPv4 and TCP headers without options: a SYN's MSS is the path's MTU
+/// less these.
+const TCP_IPV4_HEADERS: u16 = 40;
+/// The same for IPv6.
+const TCP_IPV6_HEADERS: u16 = 60;
+
+/// Clamps a SYN's MSS (see [`clamp_mss`]) to what a path of `mtu` bytes
+/// carries in the packet's own family.
+pub fn clamp_to_path(pkt: &mut [u8], mtu: u16) -> bool {
+    let headers = match pkt.first().map(|b| b >> 4) {
+        Some(4) => TCP_IPV4_HEADERS,
+        Some(6) => TCP_IPV6_HEADERS,
+        _ => return false,
+    };
+    clamp_mss(pkt, mtu.saturating_sub(headers))
+}
+
+/// If `pkt` is a TCP SYN (IPv4, or IPv6 without extension headers) whose
+/// MSS option exceeds `mss`, lowers it to `mss` and updates the TCP
+/// checksum incrementally (RFC 1624). Returns whether it changed
+/// anything. Anything malformed is left alone (the receiving stack
+/// judges it).
 pub fn clamp_mss(pkt: &mut [u8], mss: u16) -> bool {
-    let Some(&first) = pkt.first() else {
+    let Some(ihl) = tcp_of(pkt) else {
         return false;
     };
-    if first >> 4 != 4 || pkt.len() < 20 || pkt[9] != 6 {
-        return false;
-    }
-    let ihl = usize::from(first & 0x0f) * 4;
-    let frag = u16::from_be_bytes([pkt[6], pkt[7]]) & 0x1fff;
-    if ihl < 20 || frag != 0 {
-        return false;
-    }
     let Some(tcp) = pkt.get_mut(ihl..) else {
         return false;
     };

@@ -30,11 +30,12 @@ pub enum DropReason {
     NoRoute,
     /// Forwarded more than `MAX_HOPS` times: a transient loop during churn.
     HopLimit,
-    /// From the TUN: not IPv4 (the overlay is IPv4-only).
-    NotIpv4,
+    /// From the TUN: neither IPv4 nor IPv6 (or IPv6 with the IPv6 overlay
+    /// off).
+    NotIp,
     /// From the TUN with a source other than our overlay address.
     BadSource,
-    /// Decrypted packet whose inner IPv4 addresses disagree with the
+    /// Decrypted packet whose inner IP addresses disagree with the
     /// authenticated header: a member trying to spoof another.
     InnerMismatch,
     /// Larger than the largest payload the cipher accepts.
@@ -86,7 +87,7 @@ impl DropReason {
         DropReason::UnknownSender,
         DropReason::NoRoute,
         DropReason::HopLimit,
-        DropReason::NotIpv4,
+        DropReason::NotIp,
         DropReason::BadSource,
         DropReason::InnerMismatch,
         DropReason::TooBig,
@@ -113,7 +114,7 @@ impl DropReason {
             DropReason::UnknownSender => "unknown_sender",
             DropReason::NoRoute => "no_route",
             DropReason::HopLimit => "hop_limit",
-            DropReason::NotIpv4 => "not_ipv4",
+            DropReason::NotIp => "not_ip",
             DropReason::BadSource => "bad_source",
             DropReason::InnerMismatch => "inner_mismatch",
             DropReason::TooBig => "too_big",

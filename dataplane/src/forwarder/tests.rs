@@ -862,3 +862,5 @@ fn a_flood_past_the_budget_is_dropped_and_counted() {
     assert_eq!(sent, crate::flood::COPIES_BURST);
     assert_eq!(drops(&a, DropReason::FloodLimited), 500);
 }
+
+mod ipv6;

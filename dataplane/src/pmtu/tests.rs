@@ -185,3 +185,102 @@ proptest! {
         prop_assert_eq!(carried, u16::from_be_bytes([p[36], p[37]]));
     }
 }
+
+// ---- IPv6 ---------------------------------------------------------------
+
+fn ipv6(next: u8, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; 40 + payload.len()];
+    p[0] = 0x60;
+    p[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+    p[6] = next;
+    p[7] = 64;
+    p[8..24].copy_from_slice(
+        &"fd00::a00:1"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    p[24..40].copy_from_slice(
+        &"fd00::a00:2"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    p[40..].copy_from_slice(payload);
+    p
+}
+
+/// The upper-layer checksum of an IPv6 packet without extension headers,
+/// computed whole (0 when the field in it is right).
+fn sum6(p: &[u8]) -> u16 {
+    let body = &p[40..];
+    let mut s = u32::from(p[6]) + body.len() as u32;
+    for c in p[8..40].chunks(2) {
+        s += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    checksum(body, s)
+}
+
+#[test]
+fn packet_too_big_quotes_what_fits_with_a_valid_checksum() {
+    for payload in [1400usize, 5000] {
+        let inner = ipv6(17, &vec![9u8; payload]);
+        let mut buf = vec![0u8; 64 + inner.len()];
+        buf[64..].copy_from_slice(&inner);
+        let r = too_big_reply(&mut buf, 64, inner.len(), 1320).expect("answered");
+        let icmp = &buf[r];
+        assert_eq!(icmp.len(), 1280, "as much as fits in the minimum MTU");
+        assert_eq!(usize::from(u16::from_be_bytes([icmp[4], icmp[5]])), 1240);
+        assert_eq!(sum6(icmp), 0, "ICMPv6 checksum over the pseudo-header");
+        assert_eq!((icmp[6], icmp[40], icmp[41]), (58, 2, 0));
+        assert_eq!(u32::from_be_bytes(icmp[44..48].try_into().unwrap()), 1320);
+        assert_eq!(&icmp[8..24], &inner[24..40], "from the destination");
+        assert_eq!(&icmp[24..40], &inner[8..24], "to the sender");
+        assert_eq!(&icmp[48..], &inner[..1232]);
+    }
+}
+
+#[test]
+fn packet_too_big_answers_no_error_and_no_unspecified_or_multicast_source() {
+    let err = ipv6(58, &[1u8; 100]);
+    let mut from_any = ipv6(17, &[0u8; 100]);
+    from_any[8..24].fill(0);
+    let mut from_group = ipv6(17, &[0u8; 100]);
+    from_group[8] = 0xff;
+    let short = ipv6(17, &[0u8; 40]);
+    for p in [
+        &err[..],
+        &from_any[..],
+        &from_group[..],
+        &short[..],
+        &[0x60u8; 30][..],
+    ] {
+        let mut buf = p.to_vec();
+        assert_eq!(packet_too_big(&mut buf, 0, p.len(), 1280), None);
+    }
+    // An informational ICMPv6 message (echo) is answered.
+    let mut buf = ipv6(58, &[128u8; 100]);
+    let n = buf.len();
+    assert!(packet_too_big(&mut buf, 0, n, 1280).is_some());
+}
+
+#[test]
+fn ipv6_syns_are_clamped_with_a_checksum_a_full_recount_agrees_with() {
+    let mut t = vec![0u8; 24];
+    t[12] = 6 << 4;
+    t[13] = 0x02;
+    t[20..24].copy_from_slice(&[2, 4, 0x05, 0xb4]);
+    let mut p = ipv6(6, &t);
+    let c = sum6(&p);
+    p[56..58].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(sum6(&p), 0);
+    assert!(is_tcp_syn(&p));
+    assert!(clamp_to_path(&mut p, 1300));
+    assert_eq!(u16::from_be_bytes([p[62], p[63]]), 1240, "1300 less 60");
+    assert_eq!(sum6(&p), 0);
+    assert!(!clamp_to_path(&mut p, 1300), "already small enough");
+    // Behind an extension header: left alone.
+    let mut q = p.clone();
+    q[6] = 0;
+    assert!(!is_tcp_syn(&q) && !clamp_to_path(&mut q, 700));
+}
