@@ -299,6 +299,16 @@ pub struct RunArgs {
     /// Overlay network.
     #[arg(long, default_value = "10.0.0.0/24")]
     pub net: Ipv4Net,
+    /// IPv6 overlay prefix (/96 or shorter): each member's IPv6 address
+    /// is its IPv4 overlay address in the last 32 bits. Default: a ULA
+    /// /64 derived from the group authority's key, the same on every
+    /// member; `none` for an IPv4-only overlay.
+    #[arg(long)]
+    pub net6: Option<String>,
+    /// IPv6 overlay address to ask for: it stands for the IPv4 address in
+    /// its last 32 bits (granted unless another member holds it).
+    #[arg(long)]
+    pub addr6: Option<std::net::Ipv6Addr>,
     /// TUN interface name (the paper's NPD).
     #[arg(long, default_value = "ela0")]
     pub iface: String,

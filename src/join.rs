@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use ela_control::addr;
+use ela_control::addr6::Net6;
 use ela_control::identity::Cert;
 use ela_control::membership::{NodeIdentity, NodeKeys};
 use ela_control::msg::ControlMsg;
@@ -24,8 +25,8 @@ use ela_control::Role;
 use ela_dataplane::crypto::Suite;
 use ela_dataplane::framing::{self, FrameDecoder};
 use ela_dataplane::io::udp::UdpGroup;
-use ipnet::Ipv4Net;
-use tracing::info;
+use ipnet::{Ipv4Net, Ipv6Net};
+use tracing::{info, warn};
 
 use crate::cli::RoleArg;
 use crate::control_codec::{
@@ -118,6 +119,7 @@ pub(crate) fn decide_and_join(
 struct Reply {
     observed: SocketAddr,
     net: Ipv4Net,
+    net6: Option<Net6>,
     members: Vec<NodeIdentity>,
     offer: Option<Ipv4Addr>,
 }
@@ -136,6 +138,15 @@ fn accept_reply(
             cfg.net,
             reply.net
         );
+    }
+    match (reply.net6, cfg.net6) {
+        (Some(theirs), Some(ours)) if theirs != ours => bail!(
+            "the group at {from} uses IPv6 overlay prefix {theirs}, not {ours} (pass --net6 {theirs})"
+        ),
+        (None, Some(_)) => {
+            warn!("the group at {from} has no IPv6 overlay (--net6 none): IPv6 reaches no member");
+        }
+        _ => {}
     }
     let underlay = match role {
         Role::Core if cfg.listen.ip().is_unspecified() => {
@@ -193,11 +204,16 @@ fn parse_reply(msg: ControlMsg) -> Option<Reply> {
             observed,
             net_addr,
             net_prefix,
+            net6,
             members,
             offer,
         } => Some(Reply {
             observed,
             net: Ipv4Net::new(net_addr, net_prefix).ok()?,
+            net6: match net6 {
+                Some((a, p)) => Some(Net6::new(Ipv6Net::new(a, p).ok()?).ok()?),
+                None => None,
+            },
             members,
             offer,
         }),
@@ -403,6 +419,7 @@ pub(crate) fn sealed_join_reply(
     members: Vec<NodeIdentity>,
     taken: BTreeSet<Ipv4Addr>,
     net: Ipv4Net,
+    net6: Option<Net6>,
     requested: Option<Ipv4Addr>,
     nonce: &Channel,
     observed: SocketAddr,
@@ -419,6 +436,7 @@ pub(crate) fn sealed_join_reply(
         observed,
         net.network(),
         net.prefix_len(),
+        net6.map(|n| (n.net().network(), n.prefix_len())),
         std::iter::once(me).chain(others),
         offer,
         body,
@@ -842,6 +860,7 @@ mod tests {
                 members.clone(),
                 taken_for(([1; 32], [1; 32]), &members),
                 net,
+                None,
                 requested,
                 &nonce,
                 observed,
@@ -879,6 +898,7 @@ mod tests {
             members,
             BTreeSet::new(),
             net,
+            None,
             None,
             &[1; 16],
             observed,
@@ -922,6 +942,7 @@ mod tests {
                 vec![old.clone()],
                 taken_for((jkey, jsign), std::slice::from_ref(old)),
                 net,
+                None,
                 wanted,
                 &[3; 16],
                 "192.0.2.2:7000".parse().unwrap(),

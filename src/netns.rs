@@ -1436,7 +1436,7 @@ impl Lab {
     pub fn ping(
         &self,
         from: HostId,
-        to: Ipv4Addr,
+        to: impl Into<std::net::IpAddr>,
         count: u32,
         interval: Duration,
     ) -> Result<PingResult> {
@@ -1452,7 +1452,13 @@ impl Lab {
     }
 
     /// `ping` with every option of [`PingOpts`].
-    pub fn ping_with(&self, from: HostId, to: Ipv4Addr, o: &PingOpts) -> Result<PingResult> {
+    pub fn ping_with(
+        &self,
+        from: HostId,
+        to: impl Into<std::net::IpAddr>,
+        o: &PingOpts,
+    ) -> Result<PingResult> {
+        let to = to.into();
         let mut args: Vec<String> = vec![
             "ping".into(),
             "-n".into(),

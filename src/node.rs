@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use arc_swap::ArcSwap;
 use ela_control::addr;
+use ela_control::addr6::Net6;
 use ela_control::attach::{self, FreshAttachments};
 use ela_control::edge::{EdgeAction, EdgeLinks};
 use ela_control::identity::{hex32, Cert};
@@ -203,6 +204,8 @@ pub struct NodeConfig {
     /// The address to ask for: `--addr`, else the certificate's fixed one.
     pub addr: Option<Ipv4Addr>,
     pub net: Ipv4Net,
+    /// The group's IPv6 prefix; `None`: an IPv4-only overlay.
+    pub net6: Option<Net6>,
     pub iface: String,
     pub cores: Option<Vec<usize>>,
     pub control: PathBuf,
@@ -218,6 +221,22 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
+    /// The IPv6 overlay address (and prefix length) of the member at
+    /// `v4`, if the overlay has IPv6.
+    pub fn addr6_of(&self, v4: Ipv4Addr) -> Option<(std::net::Ipv6Addr, u8)> {
+        self.net6.map(|n| (n.addr_of(v4), n.prefix_len()))
+    }
+
+    /// What every route table of this node carries besides the routes:
+    /// the broadcast address and the IPv6 prefix.
+    pub fn finish_table(&self, t: RouteTable) -> RouteTable {
+        let t = t.with_broadcast(self.net.broadcast());
+        match self.net6 {
+            Some(n) => t.with_net6(n),
+            None => t,
+        }
+    }
+
     /// Turns CLI arguments into a config, or one clear error.
     pub fn from_args(a: RunArgs) -> anyhow::Result<NodeConfig> {
         let flags = IdentityFlags {
@@ -261,6 +280,31 @@ impl NodeConfig {
                 Some(fixed)
             }
             (None, None) => None,
+        };
+        let net6 = match a.net6.as_deref() {
+            Some("none") => None,
+            Some(s) => {
+                let n: ipnet::Ipv6Net = s.parse().map_err(|_| {
+                    anyhow!("--net6 {s:?}: not an IPv6 prefix (e.g. fd00:1234::/64) or none")
+                })?;
+                Some(Net6::new(n).with_context(|| format!("--net6 {s}"))?)
+            }
+            None => Some(Net6::for_group(&credentials.ca.to_bytes())),
+        };
+        let addr = match (a.addr6, net6) {
+            (None, _) => addr,
+            (Some(x), None) => bail!("--addr6 {x}: the IPv6 overlay is off (--net6 none)"),
+            (Some(x), Some(n6)) => {
+                let v4 = n6
+                    .request(x, net)
+                    .with_context(|| format!("--addr6 {x} in {n6}"))?;
+                match addr {
+                    Some(v) if v != v4 => bail!(
+                        "--addr6 {x} stands for {v4}, but this node asks for {v} (--addr or its certificate)"
+                    ),
+                    _ => Some(v4),
+                }
+            }
         };
         if a.iface.is_empty() || a.iface.len() > 15 || a.iface.contains('/') {
             bail!(
@@ -320,6 +364,7 @@ impl NodeConfig {
             reload: Arc::new(AtomicBool::new(false)),
             addr,
             net,
+            net6,
             iface: a.iface,
             cores,
             control,
@@ -426,7 +471,10 @@ pub fn run(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     } else {
         None
     };
-    let npd = Npd::create(&cfg.iface, cfg.mtu, n, offload)?;
+    let npd = Npd::create(&cfg.iface, cfg.mtu, n, offload, cfg.net6.is_some())?;
+    if !npd.ipv6() {
+        cfg.net6 = None;
+    }
     if group.gro && !npd.offload() {
         // The cores run without offload (no room for aggregates).
         group.gro_off();
@@ -453,8 +501,12 @@ pub fn run(mut cfg: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let role = joined.role;
     let listener = if role == Role::Core { listener } else { None };
 
-    npd.configure(joined.addr, cfg.net.prefix_len())?;
-    info!(iface = %cfg.iface, addr = %joined.addr, net = %cfg.net, mtu = cfg.mtu, queues = n, %role, io = if use_uring { "io_uring" } else { "poll" }, multishot, offload = %offloads, "NPD up");
+    npd.configure(joined.addr, cfg.net.prefix_len(), cfg.addr6_of(joined.addr))?;
+    let addr6 = cfg
+        .addr6_of(joined.addr)
+        .map(|(a, _)| a.to_string())
+        .unwrap_or_default();
+    info!(iface = %cfg.iface, addr = %joined.addr, addr6, net = %cfg.net, mtu = cfg.mtu, queues = n, %role, io = if use_uring { "io_uring" } else { "poll" }, multishot, offload = %offloads, "NPD up");
 
     let identity = NodeIdentity::new(node_id, joined.addr, joined.underlay, role, started_ms)
         .signed_by(Arc::new(cfg.credentials.key.clone()));
@@ -1542,7 +1594,8 @@ impl Control<'_> {
         match addr::choose(self.cfg.net, None, &taken, &mut rand::thread_rng()) {
             Ok(a) => {
                 warn!(old = %old, new = %a, "lost a simultaneous claim on our address; moving");
-                if let Err(e) = self.npd.set_addr(a, self.cfg.net.prefix_len()) {
+                let addr6 = self.cfg.addr6_of(a);
+                if let Err(e) = self.npd.set_addr(a, self.cfg.net.prefix_len(), addr6) {
                     warn!("re-addressing {}: {e}", self.cfg.iface);
                 }
                 self.members.move_to(Instant::now(), unix_ms(), a);
@@ -1608,8 +1661,7 @@ impl Control<'_> {
                 membership::edge_routes(me, &members, primary, &departed, self.generation)
             }
         };
-        self.routes
-            .store(Arc::new(table.with_broadcast(self.cfg.net.broadcast())));
+        self.routes.store(Arc::new(self.cfg.finish_table(table)));
         let now = Instant::now();
         let mut outs = self.sessions.set_me(me.overlay);
         // Members that left lose their sessions at once: one that comes
@@ -2001,6 +2053,8 @@ impl Control<'_> {
             .collect();
         NodeInfo {
             addr: me.overlay.to_string(),
+            addr6: self.cfg.addr6_of(me.overlay).map(|(a, _)| a.to_string()),
+            net6: self.cfg.net6.map(|n| n.to_string()),
             role: me.role.to_string(),
             listen: self.group.local.to_string(),
             underlay: me.underlay.to_string(),
@@ -2031,6 +2085,7 @@ impl Control<'_> {
                 .iter()
                 .map(|x| MemberView {
                     addr: x.overlay.to_string(),
+                    addr6: self.cfg.addr6_of(x.overlay).map(|(a, _)| a.to_string()),
                     role: x.role.to_string(),
                     underlay: x.underlay.to_string(),
                     node_id: hex_id(x.node_id),
@@ -2123,6 +2178,7 @@ mod tests {
             observed: "172.31.0.1:7000".parse().unwrap(),
             net_addr: Ipv4Addr::new(10, 0, 0, 0),
             net_prefix: 24,
+            net6: None,
             members: vec![],
             offer: None,
         };

@@ -26,6 +26,9 @@ use tracing::warn;
 #[derive(Clone, Debug, Serialize)]
 pub struct MemberView {
     pub addr: String,
+    /// Its IPv6 overlay address (absent on an IPv4-only overlay).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub addr6: Option<String>,
     pub role: String,
     pub underlay: String,
     pub node_id: String,
@@ -58,6 +61,10 @@ pub struct PathStatus {
 #[derive(Clone, Debug, Serialize)]
 pub struct NodeInfo {
     pub addr: String,
+    /// IPv6 overlay address and prefix (`null`: IPv4-only, `--net6 none`
+    /// or a host without IPv6).
+    pub addr6: Option<String>,
+    pub net6: Option<String>,
     pub role: String,
     pub listen: String,
     pub underlay: String,
@@ -552,6 +559,11 @@ pub fn format_table(v: &Value) -> String {
             .unwrap_or("none (an authority's certificates)"),
         n("/mtu"),
         n("/uptime_secs")
+    ));
+    out.push_str(&format!(
+        "ipv6 {}  net6 {}\n",
+        v.get("addr6").and_then(|x| x.as_str()).unwrap_or("off"),
+        v.get("net6").and_then(|x| x.as_str()).unwrap_or("off"),
     ));
     out.push_str(&format!(
         "name {}  certificate {}  expires {}\n",

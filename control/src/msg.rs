@@ -2,7 +2,7 @@
 //! (the dataplane's wire header with type = control). Postcard keeps them
 //! compact and versionable: new variants go at the end.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +43,9 @@ pub enum ControlMsg {
         observed: SocketAddr,
         net_addr: Ipv4Addr,
         net_prefix: u8,
+        /// The group's IPv6 prefix (`None`: an IPv4-only overlay), so a
+        /// joiner with another `--net6` fails with a clear error.
+        net6: Option<(Ipv6Addr, u8)>,
         members: Vec<NodeIdentity>,
         offer: Option<Ipv4Addr>,
     },
@@ -110,6 +113,7 @@ impl ControlMsg {
         observed: SocketAddr,
         net_addr: Ipv4Addr,
         net_prefix: u8,
+        net6: Option<(Ipv6Addr, u8)>,
         members: impl IntoIterator<Item = NodeIdentity>,
         offer: Option<Ipv4Addr>,
         max_len: usize,
@@ -120,6 +124,7 @@ impl ControlMsg {
             observed,
             net_addr,
             net_prefix,
+            net6,
             members: Vec::new(),
             offer,
         };
@@ -139,6 +144,7 @@ impl ControlMsg {
             observed,
             net_addr,
             net_prefix,
+            net6,
             members: kept,
             offer,
         }
@@ -185,6 +191,7 @@ mod tests {
                 observed: "172.31.0.9:7000".parse().unwrap(),
                 net_addr: Ipv4Addr::new(10, 0, 0, 0),
                 net_prefix: 24,
+                net6: Some(("fd00:1::".parse().unwrap(), 64)),
                 members: vec![id],
                 offer: Some(Ipv4Addr::new(10, 0, 0, 77)),
             },
@@ -247,7 +254,15 @@ mod tests {
         let net = Ipv4Addr::new(10, 0, 0, 0);
         let offer = Some(Ipv4Addr::new(10, 255, 255, 254));
         for max_len in [100, 1000, 16_344, 65_000] {
-            let m = ControlMsg::join_reply(observed, net, 8, members.clone(), offer, max_len);
+            let m = ControlMsg::join_reply(
+                observed,
+                net,
+                8,
+                Some(("fd00::".parse().unwrap(), 64)),
+                members.clone(),
+                offer,
+                max_len,
+            );
             let ControlMsg::JoinReply { members: kept, .. } = &m else {
                 unreachable!()
             };
@@ -264,6 +279,7 @@ mod tests {
                 observed,
                 net_addr: net,
                 net_prefix: 8,
+                net6: Some(("fd00::".parse().unwrap(), 64)),
                 members: more,
                 offer,
             };
@@ -271,10 +287,26 @@ mod tests {
         }
         // Room for everyone: everyone.
         let few = members[..3].to_vec();
-        let m = ControlMsg::join_reply(observed, net, 8, few.clone(), offer, 65_000);
+        let m = ControlMsg::join_reply(
+            observed,
+            net,
+            8,
+            Some(("fd00::".parse().unwrap(), 64)),
+            few.clone(),
+            offer,
+            65_000,
+        );
         assert!(matches!(m, ControlMsg::JoinReply { members, .. } if members == few));
         // Not even the header fits: an empty list, not a panic.
-        let m = ControlMsg::join_reply(observed, net, 8, few, offer, 0);
+        let m = ControlMsg::join_reply(
+            observed,
+            net,
+            8,
+            Some(("fd00::".parse().unwrap(), 64)),
+            few,
+            offer,
+            0,
+        );
         assert!(matches!(m, ControlMsg::JoinReply { members, .. } if members.is_empty()));
     }
 }

@@ -679,6 +679,18 @@ impl Forwarder {
     }
 }
 
+/// Whether the IP packet `p` from the NPD goes to its destination through
+/// a relay (and so needs room for a second header and tag).
+#[inline]
+pub fn relayed(routes: &RouteTable, p: &[u8]) -> bool {
+    let dst = match p.first().map(|b| b >> 4) {
+        Some(4) => wire::ipv4_src_dst(p).map(|(_, d)| d),
+        Some(6) => wire::ipv6_src_dst(p).and_then(|(_, d)| routes.member_of6(d)),
+        _ => None,
+    };
+    dst.is_some_and(|d| routes.route(d).1 != d)
+}
+
 /// The length of the decrypted IP packet `p` from `hdr.src`, if it may be
 /// delivered: its source is the sender's address (IPv4, or IPv6 in the
 /// group's prefix), and its destination ours or a flood's.

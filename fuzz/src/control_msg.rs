@@ -950,6 +950,7 @@ pub fn sample_messages() -> Vec<ControlMsg> {
             observed: "192.0.2.9:7000".parse().expect("addr"),
             net_addr: Ipv4Addr::new(10, 0, 0, 0),
             net_prefix: 24,
+            net6: Some(("fd00:e1a::".parse().expect("addr"), 64)),
             members: vec![swim_identity(1), en.clone()],
             offer: Some(Ipv4Addr::new(10, 0, 0, 77)),
         },

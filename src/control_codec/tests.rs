@@ -369,6 +369,7 @@ fn join_reply_of_a_large_group_seals_and_opens() {
         "172.31.0.9:7000".parse().unwrap(),
         Ipv4Addr::new(10, 0, 0, 0),
         16,
+        None,
         members,
         None,
         MAX_CONTROL_BODY,

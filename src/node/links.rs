@@ -384,6 +384,7 @@ impl Control<'_> {
             members,
             taken,
             self.cfg.net,
+            self.cfg.net6,
             *requested,
             nonce,
             observed,

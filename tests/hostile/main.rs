@@ -51,6 +51,7 @@
 mod common;
 mod edge_legs;
 mod forgeries;
+mod ipv6;
 mod lan;
 mod mtu;
 mod replays;

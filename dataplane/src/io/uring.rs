@@ -54,11 +54,11 @@ pub use super::shared::{
     Command, CoreConfig, CoreEvent, CoreHandle, EventQueue, OffloadConfig, Shared, MAX_LINKS,
 };
 use super::IoError;
-use crate::forwarder::{Forwarder, Out, Verdict, HEADROOM, MAX_DATA_PAYLOAD};
+use crate::forwarder::{relayed, Forwarder, Out, Verdict, HEADROOM, MAX_DATA_PAYLOAD};
 use crate::framing::LEN_PREFIX;
 use crate::offload::{self, Send, MAX_SEGMENTS, VIRTIO_NET_HDR_LEN};
 use crate::stats::{DropReason, Latency};
-use crate::wire::{self, HEADER_LEN, TAG_LEN};
+use crate::wire::{HEADER_LEN, TAG_LEN};
 
 /// How a packet from the underlay reached [`Core::inbound`].
 #[derive(Clone, Copy)]
@@ -868,9 +868,10 @@ impl Core {
         } = &mut *off;
         // Packets to a relay need a second header and tag, and the room
         // must be in the stride for GSO to send them back to back.
-        let head = match wire::ipv4_src_dst(&read[offload::VIRTIO_NET_HDR_LEN.min(read.len())..]) {
-            Some((_, dst)) if routes.route(dst).1 != dst => HEADROOM,
-            _ => HEADER_LEN,
+        let head = if relayed(routes, &read[offload::VIRTIO_NET_HDR_LEN.min(read.len())..]) {
+            HEADROOM
+        } else {
+            HEADER_LEN
         };
         let tail = TAG_LEN * head / HEADER_LEN;
         let split = offload::split_with_room(read, &mut staging[*staged..], sizes, head, tail);

@@ -163,7 +163,7 @@ fn link_local_multicast_floods_and_housekeeping_stays_home() {
         let mut buf = vec![0u8; 2048];
         buf[HEADROOM..HEADROOM + ip.len()].copy_from_slice(&ip);
         let out = a.fwd.flood_copy(&a.routes, &mut buf, HEADROOM, ip.len(), B);
-        let (out, plain) = recv(&mut b, &buf[out.range].to_vec());
+        let (out, plain) = recv(&mut b, &buf[out.range]);
         assert_eq!((out.verdict, plain), (Verdict::Tun, ip), "{dst}");
     }
     // MLD reports and neighbour discovery (from ::, as the kernel sends
@@ -217,4 +217,25 @@ fn a_packet_too_big_gets_an_icmpv6_packet_too_big_and_syns_are_clamped() {
     let (out, delivered) = recv(&mut b, &wire);
     assert_eq!(out.verdict, Verdict::Tun);
     assert_eq!(u16::from_be_bytes([delivered[62], delivered[63]]), 1240);
+}
+
+/// The io layer leaves room for a relay's header by [`relayed`]: an IPv6
+/// packet to a member behind a relay needs it as its IPv4 twin does
+/// (without, every relayed IPv6 packet was dropped as too big).
+#[test]
+fn relayed_ipv6_destinations_get_room_for_the_relay() {
+    let a = node6(A);
+    for (dst, want) in [(E, true), (B, false), (C, false)] {
+        assert_eq!(relayed(&a.routes, &icmp(A, dst, b"x")), want, "v4 {dst}");
+        assert_eq!(
+            relayed(&a.routes, &echo6(a6(A), a6(dst), b"x")),
+            want,
+            "v6 {dst}"
+        );
+    }
+    assert!(!relayed(
+        &a.routes,
+        &echo6(a6(A), "ff02::1".parse().unwrap(), b"x")
+    ));
+    assert!(!relayed(&node(A).routes, &echo6(a6(A), a6(E), b"x")));
 }
