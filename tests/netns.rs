@@ -856,6 +856,53 @@ fn bad_cli_input_fails_cleanly() {
             ("malformed key file", vec!["--key-file", &bad_key_s]),
             ("no --key-file", vec![]),
             ("--cores 999", vec!["--key-file", &key_s, "--cores", "999"]),
+            (
+                "--net6 not a prefix",
+                vec!["--key-file", &key_s, "--net6", "fd00::1"],
+            ),
+            (
+                "--net6 /97",
+                vec!["--key-file", &key_s, "--net6", "fd00::/97"],
+            ),
+            (
+                "--net6 multicast",
+                vec!["--key-file", &key_s, "--net6", "ff02::/64"],
+            ),
+            (
+                "--addr6 outside --net6",
+                vec![
+                    "--key-file",
+                    &key_s,
+                    "--net6",
+                    "fd00:1::/64",
+                    "--addr6",
+                    "fd00:2::a00:5",
+                ],
+            ),
+            (
+                "--addr6 not --addr",
+                vec![
+                    "--key-file",
+                    &key_s,
+                    "--net6",
+                    "fd00:1::/64",
+                    "--addr6",
+                    "fd00:1::a00:5",
+                    "--addr",
+                    "10.0.0.6",
+                ],
+            ),
+            (
+                "--addr6 with --net6 none",
+                vec![
+                    "--key-file",
+                    &key_s,
+                    "--net6",
+                    "none",
+                    "--addr6",
+                    "fd00:1::a00:5",
+                ],
+            ),
             ("unknown flag", vec!["--key-file", &key_s, "--no-such-flag"]),
         ];
         let mut failures = Vec::new();
