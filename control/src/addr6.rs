@@ -50,10 +50,10 @@ impl Net6 {
         }
         let a = net.network();
         let s = a.segments();
-        // A prefix shorter than the ranges below could still hold them
-        // (::/0); what matters is that members' addresses are unicast and
-        // routable on ela0, which the checks on the network address and
-        // the covered ranges give.
+        // Members' addresses must be unicast and routable on ela0: the
+        // prefix may not be, or sit inside, multicast, loopback,
+        // link-local or IPv4-mapped space, nor be so short (< /8) that it
+        // covers them.
         let bad = a.is_multicast()
             || a.is_loopback()
             || a.is_unspecified()
@@ -90,12 +90,12 @@ impl Net6 {
         self.net.prefix_len()
     }
 
-    /// The network as a number (its low 32 bits are zero).
-    pub fn base(&self) -> u128 {
+    fn base(&self) -> u128 {
         u128::from(self.net.network())
     }
 
     /// The IPv6 address of the member at `v4`.
+    #[inline]
     pub fn addr_of(&self, v4: Ipv4Addr) -> Ipv6Addr {
         Ipv6Addr::from(self.base() | u128::from(u32::from(v4)))
     }
@@ -103,8 +103,10 @@ impl Net6 {
     /// The IPv4 address of the member `v6` names, if it is a member
     /// address of this prefix (whether a member holds it is the
     /// router's business).
+    #[inline]
     pub fn member_of(&self, v6: Ipv6Addr) -> Option<Ipv4Addr> {
-        member_of(self.base(), v6)
+        let a = u128::from(v6);
+        (a & !MEMBER_BITS == self.base()).then(|| Ipv4Addr::from(a as u32))
     }
 
     /// A requested IPv6 address as the IPv4 request it stands for:
@@ -129,14 +131,6 @@ pub enum RequestError {
     Net6(Net6Error),
     #[error("its last 32 bits name an IPv4 overlay address that cannot be used: {0}")]
     Net4(crate::addr::AddrError),
-}
-
-/// [`Net6::member_of`] on a prefix given as its number (the dataplane's
-/// form): `Some` when the bits above the last 32 are the prefix's.
-#[inline]
-pub fn member_of(base: u128, v6: Ipv6Addr) -> Option<Ipv4Addr> {
-    let a = u128::from(v6);
-    (a & !MEMBER_BITS == base).then(|| Ipv4Addr::from(a as u32))
 }
 
 impl std::fmt::Display for Net6 {

@@ -145,9 +145,8 @@ pub struct RouteTable {
     hint_cns: Vec<usize>,
     /// The overlay network's broadcast address (0: none named).
     broadcast: u32,
-    /// The group's IPv6 prefix as a number (0: no IPv6 overlay): see
-    /// [`crate::addr6`].
-    net6: u128,
+    /// The group's IPv6 prefix (see [`crate::addr6`]).
+    net6: Option<crate::addr6::Net6>,
 }
 
 impl Default for RouteTable {
@@ -198,7 +197,7 @@ impl RouteTable {
             hint_keys: Vec::new(),
             hint_cns: Vec::new(),
             broadcast: 0,
-            net6: 0,
+            net6: None,
         }
     }
 
@@ -263,7 +262,7 @@ impl RouteTable {
             hint_keys: Vec::new(),
             hint_cns: Vec::new(),
             broadcast: 0,
-            net6: 0,
+            net6: None,
         }
     }
 
@@ -324,7 +323,7 @@ impl RouteTable {
             hint_keys: Vec::new(),
             hint_cns: Vec::new(),
             broadcast: 0,
-            net6: 0,
+            net6: None,
         }
     }
 
@@ -441,7 +440,7 @@ impl RouteTable {
     /// Names the group's IPv6 prefix: members' IPv6 addresses route as
     /// the IPv4 addresses they hold (see [`crate::addr6`]).
     pub fn with_net6(mut self, net6: crate::addr6::Net6) -> Self {
-        self.net6 = net6.base();
+        self.net6 = Some(net6);
         self
     }
 
@@ -450,17 +449,14 @@ impl RouteTable {
     /// address of it. The packet then routes as one to the result.
     #[inline]
     pub fn member_of6(&self, v6: std::net::Ipv6Addr) -> Option<Ipv4Addr> {
-        if self.net6 == 0 {
-            return None;
-        }
-        crate::addr6::member_of(self.net6, v6)
+        self.net6?.member_of(v6)
     }
 
     /// The IPv6 overlay address of the member at `v4`, if the table has
     /// an IPv6 prefix.
     #[inline]
     pub fn addr6_of(&self, v4: Ipv4Addr) -> Option<std::net::Ipv6Addr> {
-        (self.net6 != 0).then(|| std::net::Ipv6Addr::from(self.net6 | u128::from(u32::from(v4))))
+        self.net6.map(|n| n.addr_of(v4))
     }
 
     /// §3.3 for an IPv6 destination: [`Self::route`] of the member it

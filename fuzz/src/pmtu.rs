@@ -73,21 +73,10 @@ pub fn run(data: &[u8]) {
         3 => clamp_checked(&pkt, |q| pmtu::clamp_to_path(q, v)),
         4 => packet_too_big(&pkt, v),
         _ => {
-            let at = 40;
-            let mut buf = vec![0xa5u8; at + pkt.len() + 40];
-            buf[at..at + pkt.len()].copy_from_slice(&pkt);
-            let before = buf.clone();
-            let Some(rg) = pmtu::frag_needed(&mut buf, at, pkt.len(), v) else {
-                assert_eq!(buf, before, "wrote yet answered nothing");
+            let Some(icmp) = answered_in_place(&pkt, |b, at, n| pmtu::frag_needed(b, at, n, v))
+            else {
                 return;
             };
-            assert!(
-                rg.start >= at && rg.end <= at + pkt.len(),
-                "wrote outside the packet"
-            );
-            assert_eq!(buf[..at], before[..at]);
-            assert_eq!(buf[at + pkt.len()..], before[at + pkt.len()..]);
-            let icmp = &buf[rg];
             assert!(icmp.len() >= 28 + 28 && icmp.len() <= 28 + 68);
             assert_eq!(sum(&icmp[..20], 0), 0, "IP header checksum");
             assert_eq!(sum(&icmp[20..], 0), 0, "ICMP checksum");
@@ -102,6 +91,30 @@ pub fn run(data: &[u8]) {
             assert_eq!(icmp[28..], pkt[..icmp.len() - 28]);
         }
     }
+}
+
+/// Runs `answer` (an ICMP error written over the packet) on `pkt` placed
+/// in a larger buffer; checks it wrote nothing when it answers nothing,
+/// and nothing outside the packet's bytes; returns the answer.
+fn answered_in_place(
+    pkt: &[u8],
+    answer: impl FnOnce(&mut [u8], usize, usize) -> Option<std::ops::Range<usize>>,
+) -> Option<Vec<u8>> {
+    let at = 40;
+    let mut buf = vec![0xa5u8; at + pkt.len() + 40];
+    buf[at..at + pkt.len()].copy_from_slice(pkt);
+    let before = buf.clone();
+    let Some(rg) = answer(&mut buf, at, pkt.len()) else {
+        assert_eq!(buf, before, "wrote yet answered nothing");
+        return None;
+    };
+    assert!(
+        rg.start >= at && rg.end <= at + pkt.len(),
+        "wrote outside the packet"
+    );
+    assert_eq!(buf[..at], before[..at]);
+    assert_eq!(buf[at + pkt.len()..], before[at + pkt.len()..]);
+    Some(buf[rg].to_vec())
 }
 
 /// The upper-layer checksum of an IPv6 packet without extension headers
@@ -153,21 +166,10 @@ fn clamp_checked(pkt: &[u8], clamp: impl FnOnce(&mut [u8]) -> bool) {
 }
 
 fn packet_too_big(pkt: &[u8], mtu: u16) {
-    let at = 40;
-    let mut buf = vec![0xa5u8; at + pkt.len() + 40];
-    buf[at..at + pkt.len()].copy_from_slice(pkt);
-    let before = buf.clone();
-    let Some(rg) = pmtu::packet_too_big(&mut buf, at, pkt.len(), mtu) else {
-        assert_eq!(buf, before, "wrote yet answered nothing");
+    let Some(icmp) = answered_in_place(pkt, |b, at, n| pmtu::packet_too_big(b, at, n, mtu)) else {
         return;
     };
-    assert!(
-        rg.start >= at && rg.end <= at + pkt.len(),
-        "wrote outside the packet"
-    );
-    assert_eq!(buf[..at], before[..at]);
-    assert_eq!(buf[at + pkt.len()..], before[at + pkt.len()..]);
-    let icmp = &buf[rg];
+    let icmp = &icmp[..];
     assert!(
         icmp.len() >= 88 && icmp.len() <= 1280,
         "{} bytes",
